@@ -1,0 +1,278 @@
+//! Framing: [`MessageCodec`] turns a byte stream into [`Message`]s and back, over
+//! `LengthDelimitedCodec` with a 4-byte big-endian length prefix and an explicit maximum.
+
+use bytes::{Buf, BytesMut};
+use tokio_util::codec::{Decoder, Encoder, LengthDelimitedCodec, LengthDelimitedCodecError};
+
+use crate::encoding::{decode_body, encode_body};
+use crate::error::ProtoError;
+use crate::limits::{FRAME_HEADER_LEN, MAX_FRAME_LEN_CEILING, MIN_FRAME_LEN_FLOOR};
+use crate::message::Message;
+
+/// Reads and writes length-prefixed [`Message`] frames.
+///
+/// Decoding rejects a frame whose length prefix is over the limit as soon as the 4-byte header
+/// arrives, before reading or reserving its body. The limit can be changed at any time (the
+/// server raises it once a client has registered).
+#[derive(Debug)]
+pub struct MessageCodec {
+    frames: LengthDelimitedCodec,
+    max_frame_len: usize,
+}
+
+impl MessageCodec {
+    /// A codec whose frames carry at most `max_frame_len` bytes after the length prefix.
+    ///
+    /// The limit is clamped to the range the protocol allows (see
+    /// [`check_max_frame_len`](crate::check_max_frame_len)); validate configuration with that
+    /// function first to report a bad value to a person.
+    pub fn new(max_frame_len: usize) -> MessageCodec {
+        let max_frame_len = clamp(max_frame_len);
+        let frames = LengthDelimitedCodec::builder()
+            .length_field_type::<u32>()
+            .big_endian()
+            .max_frame_length(max_frame_len)
+            .new_codec();
+        MessageCodec {
+            frames,
+            max_frame_len,
+        }
+    }
+
+    /// The current maximum frame body length.
+    pub fn max_frame_len(&self) -> usize {
+        self.max_frame_len
+    }
+
+    /// Changes the maximum frame body length for frames not yet started.
+    pub fn set_max_frame_len(&mut self, max_frame_len: usize) {
+        self.max_frame_len = clamp(max_frame_len);
+        self.frames.set_max_frame_length(self.max_frame_len);
+    }
+}
+
+fn is_over_limit(e: &std::io::Error) -> bool {
+    e.get_ref()
+        .is_some_and(|inner| inner.is::<LengthDelimitedCodecError>())
+}
+
+fn clamp(len: usize) -> usize {
+    len.clamp(MIN_FRAME_LEN_FLOOR, MAX_FRAME_LEN_CEILING)
+}
+
+impl Decoder for MessageCodec {
+    type Item = Message;
+    type Error = ProtoError;
+
+    fn decode(&mut self, src: &mut BytesMut) -> Result<Option<Message>, ProtoError> {
+        match self.frames.decode(src) {
+            Ok(Some(body)) => decode_body(&body).map(Some),
+            Ok(None) => Ok(None),
+            Err(e) if is_over_limit(&e) => {
+                // `LengthDelimitedCodec` refuses the header before consuming it, so it is
+                // still at the front of `src`: read it to report the claimed length.
+                let len = match src.get(..FRAME_HEADER_LEN) {
+                    Some(mut header) => u64::from(header.get_u32()),
+                    None => 0,
+                };
+                Err(ProtoError::FrameTooLarge {
+                    len,
+                    max: self.max_frame_len,
+                })
+            }
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    fn decode_eof(&mut self, src: &mut BytesMut) -> Result<Option<Message>, ProtoError> {
+        match self.decode(src)? {
+            Some(msg) => Ok(Some(msg)),
+            None if src.is_empty() => Ok(None),
+            None => Err(ProtoError::Truncated {
+                buffered: src.len(),
+            }),
+        }
+    }
+}
+
+impl Encoder<&Message> for MessageCodec {
+    type Error = ProtoError;
+
+    /// Writes the frame straight into `dst`: a placeholder header, the body, then the real
+    /// length. This is byte-for-byte what `LengthDelimitedCodec` writes, without encoding into
+    /// a temporary buffer first.
+    fn encode(&mut self, msg: &Message, dst: &mut BytesMut) -> Result<(), ProtoError> {
+        let start = dst.len();
+        dst.extend_from_slice(&[0; FRAME_HEADER_LEN]);
+        let len = match encode_body(msg, dst) {
+            Ok(len) => len,
+            Err(e) => {
+                dst.truncate(start);
+                return Err(e);
+            }
+        };
+        if len > self.max_frame_len {
+            dst.truncate(start);
+            return Err(ProtoError::FrameTooLarge {
+                len: len as u64,
+                max: self.max_frame_len,
+            });
+        }
+        // `len` fits in u32: it is at most the frame limit, itself at most 16 MiB.
+        let header = u32::try_from(len).unwrap_or(u32::MAX).to_be_bytes();
+        dst[start..start + FRAME_HEADER_LEN].copy_from_slice(&header);
+        Ok(())
+    }
+}
+
+impl Encoder<Message> for MessageCodec {
+    type Error = ProtoError;
+
+    fn encode(&mut self, msg: Message, dst: &mut BytesMut) -> Result<(), ProtoError> {
+        self.encode(&msg, dst)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::encoding::encoded_len;
+    use bytes::{BufMut, Bytes};
+
+    fn frame(msg: &Message) -> BytesMut {
+        let mut buf = BytesMut::new();
+        MessageCodec::new(crate::DEFAULT_MAX_FRAME_LEN)
+            .encode(msg, &mut buf)
+            .unwrap();
+        buf
+    }
+
+    /// The worked example in `docs/PROTOCOL.md`, byte for byte.
+    #[test]
+    fn documented_example_frame() {
+        let expected: Vec<u8> = [
+            &[0x00, 0x00, 0x00, 0x2d][..],                  // length 45
+            &[0x01, 0x00],                                  // version 1
+            &[0x07, 0, 0, 0, 0, 0, 0, 0],                   // id 7
+            &[0x00, 0, 0, 0],                               // kind Chat
+            &[0x00, 0x00],                                  // register, exit
+            &[0x03, 0, 0, 0, 0, 0, 0, 0, b'b', b'o', b'b'], // to "bob"
+            &[0x00, 0, 0, 0, 0, 0, 0, 0],                   // from ""
+            &[0x02, 0, 0, 0, 0, 0, 0, 0, b'h', b'i'],       // content "hi"
+        ]
+        .concat();
+        assert_eq!(&frame(&Message::send(7, "bob", "hi"))[..], &expected[..]);
+
+        let reply = frame(&Message::reply(7, crate::Status::NotFound, "bob", ""));
+        // kind Reply (5) followed by status NotFound (1).
+        assert_eq!(&reply[14..22], &[5, 0, 0, 0, 1, 0, 0, 0]);
+    }
+
+    #[test]
+    fn frames_match_length_delimited_codec() {
+        let msg = Message::send(3, "bob", "hello");
+        let mut body = BytesMut::new();
+        encode_body(&msg, &mut body).unwrap();
+        let mut expected = BytesMut::new();
+        LengthDelimitedCodec::new()
+            .encode(body.freeze(), &mut expected)
+            .unwrap();
+        assert_eq!(frame(&msg), expected);
+    }
+
+    #[test]
+    fn decodes_frames_split_anywhere_and_back_to_back() {
+        let a = Message::send(1, "bob", "one");
+        let b = Message::send(2, "bob", "two");
+        let mut all = frame(&a);
+        all.extend_from_slice(&frame(&b));
+        for split in 0..=all.len() {
+            let mut codec = MessageCodec::new(1024);
+            let mut buf = BytesMut::from(&all[..split]);
+            let mut got = Vec::new();
+            while let Some(m) = codec.decode(&mut buf).unwrap() {
+                got.push(m);
+            }
+            buf.extend_from_slice(&all[split..]);
+            while let Some(m) = codec.decode(&mut buf).unwrap() {
+                got.push(m);
+            }
+            assert_eq!(got, vec![a.clone(), b.clone()], "split at {split}");
+        }
+    }
+
+    #[test]
+    fn frame_at_the_limit_decodes_and_one_over_is_refused_from_its_header() {
+        let max = 1024;
+        let empty = encoded_len(&Message::send(1, "bob", ""));
+        let at_limit = Message::send(1, "bob", vec![7u8; max - empty]);
+        let mut codec = MessageCodec::new(max);
+        let mut buf = BytesMut::new();
+        codec.encode(&at_limit, &mut buf).unwrap();
+        assert_eq!(buf.len(), FRAME_HEADER_LEN + max);
+        assert_eq!(codec.decode(&mut buf).unwrap(), Some(at_limit));
+
+        // Encoding a message one byte over is refused and leaves the buffer untouched.
+        let over = Message::send(1, "bob", vec![7u8; max - empty + 1]);
+        let mut buf = BytesMut::from(&b"keep"[..]);
+        let err = codec.encode(&over, &mut buf).unwrap_err();
+        assert!(matches!(err, ProtoError::FrameTooLarge { len, max: 1024 } if len == 1025));
+        assert_eq!(&buf[..], b"keep");
+
+        // Decoding: the header alone is enough to refuse the frame.
+        let mut buf = BytesMut::new();
+        buf.put_u32(max as u32 + 1);
+        let err = codec.decode(&mut buf).unwrap_err();
+        assert!(matches!(
+            err,
+            ProtoError::FrameTooLarge {
+                len: 1025,
+                max: 1024
+            }
+        ));
+        assert_eq!(err.status(), Some(crate::Status::FrameTooLarge));
+    }
+
+    #[test]
+    fn huge_header_does_not_reserve_memory() {
+        let mut codec = MessageCodec::new(crate::DEFAULT_MAX_FRAME_LEN);
+        let mut buf = BytesMut::new();
+        buf.put_u32(u32::MAX);
+        assert!(codec.decode(&mut buf).is_err());
+        assert!(buf.capacity() < 1024, "capacity {}", buf.capacity());
+    }
+
+    #[test]
+    fn limit_can_be_raised_after_registration() {
+        let mut codec = MessageCodec::new(crate::PRE_REGISTER_MAX_FRAME_LEN);
+        let big = Message::send(1, "bob", Bytes::from(vec![1u8; 4000]));
+        let mut buf = BytesMut::new();
+        assert!(codec.encode(&big, &mut buf).is_err());
+        codec.set_max_frame_len(crate::DEFAULT_MAX_FRAME_LEN);
+        codec.encode(&big, &mut buf).unwrap();
+        assert_eq!(codec.decode(&mut buf).unwrap(), Some(big));
+    }
+
+    #[test]
+    fn garbage_body_in_a_valid_frame_is_malformed() {
+        let mut codec = MessageCodec::new(1024);
+        let mut buf = BytesMut::new();
+        buf.put_u32(5);
+        buf.put_slice(b"\xde\xad\xbe\xef\x00");
+        let err = codec.decode(&mut buf).unwrap_err();
+        assert_eq!(err.status(), Some(crate::Status::Malformed));
+    }
+
+    #[test]
+    fn eof_inside_a_frame_is_truncation() {
+        let mut codec = MessageCodec::new(1024);
+        let full = frame(&Message::ping(1));
+        let mut buf = BytesMut::from(&full[..full.len() - 1]);
+        assert!(matches!(
+            codec.decode_eof(&mut buf),
+            Err(ProtoError::Truncated { .. })
+        ));
+        let mut empty = BytesMut::new();
+        assert_eq!(codec.decode_eof(&mut empty).unwrap(), None);
+    }
+}

@@ -1,0 +1,49 @@
+//! The relay wire protocol: one [`Message`] struct, its framing and encoding, the limits that
+//! bound every decode, and typed views ([`Request`], [`ServerEvent`]) that the server and
+//! client handle instead of raw flags.
+//!
+//! The protocol is specified for implementers in `docs/PROTOCOL.md` at the repository root.
+//!
+//! A frame is a 4-byte big-endian length followed by that many bytes of one bincode-encoded
+//! [`Message`]. [`MessageCodec`] reads and writes frames with an explicit maximum length, and
+//! decodes with a byte limit tied to the frame, so a hostile length prefix can never make the
+//! decoder allocate more than the frame could hold.
+//!
+//! ```
+//! use bytes::BytesMut;
+//! use relay_proto::{Message, MessageCodec, Request};
+//! use tokio_util::codec::{Decoder, Encoder};
+//!
+//! let mut codec = MessageCodec::new(relay_proto::DEFAULT_MAX_FRAME_LEN);
+//! let mut buf = BytesMut::new();
+//! codec.encode(&Message::send(7, "bob", "hello"), &mut buf).unwrap();
+//! let decoded = codec.decode(&mut buf).unwrap().unwrap();
+//! match Request::parse(decoded).unwrap() {
+//!     Request::Send { id, to, content } => {
+//!         assert_eq!((id, to.as_str(), &content[..]), (7, "bob", &b"hello"[..]));
+//!     }
+//!     other => panic!("unexpected {other:?}"),
+//! }
+//! ```
+#![deny(missing_docs)]
+
+mod codec;
+mod encoding;
+mod error;
+mod event;
+mod limits;
+mod message;
+mod name;
+mod request;
+
+pub use codec::MessageCodec;
+pub use encoding::{decode_body, encode_body, encoded_len};
+pub use error::ProtoError;
+pub use event::{ServerEvent, User};
+pub use limits::{
+    DEFAULT_MAX_FRAME_LEN, FRAME_HEADER_LEN, MAX_FRAME_LEN_CEILING, MAX_NAME_LEN,
+    MIN_FRAME_LEN_FLOOR, PRE_REGISTER_MAX_FRAME_LEN, PROTOCOL_VERSION, check_max_frame_len,
+};
+pub use message::{Kind, Message, Status};
+pub use name::{Destination, NameError, parse_destination, validate_name};
+pub use request::{Rejection, Request};

@@ -1,0 +1,250 @@
+//! The one struct that travels on the wire, and its constructors.
+//!
+//! [`Message`] keeps the flat shape of the Go seed's gob struct (`to`, `from`, `content` and the
+//! `register`/`exit` flags) and adds only what the protocol needs: a version, a per-message id
+//! that replies echo, and a [`Kind`] that tells chat traffic from control traffic and carries
+//! the server's typed [`Status`] replies.
+
+use bytes::Bytes;
+use serde::{Deserialize, Serialize};
+
+use crate::limits::PROTOCOL_VERSION;
+
+/// One protocol message. Field order is the encoding order; see `docs/PROTOCOL.md`.
+///
+/// Build messages with the constructors ([`Message::register`], [`Message::send`], ...) rather
+/// than by hand, and read received ones through [`Request::parse`](crate::Request::parse) or
+/// [`ServerEvent::parse`](crate::ServerEvent::parse), which validate flag combinations.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Message {
+    /// Protocol version of the sender ([`PROTOCOL_VERSION`]). Checked on registration.
+    pub version: u16,
+    /// Chosen by the client for each message it sends; every reply about that message carries
+    /// the same id. Server-initiated messages use the id of the message that caused them
+    /// (a delivered chat message keeps its sender's id) or 0.
+    pub id: u64,
+    /// What this message is: chat traffic, a control message, or a typed reply.
+    pub kind: Kind,
+    /// Set by a client to claim the name in `from`.
+    pub register: bool,
+    /// Set by a client to go offline; set by the server on its last message before it closes
+    /// the connection (with the reason in `kind`).
+    pub exit: bool,
+    /// Destination: a registered name or a client's `ip:port` as the server sees it.
+    /// On a reply, the destination the reply is about.
+    pub to: String,
+    /// Sender's name. Set by the server on everything it forwards; ignored from clients except
+    /// on registration, where it is the name being claimed.
+    pub from: String,
+    /// Message body: arbitrary bytes (the interactive client sends UTF-8). On a reply, a
+    /// human-readable detail; on a user list, one `name address` line per user.
+    pub content: Bytes,
+}
+
+/// What a [`Message`] is. The encoding is the variant's index, so new variants go at the end.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub enum Kind {
+    /// A chat message; with `register` or `exit` set, a registration or an offline notice.
+    Chat,
+    /// Client asks for the users online now.
+    ListUsers,
+    /// Server's answer to [`Kind::ListUsers`]: `content` holds one `name address` line each.
+    Users,
+    /// Liveness probe; the peer answers with [`Kind::Pong`] carrying the same id.
+    Ping,
+    /// Answer to [`Kind::Ping`].
+    Pong,
+    /// A typed server reply about the message with the same id.
+    Reply(Status),
+}
+
+/// The typed outcome in a server reply. Programs branch on this, never on the detail text.
+/// The encoding is the variant's index, so new variants go at the end.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub enum Status {
+    /// The name was registered; the session is open.
+    Registered,
+    /// Nobody with the name or address in `to` is online. The message was not delivered.
+    NotFound,
+    /// Another client holds the requested name. The connection closes.
+    NameTaken,
+    /// The name (or destination) is empty, too long, or has whitespace or control characters.
+    InvalidName,
+    /// The message was not valid here (bad flag combination, a second registration, a kind
+    /// only the server sends, a message before registering).
+    InvalidRequest,
+    /// The client speaks a protocol version the server does not. The connection closes.
+    UnsupportedVersion,
+    /// The server is shutting down; the connection closes after this message.
+    ShuttingDown,
+    /// The message was not delivered because the receiver in `to` is not keeping up (its
+    /// outbox is full). Nothing was queued; the sender may retry later.
+    NotDelivered,
+    /// The server is at its connection limit. The connection closes.
+    ServerFull,
+    /// A frame was longer than the limit. The connection closes without reading it.
+    FrameTooLarge,
+    /// A frame did not decode as a message. The connection closes.
+    Malformed,
+    /// The client did not register in time. The connection closes.
+    RegistrationTimeout,
+    /// The client stopped reading what the server sent it. The connection closes.
+    SlowConsumer,
+    /// The client sent nothing, not even a pong, for too long. The connection closes.
+    IdleTimeout,
+}
+
+impl Status {
+    /// A short, stable, human-readable name for logs and the interactive client.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Status::Registered => "registered",
+            Status::NotFound => "not found",
+            Status::NameTaken => "name taken",
+            Status::InvalidName => "invalid name",
+            Status::InvalidRequest => "invalid request",
+            Status::UnsupportedVersion => "unsupported protocol version",
+            Status::ShuttingDown => "server shutting down",
+            Status::NotDelivered => "not delivered: receiver is not keeping up",
+            Status::ServerFull => "server full",
+            Status::FrameTooLarge => "frame too large",
+            Status::Malformed => "malformed message",
+            Status::RegistrationTimeout => "registration timed out",
+            Status::SlowConsumer => "slow consumer",
+            Status::IdleTimeout => "idle timeout",
+        }
+    }
+}
+
+impl std::fmt::Display for Status {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl Message {
+    fn new(id: u64, kind: Kind) -> Message {
+        Message {
+            version: PROTOCOL_VERSION,
+            id,
+            kind,
+            register: false,
+            exit: false,
+            to: String::new(),
+            from: String::new(),
+            content: Bytes::new(),
+        }
+    }
+
+    /// Client → server: claim `name`.
+    pub fn register(id: u64, name: impl Into<String>) -> Message {
+        Message {
+            register: true,
+            from: name.into(),
+            ..Message::new(id, Kind::Chat)
+        }
+    }
+
+    /// Client → server: send `content` to the user or address `to`.
+    pub fn send(id: u64, to: impl Into<String>, content: impl Into<Bytes>) -> Message {
+        Message {
+            to: to.into(),
+            content: content.into(),
+            ..Message::new(id, Kind::Chat)
+        }
+    }
+
+    /// Client → server: go offline; the server frees the name and closes the connection.
+    pub fn offline(id: u64) -> Message {
+        Message {
+            exit: true,
+            ..Message::new(id, Kind::Chat)
+        }
+    }
+
+    /// Client → server: ask for the users online.
+    pub fn list_users(id: u64) -> Message {
+        Message::new(id, Kind::ListUsers)
+    }
+
+    /// Either direction: a liveness probe.
+    pub fn ping(id: u64) -> Message {
+        Message::new(id, Kind::Ping)
+    }
+
+    /// Either direction: the answer to [`Message::ping`] with the same id.
+    pub fn pong(id: u64) -> Message {
+        Message::new(id, Kind::Pong)
+    }
+
+    /// Server → client: a chat message from `from`, keeping the sender's id.
+    pub fn deliver(
+        id: u64,
+        from: impl Into<String>,
+        to: impl Into<String>,
+        content: impl Into<Bytes>,
+    ) -> Message {
+        Message {
+            from: from.into(),
+            to: to.into(),
+            content: content.into(),
+            ..Message::new(id, Kind::Chat)
+        }
+    }
+
+    /// Server → client: a typed reply about message `id`. `to` names what the reply is about
+    /// (the destination for [`Status::NotFound`], the name for [`Status::Registered`]).
+    pub fn reply(
+        id: u64,
+        status: Status,
+        to: impl Into<String>,
+        detail: impl Into<String>,
+    ) -> Message {
+        Message {
+            to: to.into(),
+            content: Bytes::from(detail.into()),
+            ..Message::new(id, Kind::Reply(status))
+        }
+    }
+
+    /// Server → client: the users online, as `(name, address)` pairs, split into as many
+    /// [`Kind::Users`] messages as needed to keep each within `max_frame_len`.
+    ///
+    /// Each message holds one `name address` line per user; the last one ends with an empty
+    /// line, so a reader knows the listing is complete.
+    pub fn user_list<'a>(
+        id: u64,
+        users: impl IntoIterator<Item = (&'a str, String)>,
+        max_frame_len: usize,
+    ) -> Vec<Message> {
+        // Room for the fixed fields and the final blank line, with margin.
+        let budget = max_frame_len.saturating_sub(64).max(1);
+        let mut chunks = Vec::new();
+        let mut content = String::new();
+        for (name, addr) in users {
+            let line_len = name.len() + 1 + addr.len() + 1;
+            if !content.is_empty() && content.len() + line_len > budget {
+                chunks.push(std::mem::take(&mut content));
+            }
+            content.push_str(name);
+            content.push(' ');
+            content.push_str(&addr);
+            content.push('\n');
+        }
+        content.push('\n');
+        chunks.push(content);
+        chunks
+            .into_iter()
+            .map(|content| Message {
+                content: Bytes::from(content),
+                ..Message::new(id, Kind::Users)
+            })
+            .collect()
+    }
+
+    /// Marks a server message as the last one before the server closes the connection.
+    pub fn closing(mut self) -> Message {
+        self.exit = true;
+        self
+    }
+}

@@ -1,0 +1,177 @@
+//! Property tests: arbitrary bytes never panic the decoder or make it allocate past its
+//! limit, and every valid message survives an encode/decode round trip.
+
+// The counting allocator below is the only unsafe code in the workspace: a test-only
+// GlobalAlloc that forwards to the system allocator.
+#![allow(unsafe_code)]
+
+use std::alloc::{GlobalAlloc, Layout, System};
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+use bytes::{Bytes, BytesMut};
+use proptest::prelude::*;
+use relay_proto::{Kind, Message, MessageCodec, Status, decode_body};
+use tokio_util::codec::{Decoder, Encoder};
+
+/// Records the largest single allocation made while `TRACKING` is set on this thread.
+struct CountingAlloc;
+
+static LARGEST: AtomicUsize = AtomicUsize::new(0);
+
+thread_local! {
+    static TRACKING: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+unsafe impl GlobalAlloc for CountingAlloc {
+    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
+        if TRACKING.with(|t| t.get()) {
+            LARGEST.fetch_max(layout.size(), Ordering::Relaxed);
+        }
+        unsafe { System.alloc(layout) }
+    }
+    unsafe fn alloc_zeroed(&self, layout: Layout) -> *mut u8 {
+        if TRACKING.with(|t| t.get()) {
+            LARGEST.fetch_max(layout.size(), Ordering::Relaxed);
+        }
+        unsafe { System.alloc_zeroed(layout) }
+    }
+    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
+        unsafe { System.dealloc(ptr, layout) }
+    }
+}
+
+#[global_allocator]
+static GLOBAL: CountingAlloc = CountingAlloc;
+
+/// Runs `f` and returns the largest single allocation it made on this thread.
+fn largest_allocation(f: impl FnOnce()) -> usize {
+    LARGEST.store(0, Ordering::Relaxed);
+    TRACKING.with(|t| t.set(true));
+    f();
+    TRACKING.with(|t| t.set(false));
+    LARGEST.load(Ordering::Relaxed)
+}
+
+/// The most a decode of `len` bytes may allocate at once: the decode limit (the length rounded
+/// up to a power of two, at least 64), or the short error description, whichever is larger.
+fn allocation_bound(len: usize) -> usize {
+    len.next_power_of_two().max(64).max(256)
+}
+
+fn status() -> impl Strategy<Value = Status> {
+    prop_oneof![
+        Just(Status::Registered),
+        Just(Status::NotFound),
+        Just(Status::NameTaken),
+        Just(Status::InvalidName),
+        Just(Status::InvalidRequest),
+        Just(Status::UnsupportedVersion),
+        Just(Status::ShuttingDown),
+        Just(Status::NotDelivered),
+        Just(Status::ServerFull),
+        Just(Status::FrameTooLarge),
+        Just(Status::Malformed),
+        Just(Status::RegistrationTimeout),
+        Just(Status::SlowConsumer),
+        Just(Status::IdleTimeout),
+    ]
+}
+
+fn kind() -> impl Strategy<Value = Kind> {
+    prop_oneof![
+        Just(Kind::Chat),
+        Just(Kind::ListUsers),
+        Just(Kind::Users),
+        Just(Kind::Ping),
+        Just(Kind::Pong),
+        status().prop_map(Kind::Reply),
+    ]
+}
+
+prop_compose! {
+    fn message()(
+        version in any::<u16>(),
+        id in any::<u64>(),
+        kind in kind(),
+        register in any::<bool>(),
+        exit in any::<bool>(),
+        to in ".{0,40}",
+        from in ".{0,40}",
+        content in proptest::collection::vec(any::<u8>(), 0..2000),
+    ) -> Message {
+        Message { version, id, kind, register, exit, to, from, content: Bytes::from(content) }
+    }
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(2000))]
+
+    #[test]
+    fn every_message_round_trips(msg in message()) {
+        let mut codec = MessageCodec::new(relay_proto::DEFAULT_MAX_FRAME_LEN);
+        let mut buf = BytesMut::new();
+        codec.encode(&msg, &mut buf).unwrap();
+        prop_assert_eq!(buf.len() - 4, relay_proto::encoded_len(&msg));
+        prop_assert_eq!(codec.decode(&mut buf).unwrap(), Some(msg));
+        prop_assert!(buf.is_empty());
+    }
+
+    #[test]
+    fn arbitrary_bodies_never_panic_or_overallocate(body in proptest::collection::vec(any::<u8>(), 0..600)) {
+        let largest = largest_allocation(|| {
+            let _ = decode_body(&body);
+        });
+        let limit = allocation_bound(body.len());
+        prop_assert!(largest <= limit, "allocated {} for a {}-byte body", largest, body.len());
+    }
+
+    #[test]
+    fn mutated_valid_bodies_never_panic_or_overallocate(
+        msg in message(),
+        flips in proptest::collection::vec((any::<prop::sample::Index>(), any::<u8>()), 1..8),
+    ) {
+        let mut buf = BytesMut::new();
+        relay_proto::encode_body(&msg, &mut buf).unwrap();
+        let mut body = buf.to_vec();
+        for (at, byte) in flips {
+            let i = at.index(body.len());
+            body[i] = byte;
+        }
+        let largest = largest_allocation(|| {
+            let _ = decode_body(&body);
+        });
+        let limit = allocation_bound(body.len());
+        prop_assert!(largest <= limit, "allocated {} for a {}-byte body", largest, body.len());
+    }
+
+    #[test]
+    fn arbitrary_streams_never_panic_the_codec(
+        chunks in proptest::collection::vec(proptest::collection::vec(any::<u8>(), 0..64), 0..16)
+    ) {
+        let mut codec = MessageCodec::new(1024);
+        let mut buf = BytesMut::new();
+        'outer: for chunk in chunks {
+            buf.extend_from_slice(&chunk);
+            loop {
+                match codec.decode(&mut buf) {
+                    Ok(Some(_)) => {}
+                    Ok(None) => break,
+                    Err(_) => break 'outer,
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn a_length_bomb_allocates_nothing_large() {
+    // A 9-byte-ish body whose `to` length claims 2^40 bytes.
+    let mut body = Vec::new();
+    body.extend_from_slice(&1u16.to_le_bytes());
+    body.extend_from_slice(&0u64.to_le_bytes());
+    body.extend_from_slice(&0u32.to_le_bytes());
+    body.extend_from_slice(&[0, 0]);
+    body.extend_from_slice(&(1u64 << 40).to_le_bytes());
+    let largest = largest_allocation(|| assert!(decode_body(&body).is_err()));
+    assert!(largest <= 64, "allocated {largest} bytes");
+}

@@ -1,0 +1,205 @@
+//! The interactive client: commands read line by line, events printed one per line.
+
+use tokio::io::{AsyncBufRead, AsyncBufReadExt, AsyncWrite, AsyncWriteExt};
+
+use crate::client::{Client, Events};
+use crate::event::Event;
+
+/// The help text for the interactive commands.
+pub const HELP: &str = "commands:
+  send <name|ip:port> <message>   send a message (the rest of the line, spaces kept)
+  list                            show who is online, with addresses
+  help                            show this help
+  EXIT                            go offline and quit (so does end of input)";
+
+/// One line of input to the interactive client.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Command<'a> {
+    /// `send <to> <message...>`
+    Send {
+        /// Destination name or `ip:port`.
+        to: &'a str,
+        /// Everything after the destination and one space, spaces kept.
+        message: &'a str,
+    },
+    /// `list`
+    List,
+    /// `help`
+    Help,
+    /// `EXIT`
+    Exit,
+    /// A blank line.
+    Empty,
+    /// Anything else, with what to tell the user.
+    Invalid(String),
+}
+
+/// Parses one input line.
+pub fn parse_command(line: &str) -> Command<'_> {
+    let line = line.trim_end_matches(['\r', '\n']).trim_start();
+    let (word, rest) = line.split_once(char::is_whitespace).unwrap_or((line, ""));
+    match word {
+        "" => Command::Empty,
+        "send" => {
+            let rest = rest.trim_start();
+            match rest.split_once(char::is_whitespace) {
+                Some((to, message)) if !message.is_empty() => Command::Send { to, message },
+                _ => Command::Invalid("usage: send <name|ip:port> <message>".into()),
+            }
+        }
+        "list" if rest.trim().is_empty() => Command::List,
+        "help" | "?" if rest.trim().is_empty() => Command::Help,
+        w if w.eq_ignore_ascii_case("exit") && rest.trim().is_empty() => Command::Exit,
+        other => Command::Invalid(format!("unknown command '{other}'; type help")),
+    }
+}
+
+/// Message bytes made safe for a terminal: invalid UTF-8 replaced, control characters
+/// (newlines, escape sequences) shown escaped so a peer cannot forge lines or drive the
+/// terminal.
+pub fn printable(bytes: &[u8]) -> String {
+    let text = String::from_utf8_lossy(bytes);
+    if !text.chars().any(char::is_control) {
+        return text.into_owned();
+    }
+    text.chars()
+        .flat_map(|c| {
+            let escaped: Vec<char> = if c.is_control() {
+                c.escape_default().collect()
+            } else {
+                vec![c]
+            };
+            escaped
+        })
+        .collect()
+}
+
+/// Runs the interactive session: reads commands from `input`, prints events on `output`.
+///
+/// Returns `Ok` when the user leaves (`EXIT` or end of input; the client goes offline first)
+/// or the server shuts down; `Err` with a line for the user when the connection is lost or
+/// the server ends the session for another reason.
+///
+/// # Errors
+/// The reason the session ended abnormally, as one line.
+pub async fn run_interactive<R, W>(
+    client: Client,
+    mut events: Events,
+    input: R,
+    mut output: W,
+) -> Result<(), String>
+where
+    R: AsyncBufRead + Unpin,
+    W: AsyncWrite + Unpin,
+{
+    let mut lines = input.lines();
+    loop {
+        let text = tokio::select! {
+            line = lines.next_line() => match line {
+                Ok(Some(line)) => match parse_command(&line) {
+                    Command::Exit => break,
+                    Command::Empty => continue,
+                    Command::Help => format!("{HELP}\n"),
+                    Command::Invalid(message) => format!("{message}\n"),
+                    Command::List => match client.list_users().await {
+                        Ok(_) => continue,
+                        Err(e) => format!("{e}\n"),
+                    },
+                    Command::Send { to, message } => {
+                        match client.send(to, message.as_bytes().to_vec()).await {
+                            Ok(_) => continue,
+                            Err(e) => format!("{e}\n"),
+                        }
+                    }
+                },
+                // End of input (or unreadable input) means the user is done.
+                Ok(None) | Err(_) => break,
+            },
+            event = events.next() => match event {
+                Some(Event::Message { from, content, .. }) => {
+                    format!("{from}: {}\n", printable(&content))
+                }
+                Some(Event::NotFound { to, .. }) => format!("! {to}: not found\n"),
+                Some(Event::Rejected { to, status, detail, .. }) => {
+                    format!("! {to}: {status} ({detail})\n")
+                }
+                Some(Event::Users { users, .. }) => {
+                    let mut text = String::new();
+                    for user in users {
+                        text.push_str(&format!("{} {}\n", user.name, user.addr));
+                    }
+                    text
+                }
+                Some(Event::ServerShutdown { .. }) => {
+                    write_line(&mut output, "server is shutting down\n").await;
+                    return Ok(());
+                }
+                Some(Event::Closed { status, detail }) => {
+                    return Err(format!("disconnected by the server: {status} ({detail})"));
+                }
+                Some(Event::Disconnected { reason }) => {
+                    return Err(format!("connection to the server lost: {reason}"));
+                }
+                None => return Err("connection to the server lost".into()),
+            },
+        };
+        write_line(&mut output, &text).await;
+    }
+    client
+        .offline()
+        .await
+        .map_err(|e| format!("going offline failed: {e}"))?;
+    // Print whatever arrived before the server closed the session.
+    while let Some(event) = events.try_next() {
+        if let Event::Message { from, content, .. } = event {
+            write_line(&mut output, &format!("{from}: {}\n", printable(&content))).await;
+        }
+    }
+    Ok(())
+}
+
+async fn write_line<W: AsyncWrite + Unpin>(output: &mut W, text: &str) {
+    // A closed stdout (the user piped us into `head`) is not worth failing over.
+    let _ = output.write_all(text.as_bytes()).await;
+    let _ = output.flush().await;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn commands() {
+        assert_eq!(
+            parse_command("send bob hello  world "),
+            Command::Send {
+                to: "bob",
+                message: "hello  world "
+            }
+        );
+        assert_eq!(
+            parse_command("  send   127.0.0.1:5000  two spaces\r\n"),
+            Command::Send {
+                to: "127.0.0.1:5000",
+                message: " two spaces"
+            }
+        );
+        assert!(matches!(parse_command("send bob"), Command::Invalid(_)));
+        assert!(matches!(parse_command("send bob "), Command::Invalid(_)));
+        assert!(matches!(parse_command("send"), Command::Invalid(_)));
+        assert_eq!(parse_command("list"), Command::List);
+        assert_eq!(parse_command("help"), Command::Help);
+        assert_eq!(parse_command("EXIT"), Command::Exit);
+        assert_eq!(parse_command("exit"), Command::Exit);
+        assert_eq!(parse_command("   "), Command::Empty);
+        assert!(matches!(parse_command("sned bob hi"), Command::Invalid(m) if m.contains("sned")));
+    }
+
+    #[test]
+    fn printable_escapes_control_characters() {
+        assert_eq!(printable(b"hello"), "hello");
+        assert_eq!(printable(b"a\nb"), "a\\nb");
+        assert_eq!(printable(b"\x1b[2J"), "\\u{1b}[2J");
+        assert_eq!(printable(b"\xff ok"), "\u{fffd} ok");
+    }
+}

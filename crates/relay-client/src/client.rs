@@ -1,0 +1,492 @@
+//! The connection: [`Client::connect`] registers, then one task reads the socket and another
+//! writes it; the program holds a cloneable [`Client`] to send and an [`Events`] stream to
+//! receive.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::Duration;
+
+use bytes::{Bytes, BytesMut};
+use futures_util::StreamExt;
+use relay_proto::{
+    Message, MessageCodec, ServerEvent, Status, User, encoded_len, parse_destination, validate_name,
+};
+use tokio::io::AsyncWriteExt;
+use tokio::net::TcpStream;
+use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
+use tokio::sync::mpsc;
+use tokio_util::codec::{Encoder, FramedRead};
+use tokio_util::sync::CancellationToken;
+
+use crate::error::{ConnectError, SendError};
+use crate::event::Event;
+
+/// Connection settings. `ClientConfig::default()` suits a server with default limits.
+#[derive(Clone, Debug)]
+pub struct ClientConfig {
+    /// Time allowed for the TCP connection (default 5 s).
+    pub connect_timeout: Duration,
+    /// Time allowed for the server to answer the registration (default 5 s).
+    pub register_timeout: Duration,
+    /// Largest frame sent or accepted; match the server's (default 64 KiB).
+    pub max_frame_len: usize,
+    /// Messages that may wait for the writer before [`Client::send`] waits (default 1024).
+    pub send_queue: usize,
+    /// Events that may wait for the program before the reader stops reading (default 1024).
+    /// A program that never reads events is eventually dropped by the server as a slow
+    /// consumer, which is the point: the backlog is bounded.
+    pub event_queue: usize,
+    /// How long [`Client::offline`] waits for the server to close the session (default 5 s).
+    pub close_timeout: Duration,
+}
+
+impl Default for ClientConfig {
+    fn default() -> ClientConfig {
+        ClientConfig {
+            connect_timeout: Duration::from_secs(5),
+            register_timeout: Duration::from_secs(5),
+            max_frame_len: relay_proto::DEFAULT_MAX_FRAME_LEN,
+            send_queue: 1024,
+            event_queue: 1024,
+            close_timeout: Duration::from_secs(5),
+        }
+    }
+}
+
+/// A registered connection to a relay server. Cheap to clone; all clones share the
+/// connection, which closes when [`Client::offline`] is called or the server ends it.
+///
+/// ```no_run
+/// # async fn example() -> Result<(), Box<dyn std::error::Error>> {
+/// use relay_client::{Client, Event};
+///
+/// let (alice, mut events) = Client::connect("127.0.0.1:8080", "alice").await?;
+/// let id = alice.send("bob", "hello").await?;
+/// while let Some(event) = events.next().await {
+///     match event {
+///         Event::Message { from, content, .. } => {
+///             println!("{from}: {}", String::from_utf8_lossy(&content));
+///         }
+///         Event::NotFound { id: about, to } if about == id => println!("{to} is not online"),
+///         Event::ServerShutdown { .. } => break,
+///         _ => {}
+///     }
+/// }
+/// alice.offline().await?;
+/// # Ok(())
+/// # }
+/// ```
+#[derive(Clone, Debug)]
+pub struct Client {
+    inner: Arc<Inner>,
+}
+
+#[derive(Debug)]
+struct Inner {
+    outgoing: mpsc::Sender<Message>,
+    next_id: AtomicU64,
+    name: String,
+    local_addr: SocketAddr,
+    server_addr: SocketAddr,
+    max_frame_len: usize,
+    close_timeout: Duration,
+    /// Set by `offline`: from then on the reader drops events the program does not take.
+    going_offline: Arc<AtomicBool>,
+    /// Cancelled when the reader task ends (the server closed the connection).
+    reader_done: CancellationToken,
+    /// Cancelled when the writer task ends (everything handed to it was written).
+    writer_done: CancellationToken,
+}
+
+/// The stream of [`Event`]s for one connection.
+#[derive(Debug)]
+pub struct Events {
+    rx: mpsc::Receiver<Event>,
+}
+
+impl Events {
+    /// The next event, or `None` once the connection is closed and every event was taken.
+    pub async fn next(&mut self) -> Option<Event> {
+        self.rx.recv().await
+    }
+
+    /// The next event if one is already waiting.
+    pub fn try_next(&mut self) -> Option<Event> {
+        self.rx.try_recv().ok()
+    }
+}
+
+impl Client {
+    /// Connects to `server` (`host:port`) and registers as `name`, with default settings.
+    ///
+    /// # Errors
+    /// See [`Client::connect_with`].
+    pub async fn connect(server: &str, name: &str) -> Result<(Client, Events), ConnectError> {
+        Client::connect_with(server, name, ClientConfig::default()).await
+    }
+
+    /// Connects to `server` (`host:port`) and registers as `name`.
+    ///
+    /// Returns once the server has confirmed the registration.
+    ///
+    /// # Errors
+    /// [`ConnectError::InvalidName`] before any network traffic if the name breaks the rules;
+    /// [`ConnectError::Connect`] or [`ConnectError::ConnectTimeout`] if the server cannot be
+    /// reached; [`ConnectError::NameTaken`] or [`ConnectError::Refused`] if the server says
+    /// no; [`ConnectError::RegisterTimeout`], [`ConnectError::Closed`] or
+    /// [`ConnectError::Protocol`] if it does not answer properly.
+    pub async fn connect_with(
+        server: &str,
+        name: &str,
+        config: ClientConfig,
+    ) -> Result<(Client, Events), ConnectError> {
+        validate_name(name).map_err(|e| ConnectError::InvalidName {
+            name: name.to_string(),
+            reason: e.to_string(),
+        })?;
+        let stream = tokio::time::timeout(config.connect_timeout, TcpStream::connect(server))
+            .await
+            .map_err(|_| ConnectError::ConnectTimeout {
+                addr: server.to_string(),
+            })?
+            .map_err(|source| ConnectError::Connect {
+                addr: server.to_string(),
+                source,
+            })?;
+        let io_error = |source| ConnectError::Connect {
+            addr: server.to_string(),
+            source,
+        };
+        // Frames are batched by the writer task, so Nagle would only add latency.
+        stream.set_nodelay(true).map_err(io_error)?;
+        let local_addr = stream.local_addr().map_err(io_error)?;
+        let server_addr = stream.peer_addr().map_err(io_error)?;
+        let (read, mut write) = stream.into_split();
+        let mut codec = MessageCodec::new(config.max_frame_len);
+
+        let mut buf = BytesMut::new();
+        codec
+            .encode(&Message::register(0, name), &mut buf)
+            .map_err(|e| ConnectError::Protocol(e.to_string()))?;
+        write.write_all(&buf).await.map_err(io_error)?;
+
+        let mut frames = FramedRead::new(read, codec);
+        let answer = tokio::time::timeout(config.register_timeout, frames.next())
+            .await
+            .map_err(|_| ConnectError::RegisterTimeout(config.register_timeout))?;
+        let reply = match answer {
+            None => return Err(ConnectError::Closed),
+            Some(Err(e)) => return Err(ConnectError::Protocol(e.to_string())),
+            Some(Ok(msg)) => ServerEvent::parse(msg).map_err(ConnectError::Protocol)?,
+        };
+        match reply {
+            ServerEvent::Reply {
+                status: Status::Registered,
+                ..
+            } => {}
+            ServerEvent::Reply {
+                status: Status::NameTaken,
+                ..
+            } => {
+                return Err(ConnectError::NameTaken {
+                    name: name.to_string(),
+                });
+            }
+            ServerEvent::Reply {
+                status: Status::InvalidName,
+                detail,
+                ..
+            } => {
+                return Err(ConnectError::InvalidName {
+                    name: name.to_string(),
+                    reason: detail,
+                });
+            }
+            ServerEvent::Reply { status, detail, .. } => {
+                return Err(ConnectError::Refused { status, detail });
+            }
+            other => {
+                return Err(ConnectError::Protocol(format!(
+                    "expected a registration reply, got {other:?}"
+                )));
+            }
+        }
+
+        let (outgoing, outgoing_rx) = mpsc::channel(config.send_queue.max(1));
+        let (events_tx, events_rx) = mpsc::channel(config.event_queue.max(1));
+        let inner = Arc::new(Inner {
+            outgoing: outgoing.clone(),
+            next_id: AtomicU64::new(1),
+            name: name.to_string(),
+            local_addr,
+            server_addr,
+            max_frame_len: config.max_frame_len,
+            close_timeout: config.close_timeout,
+            going_offline: Arc::new(AtomicBool::new(false)),
+            reader_done: CancellationToken::new(),
+            writer_done: CancellationToken::new(),
+        });
+        tokio::spawn(write_loop(
+            outgoing_rx,
+            write,
+            MessageCodec::new(config.max_frame_len),
+            inner.writer_done.clone(),
+        ));
+        tokio::spawn(
+            Reader {
+                events: events_tx,
+                outgoing,
+                going_offline: inner.going_offline.clone(),
+                pending_users: Vec::new(),
+            }
+            .run(frames, inner.reader_done.clone()),
+        );
+        Ok((Client { inner }, Events { rx: events_rx }))
+    }
+
+    /// The registered name.
+    pub fn name(&self) -> &str {
+        &self.inner.name
+    }
+
+    /// This end's address; other clients may address messages to it as the server sees it
+    /// (the same unless there is NAT in between).
+    pub fn local_addr(&self) -> SocketAddr {
+        self.inner.local_addr
+    }
+
+    /// The server's address.
+    pub fn server_addr(&self) -> SocketAddr {
+        self.inner.server_addr
+    }
+
+    fn next_id(&self) -> u64 {
+        self.inner.next_id.fetch_add(1, Ordering::Relaxed)
+    }
+
+    async fn submit(&self, msg: Message) -> Result<u64, SendError> {
+        let id = msg.id;
+        self.inner
+            .outgoing
+            .send(msg)
+            .await
+            .map_err(|_| SendError::Closed)?;
+        Ok(id)
+    }
+
+    /// Sends `content` to `to`, a user name or a client's `ip:port`, and returns the id that
+    /// any reply about it ([`Event::NotFound`], [`Event::Rejected`]) will carry.
+    ///
+    /// Returns once the message is queued for the writer; waits only if the writer is that
+    /// far behind. Messages to one receiver arrive in the order they were sent.
+    ///
+    /// # Errors
+    /// [`SendError::InvalidDestination`] or [`SendError::TooLarge`] before anything is sent;
+    /// [`SendError::Closed`] if the connection is closed.
+    pub async fn send(&self, to: &str, content: impl Into<Bytes>) -> Result<u64, SendError> {
+        parse_destination(to).map_err(|e| SendError::InvalidDestination {
+            to: to.to_string(),
+            reason: e.to_string(),
+        })?;
+        let msg = Message::send(self.next_id(), to, content);
+        let len = encoded_len(&msg);
+        if len > self.inner.max_frame_len {
+            return Err(SendError::TooLarge {
+                len,
+                max: self.inner.max_frame_len,
+            });
+        }
+        self.submit(msg).await
+    }
+
+    /// Asks for the users online; the answer arrives as [`Event::Users`] with the returned id.
+    ///
+    /// # Errors
+    /// [`SendError::Closed`] if the connection is closed.
+    pub async fn list_users(&self) -> Result<u64, SendError> {
+        self.submit(Message::list_users(self.next_id())).await
+    }
+
+    /// Goes offline: tells the server, which frees the name and closes the connection. Returns
+    /// once everything sent before was written and the server closed the session (or after
+    /// [`ClientConfig::close_timeout`]). Events still arriving are dropped if the program is
+    /// not taking them. Calling it on a closed connection does nothing.
+    ///
+    /// # Errors
+    /// [`SendError::Closed`] only if the server did not close the session in time.
+    pub async fn offline(&self) -> Result<(), SendError> {
+        self.inner.going_offline.store(true, Ordering::Relaxed);
+        let _ = self
+            .inner
+            .outgoing
+            .send(Message::offline(self.next_id()))
+            .await;
+        let both = async {
+            self.inner.writer_done.cancelled().await;
+            self.inner.reader_done.cancelled().await;
+        };
+        tokio::time::timeout(self.inner.close_timeout, both)
+            .await
+            .map_err(|_| SendError::Closed)
+    }
+
+    /// True once the server has closed the connection.
+    pub fn is_closed(&self) -> bool {
+        self.inner.reader_done.is_cancelled()
+    }
+}
+
+/// Writes everything handed to it, many frames per syscall, until an offline notice has been
+/// written, every sender is gone, or the socket fails.
+async fn write_loop(
+    mut outgoing: mpsc::Receiver<Message>,
+    mut socket: OwnedWriteHalf,
+    mut codec: MessageCodec,
+    done: CancellationToken,
+) {
+    let mut batch = Vec::with_capacity(64);
+    let mut buf = BytesMut::new();
+    'write: while outgoing.recv_many(&mut batch, 256).await > 0 {
+        let mut last = false;
+        for msg in batch.drain(..) {
+            last |= msg.exit;
+            // Sizes were checked when the message was queued.
+            if let Err(e) = codec.encode(&msg, &mut buf) {
+                tracing::warn!(error = %e, "dropping a message that does not encode");
+            }
+            if last {
+                break;
+            }
+        }
+        if socket.write_all_buf(&mut buf).await.is_err() || last {
+            break 'write;
+        }
+        if buf.capacity() > 64 * 1024 {
+            buf = BytesMut::new();
+        }
+    }
+    let _ = socket.shutdown().await;
+    done.cancel();
+}
+
+/// The reader task's state.
+struct Reader {
+    events: mpsc::Sender<Event>,
+    /// For answering pings.
+    outgoing: mpsc::Sender<Message>,
+    going_offline: Arc<AtomicBool>,
+    /// A user listing arriving in parts.
+    pending_users: Vec<User>,
+}
+
+impl Reader {
+    async fn run(
+        mut self,
+        mut frames: FramedRead<OwnedReadHalf, MessageCodec>,
+        done: CancellationToken,
+    ) {
+        loop {
+            let event = match frames.next().await {
+                None => {
+                    if !self.going_offline.load(Ordering::Relaxed) {
+                        let reason = "the server closed the connection".to_string();
+                        self.emit(Event::Disconnected { reason }).await;
+                    }
+                    break;
+                }
+                Some(Err(e)) => {
+                    if !self.going_offline.load(Ordering::Relaxed) {
+                        self.emit(Event::Disconnected {
+                            reason: e.to_string(),
+                        })
+                        .await;
+                    }
+                    break;
+                }
+                Some(Ok(msg)) => match ServerEvent::parse(msg) {
+                    Ok(event) => event,
+                    Err(e) => {
+                        let reason = format!("protocol error from the server: {e}");
+                        self.emit(Event::Disconnected { reason }).await;
+                        break;
+                    }
+                },
+            };
+            if self.handle(event).await.is_break() {
+                break;
+            }
+        }
+        done.cancel();
+    }
+
+    async fn handle(&mut self, event: ServerEvent) -> std::ops::ControlFlow<()> {
+        use std::ops::ControlFlow::{Break, Continue};
+        let event = match event {
+            ServerEvent::Message { id, from, content } => Event::Message { id, from, content },
+            ServerEvent::Users {
+                id,
+                users,
+                complete,
+            } => {
+                self.pending_users.extend(users);
+                if !complete {
+                    return Continue(());
+                }
+                Event::Users {
+                    id,
+                    users: std::mem::take(&mut self.pending_users),
+                }
+            }
+            ServerEvent::Reply {
+                status,
+                detail,
+                closing: true,
+                ..
+            } => {
+                let event = if status == Status::ShuttingDown {
+                    Event::ServerShutdown { detail }
+                } else {
+                    Event::Closed { status, detail }
+                };
+                self.emit(event).await;
+                return Break(());
+            }
+            ServerEvent::Reply {
+                id,
+                status: Status::NotFound,
+                to,
+                ..
+            } => Event::NotFound { id, to },
+            ServerEvent::Reply {
+                id,
+                status,
+                to,
+                detail,
+                ..
+            } => Event::Rejected {
+                id,
+                status,
+                to,
+                detail,
+            },
+            ServerEvent::Ping { id } => {
+                let _ = self.outgoing.send(Message::pong(id)).await;
+                return Continue(());
+            }
+            ServerEvent::Pong { .. } => return Continue(()),
+        };
+        self.emit(event).await;
+        Continue(())
+    }
+
+    async fn emit(&self, event: Event) {
+        if self.going_offline.load(Ordering::Relaxed) {
+            // The program is leaving and may not be reading: never block the close on it.
+            let _ = self.events.try_send(event);
+        } else {
+            // If the program dropped its `Events`, keep reading anyway so pings are answered.
+            let _ = self.events.send(event).await;
+        }
+    }
+}

@@ -1,0 +1,81 @@
+//! Errors of the client library, one type per operation.
+
+use std::io;
+use std::time::Duration;
+
+use relay_proto::Status;
+
+/// Why [`Client::connect`](crate::Client::connect) failed.
+#[derive(Debug, thiserror::Error)]
+pub enum ConnectError {
+    /// The server address did not resolve, or the TCP connection failed.
+    #[error("cannot connect to {addr}: {source}")]
+    Connect {
+        /// The address as given.
+        addr: String,
+        /// What the OS said.
+        #[source]
+        source: io::Error,
+    },
+    /// The TCP connection did not complete in time.
+    #[error("timed out connecting to {addr}")]
+    ConnectTimeout {
+        /// The address as given.
+        addr: String,
+    },
+    /// The name breaks the naming rules (checked before anything is sent).
+    #[error("invalid name '{name}': {reason}")]
+    InvalidName {
+        /// The name asked for.
+        name: String,
+        /// Which rule it breaks.
+        reason: String,
+    },
+    /// Another client holds the name.
+    #[error("the name '{name}' is taken")]
+    NameTaken {
+        /// The name asked for.
+        name: String,
+    },
+    /// The server refused the registration for another reason (server full, version...).
+    #[error("the server refused the registration: {status} ({detail})")]
+    Refused {
+        /// The typed reason.
+        status: Status,
+        /// The server's explanation.
+        detail: String,
+    },
+    /// The server did not answer the registration in time.
+    #[error("the server did not answer the registration within {0:?}")]
+    RegisterTimeout(Duration),
+    /// The server closed the connection without answering the registration.
+    #[error("the server closed the connection before answering the registration")]
+    Closed,
+    /// The server sent something that is not valid protocol.
+    #[error("protocol error: {0}")]
+    Protocol(String),
+}
+
+/// Why a message could not be handed to the connection.
+#[derive(Debug, thiserror::Error)]
+pub enum SendError {
+    /// The connection is closed; nothing more can be sent.
+    #[error("not connected: the connection to the server is closed")]
+    Closed,
+    /// The message does not fit in one frame.
+    #[error("message of {len} bytes is over the frame limit of {max} bytes")]
+    TooLarge {
+        /// Encoded length of the message.
+        len: usize,
+        /// The frame limit.
+        max: usize,
+    },
+    /// The destination is neither a valid name nor an `ip:port` address.
+    #[error("invalid destination '{to}': {reason}")]
+    InvalidDestination {
+        /// The destination as given.
+        to: String,
+        /// Which rule it breaks.
+        reason: String,
+    },
+}

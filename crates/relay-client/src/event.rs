@@ -1,0 +1,62 @@
+//! What the connection reports to the program: [`Event`].
+
+use bytes::Bytes;
+use relay_proto::{Status, User};
+
+/// Something that happened on the connection, in the order it happened.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Event {
+    /// A message from another user.
+    Message {
+        /// The sender's id for the message.
+        id: u64,
+        /// The sender's name, as registered (the server stamps it; it cannot be forged).
+        from: String,
+        /// The message body.
+        content: Bytes,
+    },
+    /// The message with this id was not delivered: nobody by that name or address is online.
+    NotFound {
+        /// Id returned by [`Client::send`](crate::Client::send).
+        id: u64,
+        /// The destination as sent.
+        to: String,
+    },
+    /// The server refused the message with this id for another reason, such as
+    /// [`Status::NotDelivered`] (the receiver is not keeping up) or [`Status::InvalidName`].
+    Rejected {
+        /// Id of the refused message.
+        id: u64,
+        /// Why.
+        status: Status,
+        /// The destination the refusal is about.
+        to: String,
+        /// The server's explanation.
+        detail: String,
+    },
+    /// The users online, answering [`Client::list_users`](crate::Client::list_users).
+    Users {
+        /// Id returned by `list_users`.
+        id: u64,
+        /// Everyone online, sorted by name.
+        users: Vec<User>,
+    },
+    /// The server is shutting down. No more events follow.
+    ServerShutdown {
+        /// The server's explanation.
+        detail: String,
+    },
+    /// The server ended this session for a reason (for example the client stopped reading
+    /// and became a slow consumer). No more events follow.
+    Closed {
+        /// Why.
+        status: Status,
+        /// The server's explanation.
+        detail: String,
+    },
+    /// The connection was lost without a reason from the server. No more events follow.
+    Disconnected {
+        /// What went wrong.
+        reason: String,
+    },
+}

@@ -1,0 +1,32 @@
+//! Client library for the relay chat server, and the interactive `relay-client` built on it.
+//!
+//! [`Client::connect`] opens a connection and registers a name; the returned [`Client`] sends
+//! (it is cheap to clone and share between tasks) and [`Events`] yields what arrives:
+//! messages, "not found" replies, user lists, the server's shutdown. Under the hood one task
+//! reads the socket and one writes it, batching frames.
+//!
+//! ```no_run
+//! # async fn example() -> Result<(), Box<dyn std::error::Error>> {
+//! use relay_client::{Client, Event};
+//!
+//! let (bob, mut events) = Client::connect("127.0.0.1:8080", "bob").await?;
+//! bob.send("alice", "hi alice").await?;
+//! if let Some(Event::Message { from, content, .. }) = events.next().await {
+//!     println!("{from}: {}", String::from_utf8_lossy(&content));
+//! }
+//! bob.offline().await?;
+//! # Ok(())
+//! # }
+//! ```
+#![deny(missing_docs)]
+
+mod cli;
+mod client;
+mod error;
+mod event;
+
+pub use cli::{Command, parse_command, printable, run_interactive};
+pub use client::{Client, ClientConfig, Events};
+pub use error::{ConnectError, SendError};
+pub use event::Event;
+pub use relay_proto::{Status, User};

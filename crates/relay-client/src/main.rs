@@ -1,0 +1,86 @@
+//! `relay-client`: connects, registers, and runs the interactive session on stdin/stdout.
+
+use std::io::IsTerminal;
+use std::process::ExitCode;
+
+use clap::Parser;
+use std::time::Duration;
+
+use relay_client::{Client, ConnectError, run_interactive};
+use tracing_subscriber::EnvFilter;
+
+/// Interactive client for the relay chat server.
+///
+/// Commands on stdin: send <name|ip:port> <message>, list, help, EXIT.
+#[derive(Debug, Parser)]
+#[command(version)]
+struct Args {
+    /// Server address as host:port.
+    #[arg(long, short, default_value = "127.0.0.1:8080")]
+    server: String,
+    /// Name to register.
+    #[arg(long, short)]
+    user: String,
+    /// Keep trying to reach the server for this long (e.g. 5s) instead of failing at once.
+    #[arg(long, value_parser = parse_seconds)]
+    wait: Option<Duration>,
+}
+
+fn parse_seconds(text: &str) -> Result<Duration, String> {
+    let number = text.strip_suffix('s').unwrap_or(text);
+    number
+        .parse::<f64>()
+        .ok()
+        .and_then(|s| Duration::try_from_secs_f64(s).ok())
+        .ok_or_else(|| format!("'{text}' is not a number of seconds like 5s"))
+}
+
+fn main() -> ExitCode {
+    let args = Args::parse();
+    // Library diagnostics only when asked for; the session itself prints plain lines.
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("off"));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal())
+        .init();
+    let runtime = match tokio::runtime::Runtime::new() {
+        Ok(rt) => rt,
+        Err(e) => return fail(&format!("cannot start the runtime: {e}")),
+    };
+    let result = runtime.block_on(session(args));
+    // A read of stdin may still be blocked in a thread; do not wait for it.
+    runtime.shutdown_background();
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(message) => fail(&message),
+    }
+}
+
+fn fail(message: &str) -> ExitCode {
+    eprintln!("relay-client: {message}");
+    ExitCode::FAILURE
+}
+
+async fn session(args: Args) -> Result<(), String> {
+    let deadline = args.wait.map(|wait| tokio::time::Instant::now() + wait);
+    let (client, events) = loop {
+        match Client::connect(&args.server, &args.user).await {
+            Ok(connected) => break connected,
+            // Only an unreachable server is worth waiting for; a refusal is final.
+            Err(ConnectError::Connect { .. } | ConnectError::ConnectTimeout { .. })
+                if deadline.is_some_and(|d| tokio::time::Instant::now() < d) =>
+            {
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            Err(e) => return Err(e.to_string()),
+        }
+    };
+    println!(
+        "connected to {} as {} (type help for commands)",
+        args.server,
+        client.name()
+    );
+    let stdin = tokio::io::BufReader::new(tokio::io::stdin());
+    run_interactive(client, events, stdin, tokio::io::stdout()).await
+}

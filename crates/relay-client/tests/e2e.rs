@@ -1,0 +1,260 @@
+//! End to end through the real binaries: the server prints its address, two clients chat,
+//! one sends to a missing name, and the operator's EXIT makes both clients exit 0.
+
+// Test helpers fail the test by panicking, like the tests themselves.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+use std::path::PathBuf;
+use std::process::{ExitStatus, Stdio};
+use std::time::Duration;
+
+use tokio::io::{AsyncBufReadExt, AsyncRead, AsyncWriteExt, BufReader, Lines};
+use tokio::process::{Child, ChildStdin, Command};
+
+const WAIT: Duration = Duration::from_secs(30);
+
+/// The client binary is built for this test; the server binary sits beside it when the whole
+/// workspace is tested. If it is missing (only this package was built), build it.
+fn binary(name: &str) -> PathBuf {
+    let client = PathBuf::from(env!("CARGO_BIN_EXE_relay-client"));
+    if name == "relay-client" {
+        return client;
+    }
+    let path = client.with_file_name(name);
+    if !path.exists() {
+        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+        let status = std::process::Command::new(cargo)
+            .args(["build", "--quiet", "-p", name, "--bin", name])
+            .status()
+            .expect("run cargo build");
+        assert!(status.success(), "building {name} failed");
+    }
+    path
+}
+
+/// Reads a child's output line by line, with a timeout on every wait.
+struct Output<R> {
+    lines: Lines<BufReader<R>>,
+    seen: Vec<String>,
+}
+
+impl<R: AsyncRead + Unpin> Output<R> {
+    fn new(reader: R) -> Output<R> {
+        Output {
+            lines: BufReader::new(reader).lines(),
+            seen: Vec::new(),
+        }
+    }
+
+    /// Reads lines until one contains `needle`, and returns it.
+    async fn expect(&mut self, needle: &str) -> String {
+        let found = tokio::time::timeout(WAIT, async {
+            while let Some(line) = self.lines.next_line().await.unwrap() {
+                self.seen.push(line.clone());
+                if line.contains(needle) {
+                    return Some(line);
+                }
+            }
+            None
+        })
+        .await;
+        match found {
+            Ok(Some(line)) => line,
+            _ => panic!("no line containing {needle:?}; saw {:#?}", self.seen),
+        }
+    }
+}
+
+struct Process {
+    child: Child,
+    stdin: ChildStdin,
+}
+
+impl Process {
+    fn spawn(binary: &str, args: &[&str]) -> Process {
+        let mut child = Command::new(self::binary(binary))
+            .args(args)
+            .env("RUST_LOG", "info")
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .kill_on_drop(true)
+            .spawn()
+            .unwrap();
+        let stdin = child.stdin.take().unwrap();
+        Process { child, stdin }
+    }
+
+    async fn type_line(&mut self, line: &str) {
+        self.stdin
+            .write_all(format!("{line}\n").as_bytes())
+            .await
+            .unwrap();
+        self.stdin.flush().await.unwrap();
+    }
+
+    async fn exit_status(mut self) -> ExitStatus {
+        tokio::time::timeout(WAIT, self.child.wait())
+            .await
+            .expect("process did not exit")
+            .unwrap()
+    }
+}
+
+async fn start_server() -> (Process, Output<tokio::process::ChildStderr>, String) {
+    let mut server = Process::spawn("relay-server", &["--host", "127.0.0.1", "--port", "0"]);
+    let mut log = Output::new(server.child.stderr.take().unwrap());
+    let line = log.expect("listening on").await;
+    let addr = line
+        .rsplit("listening on ")
+        .next()
+        .unwrap()
+        .trim()
+        .to_string();
+    assert!(
+        addr.starts_with("127.0.0.1:") && !addr.ends_with(":0"),
+        "{line}"
+    );
+    (server, log, addr)
+}
+
+#[tokio::test]
+async fn two_clients_chat_and_the_operator_shuts_everything_down() {
+    let (mut server, mut server_log, addr) = start_server().await;
+
+    let mut alice = Process::spawn("relay-client", &["--server", &addr, "--user", "alice"]);
+    let mut alice_out = Output::new(alice.child.stdout.take().unwrap());
+    alice_out.expect("as alice").await;
+    let mut bob = Process::spawn("relay-client", &["--server", &addr, "--user", "bob"]);
+    let mut bob_out = Output::new(bob.child.stdout.take().unwrap());
+    bob_out.expect("as bob").await;
+    server_log.expect("name=bob").await;
+
+    alice.type_line("send bob hello bob").await;
+    assert_eq!(bob_out.expect("alice:").await, "alice: hello bob");
+    bob.type_line("send alice hi  alice, spaces kept").await;
+    assert_eq!(
+        alice_out.expect("bob:").await,
+        "bob: hi  alice, spaces kept"
+    );
+
+    alice.type_line("send carol are you there").await;
+    let line = alice_out.expect("carol").await;
+    assert!(line.contains("not found"), "{line}");
+
+    bob.type_line("list").await;
+    bob_out.expect("alice 127.0.0.1:").await;
+
+    server.type_line("EXIT").await;
+    alice_out.expect("server is shutting down").await;
+    bob_out.expect("server is shutting down").await;
+    assert!(alice.exit_status().await.success());
+    assert!(bob.exit_status().await.success());
+    assert!(server.exit_status().await.success());
+}
+
+#[tokio::test]
+async fn exit_command_and_end_of_input_leave_cleanly() {
+    let (mut server, mut server_log, addr) = start_server().await;
+
+    let mut alice = Process::spawn("relay-client", &["--server", &addr, "--user", "alice"]);
+    let mut alice_out = Output::new(alice.child.stdout.take().unwrap());
+    alice_out.expect("as alice").await;
+    alice.type_line("EXIT").await;
+    assert!(alice.exit_status().await.success());
+    server_log.expect("offline").await;
+
+    // End of input works like EXIT, and the name is free again.
+    let mut again = Process::spawn("relay-client", &["--server", &addr, "--user", "alice"]);
+    let mut again_out = Output::new(again.child.stdout.take().unwrap());
+    again_out.expect("as alice").await;
+    drop(again.stdin);
+    let status = tokio::time::timeout(WAIT, again.child.wait())
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(status.success());
+
+    server.type_line("EXIT").await;
+    assert!(server.exit_status().await.success());
+}
+
+/// Runs the client to completion and returns its exit status and stderr.
+async fn client_failure(args: &[&str]) -> (ExitStatus, String) {
+    let out = tokio::time::timeout(
+        WAIT,
+        Command::new(binary("relay-client"))
+            .args(args)
+            .stdin(Stdio::null())
+            .kill_on_drop(true)
+            .output(),
+    )
+    .await
+    .unwrap()
+    .unwrap();
+    (out.status, String::from_utf8(out.stderr).unwrap())
+}
+
+#[tokio::test]
+async fn user_mistakes_get_one_clear_line_and_a_failure_code() {
+    let (mut server, _log, addr) = start_server().await;
+    let mut alice = Process::spawn("relay-client", &["--server", &addr, "--user", "alice"]);
+    let mut alice_out = Output::new(alice.child.stdout.take().unwrap());
+    alice_out.expect("as alice").await;
+
+    let (status, stderr) = client_failure(&["--server", &addr, "--user", "alice"]).await;
+    assert!(!status.success());
+    assert_eq!(stderr.trim(), "relay-client: the name 'alice' is taken");
+
+    let (status, stderr) = client_failure(&["--server", &addr, "--user", "two words"]).await;
+    assert!(!status.success());
+    assert!(
+        stderr.contains("invalid name 'two words'") && stderr.lines().count() == 1,
+        "{stderr}"
+    );
+
+    // A port nothing listens on: take a free one and release it.
+    let free = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap();
+    let (status, stderr) = client_failure(&["--server", &free.to_string(), "--user", "x"]).await;
+    assert!(!status.success());
+    assert!(
+        stderr.contains("cannot connect to") && stderr.lines().count() == 1,
+        "{stderr}"
+    );
+
+    let (status, stderr) = client_failure(&["--server", "not-an-address", "--user", "x"]).await;
+    assert!(!status.success());
+    assert!(
+        stderr.contains("cannot connect to not-an-address"),
+        "{stderr}"
+    );
+    assert!(!stderr.contains("panicked"), "{stderr}");
+
+    server.type_line("EXIT").await;
+    assert!(alice.exit_status().await.success());
+    assert!(server.exit_status().await.success());
+}
+
+#[tokio::test]
+async fn server_reports_a_port_in_use_clearly() {
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = taken.local_addr().unwrap().port().to_string();
+    let out = tokio::time::timeout(
+        WAIT,
+        Command::new(binary("relay-server"))
+            .args(["--host", "127.0.0.1", "--port", &port])
+            .stdin(Stdio::null())
+            .kill_on_drop(true)
+            .output(),
+    )
+    .await
+    .unwrap()
+    .unwrap();
+    assert!(!out.status.success());
+    let stderr = String::from_utf8(out.stderr).unwrap();
+    assert!(stderr.contains("cannot listen on 127.0.0.1:"), "{stderr}");
+    assert!(!stderr.contains("panicked"), "{stderr}");
+}

@@ -1,0 +1,159 @@
+//! Every limit and timeout the server enforces, with its default, in one place.
+
+use std::time::Duration;
+
+use relay_proto::{DEFAULT_MAX_FRAME_LEN, FRAME_HEADER_LEN, PRE_REGISTER_MAX_FRAME_LEN};
+
+/// Server limits. `Config::default()` gives the documented defaults; each has a command-line
+/// flag on `relay-server`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Config {
+    /// Largest frame body a registered client may send or be sent (default 64 KiB; a power of
+    /// two from 256 B to 16 MiB). A longer frame closes the connection with `FrameTooLarge`.
+    pub max_frame_len: usize,
+    /// Largest frame body accepted before a client has registered (default 1 KiB), so a socket
+    /// that sends one huge length header cannot make the server reserve a large buffer.
+    pub pre_register_max_frame_len: usize,
+    /// How long a new connection has to register (default 5 s).
+    pub register_timeout: Duration,
+    /// After this long without hearing from a client the server pings it (default 30 s).
+    pub ping_interval: Duration,
+    /// A client that sends nothing, not even a pong, for this long is disconnected and its
+    /// name freed (default 60 s). This bounds how long a dead peer holds its name.
+    pub idle_timeout: Duration,
+    /// Bytes of encoded frames that may wait to be written to one client (default 1 MiB).
+    /// A message that would overflow it is refused with `NotDelivered`.
+    pub outbox_bytes: usize,
+    /// A client whose socket accepts no bytes for this long while the server has data for it
+    /// is disconnected as a slow consumer (default 10 s).
+    pub write_timeout: Duration,
+    /// Most connections served at once (default 10,000). Further connections get `ServerFull`.
+    pub max_clients: usize,
+    /// On shutdown, how long clients get to receive what is queued for them and the shutdown
+    /// notice before their connections are dropped (default 5 s).
+    pub shutdown_timeout: Duration,
+}
+
+impl Default for Config {
+    fn default() -> Config {
+        Config {
+            max_frame_len: DEFAULT_MAX_FRAME_LEN,
+            pre_register_max_frame_len: PRE_REGISTER_MAX_FRAME_LEN,
+            register_timeout: Duration::from_secs(5),
+            ping_interval: Duration::from_secs(30),
+            idle_timeout: Duration::from_secs(60),
+            outbox_bytes: 1024 * 1024,
+            write_timeout: Duration::from_secs(10),
+            max_clients: 10_000,
+            shutdown_timeout: Duration::from_secs(5),
+        }
+    }
+}
+
+impl Config {
+    /// Checks that the limits make sense together.
+    ///
+    /// # Errors
+    /// A message naming the first bad setting.
+    pub fn validate(&self) -> Result<(), String> {
+        relay_proto::check_max_frame_len(self.max_frame_len)?;
+        relay_proto::check_max_frame_len(self.pre_register_max_frame_len)
+            .map_err(|e| format!("pre-register limit: {e}"))?;
+        if self.pre_register_max_frame_len > self.max_frame_len {
+            return Err("the pre-register frame limit must not exceed the frame limit".into());
+        }
+        if self.outbox_bytes < self.max_frame_len + FRAME_HEADER_LEN {
+            return Err(format!(
+                "the outbox ({} bytes) must hold at least one largest frame ({} bytes)",
+                self.outbox_bytes,
+                self.max_frame_len + FRAME_HEADER_LEN
+            ));
+        }
+        if self.max_clients == 0 {
+            return Err("max clients must be at least 1".into());
+        }
+        for (name, d) in [
+            ("register timeout", self.register_timeout),
+            ("ping interval", self.ping_interval),
+            ("idle timeout", self.idle_timeout),
+            ("write timeout", self.write_timeout),
+        ] {
+            if d.is_zero() {
+                return Err(format!("{name} must be more than zero"));
+            }
+        }
+        if self.ping_interval >= self.idle_timeout {
+            return Err("the ping interval must be shorter than the idle timeout".into());
+        }
+        Ok(())
+    }
+}
+
+/// Parses a duration written as a number with a unit: `500ms`, `5s`, `2m` (a bare number is
+/// seconds).
+///
+/// # Errors
+/// A message naming the accepted forms.
+pub fn parse_duration(text: &str) -> Result<Duration, String> {
+    let text = text.trim();
+    let split = text
+        .find(|c: char| !c.is_ascii_digit() && c != '.')
+        .unwrap_or(text.len());
+    let (number, unit) = text.split_at(split);
+    let value: f64 = number
+        .parse()
+        .map_err(|_| format!("'{text}' is not a duration like 500ms, 5s or 2m"))?;
+    let seconds = match unit {
+        "ms" => value / 1000.0,
+        "" | "s" => value,
+        "m" => value * 60.0,
+        _ => return Err(format!("'{text}' has an unknown unit; use ms, s or m")),
+    };
+    Duration::try_from_secs_f64(seconds).map_err(|e| format!("'{text}': {e}"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_are_valid() {
+        assert_eq!(Config::default().validate(), Ok(()));
+    }
+
+    #[test]
+    fn bad_settings_are_named() {
+        let bad = Config {
+            max_frame_len: 100_000,
+            ..Config::default()
+        };
+        assert!(bad.validate().unwrap_err().contains("power of two"));
+        let bad = Config {
+            outbox_bytes: 1000,
+            ..Config::default()
+        };
+        assert!(bad.validate().unwrap_err().contains("outbox"));
+        let bad = Config {
+            ping_interval: Duration::from_secs(90),
+            ..Config::default()
+        };
+        assert!(bad.validate().unwrap_err().contains("ping interval"));
+        let bad = Config {
+            max_clients: 0,
+            ..Config::default()
+        };
+        assert!(bad.validate().is_err());
+    }
+
+    #[test]
+    fn durations() {
+        assert_eq!(parse_duration("500ms"), Ok(Duration::from_millis(500)));
+        assert_eq!(parse_duration("5s"), Ok(Duration::from_secs(5)));
+        assert_eq!(parse_duration("5"), Ok(Duration::from_secs(5)));
+        assert_eq!(parse_duration("2m"), Ok(Duration::from_secs(120)));
+        assert_eq!(parse_duration("0.25s"), Ok(Duration::from_millis(250)));
+        assert!(parse_duration("soon").is_err());
+        assert!(parse_duration("5h").is_err());
+        assert!(parse_duration("").is_err());
+    }
+}

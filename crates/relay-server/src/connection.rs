@@ -1,0 +1,336 @@
+//! One client connection: registration, then reading the client's messages and acting on
+//! them, while the writer task sends what is queued for it.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use futures_util::StreamExt;
+use relay_proto::{Message, MessageCodec, ProtoError, Request, Status};
+use tokio::net::TcpStream;
+use tokio::net::tcp::OwnedReadHalf;
+use tokio::task::JoinHandle;
+use tokio::time::{Instant, timeout_at};
+use tokio_util::codec::FramedRead;
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, info, trace, warn};
+
+use crate::config::Config;
+use crate::outbox::{Outbox, PushError};
+use crate::router::{Claim, Router, Undelivered};
+use crate::writer::{self, WriteEnd};
+
+/// What every connection shares.
+#[derive(Debug)]
+pub(crate) struct Shared {
+    pub(crate) router: Arc<Router>,
+    pub(crate) config: Config,
+    /// Cancelled when the shutdown drain time runs out: writers stop at once.
+    pub(crate) hard_stop: CancellationToken,
+}
+
+/// Serves one client until it leaves, fails, or the server shuts down.
+pub(crate) async fn serve(
+    stream: TcpStream,
+    peer: SocketAddr,
+    shared: Arc<Shared>,
+    shutdown: CancellationToken,
+) {
+    // Frames are batched by the writer, so Nagle's algorithm would only add latency.
+    let _ = stream.set_nodelay(true);
+    let (read, write) = stream.into_split();
+    let config = &shared.config;
+    let outbox = Outbox::new(config.outbox_bytes);
+    let writer = tokio::spawn(writer::run(
+        write,
+        outbox.clone(),
+        config.max_frame_len,
+        config.write_timeout,
+        shared.hard_stop.clone(),
+    ));
+    let mut conn = Connection {
+        frames: FramedRead::with_capacity(
+            read,
+            MessageCodec::new(config.pre_register_max_frame_len),
+            1024,
+        ),
+        outbox: outbox.clone(),
+        peer,
+        shared: shared.clone(),
+        writer,
+        writer_end: None,
+    };
+    info!(%peer, "connected");
+    let last = conn.run(&shutdown).await;
+    // The name (if any) is already released: the claim lived inside `run`.
+    outbox.close(last);
+    let end = match conn.writer_end.take() {
+        Some(end) => end,
+        None => conn.writer.await.unwrap_or(WriteEnd::Aborted),
+    };
+    match end {
+        WriteEnd::Finished => debug!(%peer, "connection closed"),
+        WriteEnd::SlowConsumer => {
+            warn!(%peer, reason = %Status::SlowConsumer, "disconnected: client stopped reading")
+        }
+        WriteEnd::Aborted => debug!(%peer, "connection dropped at shutdown"),
+        WriteEnd::Failed(e) => debug!(%peer, error = %e, "connection lost while writing"),
+    }
+}
+
+struct Connection {
+    frames: FramedRead<OwnedReadHalf, MessageCodec>,
+    outbox: Outbox,
+    peer: SocketAddr,
+    shared: Arc<Shared>,
+    writer: JoinHandle<WriteEnd>,
+    /// Set once the writer task has finished (and been awaited).
+    writer_end: Option<WriteEnd>,
+}
+
+/// A session ends with an optional last message for the client (already marked closing).
+type Farewell = Option<Message>;
+
+fn closing(id: u64, status: Status, to: impl Into<String>, detail: impl Into<String>) -> Farewell {
+    Some(Message::reply(id, status, to, detail).closing())
+}
+
+fn shutting_down() -> Farewell {
+    closing(0, Status::ShuttingDown, "", "the server is shutting down")
+}
+
+impl Connection {
+    fn config(&self) -> &Config {
+        &self.shared.config
+    }
+
+    async fn run(&mut self, shutdown: &CancellationToken) -> Farewell {
+        let claim = match self.register(shutdown).await {
+            Ok(claim) => claim,
+            Err(farewell) => return farewell,
+        };
+        let farewell = self.chat(&claim, shutdown).await;
+        drop(claim);
+        farewell
+    }
+
+    /// Queues a message for this client. If its own outbox is full, the client is not reading
+    /// what it asked for: it is a slow consumer and the session ends.
+    fn reply(&self, msg: Message) -> Result<(), Farewell> {
+        match self.outbox.push(msg) {
+            Ok(()) => Ok(()),
+            Err((PushError::Full, _)) => {
+                warn!(peer = %self.peer, "disconnecting: client does not read its replies");
+                Err(closing(
+                    0,
+                    Status::SlowConsumer,
+                    "",
+                    "you are not reading your replies",
+                ))
+            }
+            Err((PushError::Closed, _)) => Err(None),
+        }
+    }
+
+    fn protocol_error(&self, e: ProtoError) -> Farewell {
+        match e.status() {
+            Some(status) => {
+                warn!(peer = %self.peer, error = %e, "protocol error; closing");
+                closing(0, status, "", e.to_string())
+            }
+            None => {
+                debug!(peer = %self.peer, error = %e, "connection lost");
+                None
+            }
+        }
+    }
+
+    /// Records that the writer ended on its own (the client stopped reading or vanished):
+    /// nothing more can be sent, so the session ends with no farewell.
+    fn writer_finished(&mut self, end: Result<WriteEnd, tokio::task::JoinError>) -> Farewell {
+        self.writer_end = Some(end.unwrap_or(WriteEnd::Aborted));
+        None
+    }
+
+    /// Registration phase: the first meaningful message must claim a name, within the
+    /// registration timeout.
+    async fn register(&mut self, shutdown: &CancellationToken) -> Result<Claim, Farewell> {
+        let deadline = Instant::now() + self.config().register_timeout;
+        loop {
+            let frame = tokio::select! {
+                () = shutdown.cancelled() => return Err(shutting_down()),
+                end = &mut self.writer, if self.writer_end.is_none() => {
+                    return Err(self.writer_finished(end));
+                }
+                frame = timeout_at(deadline, self.frames.next()) => match frame {
+                    Ok(frame) => frame,
+                    Err(_) => {
+                        info!(peer = %self.peer, "registration timed out");
+                        return Err(closing(
+                            0,
+                            Status::RegistrationTimeout,
+                            "",
+                            "register within the first few seconds",
+                        ));
+                    }
+                },
+            };
+            let msg = match frame {
+                None => {
+                    debug!(peer = %self.peer, "closed before registering");
+                    return Err(None);
+                }
+                Some(Err(e)) => return Err(self.protocol_error(e)),
+                Some(Ok(msg)) => msg,
+            };
+            match Request::parse(msg) {
+                Ok(Request::Register { id, name }) => {
+                    let router = self.shared.router.clone();
+                    let Ok(claim) = router.claim(&name, self.peer, self.outbox.clone()) else {
+                        info!(peer = %self.peer, %name, "name taken");
+                        let detail = format!("the name {name} is taken");
+                        return Err(closing(id, Status::NameTaken, name, detail));
+                    };
+                    self.reply(Message::reply(
+                        id,
+                        Status::Registered,
+                        name.clone(),
+                        "welcome",
+                    ))?;
+                    let max = self.config().max_frame_len;
+                    self.frames.decoder_mut().set_max_frame_len(max);
+                    info!(peer = %self.peer, %name, "registered");
+                    return Ok(claim);
+                }
+                Ok(Request::Ping { id }) => self.reply(Message::pong(id))?,
+                Ok(Request::Pong { .. }) => {}
+                Ok(Request::Offline { .. }) => return Err(None),
+                Ok(other) => {
+                    info!(peer = %self.peer, "message before registering; closing");
+                    return Err(closing(
+                        other.id(),
+                        Status::InvalidRequest,
+                        "",
+                        "register before sending anything else",
+                    ));
+                }
+                Err(rejection) => {
+                    info!(peer = %self.peer, status = %rejection.status, detail = %rejection.detail,
+                        "registration refused");
+                    return Err(Some(rejection.to_message().closing()));
+                }
+            }
+        }
+    }
+
+    /// Registered phase: act on each message until the client leaves or something ends the
+    /// session. Pings the client when it has been quiet, and drops it when it stays silent.
+    async fn chat(&mut self, claim: &Claim, shutdown: &CancellationToken) -> Farewell {
+        let name = claim.name().clone();
+        let ping_interval = self.config().ping_interval;
+        let idle_timeout = self.config().idle_timeout;
+        let mut last_heard = Instant::now();
+        let mut ping_id: u64 = 0;
+        let mut pinged = false;
+        // The timer is re-armed only when it fires, not on every message: reading a frame
+        // costs just the `last_heard` update.
+        let timer = tokio::time::sleep_until(last_heard + ping_interval);
+        tokio::pin!(timer);
+        loop {
+            let frame = tokio::select! {
+                () = shutdown.cancelled() => return shutting_down(),
+                end = &mut self.writer, if self.writer_end.is_none() => {
+                    return self.writer_finished(end);
+                }
+                () = &mut timer => {
+                    let silent = last_heard.elapsed();
+                    if silent >= idle_timeout {
+                        info!(peer = %self.peer, %name, "no answer to ping; disconnecting");
+                        return closing(0, Status::IdleTimeout, "", "no answer to ping");
+                    }
+                    if silent >= ping_interval && !pinged {
+                        pinged = true;
+                        ping_id += 1;
+                        trace!(peer = %self.peer, %name, "ping");
+                        if let Err(farewell) = self.reply(Message::ping(ping_id)) {
+                            return farewell;
+                        }
+                    }
+                    let next = if pinged { idle_timeout } else { ping_interval };
+                    timer.as_mut().reset(last_heard + next);
+                    continue;
+                }
+                frame = self.frames.next() => frame,
+            };
+            let msg = match frame {
+                None => {
+                    info!(peer = %self.peer, %name, "disconnected");
+                    return None;
+                }
+                Some(Err(e)) => return self.protocol_error(e),
+                Some(Ok(msg)) => msg,
+            };
+            last_heard = Instant::now();
+            pinged = false;
+            let outcome = match Request::parse(msg) {
+                Ok(Request::Send { id, to, content }) => self.send(&name, id, to, content),
+                Ok(Request::ListUsers { id }) => self.list_users(id),
+                Ok(Request::Ping { id }) => self.reply(Message::pong(id)),
+                Ok(Request::Pong { .. }) => Ok(()),
+                Ok(Request::Offline { .. }) => {
+                    info!(peer = %self.peer, %name, "offline");
+                    return None;
+                }
+                Ok(Request::Register { id, .. }) => self.reply(Message::reply(
+                    id,
+                    Status::InvalidRequest,
+                    "",
+                    format!("already registered as {name}"),
+                )),
+                Err(rejection) => {
+                    debug!(peer = %self.peer, %name, status = %rejection.status,
+                        detail = %rejection.detail, "request refused");
+                    self.reply(rejection.to_message())
+                }
+            };
+            if let Err(farewell) = outcome {
+                return farewell;
+            }
+        }
+    }
+
+    fn send(&self, name: &str, id: u64, to: String, content: bytes::Bytes) -> Result<(), Farewell> {
+        trace!(from = %name, %to, id, len = content.len(), "message");
+        let Err((why, to)) = self.shared.router.route(name, id, to, content) else {
+            return Ok(());
+        };
+        let reply = match why {
+            Undelivered::NotFound => {
+                debug!(from = %name, %to, id, "destination not found");
+                let detail = format!("{to} is not online");
+                Message::reply(id, Status::NotFound, to, detail)
+            }
+            Undelivered::ReceiverFull => {
+                debug!(from = %name, %to, id, "receiver not keeping up; message refused");
+                let detail = format!("{to} is not keeping up; the message was not delivered");
+                Message::reply(id, Status::NotDelivered, to, detail)
+            }
+            Undelivered::TooLarge => Message::reply(
+                id,
+                Status::FrameTooLarge,
+                to,
+                "the message is over the frame limit once the sender's name is added",
+            ),
+        };
+        self.reply(reply)
+    }
+
+    fn list_users(&self, id: u64) -> Result<(), Farewell> {
+        let users = self.shared.router.users();
+        let parts = Message::user_list(
+            id,
+            users.iter().map(|(name, addr)| (&**name, addr.to_string())),
+            self.config().max_frame_len,
+        );
+        parts.into_iter().try_for_each(|part| self.reply(part))
+    }
+}

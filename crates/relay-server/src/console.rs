@@ -1,0 +1,76 @@
+//! The operator console: commands typed on the server's standard input.
+
+use tokio::io::{AsyncBufRead, AsyncBufReadExt, AsyncWrite, AsyncWriteExt};
+use tokio_util::sync::CancellationToken;
+
+use crate::server::ServerHandle;
+
+const HELP: &str = "commands: EXIT (tell every client to shut down, then stop), \
+                    list (users online), help";
+
+/// Reads operator commands from `input` until `EXIT`, the end of input, or shutdown.
+///
+/// `EXIT` cancels `shutdown`, which makes the server tell every client to shut down and stop.
+/// The end of input (stdin closed, or not attached to anything) only ends the console: the
+/// server keeps serving, as it must under a service manager or in the background.
+///
+/// # Errors
+/// Only if writing to `output` fails.
+pub async fn run_console<R, W>(
+    input: R,
+    mut output: W,
+    server: ServerHandle,
+    shutdown: CancellationToken,
+) -> std::io::Result<()>
+where
+    R: AsyncBufRead + Unpin,
+    W: AsyncWrite + Unpin,
+{
+    let mut lines = input.lines();
+    loop {
+        let line = tokio::select! {
+            () = shutdown.cancelled() => return Ok(()),
+            line = lines.next_line() => line,
+        };
+        let line = match line {
+            Ok(Some(line)) => line,
+            Ok(None) => {
+                tracing::debug!("console input closed; serving until EXIT, SIGINT or SIGTERM");
+                return Ok(());
+            }
+            Err(e) => {
+                // Typically EIO: the server was started in the background of a shell (`&`)
+                // and may be brought to the foreground later. Serve on and try again.
+                tracing::debug!(error = %e, "console input unreadable for now");
+                tokio::select! {
+                    () = shutdown.cancelled() => return Ok(()),
+                    () = tokio::time::sleep(std::time::Duration::from_secs(1)) => continue,
+                }
+            }
+        };
+        let reply = match line.trim() {
+            "" => continue,
+            cmd if cmd.eq_ignore_ascii_case("exit") => {
+                let clients = server.online();
+                output
+                    .write_all(format!("shutting down; telling {clients} clients\n").as_bytes())
+                    .await?;
+                output.flush().await?;
+                shutdown.cancel();
+                return Ok(());
+            }
+            "list" | "users" => {
+                let users = server.users();
+                let mut text = format!("{} online\n", users.len());
+                for (name, addr) in users {
+                    text.push_str(&format!("{name} {addr}\n"));
+                }
+                text
+            }
+            "help" | "?" => format!("{HELP}\n"),
+            other => format!("unknown command '{other}'; {HELP}\n"),
+        };
+        output.write_all(reply.as_bytes()).await?;
+        output.flush().await?;
+    }
+}

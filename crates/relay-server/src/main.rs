@@ -1,0 +1,166 @@
+//! `relay-server`: parses flags, sets up logging, binds, and runs the server with the console
+//! and signals wired to shutdown.
+
+use std::io::IsTerminal;
+use std::net::IpAddr;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::Parser;
+use relay_server::{Config, Server, parse_duration, run_console};
+use tokio_util::sync::CancellationToken;
+use tracing_subscriber::EnvFilter;
+
+/// Relay chat server: clients register a name and message each other through it.
+/// Type EXIT on the console to tell every client to shut down and stop.
+#[derive(Debug, Parser)]
+#[command(version)]
+struct Args {
+    /// Address to listen on (all interfaces by default).
+    #[arg(long, default_value = "0.0.0.0")]
+    host: IpAddr,
+    /// Port to listen on; 0 picks a free one.
+    #[arg(long, short, default_value_t = 8080)]
+    port: u16,
+    /// More logging: -v for debug, -vv for trace. RUST_LOG overrides.
+    #[arg(short, long, action = clap::ArgAction::Count)]
+    verbose: u8,
+    /// Largest frame in bytes (a power of two, 256 to 16777216).
+    #[arg(long, default_value_t = Config::default().max_frame_len)]
+    max_frame: usize,
+    /// Most connections at once.
+    #[arg(long, default_value_t = Config::default().max_clients)]
+    max_clients: usize,
+    /// Bytes that may wait to be written to one client before messages to it are refused.
+    #[arg(long, default_value_t = Config::default().outbox_bytes)]
+    outbox_bytes: usize,
+    /// Time a new connection has to register (e.g. 5s, 500ms).
+    #[arg(long, default_value = "5s", value_parser = parse_duration)]
+    register_timeout: Duration,
+    /// Quiet time after which a client is pinged.
+    #[arg(long, default_value = "30s", value_parser = parse_duration)]
+    ping_interval: Duration,
+    /// Silence after which a client is disconnected and its name freed.
+    #[arg(long, default_value = "60s", value_parser = parse_duration)]
+    idle_timeout: Duration,
+    /// Time a client may accept no bytes while data waits for it before it is dropped.
+    #[arg(long, default_value = "10s", value_parser = parse_duration)]
+    write_timeout: Duration,
+    /// On shutdown, time clients get to receive what is queued and the shutdown notice.
+    #[arg(long, default_value = "5s", value_parser = parse_duration)]
+    shutdown_timeout: Duration,
+}
+
+impl Args {
+    fn config(&self) -> Config {
+        Config {
+            max_frame_len: self.max_frame,
+            max_clients: self.max_clients,
+            outbox_bytes: self.outbox_bytes,
+            register_timeout: self.register_timeout,
+            ping_interval: self.ping_interval,
+            idle_timeout: self.idle_timeout,
+            write_timeout: self.write_timeout,
+            shutdown_timeout: self.shutdown_timeout,
+            ..Config::default()
+        }
+    }
+}
+
+fn main() -> ExitCode {
+    let args = Args::parse();
+    init_logging(args.verbose);
+    keep_serving_in_the_background();
+    let runtime = match tokio::runtime::Runtime::new() {
+        Ok(rt) => rt,
+        Err(e) => return fail(&format!("cannot start the runtime: {e}")),
+    };
+    let result = runtime.block_on(serve(args));
+    // The console's stdin read may still be blocked in a thread; do not wait for it.
+    runtime.shutdown_background();
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(message) => fail(&message),
+    }
+}
+
+fn fail(message: &str) -> ExitCode {
+    eprintln!("relay-server: {message}");
+    ExitCode::FAILURE
+}
+
+async fn serve(args: Args) -> Result<(), String> {
+    let config = args.config();
+    config.validate()?;
+    let listener = tokio::net::TcpListener::bind((args.host, args.port))
+        .await
+        .map_err(|e| format!("cannot listen on {}:{}: {e}", args.host, args.port))?;
+    let server = Server::new(listener, config).map_err(|e| e.to_string())?;
+    let addr = server.local_addr().map_err(|e| e.to_string())?;
+    tracing::info!("listening on {addr}");
+
+    let shutdown = CancellationToken::new();
+    let console = tokio::spawn(run_console(
+        tokio::io::BufReader::new(tokio::io::stdin()),
+        tokio::io::stdout(),
+        server.handle(),
+        shutdown.clone(),
+    ));
+    tokio::spawn(on_signal(shutdown.clone()));
+    server.run(shutdown).await;
+    console.abort();
+    Ok(())
+}
+
+/// Cancels `shutdown` on SIGINT or SIGTERM.
+async fn on_signal(shutdown: CancellationToken) {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{SignalKind, signal};
+        match signal(SignalKind::terminate()) {
+            Ok(mut term) => {
+                tokio::select! {
+                    _ = tokio::signal::ctrl_c() => tracing::info!("SIGINT received"),
+                    _ = term.recv() => tracing::info!("SIGTERM received"),
+                }
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot watch SIGTERM; watching SIGINT only");
+                let _ = tokio::signal::ctrl_c().await;
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = tokio::signal::ctrl_c().await;
+    }
+    shutdown.cancel();
+}
+
+/// A process started with `&` from an interactive shell is stopped (SIGTTIN) when it reads
+/// the terminal. Ignoring SIGTTIN turns that read into an error instead, which the console
+/// treats as "no input for now", so the server keeps serving in the background and the console
+/// works again after `fg`.
+fn keep_serving_in_the_background() {
+    #[cfg(unix)]
+    // SAFETY: setting a signal's disposition to SIG_IGN installs no handler code; it is done
+    // before any other thread exists.
+    #[allow(unsafe_code)]
+    unsafe {
+        libc::signal(libc::SIGTTIN, libc::SIG_IGN);
+    }
+}
+
+fn init_logging(verbose: u8) {
+    let default = match verbose {
+        0 => "info",
+        1 => "debug",
+        _ => "trace",
+    };
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal())
+        .init();
+}

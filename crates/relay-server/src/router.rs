@@ -1,0 +1,121 @@
+//! The routing seam: the only place that decides where a message goes and who owns a name.
+//!
+//! Connection handling talks to [`Router`] alone: it claims a name, routes messages, lists
+//! users. Today every route is local (the in-memory [`Registry`]); a cluster mode adds remote
+//! routes and broker-backed name claims here without touching connection code.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use bytes::Bytes;
+use relay_proto::{Destination, Message, encoded_len, parse_destination};
+
+use crate::outbox::{Outbox, PushError};
+use crate::registry::{NameTaken, Registry};
+
+/// Why a message was not delivered.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Undelivered {
+    /// Nobody by that name or address is online.
+    NotFound,
+    /// The receiver's outbox is full: it is not keeping up. Nothing was queued.
+    ReceiverFull,
+    /// The message would be over the frame limit once the sender's name is stamped on it.
+    TooLarge,
+}
+
+/// Routes messages between registered clients.
+#[derive(Debug)]
+pub(crate) struct Router {
+    registry: Registry,
+    max_frame_len: usize,
+}
+
+/// A registered name, held by its connection. Dropping it frees the name, so every way a
+/// connection can end (offline, error, disconnect, shutdown) unregisters it.
+#[derive(Debug)]
+pub(crate) struct Claim {
+    router: Arc<Router>,
+    name: Arc<str>,
+    token: u64,
+}
+
+impl Claim {
+    /// The registered name.
+    pub(crate) fn name(&self) -> &Arc<str> {
+        &self.name
+    }
+}
+
+impl Drop for Claim {
+    fn drop(&mut self) {
+        self.router.registry.remove(&self.name, self.token);
+    }
+}
+
+impl Router {
+    pub(crate) fn new(max_frame_len: usize) -> Router {
+        Router {
+            registry: Registry::default(),
+            max_frame_len,
+        }
+    }
+
+    /// Claims `name` for the connection at `addr`, whose outbox receives its messages.
+    pub(crate) fn claim(
+        self: &Arc<Self>,
+        name: &str,
+        addr: SocketAddr,
+        outbox: Outbox,
+    ) -> Result<Claim, NameTaken> {
+        let (name, token) = self.registry.insert(name, addr, outbox)?;
+        Ok(Claim {
+            router: self.clone(),
+            name,
+            token,
+        })
+    }
+
+    /// Routes a message from the client registered as `from` to `to` (a name or an
+    /// `ip:port`), stamping `from` on it. Never waits.
+    ///
+    /// On failure, gives back the destination so the reply can name it.
+    pub(crate) fn route(
+        &self,
+        from: &str,
+        id: u64,
+        to: String,
+        content: Bytes,
+    ) -> Result<(), (Undelivered, String)> {
+        let msg = Message::deliver(id, from, to, content);
+        if encoded_len(&msg) > self.max_frame_len {
+            return Err((Undelivered::TooLarge, msg.to));
+        }
+        // Clone the receiver's outbox handle and push after the read lock is released, so
+        // the registry lock is held only for the lookup.
+        let outbox = match parse_destination(&msg.to) {
+            Ok(Destination::Name(name)) => self.registry.with_name(name, |e| e.outbox.clone()),
+            Ok(Destination::Addr(addr)) => self.registry.with_addr(addr, |_, e| e.outbox.clone()),
+            Err(_) => None,
+        };
+        let Some(outbox) = outbox else {
+            return Err((Undelivered::NotFound, msg.to));
+        };
+        match outbox.push(msg) {
+            Ok(()) => Ok(()),
+            Err((PushError::Full, msg)) => Err((Undelivered::ReceiverFull, msg.to)),
+            // The receiver is closing: as far as the sender is concerned it is gone.
+            Err((PushError::Closed, msg)) => Err((Undelivered::NotFound, msg.to)),
+        }
+    }
+
+    /// Everyone online as `(name, address)`, sorted by name.
+    pub(crate) fn users(&self) -> Vec<(Arc<str>, SocketAddr)> {
+        self.registry.list()
+    }
+
+    /// How many names are registered.
+    pub(crate) fn online(&self) -> usize {
+        self.registry.len()
+    }
+}

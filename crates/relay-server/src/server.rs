@@ -1,0 +1,221 @@
+//! The accept loop: admits connections up to the cap, spawns a task for each, and on
+//! shutdown lets every client receive what is queued plus the shutdown notice, for a bounded
+//! time.
+
+use std::io;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::BytesMut;
+use relay_proto::{Message, MessageCodec, Status};
+use tokio::io::AsyncWriteExt;
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::Semaphore;
+use tokio_util::codec::Encoder;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::{debug, info, warn};
+
+use crate::config::Config;
+use crate::connection::{self, Shared};
+use crate::router::Router;
+
+/// A relay server bound to a listener, ready to [`run`](Server::run).
+///
+/// ```no_run
+/// # async fn example() -> Result<(), Box<dyn std::error::Error>> {
+/// use relay_server::{Config, Server};
+/// use tokio_util::sync::CancellationToken;
+///
+/// let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+/// let server = Server::new(listener, Config::default())?;
+/// println!("listening on {}", server.local_addr()?);
+/// let shutdown = CancellationToken::new();
+/// server.run(shutdown).await;
+/// # Ok(())
+/// # }
+/// ```
+#[derive(Debug)]
+pub struct Server {
+    listener: TcpListener,
+    shared: Arc<Shared>,
+    slots: Arc<Semaphore>,
+}
+
+/// A cheap handle for looking at a running server (the console and tests use it).
+#[derive(Clone, Debug)]
+pub struct ServerHandle {
+    shared: Arc<Shared>,
+    slots: Arc<Semaphore>,
+}
+
+impl ServerHandle {
+    /// The registered users, as `(name, address)`, sorted by name.
+    pub fn users(&self) -> Vec<(String, SocketAddr)> {
+        self.shared
+            .router
+            .users()
+            .into_iter()
+            .map(|(n, a)| (n.to_string(), a))
+            .collect()
+    }
+
+    /// How many names are registered.
+    pub fn online(&self) -> usize {
+        self.shared.router.online()
+    }
+
+    /// How many connections are open (registered or not).
+    pub fn connections(&self) -> usize {
+        self.shared.config.max_clients - self.slots.available_permits()
+    }
+}
+
+/// The configuration was refused.
+#[derive(Debug, thiserror::Error)]
+#[error("invalid configuration: {0}")]
+pub struct ConfigError(pub String);
+
+impl Server {
+    /// Wraps an already-bound listener (bind port 0 in tests).
+    ///
+    /// # Errors
+    /// [`ConfigError`] if `config` fails [`Config::validate`].
+    pub fn new(listener: TcpListener, config: Config) -> Result<Server, ConfigError> {
+        config.validate().map_err(ConfigError)?;
+        let slots = Arc::new(Semaphore::new(config.max_clients));
+        let shared = Arc::new(Shared {
+            router: Arc::new(Router::new(config.max_frame_len)),
+            config,
+            hard_stop: CancellationToken::new(),
+        });
+        Ok(Server {
+            listener,
+            shared,
+            slots,
+        })
+    }
+
+    /// The address the server listens on.
+    ///
+    /// # Errors
+    /// If the socket cannot report it.
+    pub fn local_addr(&self) -> io::Result<SocketAddr> {
+        self.listener.local_addr()
+    }
+
+    /// A handle for inspecting the server while it runs.
+    pub fn handle(&self) -> ServerHandle {
+        ServerHandle {
+            shared: self.shared.clone(),
+            slots: self.slots.clone(),
+        }
+    }
+
+    /// Serves clients until `shutdown` is cancelled, then tells every client the server is
+    /// shutting down, gives them [`Config::shutdown_timeout`] to receive it, and returns.
+    pub async fn run(self, shutdown: CancellationToken) {
+        let tracker = TaskTracker::new();
+        let mut backoff = Duration::from_millis(10);
+        loop {
+            let accepted = tokio::select! {
+                () = shutdown.cancelled() => break,
+                accepted = self.listener.accept() => accepted,
+            };
+            match accepted {
+                Ok((stream, peer)) => {
+                    backoff = Duration::from_millis(10);
+                    self.admit(&tracker, stream, peer, &shutdown);
+                }
+                Err(e) if is_per_connection(&e) => {
+                    debug!(error = %e, "accept failed for one connection")
+                }
+                Err(e) => {
+                    // Typically out of file descriptors: wait for some to be released rather
+                    // than spin or exit.
+                    warn!(error = %e, retry_in = ?backoff, "accept failed");
+                    tokio::select! {
+                        () = shutdown.cancelled() => break,
+                        () = tokio::time::sleep(backoff) => {}
+                    }
+                    backoff = (backoff * 2).min(Duration::from_secs(1));
+                }
+            }
+        }
+        let handle = self.handle();
+        // Stop accepting: new connections are refused by the OS from here on.
+        drop(self.listener);
+        let open = handle.connections();
+        info!(clients = open, "shutting down");
+        tracker.close();
+        if tokio::time::timeout(self.shared.config.shutdown_timeout, tracker.wait())
+            .await
+            .is_err()
+        {
+            warn!(
+                remaining = handle.connections(),
+                "clients did not finish in time; dropping their connections"
+            );
+            self.shared.hard_stop.cancel();
+            tracker.wait().await;
+        }
+        info!("shut down");
+    }
+
+    fn admit(
+        &self,
+        tracker: &TaskTracker,
+        stream: TcpStream,
+        peer: SocketAddr,
+        shutdown: &CancellationToken,
+    ) {
+        match self.slots.clone().try_acquire_owned() {
+            Ok(slot) => {
+                let shared = self.shared.clone();
+                let shutdown = shutdown.clone();
+                tracker.spawn(async move {
+                    connection::serve(stream, peer, shared, shutdown).await;
+                    drop(slot);
+                });
+            }
+            Err(_) => {
+                warn!(%peer, max = self.shared.config.max_clients, "server full; refusing connection");
+                tracker.spawn(refuse_full(stream));
+            }
+        }
+    }
+}
+
+/// Errors from `accept` that concern one connection only, not the listener.
+fn is_per_connection(e: &io::Error) -> bool {
+    matches!(
+        e.kind(),
+        io::ErrorKind::ConnectionAborted
+            | io::ErrorKind::ConnectionReset
+            | io::ErrorKind::Interrupted
+            | io::ErrorKind::WouldBlock
+    )
+}
+
+/// Tells a connection over the cap why it is refused, briefly, and closes it.
+async fn refuse_full(mut stream: TcpStream) {
+    let msg = Message::reply(
+        0,
+        Status::ServerFull,
+        "",
+        "the server is at its connection limit",
+    )
+    .closing();
+    let mut buf = BytesMut::new();
+    if MessageCodec::new(relay_proto::PRE_REGISTER_MAX_FRAME_LEN)
+        .encode(&msg, &mut buf)
+        .is_ok()
+    {
+        let _ = tokio::time::timeout(Duration::from_secs(1), async {
+            stream.write_all(&buf).await?;
+            stream.shutdown().await
+        })
+        .await;
+    }
+}

@@ -1,0 +1,409 @@
+//! The core relay behaviour, driven in-process through the client library: registration,
+//! routing by name and address, not found, going offline, ordering, operator shutdown.
+
+mod common;
+
+use bytes::Bytes;
+use common::{RawPeer, TestServer, WAIT, next_event, next_message, wait_until, within};
+use relay_client::{Client, ConnectError, Event};
+use relay_proto::{Message, ServerEvent, Status};
+
+#[tokio::test]
+async fn register_is_acknowledged_and_listed() {
+    let server = TestServer::start().await;
+    let (alice, _events) = server.connect("alice").await;
+    assert_eq!(alice.name(), "alice");
+    let users = server.handle.users();
+    assert_eq!(users, vec![("alice".to_string(), alice.local_addr())]);
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn a_taken_name_is_refused_and_the_owner_keeps_it() {
+    let server = TestServer::start().await;
+    let (alice, mut alice_events) = server.connect("alice").await;
+    let second = within(Client::connect(&server.url(), "alice")).await;
+    assert!(matches!(second, Err(ConnectError::NameTaken { ref name }) if name == "alice"));
+    // The first alice still receives messages.
+    let (bob, _bob_events) = server.connect("bob").await;
+    bob.send("alice", "still yours").await.unwrap();
+    assert_eq!(
+        next_message(&mut alice_events).await,
+        ("bob".into(), "still yours".into())
+    );
+    assert_eq!(
+        server.handle.users()[0],
+        ("alice".to_string(), alice.local_addr())
+    );
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn of_50_concurrent_registrations_of_one_name_exactly_one_wins() {
+    let server = TestServer::start().await;
+    let url = server.url();
+    let attempts: Vec<_> = (0..50)
+        .map(|_| {
+            let url = url.clone();
+            tokio::spawn(async move { Client::connect(&url, "popular").await })
+        })
+        .collect();
+    let mut winners = Vec::new();
+    let mut taken = 0;
+    for attempt in attempts {
+        match within(attempt).await.unwrap() {
+            Ok(client) => winners.push(client),
+            Err(ConnectError::NameTaken { .. }) => taken += 1,
+            Err(e) => panic!("unexpected error: {e}"),
+        }
+    }
+    assert_eq!((winners.len(), taken), (1, 49));
+    assert_eq!(server.handle.online(), 1);
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn messages_are_routed_by_name_and_by_address() {
+    let server = TestServer::start().await;
+    let (alice, _alice_events) = server.connect("alice").await;
+    let (bob, mut bob_events) = server.connect("bob").await;
+
+    alice.send("bob", "by name").await.unwrap();
+    assert_eq!(
+        next_message(&mut bob_events).await,
+        ("alice".into(), "by name".into())
+    );
+
+    let bob_addr = bob.local_addr().to_string();
+    let id = alice.send(&bob_addr, "by address").await.unwrap();
+    match next_event(&mut bob_events).await {
+        Event::Message {
+            id: got,
+            from,
+            content,
+        } => {
+            assert_eq!(
+                (got, from.as_str(), &content[..]),
+                (id, "alice", &b"by address"[..])
+            );
+        }
+        other => panic!("{other:?}"),
+    }
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn binary_content_arrives_intact() {
+    let server = TestServer::start().await;
+    let (alice, _a) = server.connect("alice").await;
+    let (_bob, mut bob_events) = server.connect("bob").await;
+    let content: Vec<u8> = (0..=255).collect();
+    alice.send("bob", content.clone()).await.unwrap();
+    match next_event(&mut bob_events).await {
+        Event::Message { content: got, .. } => assert_eq!(got, Bytes::from(content)),
+        other => panic!("{other:?}"),
+    }
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn an_unknown_destination_gets_not_found_with_the_message_id() {
+    let server = TestServer::start().await;
+    let (alice, mut events) = server.connect("alice").await;
+    let first = alice.send("nobody", "hello?").await.unwrap();
+    let second = alice.send("127.0.0.1:1", "anyone?").await.unwrap();
+    assert_ne!(first, second);
+    assert_eq!(
+        next_event(&mut events).await,
+        Event::NotFound {
+            id: first,
+            to: "nobody".into()
+        }
+    );
+    assert_eq!(
+        next_event(&mut events).await,
+        Event::NotFound {
+            id: second,
+            to: "127.0.0.1:1".into()
+        }
+    );
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn going_offline_frees_the_name_at_once() {
+    let server = TestServer::start().await;
+    let (alice, _events) = server.connect("alice").await;
+    let (bob, mut bob_events) = server.connect("bob").await;
+    within(alice.offline()).await.unwrap();
+    assert!(alice.is_closed());
+    // `offline` returns after the server closed the session, so the name is already free.
+    assert!(!server.handle.users().iter().any(|(n, _)| n == "alice"));
+    let id = bob.send("alice", "gone?").await.unwrap();
+    assert_eq!(
+        next_event(&mut bob_events).await,
+        Event::NotFound {
+            id,
+            to: "alice".into()
+        }
+    );
+    let (again, _e) = server.connect("alice").await;
+    assert_eq!(again.name(), "alice");
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn an_abrupt_disconnect_frees_the_name() {
+    let server = TestServer::start().await;
+    let peer = RawPeer::register(server.addr, "carol").await;
+    assert_eq!(server.handle.online(), 1);
+    drop(peer);
+    server.wait_until_gone("carol").await;
+    let (carol, _e) = server.connect("carol").await;
+    assert_eq!(carol.name(), "carol");
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn a_thousand_messages_arrive_in_order() {
+    let server = TestServer::start().await;
+    let (alice, _a) = server.connect("alice").await;
+    let (_bob, mut bob_events) = server.connect("bob").await;
+    let sender = tokio::spawn(async move {
+        for i in 0..1000u32 {
+            alice.send("bob", i.to_string()).await.unwrap();
+        }
+        alice
+    });
+    for i in 0..1000u32 {
+        assert_eq!(
+            next_message(&mut bob_events).await,
+            ("alice".into(), i.to_string())
+        );
+    }
+    within(sender).await.unwrap();
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn users_are_listed_with_addresses() {
+    let server = TestServer::start().await;
+    let (alice, mut events) = server.connect("alice").await;
+    let (bob, _b) = server.connect("bob").await;
+    let id = alice.list_users().await.unwrap();
+    match next_event(&mut events).await {
+        Event::Users { id: got, users } => {
+            assert_eq!(got, id);
+            let listed: Vec<_> = users
+                .iter()
+                .map(|u| (u.name.as_str(), u.addr.clone()))
+                .collect();
+            assert_eq!(
+                listed,
+                vec![
+                    ("alice", alice.local_addr().to_string()),
+                    ("bob", bob.local_addr().to_string())
+                ]
+            );
+        }
+        other => panic!("{other:?}"),
+    }
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn exit_reaches_50_clients_and_each_one_ends() {
+    let server = TestServer::start().await;
+    let mut clients = Vec::new();
+    for i in 0..50 {
+        clients.push(server.connect(&format!("user{i}")).await);
+    }
+    assert_eq!(server.handle.online(), 50);
+    server.shutdown.cancel();
+    for (client, mut events) in clients {
+        assert!(matches!(
+            next_event(&mut events).await,
+            Event::ServerShutdown { .. }
+        ));
+        assert_eq!(
+            within(events.next()).await,
+            None,
+            "{} got more events",
+            client.name()
+        );
+        wait_until(|| client.is_closed()).await;
+    }
+    within(server.task).await.unwrap();
+}
+
+#[tokio::test]
+async fn from_is_stamped_by_the_server() {
+    let server = TestServer::start().await;
+    let (_bob, mut bob_events) = server.connect("bob").await;
+    let mut mallory = RawPeer::register(server.addr, "mallory").await;
+    let mut spoofed = Message::send(5, "bob", "it's me, alice");
+    spoofed.from = "alice".into();
+    mallory.send(spoofed).await;
+    assert_eq!(
+        next_message(&mut bob_events).await,
+        ("mallory".into(), "it's me, alice".into())
+    );
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn invalid_requests_get_typed_errors_and_the_session_goes_on() {
+    let server = TestServer::start().await;
+    let (_bob, mut bob_events) = server.connect("bob").await;
+    let mut peer = RawPeer::register(server.addr, "mallory").await;
+
+    peer.send(Message::register(2, "mallory2")).await;
+    assert!(matches!(
+        peer.recv().await,
+        Some(ServerEvent::Reply {
+            id: 2,
+            status: Status::InvalidRequest,
+            closing: false,
+            ..
+        })
+    ));
+    let mut addressed_exit = Message::offline(3);
+    addressed_exit.to = "bob".into();
+    peer.send(addressed_exit).await;
+    assert!(matches!(
+        peer.recv().await,
+        Some(ServerEvent::Reply {
+            id: 3,
+            status: Status::InvalidRequest,
+            closing: false,
+            ..
+        })
+    ));
+    peer.send(Message::send(4, "not a name", "x")).await;
+    assert!(matches!(
+        peer.recv().await,
+        Some(ServerEvent::Reply {
+            id: 4,
+            status: Status::InvalidName,
+            closing: false,
+            ..
+        })
+    ));
+    peer.send(Message::reply(5, Status::Registered, "", ""))
+        .await;
+    assert!(matches!(
+        peer.recv().await,
+        Some(ServerEvent::Reply {
+            id: 5,
+            status: Status::InvalidRequest,
+            ..
+        })
+    ));
+    // Still registered, bob still online: the exit flag only ever ends mallory's session.
+    peer.send(Message::send(6, "bob", "still here")).await;
+    assert_eq!(
+        next_message(&mut bob_events).await,
+        ("mallory".into(), "still here".into())
+    );
+    assert_eq!(server.handle.online(), 2);
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn registration_errors_are_typed_and_close_the_connection() {
+    let server = TestServer::start().await;
+    // Sending before registering.
+    let mut peer = RawPeer::connect(server.addr).await;
+    peer.send(Message::send(1, "bob", "hi")).await;
+    assert_eq!(peer.closing_status().await, Some(Status::InvalidRequest));
+    // A bad name, sent raw so the client library's own check is bypassed.
+    let mut peer = RawPeer::connect(server.addr).await;
+    peer.send(Message::register(1, "two words")).await;
+    assert_eq!(peer.closing_status().await, Some(Status::InvalidName));
+    // Another protocol version.
+    let mut peer = RawPeer::connect(server.addr).await;
+    let mut future = Message::register(1, "zed");
+    future.version = 99;
+    peer.send(future).await;
+    assert_eq!(
+        peer.closing_status().await,
+        Some(Status::UnsupportedVersion)
+    );
+    assert_eq!(server.handle.online(), 0);
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn garbage_and_oversized_frames_drop_only_their_sender() {
+    let server = TestServer::start().await;
+    let (alice, _a) = server.connect("alice").await;
+    let (_bob, mut bob_events) = server.connect("bob").await;
+
+    let mut garbage = RawPeer::register(server.addr, "garbage").await;
+    garbage
+        .send_raw(&[0, 0, 0, 6, 0xde, 0xad, 0xbe, 0xef, 0xff, 0xff])
+        .await;
+    assert_eq!(garbage.closing_status().await, Some(Status::Malformed));
+
+    let mut oversized = RawPeer::register(server.addr, "oversized").await;
+    oversized.send_raw(&[0x7f, 0xff, 0xff, 0xff]).await;
+    assert_eq!(
+        oversized.closing_status().await,
+        Some(Status::FrameTooLarge)
+    );
+
+    server.wait_until_gone("garbage").await;
+    server.wait_until_gone("oversized").await;
+    alice.send("bob", "unaffected").await.unwrap();
+    assert_eq!(
+        next_message(&mut bob_events).await,
+        ("alice".into(), "unaffected".into())
+    );
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn console_exit_shuts_the_server_down_and_end_of_input_does_not() {
+    let server = TestServer::start().await;
+    let (_alice, mut events) = server.connect("alice").await;
+
+    // End of input: the console returns, the server keeps serving.
+    let mut out = Vec::new();
+    relay_server::run_console(
+        &b"help\nlist\n"[..],
+        &mut out,
+        server.handle.clone(),
+        server.shutdown.clone(),
+    )
+    .await
+    .unwrap();
+    let out = String::from_utf8(out).unwrap();
+    assert!(out.contains("EXIT"), "{out}");
+    assert!(
+        out.contains("1 online") && out.contains("alice 127.0.0.1:"),
+        "{out}"
+    );
+    assert!(!server.shutdown.is_cancelled());
+
+    let mut out = Vec::new();
+    relay_server::run_console(
+        &b"bogus\nEXIT\nlist\n"[..],
+        &mut out,
+        server.handle.clone(),
+        server.shutdown.clone(),
+    )
+    .await
+    .unwrap();
+    let out = String::from_utf8(out).unwrap();
+    assert!(out.contains("unknown command 'bogus'"), "{out}");
+    assert!(out.contains("shutting down"), "{out}");
+    assert!(server.shutdown.is_cancelled());
+    assert!(matches!(
+        next_event(&mut events).await,
+        Event::ServerShutdown { .. }
+    ));
+    tokio::time::timeout(WAIT, server.task)
+        .await
+        .unwrap()
+        .unwrap();
+}
