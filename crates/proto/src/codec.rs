@@ -33,10 +33,7 @@ impl MessageCodec {
             .big_endian()
             .max_frame_length(max_frame_len)
             .new_codec();
-        MessageCodec {
-            frames,
-            max_frame_len,
-        }
+        MessageCodec { frames, max_frame_len }
     }
 
     /// The current maximum frame body length.
@@ -52,8 +49,7 @@ impl MessageCodec {
 }
 
 fn is_over_limit(e: &std::io::Error) -> bool {
-    e.get_ref()
-        .is_some_and(|inner| inner.is::<LengthDelimitedCodecError>())
+    e.get_ref().is_some_and(|inner| inner.is::<LengthDelimitedCodecError>())
 }
 
 fn clamp(len: usize) -> usize {
@@ -75,10 +71,7 @@ impl Decoder for MessageCodec {
                     Some(mut header) => u64::from(header.get_u32()),
                     None => 0,
                 };
-                Err(ProtoError::FrameTooLarge {
-                    len,
-                    max: self.max_frame_len,
-                })
+                Err(ProtoError::FrameTooLarge { len, max: self.max_frame_len })
             }
             Err(e) => Err(e.into()),
         }
@@ -88,9 +81,7 @@ impl Decoder for MessageCodec {
         match self.decode(src)? {
             Some(msg) => Ok(Some(msg)),
             None if src.is_empty() => Ok(None),
-            None => Err(ProtoError::Truncated {
-                buffered: src.len(),
-            }),
+            None => Err(ProtoError::Truncated { buffered: src.len() }),
         }
     }
 }
@@ -113,10 +104,7 @@ impl Encoder<&Message> for MessageCodec {
         };
         if len > self.max_frame_len {
             dst.truncate(start);
-            return Err(ProtoError::FrameTooLarge {
-                len: len as u64,
-                max: self.max_frame_len,
-            });
+            return Err(ProtoError::FrameTooLarge { len: len as u64, max: self.max_frame_len });
         }
         // `len` fits in u32: it is at most the frame limit, itself at most 16 MiB.
         let header = u32::try_from(len).unwrap_or(u32::MAX).to_be_bytes();
@@ -141,9 +129,7 @@ mod tests {
 
     fn frame(msg: &Message) -> BytesMut {
         let mut buf = BytesMut::new();
-        MessageCodec::new(crate::DEFAULT_MAX_FRAME_LEN)
-            .encode(msg, &mut buf)
-            .unwrap();
+        MessageCodec::new(crate::DEFAULT_MAX_FRAME_LEN).encode(msg, &mut buf).unwrap();
         buf
     }
 
@@ -174,9 +160,7 @@ mod tests {
         let mut body = BytesMut::new();
         encode_body(&msg, &mut body).unwrap();
         let mut expected = BytesMut::new();
-        LengthDelimitedCodec::new()
-            .encode(body.freeze(), &mut expected)
-            .unwrap();
+        LengthDelimitedCodec::new().encode(body.freeze(), &mut expected).unwrap();
         assert_eq!(frame(&msg), expected);
     }
 
@@ -223,13 +207,7 @@ mod tests {
         let mut buf = BytesMut::new();
         buf.put_u32(max as u32 + 1);
         let err = codec.decode(&mut buf).unwrap_err();
-        assert!(matches!(
-            err,
-            ProtoError::FrameTooLarge {
-                len: 1025,
-                max: 1024
-            }
-        ));
+        assert!(matches!(err, ProtoError::FrameTooLarge { len: 1025, max: 1024 }));
         assert_eq!(err.status(), Some(crate::Status::FrameTooLarge));
     }
 
@@ -268,10 +246,7 @@ mod tests {
         let mut codec = MessageCodec::new(1024);
         let full = frame(&Message::ping(1));
         let mut buf = BytesMut::from(&full[..full.len() - 1]);
-        assert!(matches!(
-            codec.decode_eof(&mut buf),
-            Err(ProtoError::Truncated { .. })
-        ));
+        assert!(matches!(codec.decode_eof(&mut buf), Err(ProtoError::Truncated { .. })));
         let mut empty = BytesMut::new();
         assert_eq!(codec.decode_eof(&mut empty).unwrap(), None);
     }

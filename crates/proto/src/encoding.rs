@@ -18,9 +18,8 @@ use crate::limits::MAX_FRAME_LEN_CEILING;
 use crate::message::Message;
 
 /// The wire configuration, without its limit (added per decode).
-const WIRE: Configuration<LittleEndian, Fixint, NoLimit> = config::standard()
-    .with_little_endian()
-    .with_fixed_int_encoding();
+const WIRE: Configuration<LittleEndian, Fixint, NoLimit> =
+    config::standard().with_little_endian().with_fixed_int_encoding();
 
 /// Smallest decode limit used; tiny bodies share it.
 const MIN_DECODE_LIMIT: usize = 64;
@@ -147,22 +146,14 @@ mod tests {
         body.extend_from_slice(&[0, 0]);
         body.extend_from_slice(&(1u64 << 40).to_le_bytes());
         let err = decode_body(&body).unwrap_err();
-        assert!(
-            matches!(err, ProtoError::Malformed(ref m) if m.contains("claims")),
-            "{err}"
-        );
+        assert!(matches!(err, ProtoError::Malformed(ref m) if m.contains("claims")), "{err}");
     }
 
     #[test]
     fn trailing_bytes_are_rejected() {
         let mut body = encode(&Message::ping(1));
         body.extend_from_slice(&[0]);
-        assert!(
-            decode_body(&body)
-                .unwrap_err()
-                .to_string()
-                .contains("trailing")
-        );
+        assert!(decode_body(&body).unwrap_err().to_string().contains("trailing"));
     }
 
     #[test]
@@ -172,12 +163,7 @@ mod tests {
         let mut body = encode(&msg).to_vec();
         // `to` starts after version 2 + id 8 + kind 4 + flags 2 + length 8 = 24.
         body[24] = 0xff;
-        assert!(
-            decode_body(&body)
-                .unwrap_err()
-                .to_string()
-                .contains("UTF-8")
-        );
+        assert!(decode_body(&body).unwrap_err().to_string().contains("UTF-8"));
     }
 
     #[test]

@@ -74,11 +74,7 @@ impl ServerEvent {
             return Err("server closing message without a reason".into());
         }
         Ok(match msg.kind {
-            Kind::Chat => ServerEvent::Message {
-                id: msg.id,
-                from: msg.from,
-                content: msg.content,
-            },
+            Kind::Chat => ServerEvent::Message { id: msg.id, from: msg.from, content: msg.content },
             Kind::Users => {
                 let text = std::str::from_utf8(&msg.content)
                     .map_err(|_| "user listing is not UTF-8".to_string())?;
@@ -88,17 +84,10 @@ impl ServerEvent {
                     .filter(|line| !line.is_empty())
                     .map(|line| {
                         let (name, addr) = line.split_once(' ').unwrap_or((line, ""));
-                        User {
-                            name: name.to_string(),
-                            addr: addr.to_string(),
-                        }
+                        User { name: name.to_string(), addr: addr.to_string() }
                     })
                     .collect();
-                ServerEvent::Users {
-                    id: msg.id,
-                    users,
-                    complete,
-                }
+                ServerEvent::Users { id: msg.id, users, complete }
             }
             Kind::Reply(status) => ServerEvent::Reply {
                 id: msg.id,
@@ -119,10 +108,7 @@ mod tests {
     use super::*;
 
     fn user(name: &str, addr: &str) -> User {
-        User {
-            name: name.into(),
-            addr: addr.into(),
-        }
+        User { name: name.into(), addr: addr.into() }
     }
 
     #[test]
@@ -130,9 +116,7 @@ mod tests {
         let names: Vec<String> = (0..100).map(|i| format!("user{i:03}")).collect();
         let parts = Message::user_list(
             4,
-            names
-                .iter()
-                .map(|n| (n.as_str(), "127.0.0.1:40000".to_string())),
+            names.iter().map(|n| (n.as_str(), "127.0.0.1:40000".to_string())),
             256,
         );
         assert!(parts.len() > 1);
@@ -140,11 +124,7 @@ mod tests {
         for (i, part) in parts.iter().enumerate() {
             assert!(crate::encoded_len(part) <= 256);
             match ServerEvent::parse(part.clone()).unwrap() {
-                ServerEvent::Users {
-                    id: 4,
-                    users,
-                    complete,
-                } => {
+                ServerEvent::Users { id: 4, users, complete } => {
                     assert_eq!(complete, i == parts.len() - 1);
                     all.extend(users);
                 }
@@ -160,11 +140,7 @@ mod tests {
         let part = Message::user_list(1, [], 1024).remove(0);
         assert_eq!(
             ServerEvent::parse(part).unwrap(),
-            ServerEvent::Users {
-                id: 1,
-                users: vec![],
-                complete: true
-            }
+            ServerEvent::Users { id: 1, users: vec![], complete: true }
         );
     }
 

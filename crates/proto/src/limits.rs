@@ -50,14 +50,8 @@ mod tests {
     #[test]
     fn frame_limits_must_be_powers_of_two_in_range() {
         assert_eq!(check_max_frame_len(65536), Ok(65536));
-        assert_eq!(
-            check_max_frame_len(MIN_FRAME_LEN_FLOOR),
-            Ok(MIN_FRAME_LEN_FLOOR)
-        );
-        assert_eq!(
-            check_max_frame_len(MAX_FRAME_LEN_CEILING),
-            Ok(MAX_FRAME_LEN_CEILING)
-        );
+        assert_eq!(check_max_frame_len(MIN_FRAME_LEN_FLOOR), Ok(MIN_FRAME_LEN_FLOOR));
+        assert_eq!(check_max_frame_len(MAX_FRAME_LEN_CEILING), Ok(MAX_FRAME_LEN_CEILING));
         assert!(check_max_frame_len(100_000).is_err());
         assert!(check_max_frame_len(128).is_err());
         assert!(check_max_frame_len(MAX_FRAME_LEN_CEILING * 2).is_err());

@@ -138,28 +138,17 @@ impl Message {
 
     /// Client → server: claim `name`.
     pub fn register(id: u64, name: impl Into<String>) -> Message {
-        Message {
-            register: true,
-            from: name.into(),
-            ..Message::new(id, Kind::Chat)
-        }
+        Message { register: true, from: name.into(), ..Message::new(id, Kind::Chat) }
     }
 
     /// Client → server: send `content` to the user or address `to`.
     pub fn send(id: u64, to: impl Into<String>, content: impl Into<Bytes>) -> Message {
-        Message {
-            to: to.into(),
-            content: content.into(),
-            ..Message::new(id, Kind::Chat)
-        }
+        Message { to: to.into(), content: content.into(), ..Message::new(id, Kind::Chat) }
     }
 
     /// Client → server: go offline; the server frees the name and closes the connection.
     pub fn offline(id: u64) -> Message {
-        Message {
-            exit: true,
-            ..Message::new(id, Kind::Chat)
-        }
+        Message { exit: true, ..Message::new(id, Kind::Chat) }
     }
 
     /// Client → server: ask for the users online.

@@ -79,10 +79,7 @@ mod tests {
         for bad in ["a b", "a\tb", "a\nb", "a\u{7}b", "\u{a0}x", "x\u{2028}"] {
             assert_eq!(validate_name(bad), Err(NameError::BadCharacter), "{bad:?}");
         }
-        assert_eq!(
-            validate_name("127.0.0.1:80"),
-            Err(NameError::LooksLikeAddress)
-        );
+        assert_eq!(validate_name("127.0.0.1:80"), Err(NameError::LooksLikeAddress));
         assert_eq!(validate_name("[::1]:80"), Err(NameError::LooksLikeAddress));
         assert_eq!(validate_name("host:80"), Ok(()));
     }

@@ -63,12 +63,7 @@ pub struct Rejection {
 
 impl Rejection {
     fn new(id: u64, status: Status, detail: impl Into<String>) -> Rejection {
-        Rejection {
-            id,
-            status,
-            detail: detail.into(),
-            to: String::new(),
-        }
+        Rejection { id, status, detail: detail.into(), to: String::new() }
     }
 
     /// The reply to send the client.
@@ -142,11 +137,7 @@ impl Request {
                 Ok(Request::Offline { id })
             }
             (false, false) => match parse_destination(&msg.to) {
-                Ok(_) => Ok(Request::Send {
-                    id,
-                    to: msg.to,
-                    content: msg.content,
-                }),
+                Ok(_) => Ok(Request::Send { id, to: msg.to, content: msg.content }),
                 Err(e) => Err(Rejection {
                     to: msg.to,
                     ..Rejection::new(id, Status::InvalidName, format!("bad destination: {e}"))
@@ -168,39 +159,20 @@ mod tests {
     fn valid_requests() {
         assert_eq!(
             Request::parse(Message::register(1, "alice")),
-            Ok(Request::Register {
-                id: 1,
-                name: "alice".into()
-            })
+            Ok(Request::Register { id: 1, name: "alice".into() })
         );
         assert_eq!(
             Request::parse(Message::send(2, "bob", "hi")),
-            Ok(Request::Send {
-                id: 2,
-                to: "bob".into(),
-                content: Bytes::from("hi")
-            })
+            Ok(Request::Send { id: 2, to: "bob".into(), content: Bytes::from("hi") })
         );
         assert!(matches!(
             Request::parse(Message::send(3, "127.0.0.1:9", "x")),
             Ok(Request::Send { id: 3, .. })
         ));
-        assert_eq!(
-            Request::parse(Message::offline(4)),
-            Ok(Request::Offline { id: 4 })
-        );
-        assert_eq!(
-            Request::parse(Message::list_users(5)),
-            Ok(Request::ListUsers { id: 5 })
-        );
-        assert_eq!(
-            Request::parse(Message::ping(6)),
-            Ok(Request::Ping { id: 6 })
-        );
-        assert_eq!(
-            Request::parse(Message::pong(7)),
-            Ok(Request::Pong { id: 7 })
-        );
+        assert_eq!(Request::parse(Message::offline(4)), Ok(Request::Offline { id: 4 }));
+        assert_eq!(Request::parse(Message::list_users(5)), Ok(Request::ListUsers { id: 5 }));
+        assert_eq!(Request::parse(Message::ping(6)), Ok(Request::Ping { id: 6 }));
+        assert_eq!(Request::parse(Message::pong(7)), Ok(Request::Pong { id: 7 }));
     }
 
     #[test]
@@ -228,14 +200,8 @@ mod tests {
         flagged_ping.register = true;
         assert_eq!(status(flagged_ping), Status::InvalidRequest);
 
-        assert_eq!(
-            status(Message::reply(1, Status::Registered, "", "")),
-            Status::InvalidRequest
-        );
-        assert_eq!(
-            status(Message::user_list(1, [], 1024).remove(0)),
-            Status::InvalidRequest
-        );
+        assert_eq!(status(Message::reply(1, Status::Registered, "", "")), Status::InvalidRequest);
+        assert_eq!(status(Message::user_list(1, [], 1024).remove(0)), Status::InvalidRequest);
     }
 
     #[test]

@@ -64,11 +64,8 @@ pub fn printable(bytes: &[u8]) -> String {
     }
     text.chars()
         .flat_map(|c| {
-            let escaped: Vec<char> = if c.is_control() {
-                c.escape_default().collect()
-            } else {
-                vec![c]
-            };
+            let escaped: Vec<char> =
+                if c.is_control() { c.escape_default().collect() } else { vec![c] };
             escaped
         })
         .collect()
@@ -145,10 +142,7 @@ where
         };
         write_line(&mut output, &text).await;
     }
-    client
-        .offline()
-        .await
-        .map_err(|e| format!("going offline failed: {e}"))?;
+    client.offline().await.map_err(|e| format!("going offline failed: {e}"))?;
     // Print whatever arrived before the server closed the session.
     while let Some(event) = events.try_next() {
         if let Event::Message { from, content, .. } = event {
@@ -172,17 +166,11 @@ mod tests {
     fn commands() {
         assert_eq!(
             parse_command("send bob hello  world "),
-            Command::Send {
-                to: "bob",
-                message: "hello  world "
-            }
+            Command::Send { to: "bob", message: "hello  world " }
         );
         assert_eq!(
             parse_command("  send   127.0.0.1:5000  two spaces\r\n"),
-            Command::Send {
-                to: "127.0.0.1:5000",
-                message: " two spaces"
-            }
+            Command::Send { to: "127.0.0.1:5000", message: " two spaces" }
         );
         assert!(matches!(parse_command("send bob"), Command::Invalid(_)));
         assert!(matches!(parse_command("send bob "), Command::Invalid(_)));

@@ -147,17 +147,9 @@ impl Client {
         })?;
         let stream = tokio::time::timeout(config.connect_timeout, TcpStream::connect(server))
             .await
-            .map_err(|_| ConnectError::ConnectTimeout {
-                addr: server.to_string(),
-            })?
-            .map_err(|source| ConnectError::Connect {
-                addr: server.to_string(),
-                source,
-            })?;
-        let io_error = |source| ConnectError::Connect {
-            addr: server.to_string(),
-            source,
-        };
+            .map_err(|_| ConnectError::ConnectTimeout { addr: server.to_string() })?
+            .map_err(|source| ConnectError::Connect { addr: server.to_string(), source })?;
+        let io_error = |source| ConnectError::Connect { addr: server.to_string(), source };
         // Frames are batched by the writer task, so Nagle would only add latency.
         stream.set_nodelay(true).map_err(io_error)?;
         let local_addr = stream.local_addr().map_err(io_error)?;
@@ -181,27 +173,12 @@ impl Client {
             Some(Ok(msg)) => ServerEvent::parse(msg).map_err(ConnectError::Protocol)?,
         };
         match reply {
-            ServerEvent::Reply {
-                status: Status::Registered,
-                ..
-            } => {}
-            ServerEvent::Reply {
-                status: Status::NameTaken,
-                ..
-            } => {
-                return Err(ConnectError::NameTaken {
-                    name: name.to_string(),
-                });
+            ServerEvent::Reply { status: Status::Registered, .. } => {}
+            ServerEvent::Reply { status: Status::NameTaken, .. } => {
+                return Err(ConnectError::NameTaken { name: name.to_string() });
             }
-            ServerEvent::Reply {
-                status: Status::InvalidName,
-                detail,
-                ..
-            } => {
-                return Err(ConnectError::InvalidName {
-                    name: name.to_string(),
-                    reason: detail,
-                });
+            ServerEvent::Reply { status: Status::InvalidName, detail, .. } => {
+                return Err(ConnectError::InvalidName { name: name.to_string(), reason: detail });
             }
             ServerEvent::Reply { status, detail, .. } => {
                 return Err(ConnectError::Refused { status, detail });
@@ -236,7 +213,9 @@ impl Client {
         tokio::spawn(
             Reader {
                 events: events_tx,
-                outgoing,
+                // Weak: when the program drops every `Client`, the writer must see the channel
+                // close and end the connection, even though the reader still runs.
+                outgoing: outgoing.downgrade(),
                 going_offline: inner.going_offline.clone(),
                 pending_users: Vec::new(),
             }
@@ -267,11 +246,7 @@ impl Client {
 
     async fn submit(&self, msg: Message) -> Result<u64, SendError> {
         let id = msg.id;
-        self.inner
-            .outgoing
-            .send(msg)
-            .await
-            .map_err(|_| SendError::Closed)?;
+        self.inner.outgoing.send(msg).await.map_err(|_| SendError::Closed)?;
         Ok(id)
     }
 
@@ -292,10 +267,7 @@ impl Client {
         let msg = Message::send(self.next_id(), to, content);
         let len = encoded_len(&msg);
         if len > self.inner.max_frame_len {
-            return Err(SendError::TooLarge {
-                len,
-                max: self.inner.max_frame_len,
-            });
+            return Err(SendError::TooLarge { len, max: self.inner.max_frame_len });
         }
         self.submit(msg).await
     }
@@ -317,18 +289,12 @@ impl Client {
     /// [`SendError::Closed`] only if the server did not close the session in time.
     pub async fn offline(&self) -> Result<(), SendError> {
         self.inner.going_offline.store(true, Ordering::Relaxed);
-        let _ = self
-            .inner
-            .outgoing
-            .send(Message::offline(self.next_id()))
-            .await;
+        let _ = self.inner.outgoing.send(Message::offline(self.next_id())).await;
         let both = async {
             self.inner.writer_done.cancelled().await;
             self.inner.reader_done.cancelled().await;
         };
-        tokio::time::timeout(self.inner.close_timeout, both)
-            .await
-            .map_err(|_| SendError::Closed)
+        tokio::time::timeout(self.inner.close_timeout, both).await.map_err(|_| SendError::Closed)
     }
 
     /// True once the server has closed the connection.
@@ -374,7 +340,7 @@ async fn write_loop(
 struct Reader {
     events: mpsc::Sender<Event>,
     /// For answering pings.
-    outgoing: mpsc::Sender<Message>,
+    outgoing: mpsc::WeakSender<Message>,
     going_offline: Arc<AtomicBool>,
     /// A user listing arriving in parts.
     pending_users: Vec<User>,
@@ -397,10 +363,7 @@ impl Reader {
                 }
                 Some(Err(e)) => {
                     if !self.going_offline.load(Ordering::Relaxed) {
-                        self.emit(Event::Disconnected {
-                            reason: e.to_string(),
-                        })
-                        .await;
+                        self.emit(Event::Disconnected { reason: e.to_string() }).await;
                     }
                     break;
                 }
@@ -424,26 +387,14 @@ impl Reader {
         use std::ops::ControlFlow::{Break, Continue};
         let event = match event {
             ServerEvent::Message { id, from, content } => Event::Message { id, from, content },
-            ServerEvent::Users {
-                id,
-                users,
-                complete,
-            } => {
+            ServerEvent::Users { id, users, complete } => {
                 self.pending_users.extend(users);
                 if !complete {
                     return Continue(());
                 }
-                Event::Users {
-                    id,
-                    users: std::mem::take(&mut self.pending_users),
-                }
+                Event::Users { id, users: std::mem::take(&mut self.pending_users) }
             }
-            ServerEvent::Reply {
-                status,
-                detail,
-                closing: true,
-                ..
-            } => {
+            ServerEvent::Reply { status, detail, closing: true, .. } => {
                 let event = if status == Status::ShuttingDown {
                     Event::ServerShutdown { detail }
                 } else {
@@ -452,26 +403,16 @@ impl Reader {
                 self.emit(event).await;
                 return Break(());
             }
-            ServerEvent::Reply {
-                id,
-                status: Status::NotFound,
-                to,
-                ..
-            } => Event::NotFound { id, to },
-            ServerEvent::Reply {
-                id,
-                status,
-                to,
-                detail,
-                ..
-            } => Event::Rejected {
-                id,
-                status,
-                to,
-                detail,
-            },
+            ServerEvent::Reply { id, status: Status::NotFound, to, .. } => {
+                Event::NotFound { id, to }
+            }
+            ServerEvent::Reply { id, status, to, detail, .. } => {
+                Event::Rejected { id, status, to, detail }
+            }
             ServerEvent::Ping { id } => {
-                let _ = self.outgoing.send(Message::pong(id)).await;
+                if let Some(outgoing) = self.outgoing.upgrade() {
+                    let _ = outgoing.send(Message::pong(id)).await;
+                }
                 return Continue(());
             }
             ServerEvent::Pong { .. } => return Continue(()),

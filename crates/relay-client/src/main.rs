@@ -76,11 +76,7 @@ async fn session(args: Args) -> Result<(), String> {
             Err(e) => return Err(e.to_string()),
         }
     };
-    println!(
-        "connected to {} as {} (type help for commands)",
-        args.server,
-        client.name()
-    );
+    println!("connected to {} as {} (type help for commands)", args.server, client.name());
     let stdin = tokio::io::BufReader::new(tokio::io::stdin());
     run_interactive(client, events, stdin, tokio::io::stdout()).await
 }

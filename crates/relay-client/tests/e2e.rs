@@ -40,10 +40,7 @@ struct Output<R> {
 
 impl<R: AsyncRead + Unpin> Output<R> {
     fn new(reader: R) -> Output<R> {
-        Output {
-            lines: BufReader::new(reader).lines(),
-            seen: Vec::new(),
-        }
+        Output { lines: BufReader::new(reader).lines(), seen: Vec::new() }
     }
 
     /// Reads lines until one contains `needle`, and returns it.
@@ -86,18 +83,12 @@ impl Process {
     }
 
     async fn type_line(&mut self, line: &str) {
-        self.stdin
-            .write_all(format!("{line}\n").as_bytes())
-            .await
-            .unwrap();
+        self.stdin.write_all(format!("{line}\n").as_bytes()).await.unwrap();
         self.stdin.flush().await.unwrap();
     }
 
     async fn exit_status(mut self) -> ExitStatus {
-        tokio::time::timeout(WAIT, self.child.wait())
-            .await
-            .expect("process did not exit")
-            .unwrap()
+        tokio::time::timeout(WAIT, self.child.wait()).await.expect("process did not exit").unwrap()
     }
 }
 
@@ -105,16 +96,8 @@ async fn start_server() -> (Process, Output<tokio::process::ChildStderr>, String
     let mut server = Process::spawn("relay-server", &["--host", "127.0.0.1", "--port", "0"]);
     let mut log = Output::new(server.child.stderr.take().unwrap());
     let line = log.expect("listening on").await;
-    let addr = line
-        .rsplit("listening on ")
-        .next()
-        .unwrap()
-        .trim()
-        .to_string();
-    assert!(
-        addr.starts_with("127.0.0.1:") && !addr.ends_with(":0"),
-        "{line}"
-    );
+    let addr = line.rsplit("listening on ").next().unwrap().trim().to_string();
+    assert!(addr.starts_with("127.0.0.1:") && !addr.ends_with(":0"), "{line}");
     (server, log, addr)
 }
 
@@ -133,10 +116,7 @@ async fn two_clients_chat_and_the_operator_shuts_everything_down() {
     alice.type_line("send bob hello bob").await;
     assert_eq!(bob_out.expect("alice:").await, "alice: hello bob");
     bob.type_line("send alice hi  alice, spaces kept").await;
-    assert_eq!(
-        alice_out.expect("bob:").await,
-        "bob: hi  alice, spaces kept"
-    );
+    assert_eq!(alice_out.expect("bob:").await, "bob: hi  alice, spaces kept");
 
     alice.type_line("send carol are you there").await;
     let line = alice_out.expect("carol").await;
@@ -169,10 +149,7 @@ async fn exit_command_and_end_of_input_leave_cleanly() {
     let mut again_out = Output::new(again.child.stdout.take().unwrap());
     again_out.expect("as alice").await;
     drop(again.stdin);
-    let status = tokio::time::timeout(WAIT, again.child.wait())
-        .await
-        .unwrap()
-        .unwrap();
+    let status = tokio::time::timeout(WAIT, again.child.wait()).await.unwrap().unwrap();
     assert!(status.success());
 
     server.type_line("EXIT").await;
@@ -208,29 +185,17 @@ async fn user_mistakes_get_one_clear_line_and_a_failure_code() {
 
     let (status, stderr) = client_failure(&["--server", &addr, "--user", "two words"]).await;
     assert!(!status.success());
-    assert!(
-        stderr.contains("invalid name 'two words'") && stderr.lines().count() == 1,
-        "{stderr}"
-    );
+    assert!(stderr.contains("invalid name 'two words'") && stderr.lines().count() == 1, "{stderr}");
 
     // A port nothing listens on: take a free one and release it.
-    let free = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap();
+    let free = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap();
     let (status, stderr) = client_failure(&["--server", &free.to_string(), "--user", "x"]).await;
     assert!(!status.success());
-    assert!(
-        stderr.contains("cannot connect to") && stderr.lines().count() == 1,
-        "{stderr}"
-    );
+    assert!(stderr.contains("cannot connect to") && stderr.lines().count() == 1, "{stderr}");
 
     let (status, stderr) = client_failure(&["--server", "not-an-address", "--user", "x"]).await;
     assert!(!status.success());
-    assert!(
-        stderr.contains("cannot connect to not-an-address"),
-        "{stderr}"
-    );
+    assert!(stderr.contains("cannot connect to not-an-address"), "{stderr}");
     assert!(!stderr.contains("panicked"), "{stderr}");
 
     server.type_line("EXIT").await;

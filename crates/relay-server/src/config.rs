@@ -96,13 +96,10 @@ impl Config {
 /// A message naming the accepted forms.
 pub fn parse_duration(text: &str) -> Result<Duration, String> {
     let text = text.trim();
-    let split = text
-        .find(|c: char| !c.is_ascii_digit() && c != '.')
-        .unwrap_or(text.len());
+    let split = text.find(|c: char| !c.is_ascii_digit() && c != '.').unwrap_or(text.len());
     let (number, unit) = text.split_at(split);
-    let value: f64 = number
-        .parse()
-        .map_err(|_| format!("'{text}' is not a duration like 500ms, 5s or 2m"))?;
+    let value: f64 =
+        number.parse().map_err(|_| format!("'{text}' is not a duration like 500ms, 5s or 2m"))?;
     let seconds = match unit {
         "ms" => value / 1000.0,
         "" | "s" => value,
@@ -123,25 +120,13 @@ mod tests {
 
     #[test]
     fn bad_settings_are_named() {
-        let bad = Config {
-            max_frame_len: 100_000,
-            ..Config::default()
-        };
+        let bad = Config { max_frame_len: 100_000, ..Config::default() };
         assert!(bad.validate().unwrap_err().contains("power of two"));
-        let bad = Config {
-            outbox_bytes: 1000,
-            ..Config::default()
-        };
+        let bad = Config { outbox_bytes: 1000, ..Config::default() };
         assert!(bad.validate().unwrap_err().contains("outbox"));
-        let bad = Config {
-            ping_interval: Duration::from_secs(90),
-            ..Config::default()
-        };
+        let bad = Config { ping_interval: Duration::from_secs(90), ..Config::default() };
         assert!(bad.validate().unwrap_err().contains("ping interval"));
-        let bad = Config {
-            max_clients: 0,
-            ..Config::default()
-        };
+        let bad = Config { max_clients: 0, ..Config::default() };
         assert!(bad.validate().is_err());
     }
 

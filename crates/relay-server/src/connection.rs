@@ -63,10 +63,14 @@ pub(crate) async fn serve(
     let last = conn.run(&shutdown).await;
     // The name (if any) is already released: the claim lived inside `run`.
     outbox.close(last);
-    let end = match conn.writer_end.take() {
-        Some(end) => end,
-        None => conn.writer.await.unwrap_or(WriteEnd::Aborted),
+    let (end, unwritten) = match conn.writer_end.take() {
+        Some(ended) => ended,
+        None => conn.writer.await.unwrap_or((WriteEnd::Aborted, Vec::new())),
     };
+    if !unwritten.is_empty() {
+        debug!(%peer, count = unwritten.len(), "telling senders of undelivered messages");
+        shared.router.report_undelivered(unwritten);
+    }
     match end {
         WriteEnd::Finished => debug!(%peer, "connection closed"),
         WriteEnd::SlowConsumer => {
@@ -82,10 +86,13 @@ struct Connection {
     outbox: Outbox,
     peer: SocketAddr,
     shared: Arc<Shared>,
-    writer: JoinHandle<WriteEnd>,
+    writer: JoinHandle<Written>,
     /// Set once the writer task has finished (and been awaited).
-    writer_end: Option<WriteEnd>,
+    writer_end: Option<Written>,
 }
+
+/// How the writer ended, and the messages it could not write.
+type Written = (WriteEnd, Vec<Message>);
 
 /// A session ends with an optional last message for the client (already marked closing).
 type Farewell = Option<Message>;
@@ -120,12 +127,7 @@ impl Connection {
             Ok(()) => Ok(()),
             Err((PushError::Full, _)) => {
                 warn!(peer = %self.peer, "disconnecting: client does not read its replies");
-                Err(closing(
-                    0,
-                    Status::SlowConsumer,
-                    "",
-                    "you are not reading your replies",
-                ))
+                Err(closing(0, Status::SlowConsumer, "", "you are not reading your replies"))
             }
             Err((PushError::Closed, _)) => Err(None),
         }
@@ -146,8 +148,8 @@ impl Connection {
 
     /// Records that the writer ended on its own (the client stopped reading or vanished):
     /// nothing more can be sent, so the session ends with no farewell.
-    fn writer_finished(&mut self, end: Result<WriteEnd, tokio::task::JoinError>) -> Farewell {
-        self.writer_end = Some(end.unwrap_or(WriteEnd::Aborted));
+    fn writer_finished(&mut self, end: Result<Written, tokio::task::JoinError>) -> Farewell {
+        self.writer_end = Some(end.unwrap_or((WriteEnd::Aborted, Vec::new())));
         None
     }
 
@@ -190,12 +192,7 @@ impl Connection {
                         let detail = format!("the name {name} is taken");
                         return Err(closing(id, Status::NameTaken, name, detail));
                     };
-                    self.reply(Message::reply(
-                        id,
-                        Status::Registered,
-                        name.clone(),
-                        "welcome",
-                    ))?;
+                    self.reply(Message::reply(id, Status::Registered, name.clone(), "welcome"))?;
                     let max = self.config().max_frame_len;
                     self.frames.decoder_mut().set_max_frame_len(max);
                     info!(peer = %self.peer, %name, "registered");

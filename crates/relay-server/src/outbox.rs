@@ -61,10 +61,7 @@ impl Outbox {
     fn state(&self) -> MutexGuard<'_, State> {
         // Nothing panics while holding the lock, so poisoning cannot happen; if it somehow
         // did, the queue itself is still consistent.
-        self.shared
-            .state
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
+        self.shared.state.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
     /// Queues `msg` unless that would take the outbox over its limit or it is closed, in
@@ -131,6 +128,13 @@ impl Outbox {
         }
     }
 
+    /// Moves whatever is still queued into `into` (used once the connection has failed).
+    pub(crate) fn drain_into(&self, into: &mut Vec<Message>) {
+        let mut state = self.state();
+        into.extend(state.queue.drain(..));
+        state.bytes = 0;
+    }
+
     /// Releases `bytes` taken by [`Outbox::take`] once they have been written.
     pub(crate) fn written(&self, bytes: usize) {
         let mut state = self.state();
@@ -163,14 +167,9 @@ mod tests {
     #[tokio::test]
     async fn close_keeps_order_and_bypasses_the_limit() {
         let outbox = Outbox::new(200);
-        outbox
-            .push(Message::send(1, "bob", vec![0u8; 100]))
-            .unwrap();
+        outbox.push(Message::send(1, "bob", vec![0u8; 100])).unwrap();
         outbox.close(Some(Message::send(2, "bob", vec![0u8; 500])));
-        assert_eq!(
-            outbox.push(Message::ping(3)).unwrap_err().0,
-            PushError::Closed
-        );
+        assert_eq!(outbox.push(Message::ping(3)).unwrap_err().0, PushError::Closed);
         let mut batch = Vec::new();
         outbox.take(&mut batch).await.unwrap();
         assert_eq!(batch.iter().map(|m| m.id).collect::<Vec<_>>(), vec![1, 2]);

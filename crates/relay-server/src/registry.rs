@@ -61,11 +61,7 @@ impl Registry {
         match names.by_name.entry(name.clone()) {
             Entry::Occupied(_) => return Err(NameTaken),
             Entry::Vacant(slot) => {
-                slot.insert(Registered {
-                    token,
-                    addr,
-                    outbox,
-                });
+                slot.insert(Registered { token, addr, outbox });
             }
         }
         names.by_addr.insert(addr, name.clone());
@@ -102,12 +98,8 @@ impl Registry {
 
     /// Everyone online, sorted by name.
     pub(crate) fn list(&self) -> Vec<(Arc<str>, SocketAddr)> {
-        let mut all: Vec<_> = self
-            .read()
-            .by_name
-            .iter()
-            .map(|(name, e)| (name.clone(), e.addr))
-            .collect();
+        let mut all: Vec<_> =
+            self.read().by_name.iter().map(|(name, e)| (name.clone(), e.addr)).collect();
         all.sort();
         all
     }
@@ -130,19 +122,13 @@ mod tests {
     fn names_are_unique_and_freed_only_by_their_owner() {
         let registry = Registry::default();
         let (_, first) = registry.insert("alice", addr(1), Outbox::new(100)).unwrap();
-        assert_eq!(
-            registry.insert("alice", addr(2), Outbox::new(100)),
-            Err(NameTaken)
-        );
+        assert_eq!(registry.insert("alice", addr(2), Outbox::new(100)), Err(NameTaken));
         registry.remove("alice", first);
         let (_, second) = registry.insert("alice", addr(3), Outbox::new(100)).unwrap();
         // A stale token does not remove the new owner.
         registry.remove("alice", first);
         assert_eq!(registry.with_name("alice", |e| e.token), Some(second));
-        assert_eq!(
-            registry.with_addr(addr(3), |n, _| n.to_string()),
-            Some("alice".into())
-        );
+        assert_eq!(registry.with_addr(addr(3), |n, _| n.to_string()), Some("alice".into()));
         assert_eq!(registry.with_addr(addr(1), |n, _| n.to_string()), None);
         registry.remove("alice", second);
         assert_eq!(registry.len(), 0);

@@ -8,7 +8,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 
 use bytes::Bytes;
-use relay_proto::{Destination, Message, encoded_len, parse_destination};
+use relay_proto::{Destination, Kind, Message, Status, encoded_len, parse_destination};
 
 use crate::outbox::{Outbox, PushError};
 use crate::registry::{NameTaken, Registry};
@@ -55,10 +55,7 @@ impl Drop for Claim {
 
 impl Router {
     pub(crate) fn new(max_frame_len: usize) -> Router {
-        Router {
-            registry: Registry::default(),
-            max_frame_len,
-        }
+        Router { registry: Registry::default(), max_frame_len }
     }
 
     /// Claims `name` for the connection at `addr`, whose outbox receives its messages.
@@ -69,11 +66,7 @@ impl Router {
         outbox: Outbox,
     ) -> Result<Claim, NameTaken> {
         let (name, token) = self.registry.insert(name, addr, outbox)?;
-        Ok(Claim {
-            router: self.clone(),
-            name,
-            token,
-        })
+        Ok(Claim { router: self.clone(), name, token })
     }
 
     /// Routes a message from the client registered as `from` to `to` (a name or an
@@ -106,6 +99,20 @@ impl Router {
             Err((PushError::Full, msg)) => Err((Undelivered::ReceiverFull, msg.to)),
             // The receiver is closing: as far as the sender is concerned it is gone.
             Err((PushError::Closed, msg)) => Err((Undelivered::NotFound, msg.to)),
+        }
+    }
+
+    /// Tells the senders of `undelivered` messages (chat messages that were queued for a
+    /// receiver whose connection then failed) that they were not delivered.
+    pub(crate) fn report_undelivered(&self, undelivered: Vec<Message>) {
+        for msg in undelivered {
+            if msg.kind != Kind::Chat || msg.from.is_empty() {
+                continue; // Replies and pings for the failed connection itself.
+            }
+            let detail = format!("{} disconnected before the message reached it", msg.to);
+            let reply = Message::reply(msg.id, Status::NotDelivered, msg.to, detail);
+            // If the sender is gone too, or not reading either, there is no one left to tell.
+            let _ = self.registry.with_name(&msg.from, |e| e.outbox.push(reply));
         }
     }
 

@@ -53,12 +53,7 @@ pub struct ServerHandle {
 impl ServerHandle {
     /// The registered users, as `(name, address)`, sorted by name.
     pub fn users(&self) -> Vec<(String, SocketAddr)> {
-        self.shared
-            .router
-            .users()
-            .into_iter()
-            .map(|(n, a)| (n.to_string(), a))
-            .collect()
+        self.shared.router.users().into_iter().map(|(n, a)| (n.to_string(), a)).collect()
     }
 
     /// How many names are registered.
@@ -90,11 +85,7 @@ impl Server {
             config,
             hard_stop: CancellationToken::new(),
         });
-        Ok(Server {
-            listener,
-            shared,
-            slots,
-        })
+        Ok(Server { listener, shared, slots })
     }
 
     /// The address the server listens on.
@@ -107,10 +98,7 @@ impl Server {
 
     /// A handle for inspecting the server while it runs.
     pub fn handle(&self) -> ServerHandle {
-        ServerHandle {
-            shared: self.shared.clone(),
-            slots: self.slots.clone(),
-        }
+        ServerHandle { shared: self.shared.clone(), slots: self.slots.clone() }
     }
 
     /// Serves clients until `shutdown` is cancelled, then tells every client the server is
@@ -149,9 +137,7 @@ impl Server {
         let open = handle.connections();
         info!(clients = open, "shutting down");
         tracker.close();
-        if tokio::time::timeout(self.shared.config.shutdown_timeout, tracker.wait())
-            .await
-            .is_err()
+        if tokio::time::timeout(self.shared.config.shutdown_timeout, tracker.wait()).await.is_err()
         {
             warn!(
                 remaining = handle.connections(),
@@ -200,18 +186,10 @@ fn is_per_connection(e: &io::Error) -> bool {
 
 /// Tells a connection over the cap why it is refused, briefly, and closes it.
 async fn refuse_full(mut stream: TcpStream) {
-    let msg = Message::reply(
-        0,
-        Status::ServerFull,
-        "",
-        "the server is at its connection limit",
-    )
-    .closing();
+    let msg = Message::reply(0, Status::ServerFull, "", "the server is at its connection limit")
+        .closing();
     let mut buf = BytesMut::new();
-    if MessageCodec::new(relay_proto::PRE_REGISTER_MAX_FRAME_LEN)
-        .encode(&msg, &mut buf)
-        .is_ok()
-    {
+    if MessageCodec::new(relay_proto::PRE_REGISTER_MAX_FRAME_LEN).encode(&msg, &mut buf).is_ok() {
         let _ = tokio::time::timeout(Duration::from_secs(1), async {
             stream.write_all(&buf).await?;
             stream.shutdown().await

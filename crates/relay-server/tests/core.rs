@@ -27,14 +27,8 @@ async fn a_taken_name_is_refused_and_the_owner_keeps_it() {
     // The first alice still receives messages.
     let (bob, _bob_events) = server.connect("bob").await;
     bob.send("alice", "still yours").await.unwrap();
-    assert_eq!(
-        next_message(&mut alice_events).await,
-        ("bob".into(), "still yours".into())
-    );
-    assert_eq!(
-        server.handle.users()[0],
-        ("alice".to_string(), alice.local_addr())
-    );
+    assert_eq!(next_message(&mut alice_events).await, ("bob".into(), "still yours".into()));
+    assert_eq!(server.handle.users()[0], ("alice".to_string(), alice.local_addr()));
     server.stop().await;
 }
 
@@ -69,23 +63,13 @@ async fn messages_are_routed_by_name_and_by_address() {
     let (bob, mut bob_events) = server.connect("bob").await;
 
     alice.send("bob", "by name").await.unwrap();
-    assert_eq!(
-        next_message(&mut bob_events).await,
-        ("alice".into(), "by name".into())
-    );
+    assert_eq!(next_message(&mut bob_events).await, ("alice".into(), "by name".into()));
 
     let bob_addr = bob.local_addr().to_string();
     let id = alice.send(&bob_addr, "by address").await.unwrap();
     match next_event(&mut bob_events).await {
-        Event::Message {
-            id: got,
-            from,
-            content,
-        } => {
-            assert_eq!(
-                (got, from.as_str(), &content[..]),
-                (id, "alice", &b"by address"[..])
-            );
+        Event::Message { id: got, from, content } => {
+            assert_eq!((got, from.as_str(), &content[..]), (id, "alice", &b"by address"[..]));
         }
         other => panic!("{other:?}"),
     }
@@ -113,19 +97,10 @@ async fn an_unknown_destination_gets_not_found_with_the_message_id() {
     let first = alice.send("nobody", "hello?").await.unwrap();
     let second = alice.send("127.0.0.1:1", "anyone?").await.unwrap();
     assert_ne!(first, second);
+    assert_eq!(next_event(&mut events).await, Event::NotFound { id: first, to: "nobody".into() });
     assert_eq!(
         next_event(&mut events).await,
-        Event::NotFound {
-            id: first,
-            to: "nobody".into()
-        }
-    );
-    assert_eq!(
-        next_event(&mut events).await,
-        Event::NotFound {
-            id: second,
-            to: "127.0.0.1:1".into()
-        }
+        Event::NotFound { id: second, to: "127.0.0.1:1".into() }
     );
     server.stop().await;
 }
@@ -140,13 +115,7 @@ async fn going_offline_frees_the_name_at_once() {
     // `offline` returns after the server closed the session, so the name is already free.
     assert!(!server.handle.users().iter().any(|(n, _)| n == "alice"));
     let id = bob.send("alice", "gone?").await.unwrap();
-    assert_eq!(
-        next_event(&mut bob_events).await,
-        Event::NotFound {
-            id,
-            to: "alice".into()
-        }
-    );
+    assert_eq!(next_event(&mut bob_events).await, Event::NotFound { id, to: "alice".into() });
     let (again, _e) = server.connect("alice").await;
     assert_eq!(again.name(), "alice");
     server.stop().await;
@@ -176,10 +145,7 @@ async fn a_thousand_messages_arrive_in_order() {
         alice
     });
     for i in 0..1000u32 {
-        assert_eq!(
-            next_message(&mut bob_events).await,
-            ("alice".into(), i.to_string())
-        );
+        assert_eq!(next_message(&mut bob_events).await, ("alice".into(), i.to_string()));
     }
     within(sender).await.unwrap();
     server.stop().await;
@@ -194,10 +160,7 @@ async fn users_are_listed_with_addresses() {
     match next_event(&mut events).await {
         Event::Users { id: got, users } => {
             assert_eq!(got, id);
-            let listed: Vec<_> = users
-                .iter()
-                .map(|u| (u.name.as_str(), u.addr.clone()))
-                .collect();
+            let listed: Vec<_> = users.iter().map(|u| (u.name.as_str(), u.addr.clone())).collect();
             assert_eq!(
                 listed,
                 vec![
@@ -221,16 +184,8 @@ async fn exit_reaches_50_clients_and_each_one_ends() {
     assert_eq!(server.handle.online(), 50);
     server.shutdown.cancel();
     for (client, mut events) in clients {
-        assert!(matches!(
-            next_event(&mut events).await,
-            Event::ServerShutdown { .. }
-        ));
-        assert_eq!(
-            within(events.next()).await,
-            None,
-            "{} got more events",
-            client.name()
-        );
+        assert!(matches!(next_event(&mut events).await, Event::ServerShutdown { .. }));
+        assert_eq!(within(events.next()).await, None, "{} got more events", client.name());
         wait_until(|| client.is_closed()).await;
     }
     within(server.task).await.unwrap();
@@ -244,10 +199,7 @@ async fn from_is_stamped_by_the_server() {
     let mut spoofed = Message::send(5, "bob", "it's me, alice");
     spoofed.from = "alice".into();
     mallory.send(spoofed).await;
-    assert_eq!(
-        next_message(&mut bob_events).await,
-        ("mallory".into(), "it's me, alice".into())
-    );
+    assert_eq!(next_message(&mut bob_events).await, ("mallory".into(), "it's me, alice".into()));
     server.stop().await;
 }
 
@@ -260,51 +212,28 @@ async fn invalid_requests_get_typed_errors_and_the_session_goes_on() {
     peer.send(Message::register(2, "mallory2")).await;
     assert!(matches!(
         peer.recv().await,
-        Some(ServerEvent::Reply {
-            id: 2,
-            status: Status::InvalidRequest,
-            closing: false,
-            ..
-        })
+        Some(ServerEvent::Reply { id: 2, status: Status::InvalidRequest, closing: false, .. })
     ));
     let mut addressed_exit = Message::offline(3);
     addressed_exit.to = "bob".into();
     peer.send(addressed_exit).await;
     assert!(matches!(
         peer.recv().await,
-        Some(ServerEvent::Reply {
-            id: 3,
-            status: Status::InvalidRequest,
-            closing: false,
-            ..
-        })
+        Some(ServerEvent::Reply { id: 3, status: Status::InvalidRequest, closing: false, .. })
     ));
     peer.send(Message::send(4, "not a name", "x")).await;
     assert!(matches!(
         peer.recv().await,
-        Some(ServerEvent::Reply {
-            id: 4,
-            status: Status::InvalidName,
-            closing: false,
-            ..
-        })
+        Some(ServerEvent::Reply { id: 4, status: Status::InvalidName, closing: false, .. })
     ));
-    peer.send(Message::reply(5, Status::Registered, "", ""))
-        .await;
+    peer.send(Message::reply(5, Status::Registered, "", "")).await;
     assert!(matches!(
         peer.recv().await,
-        Some(ServerEvent::Reply {
-            id: 5,
-            status: Status::InvalidRequest,
-            ..
-        })
+        Some(ServerEvent::Reply { id: 5, status: Status::InvalidRequest, .. })
     ));
     // Still registered, bob still online: the exit flag only ever ends mallory's session.
     peer.send(Message::send(6, "bob", "still here")).await;
-    assert_eq!(
-        next_message(&mut bob_events).await,
-        ("mallory".into(), "still here".into())
-    );
+    assert_eq!(next_message(&mut bob_events).await, ("mallory".into(), "still here".into()));
     assert_eq!(server.handle.online(), 2);
     server.stop().await;
 }
@@ -325,10 +254,7 @@ async fn registration_errors_are_typed_and_close_the_connection() {
     let mut future = Message::register(1, "zed");
     future.version = 99;
     peer.send(future).await;
-    assert_eq!(
-        peer.closing_status().await,
-        Some(Status::UnsupportedVersion)
-    );
+    assert_eq!(peer.closing_status().await, Some(Status::UnsupportedVersion));
     assert_eq!(server.handle.online(), 0);
     server.stop().await;
 }
@@ -340,25 +266,17 @@ async fn garbage_and_oversized_frames_drop_only_their_sender() {
     let (_bob, mut bob_events) = server.connect("bob").await;
 
     let mut garbage = RawPeer::register(server.addr, "garbage").await;
-    garbage
-        .send_raw(&[0, 0, 0, 6, 0xde, 0xad, 0xbe, 0xef, 0xff, 0xff])
-        .await;
+    garbage.send_raw(&[0, 0, 0, 6, 0xde, 0xad, 0xbe, 0xef, 0xff, 0xff]).await;
     assert_eq!(garbage.closing_status().await, Some(Status::Malformed));
 
     let mut oversized = RawPeer::register(server.addr, "oversized").await;
     oversized.send_raw(&[0x7f, 0xff, 0xff, 0xff]).await;
-    assert_eq!(
-        oversized.closing_status().await,
-        Some(Status::FrameTooLarge)
-    );
+    assert_eq!(oversized.closing_status().await, Some(Status::FrameTooLarge));
 
     server.wait_until_gone("garbage").await;
     server.wait_until_gone("oversized").await;
     alice.send("bob", "unaffected").await.unwrap();
-    assert_eq!(
-        next_message(&mut bob_events).await,
-        ("alice".into(), "unaffected".into())
-    );
+    assert_eq!(next_message(&mut bob_events).await, ("alice".into(), "unaffected".into()));
     server.stop().await;
 }
 
@@ -379,10 +297,7 @@ async fn console_exit_shuts_the_server_down_and_end_of_input_does_not() {
     .unwrap();
     let out = String::from_utf8(out).unwrap();
     assert!(out.contains("EXIT"), "{out}");
-    assert!(
-        out.contains("1 online") && out.contains("alice 127.0.0.1:"),
-        "{out}"
-    );
+    assert!(out.contains("1 online") && out.contains("alice 127.0.0.1:"), "{out}");
     assert!(!server.shutdown.is_cancelled());
 
     let mut out = Vec::new();
@@ -398,12 +313,18 @@ async fn console_exit_shuts_the_server_down_and_end_of_input_does_not() {
     assert!(out.contains("unknown command 'bogus'"), "{out}");
     assert!(out.contains("shutting down"), "{out}");
     assert!(server.shutdown.is_cancelled());
-    assert!(matches!(
-        next_event(&mut events).await,
-        Event::ServerShutdown { .. }
-    ));
-    tokio::time::timeout(WAIT, server.task)
-        .await
-        .unwrap()
-        .unwrap();
+    assert!(matches!(next_event(&mut events).await, Event::ServerShutdown { .. }));
+    tokio::time::timeout(WAIT, server.task).await.unwrap().unwrap();
+}
+
+#[tokio::test]
+async fn dropping_every_client_handle_ends_the_session() {
+    let server = TestServer::start().await;
+    let (alice, events) = server.connect("alice").await;
+    let clone = alice.clone();
+    drop(alice);
+    assert_eq!(server.handle.online(), 1, "a clone still holds the connection");
+    drop((clone, events));
+    server.wait_until_gone("alice").await;
+    server.stop().await;
 }

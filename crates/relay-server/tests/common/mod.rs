@@ -3,6 +3,8 @@
 // Not every test file uses every helper; helpers fail a test by panicking, as tests do.
 #![allow(dead_code, clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
+pub mod process;
+
 use std::future::Future;
 use std::net::SocketAddr;
 use std::time::Duration;
@@ -38,12 +40,7 @@ impl TestServer {
         let handle = server.handle();
         let shutdown = CancellationToken::new();
         let task = tokio::spawn(server.run(shutdown.clone()));
-        TestServer {
-            addr,
-            handle,
-            shutdown,
-            task,
-        }
+        TestServer { addr, handle, shutdown, task }
     }
 
     pub fn url(&self) -> String {
@@ -55,9 +52,7 @@ impl TestServer {
     }
 
     pub async fn connect_with(&self, name: &str, config: ClientConfig) -> (Client, Events) {
-        within(Client::connect_with(&self.url(), name, config))
-            .await
-            .unwrap()
+        within(Client::connect_with(&self.url(), name, config)).await.unwrap()
     }
 
     /// Shuts the server down and waits for `run` to return.
@@ -74,9 +69,7 @@ impl TestServer {
 
 /// Awaits `fut`, failing the test if it takes longer than [`WAIT`].
 pub async fn within<F: Future>(fut: F) -> F::Output {
-    tokio::time::timeout(WAIT, fut)
-        .await
-        .expect("timed out waiting")
+    tokio::time::timeout(WAIT, fut).await.expect("timed out waiting")
 }
 
 /// Polls `condition` until it holds, failing the test after [`WAIT`].
@@ -113,10 +106,26 @@ impl RawPeer {
     pub async fn connect(addr: SocketAddr) -> RawPeer {
         let stream = TcpStream::connect(addr).await.unwrap();
         RawPeer {
-            framed: Framed::new(
-                stream,
-                MessageCodec::new(relay_proto::DEFAULT_MAX_FRAME_LEN),
-            ),
+            framed: Framed::new(stream, MessageCodec::new(relay_proto::DEFAULT_MAX_FRAME_LEN)),
+        }
+    }
+
+    /// Connects with a tiny receive buffer, so a peer that stops reading backs up quickly.
+    pub async fn connect_small_buffer(addr: SocketAddr) -> RawPeer {
+        let socket = tokio::net::TcpSocket::new_v4().unwrap();
+        socket.set_recv_buffer_size(4096).unwrap();
+        let stream = socket.connect(addr).await.unwrap();
+        RawPeer {
+            framed: Framed::new(stream, MessageCodec::new(relay_proto::DEFAULT_MAX_FRAME_LEN)),
+        }
+    }
+
+    /// Registers an already connected peer as `name`.
+    pub async fn register_as(mut self, name: &str) -> RawPeer {
+        self.send(Message::register(1, name)).await;
+        match self.recv().await {
+            Some(ServerEvent::Reply { status: Status::Registered, .. }) => self,
+            other => panic!("registration failed: {other:?}"),
         }
     }
 
@@ -125,10 +134,7 @@ impl RawPeer {
         let mut peer = RawPeer::connect(addr).await;
         peer.send(Message::register(1, name)).await;
         match peer.recv().await {
-            Some(ServerEvent::Reply {
-                status: Status::Registered,
-                ..
-            }) => peer,
+            Some(ServerEvent::Reply { status: Status::Registered, .. }) => peer,
             other => panic!("registration failed: {other:?}"),
         }
     }
@@ -140,9 +146,7 @@ impl RawPeer {
     /// Writes raw bytes, bypassing the codec.
     pub async fn send_raw(&mut self, bytes: &[u8]) {
         use tokio::io::AsyncWriteExt;
-        within(self.framed.get_mut().write_all(bytes))
-            .await
-            .unwrap();
+        within(self.framed.get_mut().write_all(bytes)).await.unwrap();
     }
 
     /// The next message from the server, or `None` at end of stream or on a read error.
@@ -157,12 +161,7 @@ impl RawPeer {
     pub async fn closing_status(&mut self) -> Option<Status> {
         let mut status = None;
         while let Some(event) = self.recv().await {
-            if let ServerEvent::Reply {
-                status: s,
-                closing: true,
-                ..
-            } = event
-            {
+            if let ServerEvent::Reply { status: s, closing: true, .. } = event {
                 status = Some(s);
             }
         }

@@ -1,0 +1,118 @@
+//! Resource faults against the real server binary: sockets that only send a length header,
+//! running out of file descriptors, and (ignored, for measuring) memory per idle client.
+
+// Helpers here fail the test by panicking, like the tests themselves.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+mod common;
+
+use std::time::Duration;
+
+use common::process::ServerProcess;
+use common::within;
+use relay_client::{Client, Event};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+#[tokio::test]
+async fn a_thousand_sockets_that_send_one_header_each_cost_little_memory() {
+    let server = ServerProcess::spawn(&["--register-timeout", "3s"], None).await;
+    let before = server.rss_kib();
+    let mut sockets = Vec::new();
+    for i in 0..1000u32 {
+        let mut socket = within(TcpStream::connect(server.addr)).await.unwrap();
+        // Half claim a frame just under the 1 KiB pre-registration limit and never send it;
+        // half claim 2 GiB and must be refused from the header alone.
+        let claim: u32 = if i % 2 == 0 { 1000 } else { 0x7fff_ffff };
+        socket.write_all(&claim.to_be_bytes()).await.unwrap();
+        sockets.push(socket);
+    }
+    // Every socket is closed by the server: the refused ones at once, the rest when their
+    // registration time runs out. Wait for all of them.
+    let closes: Vec<_> = sockets
+        .into_iter()
+        .map(|mut socket| {
+            tokio::spawn(async move {
+                let mut sink = Vec::new();
+                within(socket.read_to_end(&mut sink)).await.is_ok()
+            })
+        })
+        .collect();
+    for close in closes {
+        close.await.unwrap();
+    }
+    let peak = server.peak_rss_kib();
+    let growth = peak.saturating_sub(before);
+    println!("RSS before {before} KiB, peak with 1,000 header-only sockets {peak} KiB");
+    // About 1 KiB of buffer each plus a task: allow far more, but not a full frame each.
+    assert!(growth < 1000 * 32, "peak grew by {growth} KiB for 1,000 sockets");
+
+    // Still serving.
+    let (client, _events) =
+        within(Client::connect(&server.addr.to_string(), "after")).await.unwrap();
+    within(client.offline()).await.unwrap();
+}
+
+#[tokio::test]
+async fn the_accept_loop_survives_running_out_of_file_descriptors_and_recovers() {
+    let mut server = ServerProcess::spawn(&["--register-timeout", "60s"], Some(40)).await;
+    // Far more connections than the server has descriptors for. The kernel completes the
+    // handshakes (backlog), so these all succeed; the server's accept fails with EMFILE.
+    let mut sockets = Vec::new();
+    for _ in 0..60 {
+        sockets.push(within(TcpStream::connect(server.addr)).await.unwrap());
+    }
+    server.expect_log("accept failed").await;
+    // Release descriptors: the server sees these close and frees theirs.
+    sockets.truncate(5);
+    let url = server.addr.to_string();
+    let (client, mut events) = within(async {
+        loop {
+            match Client::connect(&url, "survivor").await {
+                Ok(connected) => return connected,
+                // Until the server has caught up with the backlog, it may still be full.
+                Err(_) => tokio::time::sleep(Duration::from_millis(20)).await,
+            }
+        }
+    })
+    .await;
+    client.send("survivor", "hello me").await.unwrap();
+    match within(events.next()).await {
+        Some(Event::Message { content, .. }) => assert_eq!(&content[..], b"hello me"),
+        other => panic!("{other:?}"),
+    }
+    assert!(server.child.try_wait().unwrap().is_none(), "server exited");
+}
+
+/// Measures server memory per idle registered client. Not a pass/fail test: run with
+/// `cargo test --release -p relay-server --test footprint -- --ignored --nocapture`
+/// (`RELAY_IDLE_CLIENTS` sets the count, default 1,000).
+#[tokio::test]
+#[ignore = "measurement; run explicitly"]
+async fn measure_rss_per_idle_client() {
+    let count: usize =
+        std::env::var("RELAY_IDLE_CLIENTS").ok().and_then(|v| v.parse().ok()).unwrap_or(1000);
+    let server = ServerProcess::spawn(&["--max-clients", "100000"], None).await;
+    let url = server.addr.to_string();
+    // One client first, so the runtime's threads and buffers are in the baseline.
+    let (probe, mut probe_events) = within(Client::connect(&url, "probe")).await.unwrap();
+    let before = server.rss_kib();
+    let started = std::time::Instant::now();
+    let mut clients = Vec::with_capacity(count);
+    for i in 0..count {
+        clients.push(within(Client::connect(&url, &format!("idle{i}"))).await.unwrap());
+    }
+    let connect_time = started.elapsed();
+    probe.list_users().await.unwrap();
+    match within(probe_events.next()).await {
+        Some(Event::Users { users, .. }) => assert_eq!(users.len(), count + 1),
+        other => panic!("{other:?}"),
+    }
+    let after = server.rss_kib();
+    let per_client = (after.saturating_sub(before)) as f64 * 1024.0 / count as f64;
+    println!(
+        "{count} idle clients: connected in {connect_time:.2?}; server RSS {before} KiB -> \
+         {after} KiB; {per_client:.0} bytes ({:.2} KiB) per client",
+        per_client / 1024.0
+    );
+}

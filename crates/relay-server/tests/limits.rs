@@ -1,0 +1,237 @@
+//! Hostile input, overload and faults, in-process with small limits and short timeouts:
+//! each limit holds, its error is typed, and only the offending connection is affected.
+
+mod common;
+
+use std::time::Duration;
+
+use bytes::Bytes;
+use common::{RawPeer, TestServer, next_event, next_message, wait_until, within};
+use relay_client::{Client, ConnectError, Event};
+use relay_proto::{Message, ServerEvent, Status};
+use relay_server::Config;
+
+fn config() -> Config {
+    Config::default()
+}
+
+#[tokio::test]
+async fn an_oversized_header_before_registering_is_refused_from_the_header_alone() {
+    let server = TestServer::start().await;
+    let mut peer = RawPeer::connect(server.addr).await;
+    // 2 KiB is fine after registering but over the 1 KiB pre-registration limit. Only the
+    // header is sent: the server must answer without waiting for the body.
+    peer.send_raw(&2048u32.to_be_bytes()).await;
+    assert_eq!(peer.closing_status().await, Some(Status::FrameTooLarge));
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn a_length_bomb_inside_a_valid_frame_is_malformed_and_harms_no_one() {
+    let server = TestServer::start().await;
+    let (alice, _a) = server.connect("alice").await;
+    let (_bob, mut bob_events) = server.connect("bob").await;
+    let mut bomber = RawPeer::register(server.addr, "bomber").await;
+    // A well-framed 30-byte body whose `to` claims 2^40 bytes.
+    let mut body = Vec::new();
+    body.extend_from_slice(&1u16.to_le_bytes());
+    body.extend_from_slice(&9u64.to_le_bytes());
+    body.extend_from_slice(&0u32.to_le_bytes());
+    body.extend_from_slice(&[0, 0]);
+    body.extend_from_slice(&(1u64 << 40).to_le_bytes());
+    body.extend_from_slice(b"bob\0\0\0\0\0");
+    let mut frame = (body.len() as u32).to_be_bytes().to_vec();
+    frame.extend_from_slice(&body);
+    bomber.send_raw(&frame).await;
+    assert_eq!(bomber.closing_status().await, Some(Status::Malformed));
+    server.wait_until_gone("bomber").await;
+    alice.send("bob", "still fine").await.unwrap();
+    assert_eq!(next_message(&mut bob_events).await, ("alice".into(), "still fine".into()));
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn a_connection_that_does_not_register_in_time_is_closed() {
+    let server = TestServer::with_config(Config {
+        register_timeout: Duration::from_millis(200),
+        ..config()
+    })
+    .await;
+    let mut idle = RawPeer::connect(server.addr).await;
+    assert_eq!(idle.closing_status().await, Some(Status::RegistrationTimeout));
+    wait_until(|| server.handle.connections() == 0).await;
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn a_peer_that_never_answers_pings_is_dropped_and_its_name_freed() {
+    let server = TestServer::with_config(Config {
+        ping_interval: Duration::from_millis(100),
+        idle_timeout: Duration::from_millis(300),
+        ..config()
+    })
+    .await;
+    // The library answers pings; it must outlive the silent peer.
+    let (alive, mut alive_events) = server.connect("alive").await;
+    let mut frozen = RawPeer::register(server.addr, "frozen").await;
+    assert!(matches!(frozen.recv().await, Some(ServerEvent::Ping { .. })));
+    assert_eq!(frozen.closing_status().await, Some(Status::IdleTimeout));
+    server.wait_until_gone("frozen").await;
+
+    // By now "alive" has been quiet longer than the idle timeout too, and answered its pings.
+    assert!(server.handle.users().iter().any(|(n, _)| n == "alive"));
+    let (other, _o) = server.connect("other").await;
+    other.send("alive", "you there?").await.unwrap();
+    assert_eq!(next_message(&mut alive_events).await, ("other".into(), "you there?".into()));
+    drop(alive);
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn a_receiver_that_never_reads_costs_its_senders_nothing_but_a_typed_reply() {
+    let server = TestServer::with_config(Config {
+        outbox_bytes: 128 * 1024,
+        write_timeout: Duration::from_millis(500),
+        ..config()
+    })
+    .await;
+    let sink = RawPeer::connect_small_buffer(server.addr).await.register_as("sink").await;
+    let (alice, mut alice_events) = server.connect("alice").await;
+    let (carol, _c) = server.connect("carol").await;
+    let (_dave, mut dave_events) = server.connect("dave").await;
+
+    // Flood the sink until the server refuses a message for it. Kernel buffers absorb a few
+    // MiB first; 4,000 messages of 32 KiB (125 MiB) is far more than they hold.
+    let payload = Bytes::from(vec![b'x'; 32 * 1024]);
+    let mut refused = None;
+    for _ in 0..4000 {
+        alice.send("sink", payload.clone()).await.unwrap();
+        if let Some(event) = alice_events.try_next() {
+            refused = Some(event);
+            break;
+        }
+        // Let the writer run so the socket fills; this is a yield, not a timed wait.
+        tokio::task::yield_now().await;
+    }
+    let refused = match refused {
+        Some(event) => event,
+        None => next_event(&mut alice_events).await,
+    };
+    match refused {
+        Event::Rejected { status: Status::NotDelivered, to, .. } => assert_eq!(to, "sink"),
+        other => panic!("expected NotDelivered, got {other:?}"),
+    }
+
+    // Another pair is unaffected while the sink is stuck.
+    carol.send("dave", "unaffected").await.unwrap();
+    assert_eq!(next_message(&mut dave_events).await, ("carol".into(), "unaffected".into()));
+
+    // The sink drains nothing, so it is disconnected as a slow consumer and its name freed.
+    server.wait_until_gone("sink").await;
+    drop(sink);
+    // The messages still queued for it when it was dropped are reported to their sender.
+    let id = alice.send("sink", "gone").await.unwrap();
+    let mut stranded = 0;
+    loop {
+        match next_event(&mut alice_events).await {
+            Event::NotFound { id: got, .. } if got == id => break,
+            Event::Rejected { status: Status::NotDelivered, detail, .. } => {
+                if detail.contains("disconnected") {
+                    stranded += 1;
+                }
+            }
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+    assert!(stranded > 0, "no sender was told about the messages stranded in the outbox");
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn the_connection_cap_refuses_with_server_full_and_releases_slots() {
+    let server = TestServer::with_config(Config { max_clients: 3, ..config() }).await;
+    let (a, _ae) = server.connect("a").await;
+    let (_b, _be) = server.connect("b").await;
+    let (_c, _ce) = server.connect("c").await;
+    match within(Client::connect(&server.url(), "d")).await {
+        Err(ConnectError::Refused { status: Status::ServerFull, .. }) => {}
+        other => panic!("expected ServerFull, got {other:?}"),
+    }
+    within(a.offline()).await.unwrap();
+    wait_until(|| server.handle.connections() == 2).await;
+    let (d, _de) = server.connect("d").await;
+    assert_eq!(d.name(), "d");
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn on_exit_everything_already_sent_is_delivered_before_the_shutdown_notice() {
+    let server = TestServer::start().await;
+    let (alice, mut alice_events) = server.connect("alice").await;
+    let (_bob, mut bob_events) = server.connect("bob").await;
+    for i in 0..2000u32 {
+        alice.send("bob", i.to_string()).await.unwrap();
+    }
+    // Alice's messages are handled in order by one task, so once her note to herself comes
+    // back, all 2,000 are queued for bob.
+    alice.send("alice", "sync").await.unwrap();
+    assert_eq!(next_message(&mut alice_events).await, ("alice".into(), "sync".into()));
+
+    server.shutdown.cancel();
+    for i in 0..2000u32 {
+        assert_eq!(next_message(&mut bob_events).await, ("alice".into(), i.to_string()));
+    }
+    assert!(matches!(next_event(&mut bob_events).await, Event::ServerShutdown { .. }));
+    within(server.task).await.unwrap();
+}
+
+#[tokio::test]
+async fn a_client_that_stopped_reading_cannot_hold_up_shutdown() {
+    let server = TestServer::with_config(Config {
+        outbox_bytes: 128 * 1024,
+        // Long enough that only the shutdown drain time can end the stuck connection.
+        write_timeout: Duration::from_secs(600),
+        shutdown_timeout: Duration::from_millis(300),
+        ..config()
+    })
+    .await;
+    let _sink = RawPeer::connect_small_buffer(server.addr).await.register_as("sink").await;
+    let (alice, mut alice_events) = server.connect("alice").await;
+    let payload = Bytes::from(vec![b'x'; 32 * 1024]);
+    for _ in 0..4000 {
+        alice.send("sink", payload.clone()).await.unwrap();
+        if alice_events.try_next().is_some() {
+            break;
+        }
+        tokio::task::yield_now().await;
+    }
+    let started = tokio::time::Instant::now();
+    server.shutdown.cancel();
+    within(server.task).await.unwrap();
+    // Bounded by the drain time, not the (10-minute) write timeout.
+    assert!(started.elapsed() < Duration::from_secs(60), "took {:?}", started.elapsed());
+}
+
+#[tokio::test]
+async fn a_message_that_outgrows_the_frame_once_stamped_is_refused_not_dropped() {
+    let server = TestServer::with_config(Config { max_frame_len: 1024, ..config() }).await;
+    let mut peer = RawPeer::register(server.addr, "a_rather_long_sender_name").await;
+    let (_bob, _be) = server.connect("bob").await;
+    let empty = relay_proto::encoded_len(&Message::send(2, "bob", ""));
+    // Exactly at the limit as sent; over it once the sender's name is added.
+    peer.send(Message::send(2, "bob", vec![0u8; 1024 - empty])).await;
+    assert!(matches!(
+        peer.recv().await,
+        Some(ServerEvent::Reply { id: 2, status: Status::FrameTooLarge, closing: false, .. })
+    ));
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn clients_may_ping_the_server() {
+    let server = TestServer::start().await;
+    let mut peer = RawPeer::register(server.addr, "pinger").await;
+    peer.send(Message::ping(42)).await;
+    assert_eq!(peer.recv().await, Some(ServerEvent::Pong { id: 42 }));
+    server.stop().await;
+}
