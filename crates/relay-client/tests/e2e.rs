@@ -13,23 +13,26 @@ use tokio::process::{Child, ChildStdin, Command};
 
 const WAIT: Duration = Duration::from_secs(30);
 
-/// The client binary is built for this test; the server binary sits beside it when the whole
-/// workspace is tested. If it is missing (only this package was built), build it.
+/// The client binary is built for this test by cargo. The server binary belongs to another
+/// package, which `cargo test -p relay-client` would not rebuild: build it once here (a no-op
+/// when it is up to date) so the test never runs a stale server.
 fn binary(name: &str) -> PathBuf {
+    static SERVER_BUILT: std::sync::Once = std::sync::Once::new();
     let client = PathBuf::from(env!("CARGO_BIN_EXE_relay-client"));
     if name == "relay-client" {
         return client;
     }
-    let path = client.with_file_name(name);
-    if !path.exists() {
+    SERVER_BUILT.call_once(|| {
         let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-        let status = std::process::Command::new(cargo)
-            .args(["build", "--quiet", "-p", name, "--bin", name])
-            .status()
-            .expect("run cargo build");
+        let mut build = std::process::Command::new(cargo);
+        build.args(["build", "--quiet", "-p", name, "--bin", name]);
+        if !cfg!(debug_assertions) {
+            build.arg("--release");
+        }
+        let status = build.status().expect("run cargo build");
         assert!(status.success(), "building {name} failed");
-    }
-    path
+    });
+    client.with_file_name(name)
 }
 
 /// Reads a child's output line by line, with a timeout on every wait.
@@ -222,4 +225,39 @@ async fn server_reports_a_port_in_use_clearly() {
     let stderr = String::from_utf8(out.stderr).unwrap();
     assert!(stderr.contains("cannot listen on 127.0.0.1:"), "{stderr}");
     assert!(!stderr.contains("panicked"), "{stderr}");
+}
+
+#[tokio::test]
+async fn sigterm_and_sigint_shut_down_like_exit() {
+    for signal in ["-TERM", "-INT"] {
+        let (server, _log, addr) = start_server().await;
+        let mut alice = Process::spawn("relay-client", &["--server", &addr, "--user", "alice"]);
+        let mut alice_out = Output::new(alice.child.stdout.take().unwrap());
+        alice_out.expect("as alice").await;
+        let pid = server.child.id().unwrap().to_string();
+        let status = Command::new("kill").args([signal, &pid]).status().await.unwrap();
+        assert!(status.success());
+        alice_out.expect("server is shutting down").await;
+        assert!(alice.exit_status().await.success(), "client after {signal}");
+        assert!(server.exit_status().await.success(), "server after {signal}");
+    }
+}
+
+#[tokio::test]
+async fn the_server_keeps_serving_when_its_stdin_is_closed() {
+    let (server, mut log, addr) = start_server().await;
+    // Closing the console's input is not a shutdown.
+    drop(server.stdin);
+    log.expect("console input closed").await;
+    let mut server_child = server.child;
+    let mut alice = Process::spawn("relay-client", &["--server", &addr, "--user", "alice"]);
+    let mut alice_out = Output::new(alice.child.stdout.take().unwrap());
+    alice_out.expect("as alice").await;
+    log.expect("name=alice").await;
+    alice.type_line("send alice still serving").await;
+    assert_eq!(alice_out.expect("alice:").await, "alice: still serving");
+    assert!(server_child.try_wait().unwrap().is_none(), "server exited");
+    alice.type_line("EXIT").await;
+    assert!(alice.exit_status().await.success());
+    server_child.start_kill().unwrap();
 }

@@ -35,7 +35,7 @@ where
         let line = match line {
             Ok(Some(line)) => line,
             Ok(None) => {
-                tracing::debug!("console input closed; serving until EXIT, SIGINT or SIGTERM");
+                tracing::info!("console input closed; serving until SIGINT or SIGTERM");
                 return Ok(());
             }
             Err(e) => {
