@@ -16,6 +16,7 @@ use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::sync::mpsc;
+use tokio::time::Instant;
 use tokio_util::codec::{Encoder, FramedRead};
 use tokio_util::sync::CancellationToken;
 
@@ -39,6 +40,12 @@ pub struct ClientConfig {
     pub event_queue: usize,
     /// How long [`Client::offline`] waits for the server to close the session (default 5 s).
     pub close_timeout: Duration,
+    /// After this long without hearing from the server the client pings it (default 30 s).
+    pub ping_interval: Duration,
+    /// If the server sends nothing, not even a pong, for this long, the connection is given
+    /// up with [`Event::Disconnected`] (default 90 s). This is how a client notices a server
+    /// whose host vanished, which TCP alone may not report for many minutes.
+    pub idle_timeout: Duration,
 }
 
 impl Default for ClientConfig {
@@ -50,6 +57,8 @@ impl Default for ClientConfig {
             send_queue: 1024,
             event_queue: 1024,
             close_timeout: Duration::from_secs(5),
+            ping_interval: Duration::from_secs(30),
+            idle_timeout: Duration::from_secs(90),
         }
     }
 }
@@ -208,6 +217,7 @@ impl Client {
             outgoing_rx,
             write,
             MessageCodec::new(config.max_frame_len),
+            inner.reader_done.clone(),
             inner.writer_done.clone(),
         ));
         tokio::spawn(
@@ -218,6 +228,8 @@ impl Client {
                 outgoing: outgoing.downgrade(),
                 going_offline: inner.going_offline.clone(),
                 pending_users: Vec::new(),
+                ping_interval: config.ping_interval,
+                idle_timeout: config.idle_timeout.max(config.ping_interval),
             }
             .run(frames, inner.reader_done.clone()),
         );
@@ -304,16 +316,26 @@ impl Client {
 }
 
 /// Writes everything handed to it, many frames per syscall, until an offline notice has been
-/// written, every sender is gone, or the socket fails.
+/// written, every sender is gone, the reader has given up on the connection, or the socket
+/// fails.
 async fn write_loop(
     mut outgoing: mpsc::Receiver<Message>,
     mut socket: OwnedWriteHalf,
     mut codec: MessageCodec,
+    reader_done: CancellationToken,
     done: CancellationToken,
 ) {
     let mut batch = Vec::with_capacity(64);
     let mut buf = BytesMut::new();
-    'write: while outgoing.recv_many(&mut batch, 256).await > 0 {
+    loop {
+        let received = tokio::select! {
+            received = outgoing.recv_many(&mut batch, 256) => received,
+            // The connection is over: closed by the server, or given up as dead.
+            () = reader_done.cancelled() => break,
+        };
+        if received == 0 {
+            break;
+        }
         let mut last = false;
         for msg in batch.drain(..) {
             last |= msg.exit;
@@ -326,7 +348,7 @@ async fn write_loop(
             }
         }
         if socket.write_all_buf(&mut buf).await.is_err() || last {
-            break 'write;
+            break;
         }
         if buf.capacity() > 64 * 1024 {
             buf = BytesMut::new();
@@ -344,6 +366,8 @@ struct Reader {
     going_offline: Arc<AtomicBool>,
     /// A user listing arriving in parts.
     pending_users: Vec<User>,
+    ping_interval: Duration,
+    idle_timeout: Duration,
 }
 
 impl Reader {
@@ -352,8 +376,38 @@ impl Reader {
         mut frames: FramedRead<OwnedReadHalf, MessageCodec>,
         done: CancellationToken,
     ) {
+        let mut last_heard = Instant::now();
+        let mut ping_id: u64 = 0;
+        let mut pinged = false;
+        // Re-armed only when it fires, so a busy connection pays nothing per frame for it.
+        let timer = tokio::time::sleep_until(last_heard + self.ping_interval);
+        tokio::pin!(timer);
         loop {
-            let event = match frames.next().await {
+            let frame = tokio::select! {
+                frame = frames.next() => frame,
+                () = &mut timer => {
+                    let silent = last_heard.elapsed();
+                    if silent >= self.idle_timeout {
+                        let reason = format!("the server stopped answering ({silent:.0?} silent)");
+                        self.emit(Event::Disconnected { reason }).await;
+                        break;
+                    }
+                    if silent >= self.ping_interval && !pinged {
+                        pinged = true;
+                        ping_id += 1;
+                        if let Some(outgoing) = self.outgoing.upgrade() {
+                            // Never wait here: a full queue means traffic is flowing anyway.
+                            let _ = outgoing.try_send(Message::ping(ping_id));
+                        }
+                    }
+                    let next = if pinged { self.idle_timeout } else { self.ping_interval };
+                    timer.as_mut().reset(last_heard + next);
+                    continue;
+                }
+            };
+            last_heard = Instant::now();
+            pinged = false;
+            let event = match frame {
                 None => {
                     if !self.going_offline.load(Ordering::Relaxed) {
                         let reason = "the server closed the connection".to_string();

@@ -1,0 +1,77 @@
+//! The client notices a server that stops answering, and stays connected to one that does.
+
+// The fake server fails the test by panicking, like the tests themselves.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+use std::time::Duration;
+
+use futures_util::{SinkExt, StreamExt};
+use relay_client::{Client, ClientConfig, Event};
+use relay_proto::{Kind, Message, MessageCodec, Status};
+use tokio::net::TcpListener;
+use tokio::sync::mpsc;
+use tokio_util::codec::Framed;
+
+const WAIT: Duration = Duration::from_secs(20);
+
+fn quick() -> ClientConfig {
+    ClientConfig {
+        ping_interval: Duration::from_millis(100),
+        idle_timeout: Duration::from_millis(300),
+        ..ClientConfig::default()
+    }
+}
+
+/// A fake server: accepts one client, registers it, then reports every ping it receives and
+/// answers it only if `answer` is set. It never closes the connection by itself.
+async fn fake_server(answer: bool) -> (String, mpsc::UnboundedReceiver<u64>) {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap().to_string();
+    let (pings, pings_rx) = mpsc::unbounded_channel();
+    tokio::spawn(async move {
+        let (stream, _) = listener.accept().await.unwrap();
+        let mut framed = Framed::new(stream, MessageCodec::new(relay_proto::DEFAULT_MAX_FRAME_LEN));
+        let register = framed.next().await.unwrap().unwrap();
+        framed
+            .send(Message::reply(register.id, Status::Registered, register.from, "welcome"))
+            .await
+            .unwrap();
+        while let Some(Ok(msg)) = framed.next().await {
+            if msg.kind == Kind::Ping {
+                let _ = pings.send(msg.id);
+                if answer {
+                    framed.send(Message::pong(msg.id)).await.unwrap();
+                }
+            }
+        }
+    });
+    (addr, pings_rx)
+}
+
+#[tokio::test]
+async fn a_server_that_stops_answering_is_given_up() {
+    let (addr, mut pings) = fake_server(false).await;
+    let (client, mut events) = Client::connect_with(&addr, "alice", quick()).await.unwrap();
+    let event = tokio::time::timeout(WAIT, events.next()).await.unwrap();
+    match event {
+        Some(Event::Disconnected { reason }) => assert!(reason.contains("stopped answering")),
+        other => panic!("expected Disconnected, got {other:?}"),
+    }
+    assert!(pings.try_recv().is_ok(), "the client never pinged");
+    assert!(client.is_closed());
+    // The client also closed its end: the fake server sees the end of the stream, which ends
+    // its task and with it the ping channel.
+    tokio::time::timeout(WAIT, async { while pings.recv().await.is_some() {} }).await.unwrap();
+}
+
+#[tokio::test]
+async fn a_server_that_answers_keeps_the_client_connected() {
+    let (addr, mut pings) = fake_server(true).await;
+    let (client, events) = Client::connect_with(&addr, "alice", quick()).await.unwrap();
+    // A client pings only while it still believes in the connection, 100 ms after the last
+    // pong. Six pings in a row span twice the idle timeout, so answered pings kept it alive.
+    for _ in 0..6 {
+        tokio::time::timeout(WAIT, pings.recv()).await.unwrap().unwrap();
+    }
+    drop((client, events));
+}
