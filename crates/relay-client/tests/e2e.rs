@@ -104,16 +104,20 @@ async fn start_server() -> (Process, Output<tokio::process::ChildStderr>, String
     (server, log, addr)
 }
 
+/// Starts an interactive client and waits for its "connected" line.
+async fn start_client(addr: &str, name: &str) -> (Process, Output<tokio::process::ChildStdout>) {
+    let mut client = Process::spawn("relay-client", &["--server", addr, "--user", name]);
+    let mut out = Output::new(client.child.stdout.take().unwrap());
+    out.expect(&format!("as {name}")).await;
+    (client, out)
+}
+
 #[tokio::test]
 async fn two_clients_chat_and_the_operator_shuts_everything_down() {
     let (mut server, mut server_log, addr) = start_server().await;
 
-    let mut alice = Process::spawn("relay-client", &["--server", &addr, "--user", "alice"]);
-    let mut alice_out = Output::new(alice.child.stdout.take().unwrap());
-    alice_out.expect("as alice").await;
-    let mut bob = Process::spawn("relay-client", &["--server", &addr, "--user", "bob"]);
-    let mut bob_out = Output::new(bob.child.stdout.take().unwrap());
-    bob_out.expect("as bob").await;
+    let (mut alice, mut alice_out) = start_client(&addr, "alice").await;
+    let (mut bob, mut bob_out) = start_client(&addr, "bob").await;
     server_log.expect("name=bob").await;
 
     alice.type_line("send bob hello bob").await;
@@ -140,17 +144,13 @@ async fn two_clients_chat_and_the_operator_shuts_everything_down() {
 async fn exit_command_and_end_of_input_leave_cleanly() {
     let (mut server, mut server_log, addr) = start_server().await;
 
-    let mut alice = Process::spawn("relay-client", &["--server", &addr, "--user", "alice"]);
-    let mut alice_out = Output::new(alice.child.stdout.take().unwrap());
-    alice_out.expect("as alice").await;
+    let (mut alice, _alice_out) = start_client(&addr, "alice").await;
     alice.type_line("EXIT").await;
     assert!(alice.exit_status().await.success());
     server_log.expect("offline").await;
 
     // End of input works like EXIT, and the name is free again.
-    let mut again = Process::spawn("relay-client", &["--server", &addr, "--user", "alice"]);
-    let mut again_out = Output::new(again.child.stdout.take().unwrap());
-    again_out.expect("as alice").await;
+    let (mut again, _again_out) = start_client(&addr, "alice").await;
     drop(again.stdin);
     let status = tokio::time::timeout(WAIT, again.child.wait()).await.unwrap().unwrap();
     assert!(status.success());
@@ -178,9 +178,7 @@ async fn client_failure(args: &[&str]) -> (ExitStatus, String) {
 #[tokio::test]
 async fn user_mistakes_get_one_clear_line_and_a_failure_code() {
     let (mut server, _log, addr) = start_server().await;
-    let mut alice = Process::spawn("relay-client", &["--server", &addr, "--user", "alice"]);
-    let mut alice_out = Output::new(alice.child.stdout.take().unwrap());
-    alice_out.expect("as alice").await;
+    let (alice, _alice_out) = start_client(&addr, "alice").await;
 
     let (status, stderr) = client_failure(&["--server", &addr, "--user", "alice"]).await;
     assert!(!status.success());
@@ -250,9 +248,7 @@ async fn the_server_keeps_serving_when_its_stdin_is_closed() {
     drop(server.stdin);
     log.expect("console input closed").await;
     let mut server_child = server.child;
-    let mut alice = Process::spawn("relay-client", &["--server", &addr, "--user", "alice"]);
-    let mut alice_out = Output::new(alice.child.stdout.take().unwrap());
-    alice_out.expect("as alice").await;
+    let (mut alice, mut alice_out) = start_client(&addr, "alice").await;
     log.expect("name=alice").await;
     alice.type_line("send alice still serving").await;
     assert_eq!(alice_out.expect("alice:").await, "alice: still serving");

@@ -1,6 +1,9 @@
 //! The core relay behaviour, driven in-process through the client library: registration,
 //! routing by name and address, not found, going offline, ordering, operator shutdown.
 
+// Helpers here fail the test by panicking, like the tests themselves.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
 mod common;
 
 use bytes::Bytes;
@@ -280,36 +283,28 @@ async fn garbage_and_oversized_frames_drop_only_their_sender() {
     server.stop().await;
 }
 
+/// Runs the operator console over `input` and returns what it printed.
+async fn console(server: &TestServer, input: &str) -> String {
+    let mut out = Vec::new();
+    let handle = server.handle.clone();
+    relay_server::run_console(input.as_bytes(), &mut out, handle, server.shutdown.clone())
+        .await
+        .unwrap();
+    String::from_utf8(out).unwrap()
+}
+
 #[tokio::test]
 async fn console_exit_shuts_the_server_down_and_end_of_input_does_not() {
     let server = TestServer::start().await;
     let (_alice, mut events) = server.connect("alice").await;
 
     // End of input: the console returns, the server keeps serving.
-    let mut out = Vec::new();
-    relay_server::run_console(
-        &b"help\nlist\n"[..],
-        &mut out,
-        server.handle.clone(),
-        server.shutdown.clone(),
-    )
-    .await
-    .unwrap();
-    let out = String::from_utf8(out).unwrap();
+    let out = console(&server, "help\nlist\n").await;
     assert!(out.contains("EXIT"), "{out}");
     assert!(out.contains("1 online") && out.contains("alice 127.0.0.1:"), "{out}");
     assert!(!server.shutdown.is_cancelled());
 
-    let mut out = Vec::new();
-    relay_server::run_console(
-        &b"bogus\nEXIT\nlist\n"[..],
-        &mut out,
-        server.handle.clone(),
-        server.shutdown.clone(),
-    )
-    .await
-    .unwrap();
-    let out = String::from_utf8(out).unwrap();
+    let out = console(&server, "bogus\nEXIT\nlist\n").await;
     assert!(out.contains("unknown command 'bogus'"), "{out}");
     assert!(out.contains("shutting down"), "{out}");
     assert!(server.shutdown.is_cancelled());

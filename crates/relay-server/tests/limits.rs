@@ -1,6 +1,9 @@
 //! Hostile input, overload and faults, in-process with small limits and short timeouts:
 //! each limit holds, its error is typed, and only the offending connection is affected.
 
+// Helpers here fail the test by panicking, like the tests themselves.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
 mod common;
 
 use std::time::Duration;
