@@ -32,6 +32,18 @@ pub(crate) struct Registry {
     names: RwLock<Names>,
 }
 
+/// An address in the form users see and type: an IPv4 client of a dual-stack (`::`) listener
+/// shows as `1.2.3.4:5`, not `[::ffff:1.2.3.4]:5`.
+fn canonical(addr: SocketAddr) -> SocketAddr {
+    match addr {
+        SocketAddr::V6(v6) => match v6.ip().to_ipv4_mapped() {
+            Some(v4) => SocketAddr::from((v4, v6.port())),
+            None => addr,
+        },
+        SocketAddr::V4(_) => addr,
+    }
+}
+
 /// The name is already registered.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) struct NameTaken;
@@ -54,6 +66,7 @@ impl Registry {
         addr: SocketAddr,
         outbox: Outbox,
     ) -> Result<(Arc<str>, u64), NameTaken> {
+        let addr = canonical(addr);
         let mut names = self.write();
         let name: Arc<str> = Arc::from(name);
         names.next_token += 1;
@@ -92,7 +105,7 @@ impl Registry {
         f: impl FnOnce(&str, &Registered) -> R,
     ) -> Option<R> {
         let names = self.read();
-        let name = names.by_addr.get(&addr)?;
+        let name = names.by_addr.get(&canonical(addr))?;
         names.by_name.get(name).map(|entry| f(name, entry))
     }
 
@@ -132,5 +145,16 @@ mod tests {
         assert_eq!(registry.with_addr(addr(1), |n, _| n.to_string()), None);
         registry.remove("alice", second);
         assert_eq!(registry.len(), 0);
+    }
+
+    #[test]
+    fn ipv4_clients_of_a_dual_stack_listener_are_known_by_their_ipv4_address() {
+        let registry = Registry::default();
+        let mapped: SocketAddr = "[::ffff:10.1.2.3]:4000".parse().unwrap();
+        registry.insert("bob", mapped, Outbox::new(100)).unwrap();
+        let plain: SocketAddr = "10.1.2.3:4000".parse().unwrap();
+        assert_eq!(registry.list(), vec![(Arc::from("bob"), plain)]);
+        assert_eq!(registry.with_addr(plain, |n, _| n.to_string()), Some("bob".into()));
+        assert_eq!(registry.with_addr(mapped, |n, _| n.to_string()), Some("bob".into()));
     }
 }

@@ -80,6 +80,18 @@ async fn messages_are_routed_by_name_and_by_address() {
 }
 
 #[tokio::test]
+async fn ipv6_clients_are_served_and_addressable() {
+    let server = TestServer::bind("[::1]:0", relay_server::Config::default()).await;
+    let (alice, _a) = server.connect("alice").await;
+    let (bob, mut bob_events) = server.connect("bob").await;
+    let bob_addr = bob.local_addr().to_string();
+    assert!(bob_addr.starts_with("[::1]:"), "{bob_addr}");
+    alice.send(&bob_addr, "over v6").await.unwrap();
+    assert_eq!(next_message(&mut bob_events).await, ("alice".into(), "over v6".into()));
+    server.stop().await;
+}
+
+#[tokio::test]
 async fn binary_content_arrives_intact() {
     let server = TestServer::start().await;
     let (alice, _a) = server.connect("alice").await;

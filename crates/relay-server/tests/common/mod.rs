@@ -34,7 +34,11 @@ impl TestServer {
     }
 
     pub async fn with_config(config: Config) -> TestServer {
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        TestServer::bind("127.0.0.1:0", config).await
+    }
+
+    pub async fn bind(addr: &str, config: Config) -> TestServer {
+        let listener = tokio::net::TcpListener::bind(addr).await.unwrap();
         let server = Server::new(listener, config).unwrap();
         let addr = server.local_addr().unwrap();
         let handle = server.handle();
