@@ -347,7 +347,13 @@ async fn write_loop(
                 break;
             }
         }
-        if socket.write_all_buf(&mut buf).await.is_err() || last {
+        let written = tokio::select! {
+            written = socket.write_all_buf(&mut buf) => written.is_ok(),
+            // A server that stopped reading must not hold the writer once the reader has
+            // given up on it.
+            () = reader_done.cancelled() => false,
+        };
+        if !written || last {
             break;
         }
         if buf.capacity() > 64 * 1024 {

@@ -22,9 +22,20 @@ fn quick() -> ClientConfig {
     }
 }
 
+/// How the fake server behaves once the client is registered.
+#[derive(Clone, Copy, PartialEq)]
+enum Mode {
+    /// Reads everything, answers nothing.
+    Silent,
+    /// Answers pings.
+    Answers,
+    /// Stops reading altogether, like a frozen process: the client's writes back up.
+    Deaf,
+}
+
 /// A fake server: accepts one client, registers it, then reports every ping it receives and
-/// answers it only if `answer` is set. It never closes the connection by itself.
-async fn fake_server(answer: bool) -> (String, mpsc::UnboundedReceiver<u64>) {
+/// behaves as `mode` says. It never closes the connection by itself.
+async fn fake_server(mode: Mode) -> (String, mpsc::UnboundedReceiver<u64>) {
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap().to_string();
     let (pings, pings_rx) = mpsc::unbounded_channel();
@@ -36,10 +47,14 @@ async fn fake_server(answer: bool) -> (String, mpsc::UnboundedReceiver<u64>) {
             .send(Message::reply(register.id, Status::Registered, register.from, "welcome"))
             .await
             .unwrap();
+        if mode == Mode::Deaf {
+            // Keep the socket open without ever reading it again.
+            std::future::pending::<()>().await;
+        }
         while let Some(Ok(msg)) = framed.next().await {
             if msg.kind == Kind::Ping {
                 let _ = pings.send(msg.id);
-                if answer {
+                if mode == Mode::Answers {
                     framed.send(Message::pong(msg.id)).await.unwrap();
                 }
             }
@@ -50,7 +65,7 @@ async fn fake_server(answer: bool) -> (String, mpsc::UnboundedReceiver<u64>) {
 
 #[tokio::test]
 async fn a_server_that_stops_answering_is_given_up() {
-    let (addr, mut pings) = fake_server(false).await;
+    let (addr, mut pings) = fake_server(Mode::Silent).await;
     let (client, mut events) = Client::connect_with(&addr, "alice", quick()).await.unwrap();
     let event = tokio::time::timeout(WAIT, events.next()).await.unwrap();
     match event {
@@ -66,7 +81,7 @@ async fn a_server_that_stops_answering_is_given_up() {
 
 #[tokio::test]
 async fn a_server_that_answers_keeps_the_client_connected() {
-    let (addr, mut pings) = fake_server(true).await;
+    let (addr, mut pings) = fake_server(Mode::Answers).await;
     let (client, events) = Client::connect_with(&addr, "alice", quick()).await.unwrap();
     // A client pings only while it still believes in the connection, 100 ms after the last
     // pong. Six pings in a row span twice the idle timeout, so answered pings kept it alive.
@@ -74,4 +89,26 @@ async fn a_server_that_answers_keeps_the_client_connected() {
         tokio::time::timeout(WAIT, pings.recv()).await.unwrap().unwrap();
     }
     drop((client, events));
+}
+
+#[tokio::test]
+async fn a_server_that_stops_reading_does_not_hold_the_sender_forever() {
+    let (addr, _pings) = fake_server(Mode::Deaf).await;
+    let (client, mut events) = Client::connect_with(&addr, "alice", quick()).await.unwrap();
+    // Far more than the socket buffers and the send queue hold: the writer blocks, then
+    // `send` waits on the full queue.
+    let sender = tokio::spawn(async move {
+        let chunk = bytes::Bytes::from(vec![b'x'; 16 * 1024]);
+        for _ in 0..100_000 {
+            client.send("bob", chunk.clone()).await?;
+        }
+        Ok::<_, relay_client::SendError>(())
+    });
+    match tokio::time::timeout(WAIT, events.next()).await.unwrap() {
+        Some(Event::Disconnected { reason }) => assert!(reason.contains("stopped answering")),
+        other => panic!("expected Disconnected, got {other:?}"),
+    }
+    // Once the client gives up, the blocked writer is released and `send` fails.
+    let result = tokio::time::timeout(WAIT, sender).await.unwrap().unwrap();
+    assert!(matches!(result, Err(relay_client::SendError::Closed)), "{result:?}");
 }
