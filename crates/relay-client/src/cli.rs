@@ -113,17 +113,15 @@ where
                 Ok(None) | Err(_) => break,
             },
             event = events.next() => match event {
-                Some(Event::Message { from, content, .. }) => {
-                    format!("{from}: {}\n", printable(&content))
-                }
-                Some(Event::NotFound { to, .. }) => format!("! {to}: not found\n"),
+                Some(Event::Message { from, content, .. }) => message_line(&from, &content),
+                Some(Event::NotFound { to, .. }) => format!("! {}: not found\n", safe(&to)),
                 Some(Event::Rejected { to, status, detail, .. }) => {
-                    format!("! {to}: {status} ({detail})\n")
+                    format!("! {}: {status} ({})\n", safe(&to), safe(&detail))
                 }
                 Some(Event::Users { users, .. }) => {
                     let mut text = String::new();
                     for user in users {
-                        text.push_str(&format!("{} {}\n", user.name, user.addr));
+                        text.push_str(&format!("{} {}\n", safe(&user.name), safe(&user.addr)));
                     }
                     text
                 }
@@ -132,10 +130,10 @@ where
                     return Ok(());
                 }
                 Some(Event::Closed { status, detail }) => {
-                    return Err(format!("disconnected by the server: {status} ({detail})"));
+                    return Err(format!("disconnected by the server: {status} ({})", safe(&detail)));
                 }
                 Some(Event::Disconnected { reason }) => {
-                    return Err(format!("connection to the server lost: {reason}"));
+                    return Err(format!("connection to the server lost: {}", safe(&reason)));
                 }
                 None => return Err("connection to the server lost".into()),
             },
@@ -146,10 +144,20 @@ where
     // Print whatever arrived before the server closed the session.
     while let Some(event) = events.try_next() {
         if let Event::Message { from, content, .. } = event {
-            write_line(&mut output, &format!("{from}: {}\n", printable(&content))).await;
+            write_line(&mut output, &message_line(&from, &content)).await;
         }
     }
     Ok(())
+}
+
+/// How a received message is shown: `<from>: <content>`, both made safe for a terminal.
+fn message_line(from: &str, content: &[u8]) -> String {
+    format!("{}: {}\n", safe(from), printable(content))
+}
+
+/// Text from the server made safe for a terminal (see [`printable`]).
+fn safe(text: &str) -> String {
+    printable(text.as_bytes())
 }
 
 async fn write_line<W: AsyncWrite + Unpin>(output: &mut W, text: &str) {

@@ -364,6 +364,10 @@ async fn write_loop(
     done.cancel();
 }
 
+/// Most users one listing may hold. Far above any real server's connection limit; it only
+/// stops a hostile server from growing a listing forever.
+const MAX_LISTED_USERS: usize = 1_000_000;
+
 /// The reader task's state.
 struct Reader {
     events: mpsc::Sender<Event>,
@@ -449,6 +453,12 @@ impl Reader {
             ServerEvent::Message { id, from, content } => Event::Message { id, from, content },
             ServerEvent::Users { id, users, complete } => {
                 self.pending_users.extend(users);
+                if self.pending_users.len() > MAX_LISTED_USERS {
+                    // A listing that never ends is a server trying to exhaust our memory.
+                    let reason = format!("the server sent a user list of over {MAX_LISTED_USERS}");
+                    self.emit(Event::Disconnected { reason }).await;
+                    return Break(());
+                }
                 if !complete {
                     return Continue(());
                 }

@@ -1,4 +1,5 @@
-//! The client notices a server that stops answering, and stays connected to one that does.
+//! A client facing a faulty or hostile server: it notices a server that stops answering (and
+//! stays connected to one that answers), and bounds what a server can make it hold or print.
 
 // The fake server fails the test by panicking, like the tests themselves.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
@@ -23,7 +24,7 @@ fn quick() -> ClientConfig {
 }
 
 /// How the fake server behaves once the client is registered.
-#[derive(Clone, Copy, PartialEq)]
+#[derive(Clone, PartialEq)]
 enum Mode {
     /// Reads everything, answers nothing.
     Silent,
@@ -31,6 +32,8 @@ enum Mode {
     Answers,
     /// Stops reading altogether, like a frozen process: the client's writes back up.
     Deaf,
+    /// Sends these messages, then reads everything and answers nothing.
+    Sends(Vec<Message>),
 }
 
 /// A fake server: accepts one client, registers it, then reports every ping it receives and
@@ -47,6 +50,11 @@ async fn fake_server(mode: Mode) -> (String, mpsc::UnboundedReceiver<u64>) {
             .send(Message::reply(register.id, Status::Registered, register.from, "welcome"))
             .await
             .unwrap();
+        if let Mode::Sends(script) = &mode {
+            for msg in script {
+                framed.send(msg.clone()).await.unwrap();
+            }
+        }
         if mode == Mode::Deaf {
             // Keep the socket open without ever reading it again.
             std::future::pending::<()>().await;
@@ -111,4 +119,48 @@ async fn a_server_that_stops_reading_does_not_hold_the_sender_forever() {
     // Once the client gives up, the blocked writer is released and `send` fails.
     let result = tokio::time::timeout(WAIT, sender).await.unwrap().unwrap();
     assert!(matches!(result, Err(relay_client::SendError::Closed)), "{result:?}");
+}
+
+#[tokio::test]
+async fn a_user_listing_that_never_ends_is_refused() {
+    // 64 KiB parts of one-letter users, never marked complete: 17 parts pass 1,000,000.
+    let line = "a 1.2.3.4:5\n";
+    let part = Message {
+        kind: Kind::Users,
+        content: line.repeat(65_000 / line.len()).into(),
+        ..Message::ping(1)
+    };
+    let parts = (1_000_000 / (65_000 / line.len()) + 2) as usize;
+    let (addr, _pings) = fake_server(Mode::Sends(vec![part; parts])).await;
+    let (_client, mut events) =
+        Client::connect_with(&addr, "alice", ClientConfig::default()).await.unwrap();
+    match tokio::time::timeout(WAIT, events.next()).await.unwrap() {
+        Some(Event::Disconnected { reason }) => assert!(reason.contains("user list"), "{reason}"),
+        other => panic!("expected Disconnected, got {other:?}"),
+    }
+}
+
+#[tokio::test]
+async fn the_interactive_client_escapes_what_the_server_sends() {
+    let script = vec![
+        Message::deliver(1, "evil\u{1b}[2J", "alice", "hi\n\u{1b}[31mred"),
+        Message::reply(2, Status::NotFound, "x\ry", "gone"),
+        Message::reply(0, Status::ShuttingDown, "", "bye").closing(),
+    ];
+    let (addr, _pings) = fake_server(Mode::Sends(script)).await;
+    let (client, events) = Client::connect(&addr, "alice").await.unwrap();
+    let (_keep_open, input) = tokio::io::duplex(64);
+    let mut output = Vec::new();
+    let session = relay_client::run_interactive(
+        client,
+        events,
+        tokio::io::BufReader::new(input),
+        &mut output,
+    );
+    tokio::time::timeout(WAIT, session).await.unwrap().unwrap();
+    let output = String::from_utf8(output).unwrap();
+    assert_eq!(
+        output,
+        "evil\\u{1b}[2J: hi\\n\\u{1b}[31mred\n! x\\ry: not found\nserver is shutting down\n"
+    );
 }
