@@ -130,7 +130,7 @@ async fn a_user_listing_that_never_ends_is_refused() {
         content: line.repeat(65_000 / line.len()).into(),
         ..Message::ping(1)
     };
-    let parts = (1_000_000 / (65_000 / line.len()) + 2) as usize;
+    let parts = 1_000_000 / (65_000 / line.len()) + 2;
     let (addr, _pings) = fake_server(Mode::Sends(vec![part; parts])).await;
     let (_client, mut events) =
         Client::connect_with(&addr, "alice", ClientConfig::default()).await.unwrap();
