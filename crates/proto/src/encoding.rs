@@ -97,7 +97,7 @@ fn describe(e: &DecodeError) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::{Kind, Status};
+    use crate::Status;
 
     fn encode(msg: &Message) -> BytesMut {
         let mut buf = BytesMut::new();
@@ -138,13 +138,9 @@ mod tests {
 
     #[test]
     fn huge_length_claim_is_rejected_without_allocating() {
-        // version, id, kind Chat, flags, then `to` claiming 2^40 bytes.
-        let mut body = Vec::new();
-        body.extend_from_slice(&1u16.to_le_bytes());
-        body.extend_from_slice(&0u64.to_le_bytes());
-        body.extend_from_slice(&0u32.to_le_bytes());
-        body.extend_from_slice(&[0, 0]);
-        body.extend_from_slice(&(1u64 << 40).to_le_bytes());
+        // A real message whose `to` length (after version 2, id 8, kind 4, flags 2) claims 2^40.
+        let mut body = encode(&Message::send(9, "bob", "")).to_vec();
+        body[16..24].copy_from_slice(&(1u64 << 40).to_le_bytes());
         let err = decode_body(&body).unwrap_err();
         assert!(matches!(err, ProtoError::Malformed(ref m) if m.contains("claims")), "{err}");
     }
@@ -158,9 +154,7 @@ mod tests {
 
     #[test]
     fn invalid_utf8_is_rejected() {
-        let mut msg = Message::send(1, "ab", "x");
-        msg.kind = Kind::Chat;
-        let mut body = encode(&msg).to_vec();
+        let mut body = encode(&Message::send(1, "ab", "x")).to_vec();
         // `to` starts after version 2 + id 8 + kind 4 + flags 2 + length 8 = 24.
         body[24] = 0xff;
         assert!(decode_body(&body).unwrap_err().to_string().contains("UTF-8"));

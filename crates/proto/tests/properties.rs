@@ -165,13 +165,11 @@ proptest! {
 
 #[test]
 fn a_length_bomb_allocates_nothing_large() {
-    // A 9-byte-ish body whose `to` length claims 2^40 bytes.
-    let mut body = Vec::new();
-    body.extend_from_slice(&1u16.to_le_bytes());
-    body.extend_from_slice(&0u64.to_le_bytes());
-    body.extend_from_slice(&0u32.to_le_bytes());
-    body.extend_from_slice(&[0, 0]);
-    body.extend_from_slice(&(1u64 << 40).to_le_bytes());
+    // A real message whose `to` length (after version 2, id 8, kind 4, flags 2) claims 2^40.
+    let mut buf = BytesMut::new();
+    relay_proto::encode_body(&Message::send(9, "bob", ""), &mut buf).unwrap();
+    let mut body = buf.to_vec();
+    body[16..24].copy_from_slice(&(1u64 << 40).to_le_bytes());
     let largest = largest_allocation(|| assert!(decode_body(&body).is_err()));
     assert!(largest <= 64, "allocated {largest} bytes");
 }

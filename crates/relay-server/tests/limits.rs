@@ -11,8 +11,9 @@ use std::time::Duration;
 use bytes::Bytes;
 use common::{RawPeer, TestServer, next_event, next_message, wait_until, within};
 use relay_client::{Client, ConnectError, Event};
-use relay_proto::{Message, ServerEvent, Status};
+use relay_proto::{Message, MessageCodec, ServerEvent, Status};
 use relay_server::Config;
+use tokio_util::codec::Encoder;
 
 fn config() -> Config {
     Config::default()
@@ -35,16 +36,11 @@ async fn a_length_bomb_inside_a_valid_frame_is_malformed_and_harms_no_one() {
     let (alice, _a) = server.connect("alice").await;
     let (_bob, mut bob_events) = server.connect("bob").await;
     let mut bomber = RawPeer::register(server.addr, "bomber").await;
-    // A well-framed 30-byte body whose `to` claims 2^40 bytes.
-    let mut body = Vec::new();
-    body.extend_from_slice(&1u16.to_le_bytes());
-    body.extend_from_slice(&9u64.to_le_bytes());
-    body.extend_from_slice(&0u32.to_le_bytes());
-    body.extend_from_slice(&[0, 0]);
-    body.extend_from_slice(&(1u64 << 40).to_le_bytes());
-    body.extend_from_slice(b"bob\0\0\0\0\0");
-    let mut frame = (body.len() as u32).to_be_bytes().to_vec();
-    frame.extend_from_slice(&body);
+    // A well-framed message to bob whose `to` length (after version 2, id 8, kind 4, flags 2)
+    // claims 2^40 bytes.
+    let mut frame = bytes::BytesMut::new();
+    MessageCodec::new(1024).encode(Message::send(9, "bob", ""), &mut frame).unwrap();
+    frame[4 + 16..4 + 24].copy_from_slice(&(1u64 << 40).to_le_bytes());
     bomber.send_raw(&frame).await;
     assert_eq!(bomber.closing_status().await, Some(Status::Malformed));
     server.wait_until_gone("bomber").await;
