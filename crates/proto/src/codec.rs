@@ -4,10 +4,10 @@
 use bytes::{Buf, BytesMut};
 use tokio_util::codec::{Decoder, Encoder, LengthDelimitedCodec, LengthDelimitedCodecError};
 
-use crate::encoding::{decode_body, encode_body};
+use crate::encoding::{decode_body, encode_body_ref};
 use crate::error::ProtoError;
 use crate::limits::{FRAME_HEADER_LEN, MAX_FRAME_LEN_CEILING, MIN_FRAME_LEN_FLOOR};
-use crate::message::Message;
+use crate::message::{Message, MessageRef};
 
 /// Reads and writes length-prefixed [`Message`] frames.
 ///
@@ -86,16 +86,17 @@ impl Decoder for MessageCodec {
     }
 }
 
-impl Encoder<&Message> for MessageCodec {
-    type Error = ProtoError;
-
-    /// Writes the frame straight into `dst`: a placeholder header, the body, then the real
-    /// length. This is byte-for-byte what `LengthDelimitedCodec` writes, without encoding into
-    /// a temporary buffer first.
-    fn encode(&mut self, msg: &Message, dst: &mut BytesMut) -> Result<(), ProtoError> {
+impl MessageCodec {
+    /// Appends the frame for a borrowed message to `dst`: a placeholder header, the body, then
+    /// the real length. This is byte-for-byte what `LengthDelimitedCodec` writes, without
+    /// encoding into a temporary buffer first. On error `dst` is left as it was.
+    ///
+    /// # Errors
+    /// [`ProtoError::FrameTooLarge`] if the body is over the frame limit.
+    pub fn encode_ref(&self, msg: &MessageRef<'_>, dst: &mut BytesMut) -> Result<(), ProtoError> {
         let start = dst.len();
         dst.extend_from_slice(&[0; FRAME_HEADER_LEN]);
-        let len = match encode_body(msg, dst) {
+        let len = match encode_body_ref(msg, dst) {
             Ok(len) => len,
             Err(e) => {
                 dst.truncate(start);
@@ -113,6 +114,14 @@ impl Encoder<&Message> for MessageCodec {
     }
 }
 
+impl Encoder<&Message> for MessageCodec {
+    type Error = ProtoError;
+
+    fn encode(&mut self, msg: &Message, dst: &mut BytesMut) -> Result<(), ProtoError> {
+        self.encode_ref(&msg.as_ref(), dst)
+    }
+}
+
 impl Encoder<Message> for MessageCodec {
     type Error = ProtoError;
 
@@ -124,7 +133,7 @@ impl Encoder<Message> for MessageCodec {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::encoding::encoded_len;
+    use crate::encoding::{encode_body, encoded_len};
     use bytes::{BufMut, Bytes};
 
     fn frame(msg: &Message) -> BytesMut {

@@ -11,11 +11,11 @@
 
 use bincode::config::{self, Configuration, Fixint, LittleEndian, NoLimit};
 use bincode::error::DecodeError;
-use bytes::{BufMut, BytesMut};
+use bytes::BytesMut;
 
 use crate::error::ProtoError;
 use crate::limits::MAX_FRAME_LEN_CEILING;
-use crate::message::Message;
+use crate::message::{Kind, Message, MessageRef};
 
 /// The wire configuration, without its limit (added per decode).
 const WIRE: Configuration<LittleEndian, Fixint, NoLimit> =
@@ -29,17 +29,44 @@ const MIN_DECODE_LIMIT: usize = 64;
 /// # Errors
 /// [`ProtoError::Encode`] if serialization fails (it does not for well-formed messages).
 pub fn encode_body(msg: &Message, dst: &mut BytesMut) -> Result<usize, ProtoError> {
-    let mut writer = dst.writer();
-    bincode::serde::encode_into_std_write(msg, &mut writer, WIRE)
-        .map_err(|e| ProtoError::Encode(e.to_string()))
+    encode_body_ref(&msg.as_ref(), dst)
+}
+
+/// Encodes a borrowed message onto the end of `dst` (no length prefix) and returns the bytes
+/// written: the same bytes as [`encode_body`] on the equivalent owned message.
+///
+/// # Errors
+/// [`ProtoError::Encode`] if serialization fails (it does not for well-formed messages).
+pub fn encode_body_ref(msg: &MessageRef<'_>, dst: &mut BytesMut) -> Result<usize, ProtoError> {
+    // The size is known exactly, so encode into a slice of `dst` rather than through a
+    // `std::io::Write` adapter, which checks capacity on every field.
+    let len = encoded_len_ref(msg);
+    let start = dst.len();
+    dst.resize(start + len, 0);
+    match bincode::serde::encode_into_slice(msg, &mut dst[start..], WIRE) {
+        Ok(written) => {
+            // `encoded_len` is exact (a test checks it); stay correct even if it were not.
+            dst.truncate(start + written);
+            Ok(written)
+        }
+        Err(e) => {
+            dst.truncate(start);
+            Err(ProtoError::Encode(e.to_string()))
+        }
+    }
 }
 
 /// Number of bytes `msg` takes on the wire, without the length prefix.
 pub fn encoded_len(msg: &Message) -> usize {
+    encoded_len_ref(&msg.as_ref())
+}
+
+/// Number of bytes a borrowed message takes on the wire, without the length prefix.
+pub fn encoded_len_ref(msg: &MessageRef<'_>) -> usize {
     // Fixed-width layout: version 2, id 8, kind 4 (+4 for a reply's status), flags 1 + 1,
     // then each of to, from, content as an 8-byte length and its bytes.
     let kind = match msg.kind {
-        crate::Kind::Reply(_) => 8,
+        Kind::Reply(_) => 8,
         _ => 4,
     };
     2 + 8 + kind + 2 + 24 + msg.to.len() + msg.from.len() + msg.content.len()
@@ -71,8 +98,10 @@ pub fn decode_body(body: &[u8]) -> Result<Message, ProtoError> {
 
 fn decode_limited<const LIMIT: usize>(body: &[u8]) -> Result<Message, ProtoError> {
     const { assert!(LIMIT >= MIN_DECODE_LIMIT && LIMIT <= MAX_FRAME_LEN_CEILING) };
-    let (msg, used): (Message, usize) =
-        bincode::serde::decode_from_slice(body, WIRE.with_limit::<LIMIT>())
+    // Decoded as the borrowed view, then copied once into the owned message: bincode would
+    // otherwise build the content through a zero-filled `Vec`.
+    let (msg, used): (MessageRef<'_>, usize) =
+        bincode::serde::borrow_decode_from_slice(body, WIRE.with_limit::<LIMIT>())
             .map_err(|e| ProtoError::Malformed(describe(&e)))?;
     if used != body.len() {
         return Err(ProtoError::Malformed(format!(
@@ -80,7 +109,7 @@ fn decode_limited<const LIMIT: usize>(body: &[u8]) -> Result<Message, ProtoError
             body.len() - used
         )));
     }
-    Ok(msg)
+    Ok(msg.to_message())
 }
 
 fn describe(e: &DecodeError) -> String {
@@ -114,6 +143,26 @@ mod tests {
             Message::ping(4),
         ] {
             assert_eq!(encoded_len(&msg), encode(&msg).len(), "{msg:?}");
+        }
+    }
+
+    /// The borrowed view writes and reads exactly what `Message`'s own serde derive does.
+    #[test]
+    fn borrowed_view_agrees_with_the_message_derive() {
+        for msg in [
+            Message::deliver(9, "alice", "bob", vec![0u8, 255, 10, 13]),
+            Message::reply(3, Status::NotDelivered, "carol", "busy"),
+            Message::register(1, "zoë"),
+            Message::ping(7).closing(),
+        ] {
+            let body = encode(&msg);
+            let derived = bincode::serde::encode_to_vec(&msg, WIRE).unwrap();
+            assert_eq!(&body[..], &derived[..]);
+            let (owned, used): (Message, usize) =
+                bincode::serde::decode_from_slice(&body, WIRE).unwrap();
+            assert_eq!(used, body.len());
+            assert_eq!(owned, msg);
+            assert_eq!(decode_body(&body).unwrap(), msg);
         }
     }
 

@@ -34,16 +34,18 @@ mod event;
 mod limits;
 mod message;
 mod name;
+mod reader;
 mod request;
 
 pub use codec::MessageCodec;
-pub use encoding::{decode_body, encode_body, encoded_len};
+pub use encoding::{decode_body, encode_body, encode_body_ref, encoded_len, encoded_len_ref};
 pub use error::ProtoError;
 pub use event::{ServerEvent, User};
 pub use limits::{
     DEFAULT_MAX_FRAME_LEN, FRAME_HEADER_LEN, MAX_FRAME_LEN_CEILING, MAX_NAME_LEN,
     MIN_FRAME_LEN_FLOOR, PRE_REGISTER_MAX_FRAME_LEN, PROTOCOL_VERSION, check_max_frame_len,
 };
-pub use message::{Kind, Message, Status};
+pub use message::{Kind, Message, MessageRef, Status};
 pub use name::{Destination, NameError, parse_destination, validate_name};
+pub use reader::FrameReader;
 pub use request::{Rejection, Request};

@@ -41,6 +41,90 @@ pub struct Message {
     pub content: Bytes,
 }
 
+/// A [`Message`] with borrowed text and content: the same fields in the same order, so it
+/// encodes to the same bytes. Senders use it to encode a message without building an owned
+/// one (no allocation for `to` or `from`); see [`MessageCodec::encode_ref`](crate::MessageCodec::encode_ref).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MessageRef<'a> {
+    /// See [`Message::version`].
+    pub version: u16,
+    /// See [`Message::id`].
+    pub id: u64,
+    /// See [`Message::kind`].
+    pub kind: Kind,
+    /// See [`Message::register`].
+    pub register: bool,
+    /// See [`Message::exit`].
+    pub exit: bool,
+    /// See [`Message::to`].
+    pub to: &'a str,
+    /// See [`Message::from`].
+    pub from: &'a str,
+    /// See [`Message::content`].
+    #[serde(borrow, with = "as_bytes")]
+    pub content: &'a [u8],
+}
+
+/// Serde's default for `&[u8]` is a sequence of `u8`; `Bytes` is a byte string. bincode writes
+/// both the same way, but byte strings in one call, so the borrowed view uses bytes too.
+mod as_bytes {
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    pub(super) fn serialize<S: Serializer>(bytes: &&[u8], s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_bytes(bytes)
+    }
+
+    pub(super) fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<&'de [u8], D::Error> {
+        <&'de [u8]>::deserialize(d)
+    }
+}
+
+impl<'a> MessageRef<'a> {
+    /// A chat message to `to` (a name or `ip:port`), as [`Message::send`] builds it.
+    pub fn send(id: u64, to: &'a str, content: &'a [u8]) -> MessageRef<'a> {
+        MessageRef {
+            version: PROTOCOL_VERSION,
+            id,
+            kind: Kind::Chat,
+            register: false,
+            exit: false,
+            to,
+            from: "",
+            content,
+        }
+    }
+
+    /// An owned copy.
+    pub fn to_message(&self) -> Message {
+        Message {
+            version: self.version,
+            id: self.id,
+            kind: self.kind,
+            register: self.register,
+            exit: self.exit,
+            to: self.to.to_owned(),
+            from: self.from.to_owned(),
+            content: Bytes::copy_from_slice(self.content),
+        }
+    }
+}
+
+impl Message {
+    /// The message as a borrowed view.
+    pub fn as_ref(&self) -> MessageRef<'_> {
+        MessageRef {
+            version: self.version,
+            id: self.id,
+            kind: self.kind,
+            register: self.register,
+            exit: self.exit,
+            to: &self.to,
+            from: &self.from,
+            content: &self.content,
+        }
+    }
+}
+
 /// What a [`Message`] is. The encoding is the variant's index, so new variants go at the end.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub enum Kind {

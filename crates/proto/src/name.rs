@@ -33,13 +33,26 @@ pub fn validate_name(name: &str) -> Result<(), NameError> {
     if name.len() > MAX_NAME_LEN {
         return Err(NameError::TooLong);
     }
-    if name.chars().any(|c| c.is_whitespace() || c.is_control()) {
+    // Checked on every message's destination, so the common all-ASCII case takes a byte
+    // scan: in ASCII, whitespace and control characters are exactly the bytes up to space and
+    // DEL.
+    let bad = if name.is_ascii() {
+        name.bytes().any(|b| b <= b' ' || b == 0x7f)
+    } else {
+        name.chars().any(|c| c.is_whitespace() || c.is_control())
+    };
+    if bad {
         return Err(NameError::BadCharacter);
     }
-    if name.parse::<SocketAddr>().is_ok() {
+    if looks_like_addr(name) && name.parse::<SocketAddr>().is_ok() {
         return Err(NameError::LooksLikeAddress);
     }
     Ok(())
+}
+
+/// Every `ip:port` has a colon before the port; a name without one needs no parse attempt.
+fn looks_like_addr(s: &str) -> bool {
+    s.contains(':')
 }
 
 /// Where a message is addressed.
@@ -57,7 +70,9 @@ pub enum Destination<'a> {
 /// # Errors
 /// The rule a destination that is not an address breaks as a name.
 pub fn parse_destination(to: &str) -> Result<Destination<'_>, NameError> {
-    if let Ok(addr) = to.parse::<SocketAddr>() {
+    if looks_like_addr(to)
+        && let Ok(addr) = to.parse::<SocketAddr>()
+    {
         return Ok(Destination::Addr(addr));
     }
     validate_name(to).map(|()| Destination::Name(to))
@@ -76,12 +91,34 @@ mod tests {
         assert_eq!(validate_name(&"a".repeat(65)), Err(NameError::TooLong));
         // 64 bytes, not characters: 33 two-byte characters are 66 bytes.
         assert_eq!(validate_name(&"é".repeat(33)), Err(NameError::TooLong));
-        for bad in ["a b", "a\tb", "a\nb", "a\u{7}b", "\u{a0}x", "x\u{2028}"] {
+        for bad in [
+            "a b",
+            "a\tb",
+            "a\nb",
+            "a\rb",
+            "a\u{b}b",
+            "a\u{c}b",
+            "a\u{7f}b",
+            "a\u{7}b",
+            "\u{a0}x",
+            "x\u{2028}",
+            "é\u{85}",
+        ] {
             assert_eq!(validate_name(bad), Err(NameError::BadCharacter), "{bad:?}");
         }
         assert_eq!(validate_name("127.0.0.1:80"), Err(NameError::LooksLikeAddress));
         assert_eq!(validate_name("[::1]:80"), Err(NameError::LooksLikeAddress));
         assert_eq!(validate_name("host:80"), Ok(()));
+    }
+
+    #[test]
+    fn ascii_fast_path_matches_the_character_rule() {
+        for b in 0u8..128 {
+            let c = char::from(b);
+            let name = format!("a{c}b");
+            let refused = validate_name(&name) == Err(NameError::BadCharacter);
+            assert_eq!(refused, c.is_whitespace() || c.is_control(), "byte {b}");
+        }
     }
 
     #[test]

@@ -8,20 +8,21 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
-use futures_util::StreamExt;
 use relay_proto::{
-    Message, MessageCodec, ServerEvent, Status, User, encoded_len, parse_destination, validate_name,
+    FrameReader, Message, MessageCodec, MessageRef, ServerEvent, Status, User, encoded_len_ref,
+    parse_destination, validate_name,
 };
 use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
-use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
+use tokio::net::tcp::OwnedWriteHalf;
 use tokio::sync::mpsc;
 use tokio::time::Instant;
-use tokio_util::codec::{Encoder, FramedRead};
+use tokio_util::codec::Encoder;
 use tokio_util::sync::CancellationToken;
 
 use crate::error::{ConnectError, SendError};
 use crate::event::Event;
+use crate::outgoing::Outgoing;
 
 /// Connection settings. `ClientConfig::default()` suits a server with default limits.
 #[derive(Clone, Debug)]
@@ -93,7 +94,7 @@ pub struct Client {
 
 #[derive(Debug)]
 struct Inner {
-    outgoing: mpsc::Sender<Message>,
+    outgoing: Arc<Outgoing>,
     next_id: AtomicU64,
     name: String,
     local_addr: SocketAddr,
@@ -172,7 +173,7 @@ impl Client {
             .map_err(|e| ConnectError::Protocol(e.to_string()))?;
         write.write_all(&buf).await.map_err(io_error)?;
 
-        let mut frames = FramedRead::new(read, codec);
+        let mut frames = FrameReader::new(read, codec);
         let answer = tokio::time::timeout(config.register_timeout, frames.next())
             .await
             .map_err(|_| ConnectError::RegisterTimeout(config.register_timeout))?;
@@ -181,6 +182,8 @@ impl Client {
             Some(Err(e)) => return Err(ConnectError::Protocol(e.to_string())),
             Some(Ok(msg)) => ServerEvent::parse(msg).map_err(ConnectError::Protocol)?,
         };
+        // Many clients mostly wait: keep no read buffer until traffic comes.
+        frames.release_if_empty();
         match reply {
             ServerEvent::Reply { status: Status::Registered, .. } => {}
             ServerEvent::Reply { status: Status::NameTaken, .. } => {
@@ -199,7 +202,8 @@ impl Client {
             }
         }
 
-        let (outgoing, outgoing_rx) = mpsc::channel(config.send_queue.max(1));
+        let outgoing =
+            Arc::new(Outgoing::new(MessageCodec::new(config.max_frame_len), config.send_queue));
         let (events_tx, events_rx) = mpsc::channel(config.event_queue.max(1));
         let inner = Arc::new(Inner {
             outgoing: outgoing.clone(),
@@ -214,18 +218,17 @@ impl Client {
             writer_done: CancellationToken::new(),
         });
         tokio::spawn(write_loop(
-            outgoing_rx,
+            outgoing.clone(),
             write,
-            MessageCodec::new(config.max_frame_len),
             inner.reader_done.clone(),
             inner.writer_done.clone(),
         ));
         tokio::spawn(
             Reader {
                 events: events_tx,
-                // Weak: when the program drops every `Client`, the writer must see the channel
-                // close and end the connection, even though the reader still runs.
-                outgoing: outgoing.downgrade(),
+                // Not a `Client`: when the program drops every `Client`, the connection ends
+                // (see `Drop for Inner`), even though the reader still runs.
+                outgoing,
                 going_offline: inner.going_offline.clone(),
                 pending_users: Vec::new(),
                 ping_interval: config.ping_interval,
@@ -256,10 +259,16 @@ impl Client {
         self.inner.next_id.fetch_add(1, Ordering::Relaxed)
     }
 
-    async fn submit(&self, msg: Message) -> Result<u64, SendError> {
-        let id = msg.id;
-        self.inner.outgoing.send(msg).await.map_err(|_| SendError::Closed)?;
-        Ok(id)
+    async fn submit(&self, msg: &MessageRef<'_>) -> Result<u64, SendError> {
+        match self.inner.outgoing.push(msg).await {
+            Ok(Ok(())) => Ok(msg.id),
+            // Sizes are checked before submitting; this only guards the frame limit.
+            Ok(Err(_)) => Err(SendError::TooLarge {
+                len: encoded_len_ref(msg),
+                max: self.inner.max_frame_len,
+            }),
+            Err(_) => Err(SendError::Closed),
+        }
     }
 
     /// Sends `content` to `to`, a user name or a client's `ip:port`, and returns the id that
@@ -276,12 +285,13 @@ impl Client {
             to: to.to_string(),
             reason: e.to_string(),
         })?;
-        let msg = Message::send(self.next_id(), to, content);
-        let len = encoded_len(&msg);
+        let content = content.into();
+        let msg = MessageRef::send(self.next_id(), to, &content);
+        let len = encoded_len_ref(&msg);
         if len > self.inner.max_frame_len {
             return Err(SendError::TooLarge { len, max: self.inner.max_frame_len });
         }
-        self.submit(msg).await
+        self.submit(&msg).await
     }
 
     /// Asks for the users online; the answer arrives as [`Event::Users`] with the returned id.
@@ -289,7 +299,7 @@ impl Client {
     /// # Errors
     /// [`SendError::Closed`] if the connection is closed.
     pub async fn list_users(&self) -> Result<u64, SendError> {
-        self.submit(Message::list_users(self.next_id())).await
+        self.submit(&Message::list_users(self.next_id()).as_ref()).await
     }
 
     /// Goes offline: tells the server, which frees the name and closes the connection. Returns
@@ -301,7 +311,7 @@ impl Client {
     /// [`SendError::Closed`] only if the server did not close the session in time.
     pub async fn offline(&self) -> Result<(), SendError> {
         self.inner.going_offline.store(true, Ordering::Relaxed);
-        let _ = self.inner.outgoing.send(Message::offline(self.next_id())).await;
+        self.inner.outgoing.close(Some(&Message::offline(self.next_id()).as_ref()));
         let both = async {
             self.inner.writer_done.cancelled().await;
             self.inner.reader_done.cancelled().await;
@@ -315,37 +325,32 @@ impl Client {
     }
 }
 
-/// Writes everything handed to it, many frames per syscall, until an offline notice has been
-/// written, every sender is gone, the reader has given up on the connection, or the socket
-/// fails.
+impl Drop for Inner {
+    /// The program dropped its last `Client`: end the connection, as `offline` would, minus
+    /// the notice (the server frees the name when the connection closes).
+    fn drop(&mut self) {
+        self.outgoing.close(None);
+    }
+}
+
+/// Writes whatever is queued, many frames per syscall, until the outbox is closed and written
+/// (offline, or every `Client` dropped), the reader has given up on the connection, or the
+/// socket fails.
 async fn write_loop(
-    mut outgoing: mpsc::Receiver<Message>,
+    outgoing: Arc<Outgoing>,
     mut socket: OwnedWriteHalf,
-    mut codec: MessageCodec,
     reader_done: CancellationToken,
     done: CancellationToken,
 ) {
-    let mut batch = Vec::with_capacity(64);
     let mut buf = BytesMut::new();
     loop {
-        let received = tokio::select! {
-            received = outgoing.recv_many(&mut batch, 256) => received,
+        let more = tokio::select! {
+            more = outgoing.take(&mut buf) => more,
             // The connection is over: closed by the server, or given up as dead.
             () = reader_done.cancelled() => break,
         };
-        if received == 0 {
+        if !more {
             break;
-        }
-        let mut last = false;
-        for msg in batch.drain(..) {
-            last |= msg.exit;
-            // Sizes were checked when the message was queued.
-            if let Err(e) = codec.encode(&msg, &mut buf) {
-                tracing::warn!(error = %e, "dropping a message that does not encode");
-            }
-            if last {
-                break;
-            }
         }
         let written = tokio::select! {
             written = socket.write_all_buf(&mut buf) => written.is_ok(),
@@ -353,13 +358,16 @@ async fn write_loop(
             // given up on it.
             () = reader_done.cancelled() => false,
         };
-        if !written || last {
+        if !written {
             break;
         }
+        buf.clear();
         if buf.capacity() > 64 * 1024 {
             buf = BytesMut::new();
         }
     }
+    // Whatever ended the writer, nothing more can be sent.
+    outgoing.close(None);
     let _ = socket.shutdown().await;
     done.cancel();
 }
@@ -372,7 +380,7 @@ const MAX_LISTED_USERS: usize = 1_000_000;
 struct Reader {
     events: mpsc::Sender<Event>,
     /// For answering pings.
-    outgoing: mpsc::WeakSender<Message>,
+    outgoing: Arc<Outgoing>,
     going_offline: Arc<AtomicBool>,
     /// A user listing arriving in parts.
     pending_users: Vec<User>,
@@ -381,11 +389,7 @@ struct Reader {
 }
 
 impl Reader {
-    async fn run(
-        mut self,
-        mut frames: FramedRead<OwnedReadHalf, MessageCodec>,
-        done: CancellationToken,
-    ) {
+    async fn run(mut self, mut frames: FrameReader, done: CancellationToken) {
         let mut last_heard = Instant::now();
         let mut ping_id: u64 = 0;
         let mut pinged = false;
@@ -393,45 +397,54 @@ impl Reader {
         let timer = tokio::time::sleep_until(last_heard + self.ping_interval);
         tokio::pin!(timer);
         loop {
-            let frame = tokio::select! {
-                frame = frames.next() => frame,
-                () = &mut timer => {
-                    let silent = last_heard.elapsed();
-                    if silent >= self.idle_timeout {
-                        let reason = format!("the server stopped answering ({silent:.0?} silent)");
-                        self.emit(Event::Disconnected { reason }).await;
-                        break;
-                    }
-                    if silent >= self.ping_interval && !pinged {
-                        pinged = true;
-                        ping_id += 1;
-                        if let Some(outgoing) = self.outgoing.upgrade() {
-                            // Never wait here: a full queue means traffic is flowing anyway.
-                            let _ = outgoing.try_send(Message::ping(ping_id));
+            // Every complete frame already read is handled before going back to the select, so
+            // a busy connection pays for the select and the clock once per read, not per frame.
+            let frame = match frames.buffered() {
+                Ok(Some(msg)) => Ok(msg),
+                Err(e) => Err(e.to_string()),
+                Ok(None) => {
+                    let filled = tokio::select! {
+                        filled = frames.fill() => filled,
+                        () = &mut timer => {
+                            // Quiet for a while: give back the read buffer.
+                            frames.release_if_empty();
+                            let silent = last_heard.elapsed();
+                            if silent >= self.idle_timeout {
+                                let reason =
+                                    format!("the server stopped answering ({silent:.0?} silent)");
+                                self.emit(Event::Disconnected { reason }).await;
+                                break;
+                            }
+                            if silent >= self.ping_interval && !pinged {
+                                pinged = true;
+                                ping_id += 1;
+                                // Never waits: a full queue means traffic is flowing anyway.
+                                let _ = self.outgoing.push_now(&Message::ping(ping_id).as_ref());
+                            }
+                            let next = if pinged { self.idle_timeout } else { self.ping_interval };
+                            timer.as_mut().reset(last_heard + next);
+                            continue;
                         }
+                    };
+                    match filled {
+                        Ok(true) => {
+                            last_heard = Instant::now();
+                            pinged = false;
+                            continue;
+                        }
+                        Ok(false) => Err("the server closed the connection".to_string()),
+                        Err(e) => Err(e.to_string()),
                     }
-                    let next = if pinged { self.idle_timeout } else { self.ping_interval };
-                    timer.as_mut().reset(last_heard + next);
-                    continue;
                 }
             };
-            last_heard = Instant::now();
-            pinged = false;
             let event = match frame {
-                None => {
+                Err(reason) => {
                     if !self.going_offline.load(Ordering::Relaxed) {
-                        let reason = "the server closed the connection".to_string();
                         self.emit(Event::Disconnected { reason }).await;
                     }
                     break;
                 }
-                Some(Err(e)) => {
-                    if !self.going_offline.load(Ordering::Relaxed) {
-                        self.emit(Event::Disconnected { reason: e.to_string() }).await;
-                    }
-                    break;
-                }
-                Some(Ok(msg)) => match ServerEvent::parse(msg) {
+                Ok(msg) => match ServerEvent::parse(msg) {
                     Ok(event) => event,
                     Err(e) => {
                         let reason = format!("protocol error from the server: {e}");
@@ -480,9 +493,7 @@ impl Reader {
                 Event::Rejected { id, status, to, detail }
             }
             ServerEvent::Ping { id } => {
-                if let Some(outgoing) = self.outgoing.upgrade() {
-                    let _ = outgoing.send(Message::pong(id)).await;
-                }
+                let _ = self.outgoing.push_now(&Message::pong(id).as_ref());
                 return Continue(());
             }
             ServerEvent::Pong { .. } => return Continue(()),

@@ -24,6 +24,7 @@ mod cli;
 mod client;
 mod error;
 mod event;
+mod outgoing;
 
 pub use cli::{Command, parse_command, printable, run_interactive};
 pub use client::{Client, ClientConfig, Events};

@@ -22,8 +22,13 @@ pub struct Config {
     /// name freed (default 60 s). This bounds how long a dead peer holds its name.
     pub idle_timeout: Duration,
     /// Bytes of encoded frames that may wait to be written to one client (default 1 MiB).
-    /// A message that would overflow it is refused with `NotDelivered`.
     pub outbox_bytes: usize,
+    /// How long a message for a client whose outbox is full waits for room (default 1 s).
+    /// Meanwhile its sender's connection reads nothing, so a sender that outruns a receiver
+    /// is slowed to the receiver's pace instead of losing messages. If no room comes, the
+    /// message is refused with `NotDelivered`, and so are further messages to that receiver,
+    /// without waiting, until it takes bytes again.
+    pub send_wait: Duration,
     /// A client whose socket accepts no bytes for this long while the server has data for it
     /// is disconnected as a slow consumer (default 10 s).
     pub write_timeout: Duration,
@@ -43,6 +48,7 @@ impl Default for Config {
             ping_interval: Duration::from_secs(30),
             idle_timeout: Duration::from_secs(60),
             outbox_bytes: 1024 * 1024,
+            send_wait: Duration::from_secs(1),
             write_timeout: Duration::from_secs(10),
             max_clients: 10_000,
             shutdown_timeout: Duration::from_secs(5),

@@ -4,13 +4,10 @@
 use std::net::SocketAddr;
 use std::sync::Arc;
 
-use futures_util::StreamExt;
-use relay_proto::{Message, MessageCodec, ProtoError, Request, Status};
+use relay_proto::{FrameReader, Message, MessageCodec, ProtoError, Request, Status};
 use tokio::net::TcpStream;
-use tokio::net::tcp::OwnedReadHalf;
 use tokio::task::JoinHandle;
 use tokio::time::{Instant, timeout_at};
-use tokio_util::codec::FramedRead;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, trace, warn};
 
@@ -48,11 +45,7 @@ pub(crate) async fn serve(
         shared.hard_stop.clone(),
     ));
     let mut conn = Connection {
-        frames: FramedRead::with_capacity(
-            read,
-            MessageCodec::new(config.pre_register_max_frame_len),
-            1024,
-        ),
+        frames: FrameReader::new(read, MessageCodec::new(config.pre_register_max_frame_len)),
         outbox: outbox.clone(),
         peer,
         shared: shared.clone(),
@@ -82,7 +75,7 @@ pub(crate) async fn serve(
 }
 
 struct Connection {
-    frames: FramedRead<OwnedReadHalf, MessageCodec>,
+    frames: FrameReader,
     outbox: Outbox,
     peer: SocketAddr,
     shared: Arc<Shared>,
@@ -194,7 +187,9 @@ impl Connection {
                     };
                     self.reply(Message::reply(id, Status::Registered, name.clone(), "welcome"))?;
                     let max = self.config().max_frame_len;
-                    self.frames.decoder_mut().set_max_frame_len(max);
+                    self.frames.set_max_frame_len(max);
+                    // Most clients now wait quietly; their connection holds no read buffer.
+                    self.frames.release_if_empty();
                     info!(peer = %self.peer, %name, "registered");
                     return Ok(claim);
                 }
@@ -228,48 +223,64 @@ impl Connection {
         let mut last_heard = Instant::now();
         let mut ping_id: u64 = 0;
         let mut pinged = false;
-        // The timer is re-armed only when it fires, not on every message: reading a frame
-        // costs just the `last_heard` update.
+        // The timer is re-armed only when it fires, not on every message: a read costs just
+        // the `last_heard` update.
         let timer = tokio::time::sleep_until(last_heard + ping_interval);
         tokio::pin!(timer);
         loop {
-            let frame = tokio::select! {
-                () = shutdown.cancelled() => return shutting_down(),
-                end = &mut self.writer, if self.writer_end.is_none() => {
-                    return self.writer_finished(end);
-                }
-                () = &mut timer => {
-                    let silent = last_heard.elapsed();
-                    if silent >= idle_timeout {
-                        info!(peer = %self.peer, %name, "no answer to ping; disconnecting");
-                        return closing(0, Status::IdleTimeout, "", "no answer to ping");
-                    }
-                    if silent >= ping_interval && !pinged {
-                        pinged = true;
-                        ping_id += 1;
-                        trace!(peer = %self.peer, %name, "ping");
-                        if let Err(farewell) = self.reply(Message::ping(ping_id)) {
-                            return farewell;
+            // Every complete frame already read is handled before going back to the select
+            // below, so a busy connection pays for the select once per read, not per frame.
+            let msg = match self.frames.buffered() {
+                Ok(Some(msg)) => msg,
+                Err(e) => return self.protocol_error(e),
+                Ok(None) => {
+                    tokio::select! {
+                        () = shutdown.cancelled() => return shutting_down(),
+                        end = &mut self.writer, if self.writer_end.is_none() => {
+                            return self.writer_finished(end);
                         }
+                        () = &mut timer => {
+                            // Quiet for a while: give back the read buffer.
+                            self.frames.release_if_empty();
+                            let silent = last_heard.elapsed();
+                            if silent >= idle_timeout {
+                                info!(peer = %self.peer, %name, "no answer to ping; disconnecting");
+                                return closing(0, Status::IdleTimeout, "", "no answer to ping");
+                            }
+                            if silent >= ping_interval && !pinged {
+                                pinged = true;
+                                ping_id += 1;
+                                trace!(peer = %self.peer, %name, "ping");
+                                if let Err(farewell) = self.reply(Message::ping(ping_id)) {
+                                    return farewell;
+                                }
+                            }
+                            let next = if pinged { idle_timeout } else { ping_interval };
+                            timer.as_mut().reset(last_heard + next);
+                        }
+                        filled = self.frames.fill() => match filled {
+                            Ok(true) => {
+                                last_heard = Instant::now();
+                                pinged = false;
+                            }
+                            Ok(false) => {
+                                info!(peer = %self.peer, %name, "disconnected");
+                                return None;
+                            }
+                            Err(e) => return self.protocol_error(e),
+                        },
                     }
-                    let next = if pinged { idle_timeout } else { ping_interval };
-                    timer.as_mut().reset(last_heard + next);
                     continue;
                 }
-                frame = self.frames.next() => frame,
             };
-            let msg = match frame {
-                None => {
-                    info!(peer = %self.peer, %name, "disconnected");
-                    return None;
-                }
-                Some(Err(e)) => return self.protocol_error(e),
-                Some(Ok(msg)) => msg,
-            };
-            last_heard = Instant::now();
-            pinged = false;
             let outcome = match Request::parse(msg) {
-                Ok(Request::Send { id, to, content }) => self.send(&name, id, to, content),
+                Ok(Request::Send { id, to, content }) => {
+                    // Routing may wait for room at a busy receiver; shutdown must not.
+                    tokio::select! {
+                        outcome = self.send(&name, id, to, content) => outcome,
+                        () = shutdown.cancelled() => return shutting_down(),
+                    }
+                }
                 Ok(Request::ListUsers { id }) => self.list_users(id),
                 Ok(Request::Ping { id }) => self.reply(Message::pong(id)),
                 Ok(Request::Pong { .. }) => Ok(()),
@@ -295,9 +306,15 @@ impl Connection {
         }
     }
 
-    fn send(&self, name: &str, id: u64, to: String, content: bytes::Bytes) -> Result<(), Farewell> {
+    async fn send(
+        &self,
+        name: &str,
+        id: u64,
+        to: String,
+        content: bytes::Bytes,
+    ) -> Result<(), Farewell> {
         trace!(from = %name, %to, id, len = content.len(), "message");
-        let Err((why, to)) = self.shared.router.route(name, id, to, content) else {
+        let Err((why, to)) = self.shared.router.route(name, id, to, content).await else {
             return Ok(());
         };
         let reply = match why {

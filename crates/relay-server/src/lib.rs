@@ -5,7 +5,8 @@
 //!
 //! The pieces, one job each:
 //! - [`Server`] (`server.rs`): the accept loop, the connection cap, graceful shutdown;
-//! - `connection.rs`: one task per client, registration then its messages;
+//! - `connection.rs`: one task per client, registration then its messages (read with
+//!   `relay_proto::FrameReader`: many frames per read, no buffer while idle);
 //! - `writer.rs`: the task that writes a client's outbox in batches;
 //! - `outbox.rs`: a client's queue of outgoing frames, bounded by bytes;
 //! - `router.rs`: the routing seam (name claims and delivery), over `registry.rs`;

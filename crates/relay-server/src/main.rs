@@ -31,9 +31,13 @@ struct Args {
     /// Most connections at once.
     #[arg(long, default_value_t = Config::default().max_clients)]
     max_clients: usize,
-    /// Bytes that may wait to be written to one client before messages to it are refused.
+    /// Bytes that may wait to be written to one client.
     #[arg(long, default_value_t = Config::default().outbox_bytes)]
     outbox_bytes: usize,
+    /// How long a message waits for room when its receiver's outbox is full (slowing its
+    /// sender down) before it is refused as not delivered.
+    #[arg(long, default_value = "1s", value_parser = parse_duration)]
+    send_wait: Duration,
     /// Time a new connection has to register (e.g. 5s, 500ms).
     #[arg(long, default_value = "5s", value_parser = parse_duration)]
     register_timeout: Duration,
@@ -57,6 +61,7 @@ impl Args {
             max_frame_len: self.max_frame,
             max_clients: self.max_clients,
             outbox_bytes: self.outbox_bytes,
+            send_wait: self.send_wait,
             register_timeout: self.register_timeout,
             ping_interval: self.ping_interval,
             idle_timeout: self.idle_timeout,

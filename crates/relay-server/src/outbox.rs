@@ -1,11 +1,15 @@
 //! A connection's outbox: the frames waiting to be written to one client, bounded by bytes.
 //!
-//! Senders never wait on it: [`Outbox::push`] either queues at once or says the outbox is full,
-//! so one slow receiver can never stall the clients writing to it. The writer task takes
-//! everything queued in one go and writes it with as few syscalls as the socket allows.
+//! A full outbox pushes back: [`Outbox::push_within`] waits a bounded time for the writer to
+//! make room, so a sender that outruns a healthy receiver is slowed to its pace instead of
+//! losing messages. A receiver that makes no room in that time is marked stalled, and pushes
+//! to it fail at once until it writes again, so a stuck receiver costs its senders one wait,
+//! not one per message. The writer task takes everything queued in one go and writes it with
+//! as few syscalls as the socket allows.
 
 use std::collections::VecDeque;
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::time::Duration;
 
 use relay_proto::{FRAME_HEADER_LEN, Message, encoded_len};
 use tokio::sync::Notify;
@@ -29,21 +33,33 @@ pub(crate) struct Outbox {
 struct Shared {
     // A std mutex: it is held only to push or take, never across an `.await`.
     state: Mutex<State>,
+    /// Wakes the writer when something is queued.
     ready: Notify,
+    /// Wakes senders waiting for room when bytes are written or the outbox closes.
+    room: Notify,
     limit: usize,
 }
 
 #[derive(Debug, Default)]
 struct State {
     queue: VecDeque<Message>,
+    /// Bytes in `queue`.
+    queued: usize,
     /// Bytes queued plus bytes taken by the writer and not yet written.
     bytes: usize,
     closed: bool,
+    /// A sender waited for room and none came; cleared when the writer writes again.
+    stalled: bool,
 }
 
-/// Bytes a message occupies on the wire, which is what the outbox limit counts.
-pub(crate) fn wire_size(msg: &Message) -> usize {
-    FRAME_HEADER_LEN + encoded_len(msg)
+/// Bytes a frame with a body of `encoded_len` occupies on the wire, which is what the outbox
+/// limit counts.
+pub(crate) fn wire_size(encoded_len: usize) -> usize {
+    FRAME_HEADER_LEN + encoded_len
+}
+
+fn wire_size_of(msg: &Message) -> usize {
+    wire_size(encoded_len(msg))
 }
 
 impl Outbox {
@@ -53,6 +69,7 @@ impl Outbox {
             shared: Arc::new(Shared {
                 state: Mutex::new(State::default()),
                 ready: Notify::new(),
+                room: Notify::new(),
                 limit,
             }),
         }
@@ -65,9 +82,43 @@ impl Outbox {
     }
 
     /// Queues `msg` unless that would take the outbox over its limit or it is closed, in
-    /// which case the message is handed back with the reason.
+    /// which case the message is handed back with the reason. Never waits.
     pub(crate) fn push(&self, msg: Message) -> Result<(), (PushError, Message)> {
-        let size = wire_size(&msg);
+        let size = wire_size_of(&msg);
+        self.push_sized(msg, size)
+    }
+
+    /// Queues `msg`, which takes `size` bytes on the wire, waiting up to `wait` for room if
+    /// the outbox is full. Fails at once if it is closed, or full and already stalled.
+    pub(crate) async fn push_within(
+        &self,
+        msg: Message,
+        size: usize,
+        wait: Duration,
+    ) -> Result<(), (PushError, Message)> {
+        // The fast path: room now, no timer, no waiter registration.
+        let mut msg = match self.push_sized(msg, size) {
+            Err((PushError::Full, msg)) if !self.state().stalled && !wait.is_zero() => msg,
+            done => return done,
+        };
+        let deadline = tokio::time::Instant::now() + wait;
+        loop {
+            let room = self.shared.room.notified();
+            tokio::pin!(room);
+            // Registered before checking, so room made in between is not missed.
+            room.as_mut().enable();
+            msg = match self.push_sized(msg, size) {
+                Err((PushError::Full, msg)) => msg,
+                done => return done,
+            };
+            if tokio::time::timeout_at(deadline, room).await.is_err() {
+                self.state().stalled = true;
+                return self.push_sized(msg, size);
+            }
+        }
+    }
+
+    fn push_sized(&self, msg: Message, size: usize) -> Result<(), (PushError, Message)> {
         {
             let mut state = self.state();
             if state.closed {
@@ -77,6 +128,7 @@ impl Outbox {
                 return Err((PushError::Full, msg));
             }
             state.bytes += size;
+            state.queued += size;
             state.queue.push_back(msg);
         }
         self.shared.ready.notify_one();
@@ -94,11 +146,15 @@ impl Outbox {
             }
             state.closed = true;
             if let Some(msg) = last {
-                state.bytes += wire_size(&msg);
+                let size = wire_size_of(&msg);
+                state.bytes += size;
+                state.queued += size;
                 state.queue.push_back(msg);
             }
         }
         self.shared.ready.notify_one();
+        // Senders waiting for room must learn that none will come.
+        self.shared.room.notify_waiters();
     }
 
     /// Waits until something is queued, then moves all of it into `batch` and returns its
@@ -111,12 +167,8 @@ impl Outbox {
             {
                 let mut state = self.state();
                 if !state.queue.is_empty() {
-                    let mut bytes = 0;
-                    for msg in state.queue.drain(..) {
-                        bytes += wire_size(&msg);
-                        batch.push(msg);
-                    }
-                    return Some(bytes);
+                    batch.extend(state.queue.drain(..));
+                    return Some(std::mem::take(&mut state.queued));
                 }
                 if state.closed {
                     return None;
@@ -130,15 +182,24 @@ impl Outbox {
 
     /// Moves whatever is still queued into `into` (used once the connection has failed).
     pub(crate) fn drain_into(&self, into: &mut Vec<Message>) {
-        let mut state = self.state();
-        into.extend(state.queue.drain(..));
-        state.bytes = 0;
+        {
+            let mut state = self.state();
+            into.extend(state.queue.drain(..));
+            state.bytes = 0;
+            state.queued = 0;
+        }
+        self.shared.room.notify_waiters();
     }
 
-    /// Releases `bytes` taken by [`Outbox::take`] once they have been written.
+    /// Releases `bytes` taken by [`Outbox::take`] once they have been written, waking senders
+    /// waiting for room.
     pub(crate) fn written(&self, bytes: usize) {
-        let mut state = self.state();
-        state.bytes = state.bytes.saturating_sub(bytes);
+        {
+            let mut state = self.state();
+            state.bytes = state.bytes.saturating_sub(bytes);
+            state.stalled = false;
+        }
+        self.shared.room.notify_waiters();
     }
 }
 
@@ -149,7 +210,7 @@ mod tests {
     #[tokio::test]
     async fn full_outbox_refuses_and_recovers_after_write() {
         let msg = Message::send(1, "bob", vec![0u8; 100]);
-        let size = wire_size(&msg);
+        let size = wire_size_of(&msg);
         let outbox = Outbox::new(size * 2);
         outbox.push(msg.clone()).unwrap();
         outbox.push(msg.clone()).unwrap();
@@ -174,6 +235,62 @@ mod tests {
         outbox.take(&mut batch).await.unwrap();
         assert_eq!(batch.iter().map(|m| m.id).collect::<Vec<_>>(), vec![1, 2]);
         assert_eq!(outbox.take(&mut batch).await, None);
+    }
+
+    #[tokio::test]
+    async fn a_full_outbox_makes_senders_wait_for_room_then_gives_up_once() {
+        let msg = Message::send(1, "bob", vec![0u8; 100]);
+        let size = wire_size_of(&msg);
+        let outbox = Outbox::new(size);
+        outbox.push(msg.clone()).unwrap();
+
+        // A sender waits; the writer takes and writes the first message; the sender's goes in.
+        let sender = outbox.clone();
+        let second = msg.clone();
+        let waiting = tokio::spawn(async move {
+            sender.push_within(second, size, Duration::from_secs(60)).await.map_err(|e| e.0)
+        });
+        let mut batch = Vec::new();
+        let taken = outbox.take(&mut batch).await.unwrap();
+        outbox.written(taken);
+        assert_eq!(waiting.await.unwrap(), Ok(()));
+
+        // Nobody writes now: the wait runs out, the outbox is marked stalled, and the next
+        // push fails without waiting (a 60 s wait would time the test out).
+        let wait = Duration::from_millis(20);
+        assert_eq!(
+            outbox.push_within(msg.clone(), size, wait).await.unwrap_err().0,
+            PushError::Full
+        );
+        let long = Duration::from_secs(60);
+        assert_eq!(
+            outbox.push_within(msg.clone(), size, long).await.unwrap_err().0,
+            PushError::Full
+        );
+
+        // Writing again clears the stall.
+        batch.clear();
+        let taken = outbox.take(&mut batch).await.unwrap();
+        outbox.written(taken);
+        outbox.push_within(msg, size, long).await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn closing_wakes_waiting_senders() {
+        let msg = Message::send(1, "bob", vec![0u8; 100]);
+        let size = wire_size_of(&msg);
+        let outbox = Outbox::new(size);
+        outbox.push(msg.clone()).unwrap();
+        let sender = outbox.clone();
+        let waiting = tokio::spawn(async move {
+            sender.push_within(msg, size, Duration::from_secs(60)).await.map_err(|e| e.0)
+        });
+        // On this single-threaded runtime one yield lets the sender run until it waits.
+        tokio::task::yield_now().await;
+        outbox.close(None);
+        // Woken as closed, long before its 60 s wait would end.
+        let woken = tokio::time::timeout(Duration::from_secs(20), waiting).await;
+        assert_eq!(woken.unwrap().unwrap(), Err(PushError::Closed));
     }
 
     #[tokio::test]

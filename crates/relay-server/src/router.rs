@@ -6,11 +6,12 @@
 
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::time::Duration;
 
 use bytes::Bytes;
 use relay_proto::{Destination, Kind, Message, Status, encoded_len, parse_destination};
 
-use crate::outbox::{Outbox, PushError};
+use crate::outbox::{Outbox, PushError, wire_size};
 use crate::registry::{NameTaken, Registry};
 
 /// Why a message was not delivered.
@@ -18,7 +19,8 @@ use crate::registry::{NameTaken, Registry};
 pub(crate) enum Undelivered {
     /// Nobody by that name or address is online.
     NotFound,
-    /// The receiver's outbox is full: it is not keeping up. Nothing was queued.
+    /// The receiver's outbox stayed full for the send wait: it is not keeping up. Nothing was
+    /// queued.
     ReceiverFull,
     /// The message would be over the frame limit once the sender's name is stamped on it.
     TooLarge,
@@ -29,6 +31,8 @@ pub(crate) enum Undelivered {
 pub(crate) struct Router {
     registry: Registry,
     max_frame_len: usize,
+    /// How long a message waits for room in a full receiver's outbox.
+    send_wait: Duration,
 }
 
 /// A registered name, held by its connection. Dropping it frees the name, so every way a
@@ -54,8 +58,8 @@ impl Drop for Claim {
 }
 
 impl Router {
-    pub(crate) fn new(max_frame_len: usize) -> Router {
-        Router { registry: Registry::default(), max_frame_len }
+    pub(crate) fn new(max_frame_len: usize, send_wait: Duration) -> Router {
+        Router { registry: Registry::default(), max_frame_len, send_wait }
     }
 
     /// Claims `name` for the connection at `addr`, whose outbox receives its messages.
@@ -70,10 +74,12 @@ impl Router {
     }
 
     /// Routes a message from the client registered as `from` to `to` (a name or an
-    /// `ip:port`), stamping `from` on it. Never waits.
+    /// `ip:port`), stamping `from` on it. If the receiver's outbox is full, waits up to the
+    /// send wait for room: this is the backpressure that slows a sender to its receiver's
+    /// pace (the sender's connection reads nothing meanwhile, so TCP pushes back on it).
     ///
     /// On failure, gives back the destination so the reply can name it.
-    pub(crate) fn route(
+    pub(crate) async fn route(
         &self,
         from: &str,
         id: u64,
@@ -81,7 +87,8 @@ impl Router {
         content: Bytes,
     ) -> Result<(), (Undelivered, String)> {
         let msg = Message::deliver(id, from, to, content);
-        if encoded_len(&msg) > self.max_frame_len {
+        let len = encoded_len(&msg);
+        if len > self.max_frame_len {
             return Err((Undelivered::TooLarge, msg.to));
         }
         // Clone the receiver's outbox handle and push after the read lock is released, so
@@ -94,7 +101,7 @@ impl Router {
         let Some(outbox) = outbox else {
             return Err((Undelivered::NotFound, msg.to));
         };
-        match outbox.push(msg) {
+        match outbox.push_within(msg, wire_size(len), self.send_wait).await {
             Ok(()) => Ok(()),
             Err((PushError::Full, msg)) => Err((Undelivered::ReceiverFull, msg.to)),
             // The receiver is closing: as far as the sender is concerned it is gone.

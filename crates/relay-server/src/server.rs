@@ -81,7 +81,7 @@ impl Server {
         config.validate().map_err(ConfigError)?;
         let slots = Arc::new(Semaphore::new(config.max_clients));
         let shared = Arc::new(Shared {
-            router: Arc::new(Router::new(config.max_frame_len)),
+            router: Arc::new(Router::new(config.max_frame_len, config.send_wait)),
             config,
             hard_stop: CancellationToken::new(),
         });

@@ -90,6 +90,8 @@ async fn a_peer_that_never_answers_pings_is_dropped_and_its_name_freed() {
 async fn a_receiver_that_never_reads_costs_its_senders_nothing_but_a_typed_reply() {
     let server = TestServer::with_config(Config {
         outbox_bytes: 128 * 1024,
+        // Refused after a short wait for room, well before the sink is dropped.
+        send_wait: Duration::from_millis(100),
         write_timeout: Duration::from_millis(500),
         ..config()
     })

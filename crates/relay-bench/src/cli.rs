@@ -1,0 +1,153 @@
+//! Command-line interface: parses arguments, runs one workload, prints its report.
+
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::{Args, Parser, Subcommand};
+use relay_server::parse_duration;
+
+use crate::target::Target;
+use crate::workloads::{self, ConnectionsOptions, FlowOptions, LatencyOptions};
+
+/// Load generator for relay-server; `--target nats://HOST:PORT` runs the same workloads against
+/// a nats-server.
+#[derive(Debug, Parser)]
+#[command(name = "relay-bench", version)]
+pub struct Cli {
+    /// Server to drive: HOST:PORT or relay://HOST:PORT for relay-server, nats://HOST:PORT for
+    /// nats-server.
+    #[arg(long, global = true, default_value = "127.0.0.1:8080", value_parser = Target::parse)]
+    pub target: Target,
+    /// Print the report as one JSON object instead of a table.
+    #[arg(long, global = true)]
+    pub json: bool,
+    /// A receiver that hears nothing for this long gives up and counts the rest as lost.
+    #[arg(long, global = true, default_value = "10s", value_parser = parse_duration)]
+    pub stall: Duration,
+    /// What to run.
+    #[command(subcommand)]
+    pub workload: Workload,
+}
+
+/// The workloads.
+#[derive(Debug, Subcommand)]
+pub enum Workload {
+    /// P senders, each to its own receiver, as fast as the server takes them.
+    Pairs {
+        /// Sender/receiver pairs.
+        #[arg(long, default_value_t = 16)]
+        pairs: usize,
+        /// How many messages, how big.
+        #[command(flatten)]
+        flow: FlowArgs,
+    },
+    /// N senders to one receiver, as fast as the server takes them.
+    FanIn {
+        /// Senders.
+        #[arg(long, default_value_t = 64)]
+        senders: usize,
+        /// How many messages, how big.
+        #[command(flatten)]
+        flow: FlowArgs,
+    },
+    /// P pairs paced to a total rate; one-way latency percentiles.
+    Latency {
+        /// Sender/receiver pairs.
+        #[arg(long, default_value_t = 16)]
+        pairs: usize,
+        /// Messages per second, all pairs together.
+        #[arg(long, default_value_t = 20_000)]
+        rate: u64,
+        /// How long to send.
+        #[arg(long, default_value = "10s", value_parser = parse_duration)]
+        duration: Duration,
+        /// Payload bytes per message (at least 20).
+        #[arg(long, default_value_t = 64)]
+        size: usize,
+    },
+    /// C idle registered clients: time to connect them, and the server's memory per client.
+    Connections {
+        /// Clients to open (raise `ulimit -n` for many).
+        #[arg(long, default_value_t = 10_000)]
+        clients: usize,
+        /// The server's process id, to read its memory (Linux).
+        #[arg(long)]
+        server_pid: Option<u32>,
+    },
+}
+
+/// Size of a flow.
+#[derive(Debug, Args)]
+pub struct FlowArgs {
+    /// Messages in all.
+    #[arg(long, default_value_t = 2_000_000)]
+    pub messages: u64,
+    /// Payload bytes per message (at least 20).
+    #[arg(long, default_value_t = 64)]
+    pub size: usize,
+}
+
+/// Runs the workload the arguments name and prints its report.
+pub async fn run(cli: Cli) -> Result<String, String> {
+    let target = &cli.target;
+    let (table, json) = match cli.workload {
+        Workload::Pairs { pairs, flow } => {
+            let options = FlowOptions {
+                senders: pairs,
+                receivers: pairs,
+                messages: flow.messages,
+                size: flow.size,
+                stall: cli.stall,
+            };
+            let report = workloads::flow(target, "pairs", &options).await?;
+            (report.table(), serde_json::to_string(&report))
+        }
+        Workload::FanIn { senders, flow } => {
+            let options = FlowOptions {
+                senders,
+                receivers: 1,
+                messages: flow.messages,
+                size: flow.size,
+                stall: cli.stall,
+            };
+            let report = workloads::flow(target, "fan-in", &options).await?;
+            (report.table(), serde_json::to_string(&report))
+        }
+        Workload::Latency { pairs, rate, duration, size } => {
+            let options = LatencyOptions { pairs, rate, duration, size, stall: cli.stall };
+            let report = workloads::latency(target, &options).await?;
+            (report.table(), serde_json::to_string(&report))
+        }
+        Workload::Connections { clients, server_pid } => {
+            let report =
+                workloads::connections(target, &ConnectionsOptions { clients, server_pid }).await?;
+            (report.table(), serde_json::to_string(&report))
+        }
+    };
+    if cli.json { json.map_err(|e| e.to_string()) } else { Ok(table) }
+}
+
+/// The whole program: parse, run on a multi-threaded runtime, print; one line on error.
+pub fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let runtime = match tokio::runtime::Runtime::new() {
+        Ok(runtime) => runtime,
+        Err(e) => {
+            eprintln!("relay-bench: cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let result = runtime.block_on(run(cli));
+    // Connections still open are simply dropped.
+    runtime.shutdown_background();
+    match result {
+        Ok(report) => {
+            println!("{}", report.trim_end());
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("relay-bench: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}

@@ -1,0 +1,189 @@
+//! The server under test, and the two ends of a flow on it: a sender that addresses a receiver
+//! by index, and a receiver that yields payloads. Relay and NATS look the same to workloads.
+
+use std::fmt;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use bytes::Bytes;
+use relay_client::{Client, ClientConfig, Event, Events};
+
+use crate::nats;
+
+/// Which server to drive.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Target {
+    /// A relay-server at `host:port`.
+    Relay(String),
+    /// A nats-server at `host:port`: receiver `i` subscribes to `bench.i`, senders publish to
+    /// it.
+    Nats(String),
+}
+
+impl Target {
+    /// Parses `HOST:PORT` or `relay://HOST:PORT` (a relay-server) or `nats://HOST:PORT`.
+    pub fn parse(s: &str) -> Result<Target, String> {
+        let (kind, addr) = match s.split_once("://") {
+            Some(("relay", addr)) => ("relay", addr),
+            Some(("nats", addr)) => ("nats", addr),
+            Some((scheme, _)) => {
+                return Err(format!("unknown scheme {scheme}://; use relay:// or nats://"));
+            }
+            None => ("relay", s),
+        };
+        if addr.rsplit_once(':').is_none_or(|(host, port)| host.is_empty() || port.is_empty()) {
+            return Err(format!("{s}: expected HOST:PORT"));
+        }
+        Ok(match kind {
+            "nats" => Target::Nats(addr.to_string()),
+            _ => Target::Relay(addr.to_string()),
+        })
+    }
+
+    /// `relay` or `nats`.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Target::Relay(_) => "relay",
+            Target::Nats(_) => "nats",
+        }
+    }
+
+    /// Connects receiver number `index` (`run` keeps names apart between runs on one server).
+    pub async fn receiver(&self, run: &str, index: usize) -> Result<Receiver, String> {
+        match self {
+            Target::Relay(addr) => {
+                let name = receiver_name(run, index);
+                let (client, events) = Client::connect_with(addr, &name, ClientConfig::default())
+                    .await
+                    .map_err(|e| e.to_string())?;
+                Ok(Receiver::Relay { _client: client, events })
+            }
+            Target::Nats(addr) => {
+                let subject = receiver_name(run, index);
+                let sub = nats::Subscriber::connect(addr, &subject)
+                    .await
+                    .map_err(|e| format!("nats {addr}: {e}"))?;
+                Ok(Receiver::Nats(sub))
+            }
+        }
+    }
+
+    /// Connects sender number `index`, which will address receivers of the same `run`.
+    /// `refused` counts messages the server reported as not delivered.
+    pub async fn sender(
+        &self,
+        run: &str,
+        index: usize,
+        refused: Arc<AtomicU64>,
+    ) -> Result<Sender, String> {
+        match self {
+            Target::Relay(addr) => {
+                let name = format!("{run}.s{index}");
+                let (client, mut events) =
+                    Client::connect_with(addr, &name, ClientConfig::default())
+                        .await
+                        .map_err(|e| e.to_string())?;
+                // A sender hears only about refused messages; count them.
+                tokio::spawn(async move {
+                    while let Some(event) = events.next().await {
+                        if matches!(event, Event::NotFound { .. } | Event::Rejected { .. }) {
+                            refused.fetch_add(1, Ordering::Relaxed);
+                        }
+                    }
+                });
+                Ok(Sender::Relay(client))
+            }
+            Target::Nats(addr) => Ok(Sender::Nats(
+                nats::Publisher::connect(addr).await.map_err(|e| format!("nats {addr}: {e}"))?,
+            )),
+        }
+    }
+}
+
+impl fmt::Display for Target {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Target::Relay(addr) => write!(f, "relay://{addr}"),
+            Target::Nats(addr) => write!(f, "nats://{addr}"),
+        }
+    }
+}
+
+/// The name (relay) or subject (NATS) of receiver `index` in `run`.
+pub fn receiver_name(run: &str, index: usize) -> String {
+    format!("{run}.r{index}")
+}
+
+/// The receiving end of a flow.
+pub enum Receiver {
+    /// A relay client; its handle is kept so the connection stays open.
+    Relay {
+        /// Keeps the connection registered.
+        _client: Client,
+        /// Where messages arrive.
+        events: Events,
+    },
+    /// A NATS subscription.
+    Nats(nats::Subscriber),
+}
+
+impl Receiver {
+    /// The next payload, or an error saying why the connection ended.
+    pub async fn next(&mut self) -> Result<Bytes, String> {
+        match self {
+            Receiver::Relay { events, .. } => loop {
+                match events.next().await {
+                    Some(Event::Message { content, .. }) => return Ok(content),
+                    Some(Event::NotFound { .. } | Event::Rejected { .. } | Event::Users { .. }) => {
+                    }
+                    Some(other) => return Err(format!("connection ended: {other:?}")),
+                    None => return Err("connection ended".into()),
+                }
+            },
+            Receiver::Nats(sub) => match sub.next().await {
+                Ok(Some(payload)) => Ok(payload),
+                Ok(None) => Err("the server closed the connection".into()),
+                Err(e) => Err(e.to_string()),
+            },
+        }
+    }
+}
+
+/// The sending end of a flow.
+pub enum Sender {
+    /// A relay client.
+    Relay(Client),
+    /// A NATS publisher.
+    Nats(nats::Publisher),
+}
+
+impl Sender {
+    /// Sends `payload` to the receiver called `to` (see [`receiver_name`]). Waits only when the
+    /// connection is pushing back.
+    pub async fn send(&mut self, to: &str, payload: Bytes) -> Result<(), String> {
+        match self {
+            Sender::Relay(client) => {
+                client.send(to, payload).await.map(|_| ()).map_err(|e| e.to_string())
+            }
+            Sender::Nats(publisher) => {
+                publisher.publish(to, &payload).await.map_err(|e| e.to_string())
+            }
+        }
+    }
+
+    /// Pushes out anything buffered (relay clients write continuously; NATS publishers batch).
+    pub async fn flush(&mut self) -> Result<(), String> {
+        match self {
+            Sender::Relay(_) => Ok(()),
+            Sender::Nats(publisher) => publisher.flush().await.map_err(|e| e.to_string()),
+        }
+    }
+
+    /// Sends what is left and closes the connection.
+    pub async fn close(self) -> Result<(), String> {
+        match self {
+            Sender::Relay(client) => client.offline().await.map_err(|e| e.to_string()),
+            Sender::Nats(publisher) => publisher.close().await.map_err(|e| e.to_string()),
+        }
+    }
+}

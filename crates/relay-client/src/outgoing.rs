@@ -1,0 +1,199 @@
+//! The client's outgoing frames. Senders encode straight into one shared buffer, and the
+//! writer task swaps the whole buffer out and writes it at once: a message costs an encode and
+//! a lock, not an allocation and a channel hop, and a busy client sends many frames per
+//! syscall.
+
+use std::sync::{Mutex, MutexGuard, PoisonError};
+
+use bytes::BytesMut;
+use relay_proto::{MessageCodec, MessageRef, ProtoError};
+use tokio::sync::Notify;
+
+/// The connection is closed for sending.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct Closed;
+
+/// Frames waiting for the writer task.
+#[derive(Debug)]
+pub(crate) struct Outgoing {
+    // A std mutex: held only to encode one message or swap the buffer, never across an await.
+    state: Mutex<State>,
+    codec: MessageCodec,
+    /// Messages that may wait before senders wait.
+    max_queued: usize,
+    /// Wakes the writer when frames are queued or the outbox closes.
+    ready: Notify,
+    /// Wakes senders when the writer takes the queue or the outbox closes.
+    room: Notify,
+}
+
+#[derive(Debug, Default)]
+struct State {
+    buf: BytesMut,
+    queued: usize,
+    closed: bool,
+}
+
+impl Outgoing {
+    pub(crate) fn new(codec: MessageCodec, max_queued: usize) -> Outgoing {
+        Outgoing {
+            state: Mutex::new(State::default()),
+            codec,
+            max_queued: max_queued.max(1),
+            ready: Notify::new(),
+            room: Notify::new(),
+        }
+    }
+
+    fn state(&self) -> MutexGuard<'_, State> {
+        // Nothing panics under the lock; a poisoned buffer still holds whole frames.
+        self.state.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Queues `msg`, waiting while `max_queued` messages are already waiting for the writer.
+    ///
+    /// # Errors
+    /// `Ok(Err(_))` if the message does not encode within the frame limit (nothing is queued);
+    /// `Err(Closed)` if the connection is closed for sending.
+    pub(crate) async fn push(
+        &self,
+        msg: &MessageRef<'_>,
+    ) -> Result<Result<(), ProtoError>, Closed> {
+        loop {
+            let room = self.room.notified();
+            tokio::pin!(room);
+            // Registered before checking, so the writer taking the queue in between is seen.
+            room.as_mut().enable();
+            {
+                let mut state = self.state();
+                if state.closed {
+                    return Err(Closed);
+                }
+                if state.queued < self.max_queued {
+                    return Ok(self.queue(&mut state, msg));
+                }
+            }
+            room.await;
+        }
+    }
+
+    /// Queues `msg` without waiting, over the limit if need be (pongs and pings, which are
+    /// tiny and must not wait behind the program's traffic).
+    pub(crate) fn push_now(&self, msg: &MessageRef<'_>) -> Result<(), Closed> {
+        let mut state = self.state();
+        if state.closed {
+            return Err(Closed);
+        }
+        // Control messages always fit the frame limit.
+        let _ = self.queue(&mut state, msg);
+        Ok(())
+    }
+
+    fn queue(
+        &self,
+        state: &mut MutexGuard<'_, State>,
+        msg: &MessageRef<'_>,
+    ) -> Result<(), ProtoError> {
+        self.codec.encode_ref(msg, &mut state.buf)?;
+        state.queued += 1;
+        // Wake the writer only for the first message of a batch; it takes them all.
+        if state.queued == 1 {
+            self.ready.notify_one();
+        }
+        Ok(())
+    }
+
+    /// Closes for sending, after queuing `last` if given (the offline notice). The writer
+    /// writes what is queued, then ends the connection.
+    pub(crate) fn close(&self, last: Option<&MessageRef<'_>>) {
+        {
+            let mut state = self.state();
+            if state.closed {
+                return;
+            }
+            if let Some(msg) = last {
+                let _ = self.queue(&mut state, msg);
+            }
+            state.closed = true;
+        }
+        self.ready.notify_one();
+        self.room.notify_waiters();
+    }
+
+    /// For the writer: waits until frames are queued and swaps them into `spare` (which must
+    /// be empty). Returns `false` once the outbox is closed and everything was taken.
+    pub(crate) async fn take(&self, spare: &mut BytesMut) -> bool {
+        loop {
+            let ready = self.ready.notified();
+            tokio::pin!(ready);
+            ready.as_mut().enable();
+            {
+                let mut state = self.state();
+                if !state.buf.is_empty() {
+                    std::mem::swap(&mut state.buf, spare);
+                    state.queued = 0;
+                    drop(state);
+                    self.room.notify_waiters();
+                    return true;
+                }
+                if state.closed {
+                    return false;
+                }
+            }
+            ready.await;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    fn msg(content: &[u8]) -> MessageRef<'_> {
+        MessageRef::send(1, "bob", content)
+    }
+
+    #[tokio::test]
+    async fn senders_wait_for_the_writer_when_the_queue_is_full() {
+        let out = std::sync::Arc::new(Outgoing::new(MessageCodec::new(1024), 2));
+        out.push(&msg(b"a")).await.unwrap().unwrap();
+        out.push(&msg(b"b")).await.unwrap().unwrap();
+        let sender = out.clone();
+        let third = tokio::spawn(async move { sender.push(&msg(b"c")).await.map(|r| r.is_ok()) });
+        tokio::task::yield_now().await;
+        assert!(!third.is_finished(), "a third message must wait for the writer");
+        let mut spare = BytesMut::new();
+        assert!(out.take(&mut spare).await);
+        let woken = tokio::time::timeout(Duration::from_secs(20), third).await;
+        assert_eq!(woken.unwrap().unwrap(), Ok(true));
+    }
+
+    #[tokio::test]
+    async fn close_writes_the_last_message_then_ends() {
+        let out = Outgoing::new(MessageCodec::new(1024), 8);
+        out.push(&msg(b"a")).await.unwrap().unwrap();
+        out.close(Some(&msg(b"bye")));
+        assert!(matches!(out.push(&msg(b"late")).await, Err(Closed)));
+        assert_eq!(out.push_now(&msg(b"late")), Err(Closed));
+        let mut spare = BytesMut::new();
+        assert!(out.take(&mut spare).await);
+        let mut codec = MessageCodec::new(1024);
+        let contents: Vec<_> = std::iter::from_fn(|| {
+            tokio_util::codec::Decoder::decode(&mut codec, &mut spare).unwrap()
+        })
+        .map(|m| m.content)
+        .collect();
+        assert_eq!(contents, vec![&b"a"[..], &b"bye"[..]]);
+        assert!(!out.take(&mut spare).await);
+    }
+
+    #[tokio::test]
+    async fn an_oversized_message_is_refused_and_queues_nothing() {
+        let out = Outgoing::new(MessageCodec::new(256), 8);
+        let big = vec![0u8; 300];
+        assert!(out.push(&msg(&big)).await.unwrap().is_err());
+        out.close(None);
+        assert!(!out.take(&mut BytesMut::new()).await);
+    }
+}
