@@ -66,6 +66,7 @@ impl FrameReader {
             // Read at most a frame's worth (and at most `READ_CHUNK`): before registration
             // the limit is small, so a socket that sends a few bytes and stalls holds little.
             let chunk = READ_CHUNK.min(self.codec.max_frame_len() + FRAME_HEADER_LEN);
+            let fresh = self.buf.capacity() == 0;
             if self.buf.capacity() - self.buf.len() < chunk / 2 {
                 self.buf.reserve(chunk);
             }
@@ -73,7 +74,13 @@ impl FrameReader {
                 Ok(0) if self.buf.is_empty() => return Ok(false),
                 Ok(0) => return Err(ProtoError::Truncated { buffered: self.buf.len() }),
                 Ok(_) => return Ok(true),
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    // Readiness is cached, so an idle connection often gets here once before
+                    // it really waits: do not wait holding a buffer allocated for nothing.
+                    if fresh {
+                        self.buf = BytesMut::new();
+                    }
+                }
                 Err(e) => return Err(e.into()),
             }
         }

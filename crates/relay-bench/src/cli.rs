@@ -6,6 +6,7 @@ use std::time::Duration;
 use clap::{Args, Parser, Subcommand};
 use relay_server::parse_duration;
 
+use crate::compare;
 use crate::target::Target;
 use crate::workloads::{self, ConnectionsOptions, FlowOptions, LatencyOptions};
 
@@ -65,6 +66,37 @@ pub enum Workload {
         #[arg(long, default_value_t = 64)]
         size: usize,
     },
+    /// Every workload on a relay-server and a nats-server, once each; prints the rows (JSON
+    /// with --json, which `report` reads).
+    Compare {
+        /// The relay-server, HOST:PORT.
+        #[arg(long, default_value = "127.0.0.1:8080", value_parser = Target::parse)]
+        relay: Target,
+        /// The nats-server, nats://HOST:PORT.
+        #[arg(long, default_value = "nats://127.0.0.1:4222", value_parser = Target::parse)]
+        nats: Target,
+        /// relay-server's process id, for its memory per idle client.
+        #[arg(long)]
+        relay_pid: Option<u32>,
+        /// nats-server's process id.
+        #[arg(long)]
+        nats_pid: Option<u32>,
+        /// Messages per throughput workload (the 1 KiB one sends half as many).
+        #[arg(long, default_value_t = 2_000_000)]
+        messages: u64,
+        /// Length of each latency run.
+        #[arg(long, default_value = "10s", value_parser = parse_duration)]
+        duration: Duration,
+        /// Idle clients for the memory measurement.
+        #[arg(long, default_value_t = 10_000)]
+        clients: usize,
+    },
+    /// Reads the JSON lines of several `compare --json` runs and prints medians and ratios.
+    Report {
+        /// Files with one `compare --json` line per run.
+        #[arg(required = true)]
+        files: Vec<std::path::PathBuf>,
+    },
     /// C idle registered clients: time to connect them, and the server's memory per client.
     Connections {
         /// Clients to open (raise `ulimit -n` for many).
@@ -117,6 +149,35 @@ pub async fn run(cli: Cli) -> Result<String, String> {
             let options = LatencyOptions { pairs, rate, duration, size, stall: cli.stall };
             let report = workloads::latency(target, &options).await?;
             (report.table(), serde_json::to_string(&report))
+        }
+        Workload::Compare { relay, nats, relay_pid, nats_pid, messages, duration, clients } => {
+            let options = compare::CompareOptions {
+                relay,
+                nats,
+                relay_pid,
+                nats_pid,
+                messages,
+                duration,
+                clients,
+                stall: cli.stall,
+            };
+            let rows = compare::run(&options).await?;
+            let table = compare::report(std::slice::from_ref(&rows));
+            (table, serde_json::to_string(&rows))
+        }
+        Workload::Report { files } => {
+            let mut runs = Vec::new();
+            for file in &files {
+                let text = std::fs::read_to_string(file)
+                    .map_err(|e| format!("{}: {e}", file.display()))?;
+                for line in text.lines().filter(|l| !l.trim().is_empty()) {
+                    let rows: Vec<compare::Row> = serde_json::from_str(line).map_err(|e| {
+                        format!("{}: not a compare --json line: {e}", file.display())
+                    })?;
+                    runs.push(rows);
+                }
+            }
+            return Ok(compare::report(&runs));
         }
         Workload::Connections { clients, server_pid } => {
             let report =

@@ -6,6 +6,7 @@
 #![deny(missing_docs)]
 
 pub mod cli;
+pub mod compare;
 pub mod nats;
 pub mod payload;
 pub mod progress;

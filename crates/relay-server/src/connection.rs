@@ -13,7 +13,7 @@ use tracing::{debug, info, trace, warn};
 
 use crate::config::Config;
 use crate::outbox::{Outbox, PushError};
-use crate::router::{Claim, Router, Undelivered};
+use crate::router::{Claim, Routed, Router, Undelivered};
 use crate::writer::{self, WriteEnd};
 
 /// What every connection shares.
@@ -275,10 +275,20 @@ impl Connection {
             };
             let outcome = match Request::parse(msg) {
                 Ok(Request::Send { id, to, content }) => {
-                    // Routing may wait for room at a busy receiver; shutdown must not.
-                    tokio::select! {
-                        outcome = self.send(&name, id, to, content) => outcome,
-                        () = shutdown.cancelled() => return shutting_down(),
+                    trace!(from = %name, %to, id, len = content.len(), "message");
+                    match self.shared.router.route(&name, id, to, content) {
+                        Ok(Routed::Queued) => Ok(()),
+                        Ok(Routed::Full(pending)) => {
+                            // Wait for room at the busy receiver, but not through a shutdown.
+                            // Boxed: the waiting state is large and rarely needed, and inline
+                            // it would grow every connection's task, idle or not.
+                            let waited = tokio::select! {
+                                waited = Box::pin(pending.wait()) => waited,
+                                () = shutdown.cancelled() => return shutting_down(),
+                            };
+                            waited.or_else(|(why, to)| self.undelivered(&name, id, why, to))
+                        }
+                        Err((why, to)) => self.undelivered(&name, id, why, to),
                     }
                 }
                 Ok(Request::ListUsers { id }) => self.list_users(id),
@@ -306,17 +316,14 @@ impl Connection {
         }
     }
 
-    async fn send(
+    /// Tells the client its message `id` to `to` was not delivered, and why.
+    fn undelivered(
         &self,
         name: &str,
         id: u64,
+        why: Undelivered,
         to: String,
-        content: bytes::Bytes,
     ) -> Result<(), Farewell> {
-        trace!(from = %name, %to, id, len = content.len(), "message");
-        let Err((why, to)) = self.shared.router.route(name, id, to, content).await else {
-            return Ok(());
-        };
         let reply = match why {
             Undelivered::NotFound => {
                 debug!(from = %name, %to, id, "destination not found");

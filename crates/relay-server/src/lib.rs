@@ -29,3 +29,45 @@ mod writer;
 pub use config::{Config, parse_duration};
 pub use console::run_console;
 pub use server::{ConfigError, Server, ServerHandle};
+
+/// Entry points for the criterion benchmarks (`benches/routing.rs`); not a stable API.
+#[doc(hidden)]
+pub mod bench_support {
+    use std::net::SocketAddr;
+
+    use crate::outbox::Outbox;
+    use crate::registry::Registry;
+
+    /// A name registry filled with `user0` .. `user{n-1}`.
+    #[derive(Debug, Default)]
+    pub struct Names {
+        registry: Registry,
+    }
+
+    impl Names {
+        /// A registry holding `n` names.
+        pub fn new(n: usize) -> Names {
+            let names = Names::default();
+            for i in 0..n {
+                names.register(&format!("user{i}"), i);
+            }
+            names
+        }
+
+        /// Registers `name` (as a client at port `i`); returns its token if it was free.
+        pub fn register(&self, name: &str, i: usize) -> Option<u64> {
+            let addr = SocketAddr::from(([127, 0, 0, 1], (i % 65536) as u16));
+            self.registry.insert(name, addr, Outbox::new(1024)).ok().map(|(_, token)| token)
+        }
+
+        /// Unregisters `name` if `token` still owns it.
+        pub fn unregister(&self, name: &str, token: u64) {
+            self.registry.remove(name, token);
+        }
+
+        /// What routing does per message: finds `name` and takes a handle to its outbox.
+        pub fn lookup(&self, name: &str) -> bool {
+            self.registry.with_name(name, |e| e.outbox.clone()).is_some()
+        }
+    }
+}

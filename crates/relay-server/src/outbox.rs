@@ -1,6 +1,6 @@
 //! A connection's outbox: the frames waiting to be written to one client, bounded by bytes.
 //!
-//! A full outbox pushes back: [`Outbox::push_within`] waits a bounded time for the writer to
+//! A full outbox pushes back: [`Outbox::wait_for_room`] waits a bounded time for the writer to
 //! make room, so a sender that outruns a healthy receiver is slowed to its pace instead of
 //! losing messages. A receiver that makes no room in that time is marked stalled, and pushes
 //! to it fail at once until it writes again, so a stuck receiver costs its senders one wait,
@@ -88,19 +88,29 @@ impl Outbox {
         self.push_sized(msg, size)
     }
 
-    /// Queues `msg`, which takes `size` bytes on the wire, waiting up to `wait` for room if
-    /// the outbox is full. Fails at once if it is closed, or full and already stalled.
-    pub(crate) async fn push_within(
+    /// Queues `msg`, which takes `size` bytes on the wire, if there is room. If the outbox is
+    /// full but not stalled, hands the message back (`Ok(Some(msg))`) for the caller to
+    /// [`wait_for_room`](Outbox::wait_for_room); fails if it is closed, or full and stalled.
+    pub(crate) fn try_push(
         &self,
         msg: Message,
         size: usize,
+    ) -> Result<Option<Message>, (PushError, Message)> {
+        match self.push_sized(msg, size) {
+            Ok(()) => Ok(None),
+            Err((PushError::Full, msg)) if !self.state().stalled => Ok(Some(msg)),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Waits up to `wait` for room for `msg`, then queues it. If no room comes, marks the
+    /// outbox stalled (so later messages fail at once, see [`Outbox::try_push`]) and fails.
+    pub(crate) async fn wait_for_room(
+        &self,
+        mut msg: Message,
+        size: usize,
         wait: Duration,
     ) -> Result<(), (PushError, Message)> {
-        // The fast path: room now, no timer, no waiter registration.
-        let mut msg = match self.push_sized(msg, size) {
-            Err((PushError::Full, msg)) if !self.state().stalled && !wait.is_zero() => msg,
-            done => return done,
-        };
         let deadline = tokio::time::Instant::now() + wait;
         loop {
             let room = self.shared.room.notified();
@@ -207,6 +217,19 @@ impl Outbox {
 mod tests {
     use super::*;
 
+    /// What routing does: try, and wait for room if the outbox is full.
+    async fn push_within(
+        outbox: &Outbox,
+        msg: Message,
+        size: usize,
+        wait: Duration,
+    ) -> Result<(), (PushError, Message)> {
+        match outbox.try_push(msg, size)? {
+            None => Ok(()),
+            Some(msg) => outbox.wait_for_room(msg, size, wait).await,
+        }
+    }
+
     #[tokio::test]
     async fn full_outbox_refuses_and_recovers_after_write() {
         let msg = Message::send(1, "bob", vec![0u8; 100]);
@@ -248,7 +271,7 @@ mod tests {
         let sender = outbox.clone();
         let second = msg.clone();
         let waiting = tokio::spawn(async move {
-            sender.push_within(second, size, Duration::from_secs(60)).await.map_err(|e| e.0)
+            push_within(&sender, second, size, Duration::from_secs(60)).await.map_err(|e| e.0)
         });
         let mut batch = Vec::new();
         let taken = outbox.take(&mut batch).await.unwrap();
@@ -259,12 +282,12 @@ mod tests {
         // push fails without waiting (a 60 s wait would time the test out).
         let wait = Duration::from_millis(20);
         assert_eq!(
-            outbox.push_within(msg.clone(), size, wait).await.unwrap_err().0,
+            push_within(&outbox, msg.clone(), size, wait).await.unwrap_err().0,
             PushError::Full
         );
         let long = Duration::from_secs(60);
         assert_eq!(
-            outbox.push_within(msg.clone(), size, long).await.unwrap_err().0,
+            push_within(&outbox, msg.clone(), size, long).await.unwrap_err().0,
             PushError::Full
         );
 
@@ -272,7 +295,7 @@ mod tests {
         batch.clear();
         let taken = outbox.take(&mut batch).await.unwrap();
         outbox.written(taken);
-        outbox.push_within(msg, size, long).await.unwrap();
+        push_within(&outbox, msg, size, long).await.unwrap();
     }
 
     #[tokio::test]
@@ -283,7 +306,7 @@ mod tests {
         outbox.push(msg.clone()).unwrap();
         let sender = outbox.clone();
         let waiting = tokio::spawn(async move {
-            sender.push_within(msg, size, Duration::from_secs(60)).await.map_err(|e| e.0)
+            push_within(&sender, msg, size, Duration::from_secs(60)).await.map_err(|e| e.0)
         });
         // On this single-threaded runtime one yield lets the sender run until it waits.
         tokio::task::yield_now().await;

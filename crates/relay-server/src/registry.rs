@@ -1,8 +1,10 @@
 //! The name registry: who is online, at which address, and where their outbox is.
 
 use std::collections::HashMap;
-use std::collections::hash_map::Entry;
+use std::collections::hash_map::{Entry, RandomState};
+use std::hash::{BuildHasher, Hash};
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, PoisonError, RwLock, RwLockReadGuard, RwLockWriteGuard};
 
 use crate::outbox::Outbox;
@@ -17,19 +19,44 @@ pub(crate) struct Registered {
     pub(crate) outbox: Outbox,
 }
 
+/// Number of independently locked shards. Lookups for different names mostly take different
+/// locks, so senders on different cores do not fight over one lock word; 64 keeps the chance of
+/// two busy names sharing a shard low at little memory cost.
+const SHARDS: usize = 64;
+
 #[derive(Debug, Default)]
-struct Names {
+struct NameShard {
     by_name: HashMap<Arc<str>, Registered>,
-    by_addr: HashMap<SocketAddr, Arc<str>>,
-    next_token: u64,
 }
 
-/// Registered names behind a reader-writer lock. Routing takes the read lock (many senders at
-/// once); only registering and leaving take the write lock. A std lock, not Tokio's: no
-/// method holds it across an `.await`.
 #[derive(Debug, Default)]
+struct AddrShard {
+    /// The name registered from each address, and that registration's token.
+    by_addr: HashMap<SocketAddr, (Arc<str>, u64)>,
+}
+
+/// Registered names, sharded by hash, each shard behind a reader-writer lock. Routing takes a
+/// read lock on one shard; only registering and leaving take write locks. Std locks, not
+/// Tokio's: no method holds one across an `.await`.
+#[derive(Debug)]
 pub(crate) struct Registry {
-    names: RwLock<Names>,
+    names: Box<[RwLock<NameShard>]>,
+    addrs: Box<[RwLock<AddrShard>]>,
+    hasher: RandomState,
+    next_token: AtomicU64,
+    len: AtomicUsize,
+}
+
+impl Default for Registry {
+    fn default() -> Registry {
+        Registry {
+            names: (0..SHARDS).map(|_| RwLock::default()).collect(),
+            addrs: (0..SHARDS).map(|_| RwLock::default()).collect(),
+            hasher: RandomState::new(),
+            next_token: AtomicU64::new(1),
+            len: AtomicUsize::new(0),
+        }
+    }
 }
 
 /// An address in the form users see and type: an IPv4 client of a dual-stack (`::`) listener
@@ -48,14 +75,26 @@ fn canonical(addr: SocketAddr) -> SocketAddr {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) struct NameTaken;
 
+fn read<T>(lock: &RwLock<T>) -> RwLockReadGuard<'_, T> {
+    // No code panics while holding a lock; a poisoned shard is still consistent.
+    lock.read().unwrap_or_else(PoisonError::into_inner)
+}
+
+fn write<T>(lock: &RwLock<T>) -> RwLockWriteGuard<'_, T> {
+    lock.write().unwrap_or_else(PoisonError::into_inner)
+}
+
 impl Registry {
-    fn read(&self) -> RwLockReadGuard<'_, Names> {
-        // No code panics while holding the lock; a poisoned map is still consistent.
-        self.names.read().unwrap_or_else(PoisonError::into_inner)
+    fn shard<K: Hash + ?Sized>(&self, key: &K) -> usize {
+        (self.hasher.hash_one(key) % SHARDS as u64) as usize
     }
 
-    fn write(&self) -> RwLockWriteGuard<'_, Names> {
-        self.names.write().unwrap_or_else(PoisonError::into_inner)
+    fn name_shard(&self, name: &str) -> &RwLock<NameShard> {
+        &self.names[self.shard(name)]
+    }
+
+    fn addr_shard(&self, addr: &SocketAddr) -> &RwLock<AddrShard> {
+        &self.addrs[self.shard(addr)]
     }
 
     /// Registers `name` for the client at `addr`. Exactly one of any number of concurrent
@@ -67,59 +106,83 @@ impl Registry {
         outbox: Outbox,
     ) -> Result<(Arc<str>, u64), NameTaken> {
         let addr = canonical(addr);
-        let mut names = self.write();
         let name: Arc<str> = Arc::from(name);
-        names.next_token += 1;
-        let token = names.next_token;
-        match names.by_name.entry(name.clone()) {
+        let token = self.next_token.fetch_add(1, Ordering::Relaxed);
+        match write(self.name_shard(&name)).by_name.entry(name.clone()) {
             Entry::Occupied(_) => return Err(NameTaken),
             Entry::Vacant(slot) => {
                 slot.insert(Registered { token, addr, outbox });
             }
         }
-        names.by_addr.insert(addr, name.clone());
+        self.len.fetch_add(1, Ordering::Relaxed);
+        // A live connection's address is unique, so this never replaces a live entry; a stale
+        // one (same port, earlier connection) is overwritten and its token no longer matches.
+        write(self.addr_shard(&addr)).by_addr.insert(addr, (name.clone(), token));
         Ok((name, token))
     }
 
     /// Removes `name` if it is still the registration identified by `token`.
     pub(crate) fn remove(&self, name: &str, token: u64) {
-        let mut names = self.write();
-        if let Some(entry) = names.by_name.get(name)
-            && entry.token == token
-        {
-            let addr = entry.addr;
-            names.by_name.remove(name);
-            names.by_addr.remove(&addr);
+        let addr = {
+            let mut shard = write(self.name_shard(name));
+            match shard.by_name.get(name) {
+                Some(entry) if entry.token == token => {
+                    let addr = entry.addr;
+                    shard.by_name.remove(name);
+                    addr
+                }
+                _ => return,
+            }
+        };
+        self.len.fetch_sub(1, Ordering::Relaxed);
+        let mut shard = write(self.addr_shard(&addr));
+        if shard.by_addr.get(&addr).is_some_and(|(_, t)| *t == token) {
+            shard.by_addr.remove(&addr);
         }
     }
 
-    /// Runs `f` on the client registered as `name`, under the read lock.
+    /// Runs `f` on the client registered as `name`, under its shard's read lock.
     pub(crate) fn with_name<R>(&self, name: &str, f: impl FnOnce(&Registered) -> R) -> Option<R> {
-        self.read().by_name.get(name).map(f)
+        read(self.name_shard(name)).by_name.get(name).map(f)
     }
 
-    /// Runs `f` on the client registered from `addr`, under the read lock.
+    /// Runs `f` on the client registered from `addr`, under its shard's read lock.
     pub(crate) fn with_addr<R>(
         &self,
         addr: SocketAddr,
         f: impl FnOnce(&str, &Registered) -> R,
     ) -> Option<R> {
-        let names = self.read();
-        let name = names.by_addr.get(&canonical(addr))?;
-        names.by_name.get(name).map(|entry| f(name, entry))
+        let addr = canonical(addr);
+        let (name, token) = read(self.addr_shard(&addr)).by_addr.get(&addr).cloned()?;
+        // The name may have left (or been re-registered from elsewhere) in between: only the
+        // registration this address belongs to counts.
+        read(self.name_shard(&name))
+            .by_name
+            .get(&*name)
+            .filter(|entry| entry.token == token)
+            .map(|entry| f(&name, entry))
     }
 
     /// Everyone online, sorted by name.
     pub(crate) fn list(&self) -> Vec<(Arc<str>, SocketAddr)> {
-        let mut all: Vec<_> =
-            self.read().by_name.iter().map(|(name, e)| (name.clone(), e.addr)).collect();
+        let mut all: Vec<_> = self
+            .names
+            .iter()
+            .flat_map(|shard| {
+                read(shard)
+                    .by_name
+                    .iter()
+                    .map(|(name, e)| (name.clone(), e.addr))
+                    .collect::<Vec<_>>()
+            })
+            .collect();
         all.sort();
         all
     }
 
     /// How many names are registered.
     pub(crate) fn len(&self) -> usize {
-        self.read().by_name.len()
+        self.len.load(Ordering::Relaxed)
     }
 }
 

@@ -19,11 +19,40 @@ use crate::registry::{NameTaken, Registry};
 pub(crate) enum Undelivered {
     /// Nobody by that name or address is online.
     NotFound,
-    /// The receiver's outbox stayed full for the send wait: it is not keeping up. Nothing was
-    /// queued.
+    /// The receiver's outbox stayed full for the send wait (or it is stalled): it is not
+    /// keeping up. Nothing was queued.
     ReceiverFull,
     /// The message would be over the frame limit once the sender's name is stamped on it.
     TooLarge,
+}
+
+/// What became of a routed message.
+#[derive(Debug)]
+pub(crate) enum Routed {
+    /// Queued for the receiver.
+    Queued,
+    /// The receiver's outbox is full; wait for room with [`Pending::wait`].
+    Full(Pending),
+}
+
+/// A message waiting for room in a full receiver's outbox.
+#[derive(Debug)]
+pub(crate) struct Pending {
+    outbox: Outbox,
+    msg: Message,
+    size: usize,
+    wait: Duration,
+}
+
+impl Pending {
+    /// Waits up to the send wait for room, then queues the message or gives up.
+    pub(crate) async fn wait(self) -> Result<(), (Undelivered, String)> {
+        match self.outbox.wait_for_room(self.msg, self.size, self.wait).await {
+            Ok(()) => Ok(()),
+            Err((PushError::Full, msg)) => Err((Undelivered::ReceiverFull, msg.to)),
+            Err((PushError::Closed, msg)) => Err((Undelivered::NotFound, msg.to)),
+        }
+    }
 }
 
 /// Routes messages between registered clients.
@@ -74,18 +103,19 @@ impl Router {
     }
 
     /// Routes a message from the client registered as `from` to `to` (a name or an
-    /// `ip:port`), stamping `from` on it. If the receiver's outbox is full, waits up to the
-    /// send wait for room: this is the backpressure that slows a sender to its receiver's
+    /// `ip:port`), stamping `from` on it. Never waits: if the receiver's outbox is full, the
+    /// message comes back as [`Routed::Full`], for the caller to wait on (see
+    /// [`Pending::wait`]). Waiting is the backpressure that slows a sender to its receiver's
     /// pace (the sender's connection reads nothing meanwhile, so TCP pushes back on it).
     ///
     /// On failure, gives back the destination so the reply can name it.
-    pub(crate) async fn route(
+    pub(crate) fn route(
         &self,
         from: &str,
         id: u64,
         to: String,
         content: Bytes,
-    ) -> Result<(), (Undelivered, String)> {
+    ) -> Result<Routed, (Undelivered, String)> {
         let msg = Message::deliver(id, from, to, content);
         let len = encoded_len(&msg);
         if len > self.max_frame_len {
@@ -101,8 +131,11 @@ impl Router {
         let Some(outbox) = outbox else {
             return Err((Undelivered::NotFound, msg.to));
         };
-        match outbox.push_within(msg, wire_size(len), self.send_wait).await {
-            Ok(()) => Ok(()),
+        let size = wire_size(len);
+        match outbox.try_push(msg, size) {
+            Ok(None) => Ok(Routed::Queued),
+            Ok(Some(msg)) if self.send_wait.is_zero() => Err((Undelivered::ReceiverFull, msg.to)),
+            Ok(Some(msg)) => Ok(Routed::Full(Pending { outbox, msg, size, wait: self.send_wait })),
             Err((PushError::Full, msg)) => Err((Undelivered::ReceiverFull, msg.to)),
             // The receiver is closing: as far as the sender is concerned it is gone.
             Err((PushError::Closed, msg)) => Err((Undelivered::NotFound, msg.to)),
