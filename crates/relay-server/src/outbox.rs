@@ -50,6 +50,8 @@ struct State {
     closed: bool,
     /// A sender waited for room and none came; cleared when the writer writes again.
     stalled: bool,
+    /// How many times the writer has written, to tell a stuck receiver from a busy one.
+    written: u64,
 }
 
 /// Bytes a frame with a body of `encoded_len` occupies on the wire, which is what the outbox
@@ -103,15 +105,18 @@ impl Outbox {
         }
     }
 
-    /// Waits up to `wait` for room for `msg`, then queues it. If no room comes, marks the
-    /// outbox stalled (so later messages fail at once, see [`Outbox::try_push`]) and fails.
+    /// Waits for room for `msg`, then queues it. Waiting goes on while the receiver makes
+    /// progress, however many senders compete for the room it frees; if it writes nothing for
+    /// `wait`, the outbox is marked stalled (so later messages fail at once, see
+    /// [`Outbox::try_push`]) and the message is refused.
     pub(crate) async fn wait_for_room(
         &self,
         mut msg: Message,
         size: usize,
         wait: Duration,
     ) -> Result<(), (PushError, Message)> {
-        let deadline = tokio::time::Instant::now() + wait;
+        let mut seen = self.state().written;
+        let mut deadline = tokio::time::Instant::now() + wait;
         loop {
             let room = self.shared.room.notified();
             tokio::pin!(room);
@@ -122,8 +127,15 @@ impl Outbox {
                 done => return done,
             };
             if tokio::time::timeout_at(deadline, room).await.is_err() {
-                self.state().stalled = true;
-                return self.push_sized(msg, size);
+                let mut state = self.state();
+                if state.written == seen {
+                    state.stalled = true;
+                    drop(state);
+                    return self.push_sized(msg, size);
+                }
+                // The receiver did write; other senders took the room. Keep waiting.
+                seen = state.written;
+                deadline = tokio::time::Instant::now() + wait;
             }
         }
     }
@@ -208,6 +220,7 @@ impl Outbox {
             let mut state = self.state();
             state.bytes = state.bytes.saturating_sub(bytes);
             state.stalled = false;
+            state.written += 1;
         }
         self.shared.room.notify_waiters();
     }

@@ -1,0 +1,64 @@
+//! The workloads against an in-process relay server on loopback: small runs that check the
+//! counting (everything delivered, in order, nothing lost), not the speed.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+use std::time::Duration;
+
+use relay_bench::target::Target;
+use relay_bench::workloads::{self, ConnectionsOptions, FlowOptions, LatencyOptions};
+use relay_server::{Config, Server};
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+async fn server() -> (Target, CancellationToken) {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let server = Server::new(listener, Config::default()).unwrap();
+    let target = Target::Relay(server.local_addr().unwrap().to_string());
+    let shutdown = CancellationToken::new();
+    tokio::spawn(server.run(shutdown.clone()));
+    (target, shutdown)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn flows_deliver_everything_in_order() {
+    let (target, shutdown) = server().await;
+    let stall = Duration::from_secs(20);
+    let pairs = FlowOptions { senders: 4, receivers: 4, messages: 4_001, size: 64, stall };
+    let report = workloads::flow(&target, "pairs", &pairs).await.unwrap();
+    assert_eq!((report.delivered, report.lost, report.out_of_order), (4_001, 0, 0));
+    let fan_in = FlowOptions { senders: 8, receivers: 1, messages: 4_000, size: 1024, stall };
+    let report = workloads::flow(&target, "fan-in", &fan_in).await.unwrap();
+    assert_eq!((report.delivered, report.lost, report.out_of_order), (4_000, 0, 0));
+    shutdown.cancel();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn latency_and_connections_report_what_they_measured() {
+    let (target, shutdown) = server().await;
+    let options = LatencyOptions {
+        pairs: 2,
+        rate: 2_000,
+        duration: Duration::from_millis(500),
+        size: 64,
+        stall: Duration::from_secs(20),
+    };
+    let report = workloads::latency(&target, &options).await.unwrap();
+    assert!(report.sent > 0 && report.lost == 0, "{report:?}");
+    assert!(
+        report.p50_us > 0.0 && report.p50_us <= report.p99_us && report.p99_us <= report.max_us
+    );
+    let pid = std::process::id();
+    let options = ConnectionsOptions { clients: 50, server_pid: Some(pid) };
+    let report = workloads::connections(&target, &options).await.unwrap();
+    assert_eq!(report.clients, 50);
+    assert!(report.kib_per_client.is_some());
+    shutdown.cancel();
+}
+
+#[test]
+fn targets_parse() {
+    assert_eq!(Target::parse("127.0.0.1:8080"), Ok(Target::Relay("127.0.0.1:8080".into())));
+    assert_eq!(Target::parse("nats://h:4222"), Ok(Target::Nats("h:4222".into())));
+    assert!(Target::parse("http://h:1").is_err());
+    assert!(Target::parse("nohost").is_err());
+}
