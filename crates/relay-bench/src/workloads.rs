@@ -36,27 +36,37 @@ async fn connect_receivers(
     const IN_FLIGHT: usize = 64;
     let mut receivers: Vec<Option<Receiver>> = (0..count).map(|_| None).collect();
     let mut tasks = JoinSet::new();
-    for index in 0..count {
-        if tasks.len() >= IN_FLIGHT
-            && let Some(done) = tasks.join_next().await
-        {
-            let (i, receiver) = done.map_err(join_error)?;
-            receivers[i] = Some(receiver?);
-            if let Some(progress) = progress {
-                progress.add(1);
-            }
-        }
-        let (target, run) = (target.clone(), run.to_string());
-        tasks.spawn(async move { (index, target.receiver(&run, index).await) });
-    }
-    while let Some(done) = tasks.join_next().await {
+    let mut finished = |done: Result<(usize, Result<Receiver, String>), _>| {
         let (i, receiver) = done.map_err(join_error)?;
         receivers[i] = Some(receiver?);
         if let Some(progress) = progress {
             progress.add(1);
         }
+        Ok::<_, String>(())
+    };
+    for index in 0..count {
+        if tasks.len() >= IN_FLIGHT
+            && let Some(done) = tasks.join_next().await
+        {
+            finished(done)?;
+        }
+        let (target, run) = (target.clone(), run.to_string());
+        tasks.spawn(async move { (index, target.receiver(&run, index).await) });
+    }
+    while let Some(done) = tasks.join_next().await {
+        finished(done)?;
     }
     Ok(receivers.into_iter().flatten().collect())
+}
+
+/// A report: its heading line, then one indented `name  value` line per row.
+fn table(heading: String, rows: impl IntoIterator<Item = (&'static str, String)>) -> String {
+    let mut out = heading;
+    out.push('\n');
+    for (name, value) in rows {
+        out.push_str(&format!("  {name:<14}{value}\n"));
+    }
+    out
 }
 
 /// Settings for `pairs` and `fan-in`.
@@ -236,22 +246,22 @@ pub async fn flow(
 impl FlowReport {
     /// A readable table.
     pub fn table(&self) -> String {
-        let mut out = format!(
-            "{} on {}: {} sender(s) -> {} receiver(s), {} B payloads\n",
+        let heading = format!(
+            "{} on {}: {} sender(s) -> {} receiver(s), {} B payloads",
             self.workload, self.target, self.senders, self.receivers, self.size
         );
-        for (name, value) in [
-            ("delivered", format!("{} of {}", self.delivered, self.sent)),
-            ("msgs/s", human(self.msgs_per_sec)),
-            ("MB/s", format!("{:.1}", self.mb_per_sec)),
-            ("lost", self.lost.to_string()),
-            ("out of order", self.out_of_order.to_string()),
-            ("refused", self.refused.to_string()),
-            ("time", format!("{:.2} s", self.seconds)),
-        ] {
-            out.push_str(&format!("  {name:<14}{value}\n"));
-        }
-        out
+        table(
+            heading,
+            [
+                ("delivered", format!("{} of {}", self.delivered, self.sent)),
+                ("msgs/s", human(self.msgs_per_sec)),
+                ("MB/s", format!("{:.1}", self.mb_per_sec)),
+                ("lost", self.lost.to_string()),
+                ("out of order", self.out_of_order.to_string()),
+                ("refused", self.refused.to_string()),
+                ("time", format!("{:.2} s", self.seconds)),
+            ],
+        )
     }
 }
 
@@ -428,22 +438,22 @@ pub async fn latency(target: &Target, options: &LatencyOptions) -> Result<Latenc
 impl LatencyReport {
     /// A readable table.
     pub fn table(&self) -> String {
-        let mut out = format!(
-            "latency on {}: {} pair(s), {} msgs/s asked, {} B payloads\n",
+        let heading = format!(
+            "latency on {}: {} pair(s), {} msgs/s asked, {} B payloads",
             self.target, self.pairs, self.rate, self.size
         );
-        for (name, value) in [
-            ("sent", format!("{} ({}/s)", self.sent, human(self.achieved_rate))),
-            ("lost", self.lost.to_string()),
-            ("measured", self.measured.to_string()),
-            ("p50", format!("{:.0} us", self.p50_us)),
-            ("p99", format!("{:.0} us", self.p99_us)),
-            ("p99.9", format!("{:.0} us", self.p999_us)),
-            ("max", format!("{:.0} us", self.max_us)),
-        ] {
-            out.push_str(&format!("  {name:<14}{value}\n"));
-        }
-        out
+        table(
+            heading,
+            [
+                ("sent", format!("{} ({}/s)", self.sent, human(self.achieved_rate))),
+                ("lost", self.lost.to_string()),
+                ("measured", self.measured.to_string()),
+                ("p50", format!("{:.0} us", self.p50_us)),
+                ("p99", format!("{:.0} us", self.p99_us)),
+                ("p99.9", format!("{:.0} us", self.p999_us)),
+                ("max", format!("{:.0} us", self.max_us)),
+            ],
+        )
     }
 }
 
@@ -521,19 +531,15 @@ pub async fn connections(
 impl ConnectionsReport {
     /// A readable table.
     pub fn table(&self) -> String {
-        let mut out = format!("connections on {}: {} idle clients\n", self.target, self.clients);
-        out.push_str(&format!(
-            "  {:<14}{:.2} s ({}/s)\n",
-            "connect all",
-            self.seconds,
-            human(self.clients as f64 / self.seconds.max(1e-9))
-        ));
+        let heading = format!("connections on {}: {} idle clients", self.target, self.clients);
+        let rate = human(self.clients as f64 / self.seconds.max(1e-9));
+        let mut rows = vec![("connect all", format!("{:.2} s ({rate}/s)", self.seconds))];
         if let (Some(b), Some(a), Some(per)) =
             (self.rss_before_kib, self.rss_after_kib, self.kib_per_client)
         {
-            out.push_str(&format!("  {:<14}{b} -> {a} KiB\n", "server RSS"));
-            out.push_str(&format!("  {:<14}{per:.2} KiB\n", "per client"));
+            rows.push(("server RSS", format!("{b} -> {a} KiB")));
+            rows.push(("per client", format!("{per:.2} KiB")));
         }
-        out
+        table(heading, rows)
     }
 }
