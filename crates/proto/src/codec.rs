@@ -56,14 +56,16 @@ fn clamp(len: usize) -> usize {
     len.clamp(MIN_FRAME_LEN_FLOOR, MAX_FRAME_LEN_CEILING)
 }
 
-impl Decoder for MessageCodec {
-    type Item = Message;
-    type Error = ProtoError;
-
-    fn decode(&mut self, src: &mut BytesMut) -> Result<Option<Message>, ProtoError> {
+impl MessageCodec {
+    /// Splits the next complete frame's body off the front of `src`, without decoding it;
+    /// `None` until a whole frame is buffered. Callers decode it with
+    /// [`decode_ref`](crate::decode_ref) to read the message in place.
+    ///
+    /// # Errors
+    /// [`ProtoError::FrameTooLarge`] as soon as a header over the limit arrives.
+    pub fn decode_frame(&mut self, src: &mut BytesMut) -> Result<Option<BytesMut>, ProtoError> {
         match self.frames.decode(src) {
-            Ok(Some(body)) => decode_body(&body).map(Some),
-            Ok(None) => Ok(None),
+            Ok(frame) => Ok(frame),
             Err(e) if is_over_limit(&e) => {
                 // `LengthDelimitedCodec` refuses the header before consuming it, so it is
                 // still at the front of `src`: read it to report the claimed length.
@@ -74,6 +76,18 @@ impl Decoder for MessageCodec {
                 Err(ProtoError::FrameTooLarge { len, max: self.max_frame_len })
             }
             Err(e) => Err(e.into()),
+        }
+    }
+}
+
+impl Decoder for MessageCodec {
+    type Item = Message;
+    type Error = ProtoError;
+
+    fn decode(&mut self, src: &mut BytesMut) -> Result<Option<Message>, ProtoError> {
+        match self.decode_frame(src)? {
+            Some(body) => decode_body(&body).map(Some),
+            None => Ok(None),
         }
     }
 

@@ -18,9 +18,9 @@
 //! let mut buf = BytesMut::new();
 //! codec.encode(&Message::send(7, "bob", "hello"), &mut buf).unwrap();
 //! let decoded = codec.decode(&mut buf).unwrap().unwrap();
-//! match Request::parse(decoded).unwrap() {
+//! match Request::parse(decoded.as_ref()).unwrap() {
 //!     Request::Send { id, to, content } => {
-//!         assert_eq!((id, to.as_str(), &content[..]), (7, "bob", &b"hello"[..]));
+//!         assert_eq!((id, to, content), (7, "bob", &b"hello"[..]));
 //!     }
 //!     other => panic!("unexpected {other:?}"),
 //! }
@@ -38,7 +38,9 @@ mod reader;
 mod request;
 
 pub use codec::MessageCodec;
-pub use encoding::{decode_body, encode_body, encode_body_ref, encoded_len, encoded_len_ref};
+pub use encoding::{
+    decode_body, decode_ref, encode_body, encode_body_ref, encoded_len, encoded_len_ref,
+};
 pub use error::ProtoError;
 pub use event::{ServerEvent, User};
 pub use limits::{

@@ -94,6 +94,12 @@ impl<'a> MessageRef<'a> {
         }
     }
 
+    /// A chat message from `from` delivered to its receiver, as [`Message::deliver`] builds
+    /// it. The server stamps `from` this way without building an owned message.
+    pub fn deliver(id: u64, from: &'a str, to: &'a str, content: &'a [u8]) -> MessageRef<'a> {
+        MessageRef { from, ..MessageRef::send(id, to, content) }
+    }
+
     /// An owned copy.
     pub fn to_message(&self) -> Message {
         Message {

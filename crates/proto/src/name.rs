@@ -33,15 +33,28 @@ pub fn validate_name(name: &str) -> Result<(), NameError> {
     if name.len() > MAX_NAME_LEN {
         return Err(NameError::TooLong);
     }
-    // Checked on every message's destination, so the common all-ASCII case takes a byte
-    // scan: in ASCII, whitespace and control characters are exactly the bytes up to space and
-    // DEL.
-    let bad = if name.is_ascii() {
-        name.bytes().any(|b| b <= b' ' || b == 0x7f)
-    } else {
-        name.chars().any(|c| c.is_whitespace() || c.is_control())
-    };
-    if bad {
+    // Checked on every message's destination, so the common all-ASCII case is one byte scan:
+    // in ASCII, whitespace and control characters are exactly the bytes up to space and DEL,
+    // and only a name with a colon can read as an `ip:port`.
+    let mut colon = false;
+    for &b in name.as_bytes() {
+        if !b.is_ascii() {
+            return validate_unicode(name);
+        }
+        if b <= b' ' || b == 0x7f {
+            return Err(NameError::BadCharacter);
+        }
+        colon |= b == b':';
+    }
+    if colon && name.parse::<SocketAddr>().is_ok() {
+        return Err(NameError::LooksLikeAddress);
+    }
+    Ok(())
+}
+
+/// The character rule for names with non-ASCII characters.
+fn validate_unicode(name: &str) -> Result<(), NameError> {
+    if name.chars().any(|c| c.is_whitespace() || c.is_control()) {
         return Err(NameError::BadCharacter);
     }
     if looks_like_addr(name) && name.parse::<SocketAddr>().is_ok() {

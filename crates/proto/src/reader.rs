@@ -46,12 +46,21 @@ impl FrameReader {
         }
     }
 
-    /// The next complete frame already in the buffer, if any. Never waits.
+    /// The next complete frame already in the buffer, if any, decoded. Never waits.
     ///
     /// # Errors
     /// A frame over the limit or a body that does not decode.
     pub fn buffered(&mut self) -> Result<Option<Message>, ProtoError> {
         self.codec.decode(&mut self.buf)
+    }
+
+    /// The body of the next complete frame already in the buffer, if any, not yet decoded:
+    /// decode it in place with [`decode_ref`](crate::decode_ref). Never waits.
+    ///
+    /// # Errors
+    /// A frame over the limit.
+    pub fn buffered_frame(&mut self) -> Result<Option<BytesMut>, ProtoError> {
+        self.codec.decode_frame(&mut self.buf)
     }
 
     /// Waits for bytes and reads what is there. Returns `Ok(false)` at a clean end of stream.

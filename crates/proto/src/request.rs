@@ -1,30 +1,31 @@
-//! The typed view of what a client sends: [`Request::parse`] checks a [`Message`]'s flags and
+//! The typed view of what a client sends: [`Request::parse`] checks a message's flags and
 //! fields and says what the client asked for, or why it is refused.
-
-use bytes::Bytes;
+//!
+//! A request borrows its text and content from the decoded frame, so the server can route a
+//! message without copying it first.
 
 use crate::limits::PROTOCOL_VERSION;
-use crate::message::{Kind, Message, Status};
+use crate::message::{Kind, Message, MessageRef, Status};
 use crate::name::{parse_destination, validate_name};
 
 /// A valid client-to-server message.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub enum Request {
+pub enum Request<'a> {
     /// Claim `name` (the message's `from`, `register` set).
     Register {
         /// Message id, echoed in the reply.
         id: u64,
         /// The name asked for; already checked by [`validate_name`].
-        name: String,
+        name: &'a str,
     },
     /// Send `content` to `to`, a name or an `ip:port` address (already checked).
     Send {
         /// Message id, echoed in any reply about this message.
         id: u64,
         /// Destination name or address.
-        to: String,
+        to: &'a str,
         /// Message body.
-        content: Bytes,
+        content: &'a [u8],
     },
     /// Ask for the users online.
     ListUsers {
@@ -72,7 +73,7 @@ impl Rejection {
     }
 }
 
-impl Request {
+impl<'a> Request<'a> {
     /// The id of the message this request came in.
     pub fn id(&self) -> u64 {
         match self {
@@ -93,7 +94,7 @@ impl Request {
     /// A [`Rejection`] for invalid flag combinations ([`Status::InvalidRequest`]), invalid
     /// names or destinations ([`Status::InvalidName`]), kinds only a server sends, and a
     /// registration with another protocol version ([`Status::UnsupportedVersion`]).
-    pub fn parse(msg: Message) -> Result<Request, Rejection> {
+    pub fn parse(msg: MessageRef<'a>) -> Result<Request<'a>, Rejection> {
         let id = msg.id;
         let invalid = |detail: &str| Err(Rejection::new(id, Status::InvalidRequest, detail));
         match msg.kind {
@@ -122,10 +123,10 @@ impl Request {
                 if !msg.to.is_empty() || !msg.content.is_empty() {
                     return invalid("a registration carries only the name, in `from`");
                 }
-                match validate_name(&msg.from) {
+                match validate_name(msg.from) {
                     Ok(()) => Ok(Request::Register { id, name: msg.from }),
                     Err(e) => Err(Rejection {
-                        to: msg.from,
+                        to: msg.from.to_owned(),
                         ..Rejection::new(id, Status::InvalidName, e.to_string())
                     }),
                 }
@@ -136,10 +137,10 @@ impl Request {
                 }
                 Ok(Request::Offline { id })
             }
-            (false, false) => match parse_destination(&msg.to) {
+            (false, false) => match parse_destination(msg.to) {
                 Ok(_) => Ok(Request::Send { id, to: msg.to, content: msg.content }),
                 Err(e) => Err(Rejection {
-                    to: msg.to,
+                    to: msg.to.to_owned(),
                     ..Rejection::new(id, Status::InvalidName, format!("bad destination: {e}"))
                 }),
             },
@@ -150,36 +151,40 @@ impl Request {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use bytes::Bytes;
 
     fn status(msg: Message) -> Status {
-        Request::parse(msg).unwrap_err().status
+        Request::parse(msg.as_ref()).unwrap_err().status
     }
 
     #[test]
     fn valid_requests() {
         assert_eq!(
-            Request::parse(Message::register(1, "alice")),
-            Ok(Request::Register { id: 1, name: "alice".into() })
+            Request::parse(Message::register(1, "alice").as_ref()),
+            Ok(Request::Register { id: 1, name: "alice" })
         );
         assert_eq!(
-            Request::parse(Message::send(2, "bob", "hi")),
-            Ok(Request::Send { id: 2, to: "bob".into(), content: Bytes::from("hi") })
+            Request::parse(Message::send(2, "bob", "hi").as_ref()),
+            Ok(Request::Send { id: 2, to: "bob", content: b"hi" })
         );
         assert!(matches!(
-            Request::parse(Message::send(3, "127.0.0.1:9", "x")),
+            Request::parse(Message::send(3, "127.0.0.1:9", "x").as_ref()),
             Ok(Request::Send { id: 3, .. })
         ));
-        assert_eq!(Request::parse(Message::offline(4)), Ok(Request::Offline { id: 4 }));
-        assert_eq!(Request::parse(Message::list_users(5)), Ok(Request::ListUsers { id: 5 }));
-        assert_eq!(Request::parse(Message::ping(6)), Ok(Request::Ping { id: 6 }));
-        assert_eq!(Request::parse(Message::pong(7)), Ok(Request::Pong { id: 7 }));
+        assert_eq!(Request::parse(Message::offline(4).as_ref()), Ok(Request::Offline { id: 4 }));
+        assert_eq!(
+            Request::parse(Message::list_users(5).as_ref()),
+            Ok(Request::ListUsers { id: 5 })
+        );
+        assert_eq!(Request::parse(Message::ping(6).as_ref()), Ok(Request::Ping { id: 6 }));
+        assert_eq!(Request::parse(Message::pong(7).as_ref()), Ok(Request::Pong { id: 7 }));
     }
 
     #[test]
     fn a_spoofed_from_is_ignored_not_trusted() {
         let mut msg = Message::send(1, "bob", "hi");
         msg.from = "mallory".into();
-        assert!(matches!(Request::parse(msg), Ok(Request::Send { .. })));
+        assert!(matches!(Request::parse(msg.as_ref()), Ok(Request::Send { .. })));
     }
 
     #[test]
@@ -207,12 +212,12 @@ mod tests {
     #[test]
     fn bad_names_and_destinations() {
         for bad in ["", "a b", "a\u{1}", &"x".repeat(65), "10.0.0.1:1"] {
-            let rejection = Request::parse(Message::register(9, bad)).unwrap_err();
+            let rejection = Request::parse(Message::register(9, bad).as_ref()).unwrap_err();
             assert_eq!(rejection.status, Status::InvalidName, "{bad:?}");
             assert_eq!(rejection.id, 9);
         }
         for bad in ["", "a b", &"x".repeat(65)] {
-            let rejection = Request::parse(Message::send(9, bad, "x")).unwrap_err();
+            let rejection = Request::parse(Message::send(9, bad, "x").as_ref()).unwrap_err();
             assert_eq!(rejection.status, Status::InvalidName, "{bad:?}");
             assert_eq!(rejection.to, bad);
         }

@@ -1,5 +1,6 @@
 //! Property tests: arbitrary bytes never panic the decoder or make it allocate past its
-//! limit, and every valid message survives an encode/decode round trip.
+//! limit, the decoder accepts exactly what bincode's serde derive accepts, and every valid
+//! message survives an encode/decode round trip.
 
 // The counting allocator below is the only unsafe code in the workspace: a test-only
 // GlobalAlloc that forwards to the system allocator.
@@ -103,8 +104,50 @@ prop_compose! {
     }
 }
 
+/// What bincode's serde derive makes of `body` under the wire configuration: the reference the
+/// in-place decoder must agree with.
+fn serde_decode(body: &[u8]) -> Option<Message> {
+    let config = bincode::config::standard()
+        .with_little_endian()
+        .with_fixed_int_encoding()
+        .with_limit::<{ 1 << 20 }>();
+    match bincode::serde::decode_from_slice::<Message, _>(body, config) {
+        Ok((msg, used)) if used == body.len() => Some(msg),
+        _ => None,
+    }
+}
+
+/// `msg`'s encoding with the given bytes overwritten.
+#[allow(clippy::unwrap_used)] // A test helper: a failure is a test failure.
+fn mutate(msg: &Message, flips: Vec<(prop::sample::Index, u8)>) -> Vec<u8> {
+    let mut buf = BytesMut::new();
+    relay_proto::encode_body(msg, &mut buf).unwrap();
+    let mut body = buf.to_vec();
+    for (at, byte) in flips {
+        let i = at.index(body.len());
+        body[i] = byte;
+    }
+    body
+}
+
 proptest! {
     #![proptest_config(ProptestConfig::with_cases(2000))]
+
+    #[test]
+    fn the_decoder_accepts_exactly_what_the_serde_derive_does(
+        msg in message(),
+        flips in proptest::collection::vec((any::<prop::sample::Index>(), any::<u8>()), 0..4),
+    ) {
+        let body = mutate(&msg, flips);
+        prop_assert_eq!(decode_body(&body).ok(), serde_decode(&body));
+    }
+
+    #[test]
+    fn the_decoder_agrees_with_the_serde_derive_on_arbitrary_bytes(
+        body in proptest::collection::vec(any::<u8>(), 0..120),
+    ) {
+        prop_assert_eq!(decode_body(&body).ok(), serde_decode(&body));
+    }
 
     #[test]
     fn every_message_round_trips(msg in message()) {
@@ -130,13 +173,7 @@ proptest! {
         msg in message(),
         flips in proptest::collection::vec((any::<prop::sample::Index>(), any::<u8>()), 1..8),
     ) {
-        let mut buf = BytesMut::new();
-        relay_proto::encode_body(&msg, &mut buf).unwrap();
-        let mut body = buf.to_vec();
-        for (at, byte) in flips {
-            let i = at.index(body.len());
-            body[i] = byte;
-        }
+        let body = mutate(&msg, flips);
         let largest = largest_allocation(|| {
             let _ = decode_body(&body);
         });

@@ -192,6 +192,22 @@ impl Subscriber {
         Ok(Subscriber { reader, write })
     }
 
+    /// The next message's payload if one is already buffered; never waits (a `PING` found on
+    /// the way is answered later, by [`Subscriber::next`]).
+    pub fn try_next(&mut self) -> io::Result<Option<Bytes>> {
+        loop {
+            // Stop before anything that needs an answer, so `next` still sees it.
+            if self.reader.buf.starts_with(b"PING") {
+                return Ok(None);
+            }
+            match self.reader.parse()? {
+                Some(ServerOp::Msg(payload)) => return Ok(Some(payload)),
+                Some(_) => {}
+                None => return Ok(None),
+            }
+        }
+    }
+
     /// The next message's payload, or `None` once the server closed the connection.
     pub async fn next(&mut self) -> io::Result<Option<Bytes>> {
         loop {

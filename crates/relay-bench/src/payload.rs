@@ -3,7 +3,7 @@
 
 use std::time::Instant;
 
-use bytes::{BufMut, Bytes, BytesMut};
+use bytes::{BufMut, Bytes};
 
 /// Bytes the header takes; payloads are at least this long.
 pub const HEADER_LEN: usize = 20;
@@ -27,12 +27,18 @@ pub fn nanos_since(origin: Instant) -> u64 {
 impl Header {
     /// A payload of `size` bytes (at least [`HEADER_LEN`]) starting with this header.
     pub fn payload(&self, size: usize) -> Bytes {
-        let mut buf = BytesMut::with_capacity(size.max(HEADER_LEN));
-        buf.put_u32_le(self.sender);
-        buf.put_u64_le(self.seq);
-        buf.put_u64_le(self.sent_ns);
-        buf.resize(size.max(HEADER_LEN), b'x');
-        buf.freeze()
+        let mut buf = vec![b'x'; size.max(HEADER_LEN)];
+        self.write(&mut buf);
+        Bytes::from(buf)
+    }
+
+    /// Writes the header over the start of `payload` (at least [`HEADER_LEN`] bytes long), so
+    /// a sender can reuse one payload buffer for every message.
+    pub fn write(&self, payload: &mut [u8]) {
+        let mut at = &mut payload[..HEADER_LEN];
+        at.put_u32_le(self.sender);
+        at.put_u64_le(self.seq);
+        at.put_u64_le(self.sent_ns);
     }
 
     /// The header at the start of `payload`, if it is long enough to have one.

@@ -4,6 +4,7 @@
 use std::fmt;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
 
 use bytes::Bytes;
 use relay_client::{Client, ClientConfig, Event, Events};
@@ -130,22 +131,65 @@ pub enum Receiver {
 impl Receiver {
     /// The next payload, or an error saying why the connection ended.
     pub async fn next(&mut self) -> Result<Bytes, String> {
-        match self {
-            Receiver::Relay { events, .. } => loop {
-                match events.next().await {
-                    Some(Event::Message { content, .. }) => return Ok(content),
-                    Some(Event::NotFound { .. } | Event::Rejected { .. } | Event::Users { .. }) => {
+        loop {
+            if let Some(payload) = self.try_next()? {
+                return Ok(payload);
+            }
+            match self {
+                Receiver::Relay { events, .. } => match events.next().await {
+                    Some(event) => {
+                        if let Some(payload) = relay_payload(event)? {
+                            return Ok(payload);
+                        }
                     }
-                    Some(other) => return Err(format!("connection ended: {other:?}")),
                     None => return Err("connection ended".into()),
+                },
+                Receiver::Nats(sub) => {
+                    return match sub.next().await {
+                        Ok(Some(payload)) => Ok(payload),
+                        Ok(None) => Err("the server closed the connection".into()),
+                        Err(e) => Err(e.to_string()),
+                    };
                 }
-            },
-            Receiver::Nats(sub) => match sub.next().await {
-                Ok(Some(payload)) => Ok(payload),
-                Ok(None) => Err("the server closed the connection".into()),
-                Err(e) => Err(e.to_string()),
-            },
+            }
         }
+    }
+
+    /// The next payload if one has already arrived; never waits. Lets a receiver skip
+    /// arming a timeout (a clock read) for every message of a busy flow.
+    pub fn try_next(&mut self) -> Result<Option<Bytes>, String> {
+        match self {
+            Receiver::Relay { events, .. } => {
+                while let Some(event) = events.try_next() {
+                    if let Some(payload) = relay_payload(event)? {
+                        return Ok(Some(payload));
+                    }
+                }
+                Ok(None)
+            }
+            Receiver::Nats(sub) => sub.try_next().map_err(|e| e.to_string()),
+        }
+    }
+
+    /// The next payload, giving up after `stall` without one (`Ok(None)`).
+    pub async fn next_within(&mut self, stall: Duration) -> Result<Option<Bytes>, String> {
+        if let Some(payload) = self.try_next()? {
+            return Ok(Some(payload));
+        }
+        match tokio::time::timeout(stall, self.next()).await {
+            Ok(payload) => payload.map(Some),
+            Err(_) => Ok(None),
+        }
+    }
+}
+
+/// The payload of a relay event, `None` for events a receiver ignores, or why the connection
+/// ended.
+fn relay_payload(event: Event) -> Result<Option<Bytes>, String> {
+    match event {
+        Event::Message { content, .. } => Ok(Some(content)),
+        Event::NotFound { .. } | Event::Rejected { .. } | Event::Users { .. } => Ok(None),
+        other => Err(format!("connection ended: {other:?}")),
     }
 }
 
@@ -160,13 +204,13 @@ pub enum Sender {
 impl Sender {
     /// Sends `payload` to the receiver called `to` (see [`receiver_name`]). Waits only when the
     /// connection is pushing back.
-    pub async fn send(&mut self, to: &str, payload: Bytes) -> Result<(), String> {
+    pub async fn send(&mut self, to: &str, payload: &[u8]) -> Result<(), String> {
         match self {
             Sender::Relay(client) => {
                 client.send(to, payload).await.map(|_| ()).map_err(|e| e.to_string())
             }
             Sender::Nats(publisher) => {
-                publisher.publish(to, &payload).await.map_err(|e| e.to_string())
+                publisher.publish(to, payload).await.map_err(|e| e.to_string())
             }
         }
     }

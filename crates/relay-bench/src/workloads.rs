@@ -159,12 +159,15 @@ pub async fn flow(
             let mut got = Received { count: 0, out_of_order: 0, last: Instant::now() };
             let mut unreported = 0;
             while got.count < expected {
-                let Ok(payload) = tokio::time::timeout(stall, receiver.next()).await else {
-                    // Stalled: the rest is lost, and the run ended when the last one came.
-                    got.last = Instant::now() - stall;
-                    return (got, receiver);
+                let payload = match receiver.next_within(stall).await {
+                    Ok(Some(payload)) => payload,
+                    Ok(None) => {
+                        // Stalled: the rest is lost, and the run ended when the last one came.
+                        got.last = Instant::now() - stall;
+                        return (got, receiver);
+                    }
+                    Err(_) => break,
                 };
-                let Ok(payload) = payload else { break };
                 got.count += 1;
                 if let Some(h) = Header::read(&payload)
                     && let Some(next) = next_seq.get_mut(h.sender as usize)
@@ -191,9 +194,11 @@ pub async fn flow(
         let to = receiver_name(&run, index % receiver_count);
         let count = share(index);
         sending.spawn(async move {
+            let mut payload = vec![b'x'; size];
             for seq in 0..count {
-                let header = Header { sender: index as u32, seq, sent_ns: nanos_since(origin) };
-                sender.send(&to, header.payload(size)).await?;
+                // A flow checks order, not latency: no clock read per message.
+                Header { sender: index as u32, seq, sent_ns: 0 }.write(&mut payload);
+                sender.send(&to, &payload).await?;
             }
             sender.flush().await?;
             Ok::<_, String>(sender)
@@ -352,8 +357,8 @@ pub async fn latency(target: &Target, options: &LatencyOptions) -> Result<Latenc
                 }
                 tokio::select! {
                     total = &mut sent_rx, if sent.is_none() => sent = Some(total.unwrap_or(0)),
-                    payload = tokio::time::timeout(stall, receiver.next()) => {
-                        let Ok(Ok(payload)) = payload else { break };
+                    payload = receiver.next_within(stall) => {
+                        let Ok(Some(payload)) = payload else { break };
                         let now = nanos_since(origin);
                         count += 1;
                         progress.add(1);
@@ -375,6 +380,7 @@ pub async fn latency(target: &Target, options: &LatencyOptions) -> Result<Latenc
             let mut ticks = tokio::time::interval_at(start.into(), Duration::from_millis(1));
             ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
             let mut sent = 0u64;
+            let mut payload = vec![b'x'; size];
             loop {
                 ticks.tick().await;
                 let elapsed = start.elapsed();
@@ -383,7 +389,8 @@ pub async fn latency(target: &Target, options: &LatencyOptions) -> Result<Latenc
                 while sent < due {
                     let header =
                         Header { sender: index as u32, seq: sent, sent_ns: nanos_since(origin) };
-                    sender.send(&to, header.payload(size)).await?;
+                    header.write(&mut payload);
+                    sender.send(&to, &payload).await?;
                     sent += 1;
                 }
                 sender.flush().await?;

@@ -2,8 +2,9 @@
 
 use tokio::io::{AsyncBufRead, AsyncBufReadExt, AsyncWrite, AsyncWriteExt};
 
-use crate::client::{Client, Events};
+use crate::client::Client;
 use crate::event::Event;
+use crate::incoming::Events;
 
 /// The help text for the interactive commands.
 pub const HELP: &str = "commands:

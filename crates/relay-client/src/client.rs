@@ -9,19 +9,19 @@ use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
 use relay_proto::{
-    FrameReader, Message, MessageCodec, MessageRef, ServerEvent, Status, User, encoded_len_ref,
-    parse_destination, validate_name,
+    FrameReader, Kind, Message, MessageCodec, MessageRef, ServerEvent, Status, User, decode_ref,
+    encoded_len_ref, parse_destination, validate_name,
 };
 use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 use tokio::net::tcp::OwnedWriteHalf;
-use tokio::sync::mpsc;
 use tokio::time::Instant;
 use tokio_util::codec::Encoder;
 use tokio_util::sync::CancellationToken;
 
 use crate::error::{ConnectError, SendError};
 use crate::event::Event;
+use crate::incoming::{Events, Incoming};
 use crate::outgoing::Outgoing;
 
 /// Connection settings. `ClientConfig::default()` suits a server with default limits.
@@ -109,24 +109,6 @@ struct Inner {
     writer_done: CancellationToken,
 }
 
-/// The stream of [`Event`]s for one connection.
-#[derive(Debug)]
-pub struct Events {
-    rx: mpsc::Receiver<Event>,
-}
-
-impl Events {
-    /// The next event, or `None` once the connection is closed and every event was taken.
-    pub async fn next(&mut self) -> Option<Event> {
-        self.rx.recv().await
-    }
-
-    /// The next event if one is already waiting.
-    pub fn try_next(&mut self) -> Option<Event> {
-        self.rx.try_recv().ok()
-    }
-}
-
 impl Client {
     /// Connects to `server` (`host:port`) and registers as `name`, with default settings.
     ///
@@ -204,7 +186,7 @@ impl Client {
 
         let outgoing =
             Arc::new(Outgoing::new(MessageCodec::new(config.max_frame_len), config.send_queue));
-        let (events_tx, events_rx) = mpsc::channel(config.event_queue.max(1));
+        let incoming = Incoming::new(config.event_queue);
         let inner = Arc::new(Inner {
             outgoing: outgoing.clone(),
             next_id: AtomicU64::new(1),
@@ -225,7 +207,9 @@ impl Client {
         ));
         tokio::spawn(
             Reader {
-                events: events_tx,
+                events: incoming.clone(),
+                batch: Vec::new(),
+                last_from: None,
                 // Not a `Client`: when the program drops every `Client`, the connection ends
                 // (see `Drop for Inner`), even though the reader still runs.
                 outgoing,
@@ -236,7 +220,7 @@ impl Client {
             }
             .run(frames, inner.reader_done.clone()),
         );
-        Ok((Client { inner }, Events { rx: events_rx }))
+        Ok((Client { inner }, Events::new(incoming)))
     }
 
     /// The registered name.
@@ -280,13 +264,12 @@ impl Client {
     /// # Errors
     /// [`SendError::InvalidDestination`] or [`SendError::TooLarge`] before anything is sent;
     /// [`SendError::Closed`] if the connection is closed.
-    pub async fn send(&self, to: &str, content: impl Into<Bytes>) -> Result<u64, SendError> {
+    pub async fn send(&self, to: &str, content: impl AsRef<[u8]>) -> Result<u64, SendError> {
         parse_destination(to).map_err(|e| SendError::InvalidDestination {
             to: to.to_string(),
             reason: e.to_string(),
         })?;
-        let content = content.into();
-        let msg = MessageRef::send(self.next_id(), to, &content);
+        let msg = MessageRef::send(self.next_id(), to, content.as_ref());
         let len = encoded_len_ref(&msg);
         if len > self.inner.max_frame_len {
             return Err(SendError::TooLarge { len, max: self.inner.max_frame_len });
@@ -378,7 +361,11 @@ const MAX_LISTED_USERS: usize = 1_000_000;
 
 /// The reader task's state.
 struct Reader {
-    events: mpsc::Sender<Event>,
+    events: Arc<Incoming>,
+    /// Events from the current read, handed to the program together before the next read.
+    batch: Vec<Event>,
+    /// The sender of the last message: consecutive messages from one sender share the name.
+    last_from: Option<Arc<str>>,
     /// For answering pings.
     outgoing: Arc<Outgoing>,
     going_offline: Arc<AtomicBool>,
@@ -399,10 +386,12 @@ impl Reader {
         loop {
             // Every complete frame already read is handled before going back to the select, so
             // a busy connection pays for the select and the clock once per read, not per frame.
-            let frame = match frames.buffered() {
-                Ok(Some(msg)) => Ok(msg),
+            let frame = match frames.buffered_frame() {
+                Ok(Some(frame)) => Ok(frame.freeze()),
                 Err(e) => Err(e.to_string()),
                 Ok(None) => {
+                    // Everything from the last read goes to the program before the next.
+                    self.flush().await;
                     let filled = tokio::select! {
                         filled = frames.fill() => filled,
                         () = &mut timer => {
@@ -412,7 +401,7 @@ impl Reader {
                             if silent >= self.idle_timeout {
                                 let reason =
                                     format!("the server stopped answering ({silent:.0?} silent)");
-                                self.emit(Event::Disconnected { reason }).await;
+                                self.emit(Event::Disconnected { reason });
                                 break;
                             }
                             if silent >= self.ping_interval && !pinged {
@@ -437,39 +426,64 @@ impl Reader {
                     }
                 }
             };
-            let event = match frame {
+            let event = frame.and_then(|frame| self.read_frame(&frame).map_err(|e| e.to_string()));
+            let event = match event {
+                Ok(None) => continue,
+                Ok(Some(Ok(event))) => event,
+                Ok(Some(Err(e))) => {
+                    let reason = format!("protocol error from the server: {e}");
+                    self.emit(Event::Disconnected { reason });
+                    break;
+                }
                 Err(reason) => {
                     if !self.going_offline.load(Ordering::Relaxed) {
-                        self.emit(Event::Disconnected { reason }).await;
+                        self.emit(Event::Disconnected { reason });
                     }
                     break;
                 }
-                Ok(msg) => match ServerEvent::parse(msg) {
-                    Ok(event) => event,
-                    Err(e) => {
-                        let reason = format!("protocol error from the server: {e}");
-                        self.emit(Event::Disconnected { reason }).await;
-                        break;
-                    }
-                },
             };
-            if self.handle(event).await.is_break() {
+            if self.handle(event).is_break() {
                 break;
             }
         }
+        self.flush().await;
+        self.events.end();
         done.cancel();
     }
 
-    async fn handle(&mut self, event: ServerEvent) -> std::ops::ControlFlow<()> {
+    /// Decodes one frame. A chat message, nearly all of the traffic, becomes an event at once,
+    /// its content a slice of the frame (no copy) and its sender's name shared with the
+    /// previous message's when it is the same (no allocation); anything else comes back as a
+    /// [`ServerEvent`] (or why it is not a valid one) for [`Reader::handle`].
+    fn read_frame(
+        &mut self,
+        frame: &Bytes,
+    ) -> Result<Option<Result<ServerEvent, String>>, relay_proto::ProtoError> {
+        let msg = decode_ref(frame)?;
+        if msg.kind == Kind::Chat && !msg.register && !msg.exit {
+            let from = match &self.last_from {
+                Some(last) if **last == *msg.from => last.clone(),
+                _ => self.last_from.insert(Arc::from(msg.from)).clone(),
+            };
+            let content = frame.slice_ref(msg.content);
+            self.emit(Event::Message { id: msg.id, from, content });
+            return Ok(None);
+        }
+        Ok(Some(ServerEvent::parse(msg.to_message())))
+    }
+
+    fn handle(&mut self, event: ServerEvent) -> std::ops::ControlFlow<()> {
         use std::ops::ControlFlow::{Break, Continue};
         let event = match event {
-            ServerEvent::Message { id, from, content } => Event::Message { id, from, content },
+            ServerEvent::Message { id, from, content } => {
+                Event::Message { id, from: from.into(), content }
+            }
             ServerEvent::Users { id, users, complete } => {
                 self.pending_users.extend(users);
                 if self.pending_users.len() > MAX_LISTED_USERS {
                     // A listing that never ends is a server trying to exhaust our memory.
                     let reason = format!("the server sent a user list of over {MAX_LISTED_USERS}");
-                    self.emit(Event::Disconnected { reason }).await;
+                    self.emit(Event::Disconnected { reason });
                     return Break(());
                 }
                 if !complete {
@@ -483,7 +497,7 @@ impl Reader {
                 } else {
                     Event::Closed { status, detail }
                 };
-                self.emit(event).await;
+                self.emit(event);
                 return Break(());
             }
             ServerEvent::Reply { id, status: Status::NotFound, to, .. } => {
@@ -498,17 +512,19 @@ impl Reader {
             }
             ServerEvent::Pong { .. } => return Continue(()),
         };
-        self.emit(event).await;
+        self.emit(event);
         Continue(())
     }
 
-    async fn emit(&self, event: Event) {
-        if self.going_offline.load(Ordering::Relaxed) {
-            // The program is leaving and may not be reading: never block the close on it.
-            let _ = self.events.try_send(event);
-        } else {
-            // If the program dropped its `Events`, keep reading anyway so pings are answered.
-            let _ = self.events.send(event).await;
-        }
+    /// Queues an event for the program; it is handed over by the next [`Reader::flush`].
+    fn emit(&mut self, event: Event) {
+        self.batch.push(event);
+    }
+
+    /// Hands the queued events to the program, waiting for it to make room if it is behind.
+    async fn flush(&mut self) {
+        // The program is leaving and may not be reading: never block the close on it.
+        let wait = !self.going_offline.load(Ordering::Relaxed);
+        self.events.deliver(&mut self.batch, wait).await;
     }
 }

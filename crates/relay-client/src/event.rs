@@ -1,5 +1,7 @@
 //! What the connection reports to the program: [`Event`].
 
+use std::sync::Arc;
+
 use bytes::Bytes;
 use relay_proto::{Status, User};
 
@@ -11,7 +13,8 @@ pub enum Event {
         /// The sender's id for the message.
         id: u64,
         /// The sender's name, as registered (the server stamps it; it cannot be forged).
-        from: String,
+        /// Shared between consecutive messages from the same sender.
+        from: Arc<str>,
         /// The message body.
         content: Bytes,
     },

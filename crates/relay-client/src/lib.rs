@@ -24,10 +24,12 @@ mod cli;
 mod client;
 mod error;
 mod event;
+mod incoming;
 mod outgoing;
 
 pub use cli::{Command, parse_command, printable, run_interactive};
-pub use client::{Client, ClientConfig, Events};
+pub use client::{Client, ClientConfig};
 pub use error::{ConnectError, SendError};
 pub use event::Event;
+pub use incoming::Events;
 pub use relay_proto::{Status, User};

@@ -60,21 +60,32 @@ impl Outgoing {
         msg: &MessageRef<'_>,
     ) -> Result<Result<(), ProtoError>, Closed> {
         loop {
+            // Most of the time there is room: take it without registering as a waiter.
+            if let Some(done) = self.try_push(msg) {
+                return done;
+            }
             let room = self.room.notified();
             tokio::pin!(room);
-            // Registered before checking, so the writer taking the queue in between is seen.
+            // Registered before checking again, so the writer taking the queue in between is
+            // seen.
             room.as_mut().enable();
-            {
-                let mut state = self.state();
-                if state.closed {
-                    return Err(Closed);
-                }
-                if state.queued < self.max_queued {
-                    return Ok(self.queue(&mut state, msg));
-                }
+            if let Some(done) = self.try_push(msg) {
+                return done;
             }
             room.await;
         }
+    }
+
+    /// Queues `msg` if there is room; `None` if the queue is full.
+    fn try_push(&self, msg: &MessageRef<'_>) -> Option<Result<Result<(), ProtoError>, Closed>> {
+        let mut state = self.state();
+        if state.closed {
+            return Some(Err(Closed));
+        }
+        if state.queued < self.max_queued {
+            return Some(Ok(self.queue(&mut state, msg)));
+        }
+        None
     }
 
     /// Queues `msg` without waiting, over the limit if need be (pongs and pings, which are

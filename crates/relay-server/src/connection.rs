@@ -4,7 +4,7 @@
 use std::net::SocketAddr;
 use std::sync::Arc;
 
-use relay_proto::{FrameReader, Message, MessageCodec, ProtoError, Request, Status};
+use relay_proto::{FrameReader, Message, MessageCodec, ProtoError, Request, Status, decode_ref};
 use tokio::net::TcpStream;
 use tokio::task::JoinHandle;
 use tokio::time::{Instant, timeout_at};
@@ -13,7 +13,7 @@ use tracing::{debug, info, trace, warn};
 
 use crate::config::Config;
 use crate::outbox::{Outbox, PushError};
-use crate::router::{Claim, Routed, Router, Undelivered};
+use crate::router::{Claim, RouteCache, Routed, Router, Undelivered};
 use crate::writer::{self, WriteEnd};
 
 /// What every connection shares.
@@ -40,7 +40,6 @@ pub(crate) async fn serve(
     let writer = tokio::spawn(writer::run(
         write,
         outbox.clone(),
-        config.max_frame_len,
         config.write_timeout,
         shared.hard_stop.clone(),
     ));
@@ -55,7 +54,7 @@ pub(crate) async fn serve(
     info!(%peer, "connected");
     let last = conn.run(&shutdown).await;
     // The name (if any) is already released: the claim lived inside `run`.
-    outbox.close(last);
+    outbox.close(last.as_ref());
     let (end, unwritten) = match conn.writer_end.take() {
         Some(ended) => ended,
         None => conn.writer.await.unwrap_or((WriteEnd::Aborted, Vec::new())),
@@ -116,13 +115,13 @@ impl Connection {
     /// Queues a message for this client. If its own outbox is full, the client is not reading
     /// what it asked for: it is a slow consumer and the session ends.
     fn reply(&self, msg: Message) -> Result<(), Farewell> {
-        match self.outbox.push(msg) {
+        match self.outbox.push(&msg.as_ref()) {
             Ok(()) => Ok(()),
-            Err((PushError::Full, _)) => {
+            Err(PushError::Full | PushError::Stalled) => {
                 warn!(peer = %self.peer, "disconnecting: client does not read its replies");
                 Err(closing(0, Status::SlowConsumer, "", "you are not reading your replies"))
             }
-            Err((PushError::Closed, _)) => Err(None),
+            Err(PushError::Closed) => Err(None),
         }
     }
 
@@ -177,15 +176,15 @@ impl Connection {
                 Some(Err(e)) => return Err(self.protocol_error(e)),
                 Some(Ok(msg)) => msg,
             };
-            match Request::parse(msg) {
+            match Request::parse(msg.as_ref()) {
                 Ok(Request::Register { id, name }) => {
                     let router = self.shared.router.clone();
-                    let Ok(claim) = router.claim(&name, self.peer, self.outbox.clone()) else {
+                    let Ok(claim) = router.claim(name, self.peer, self.outbox.clone()) else {
                         info!(peer = %self.peer, %name, "name taken");
                         let detail = format!("the name {name} is taken");
                         return Err(closing(id, Status::NameTaken, name, detail));
                     };
-                    self.reply(Message::reply(id, Status::Registered, name.clone(), "welcome"))?;
+                    self.reply(Message::reply(id, Status::Registered, name, "welcome"))?;
                     let max = self.config().max_frame_len;
                     self.frames.set_max_frame_len(max);
                     // Most clients now wait quietly; their connection holds no read buffer.
@@ -223,6 +222,7 @@ impl Connection {
         let mut last_heard = Instant::now();
         let mut ping_id: u64 = 0;
         let mut pinged = false;
+        let mut routes = RouteCache::default();
         // The timer is re-armed only when it fires, not on every message: a read costs just
         // the `last_heard` update.
         let timer = tokio::time::sleep_until(last_heard + ping_interval);
@@ -230,8 +230,8 @@ impl Connection {
         loop {
             // Every complete frame already read is handled before going back to the select
             // below, so a busy connection pays for the select once per read, not per frame.
-            let msg = match self.frames.buffered() {
-                Ok(Some(msg)) => msg,
+            let frame = match self.frames.buffered_frame() {
+                Ok(Some(frame)) => frame,
                 Err(e) => return self.protocol_error(e),
                 Ok(None) => {
                     tokio::select! {
@@ -240,8 +240,9 @@ impl Connection {
                             return self.writer_finished(end);
                         }
                         () = &mut timer => {
-                            // Quiet for a while: give back the read buffer.
+                            // Quiet for a while: give back the buffers.
                             self.frames.release_if_empty();
+                            self.outbox.release_if_idle();
                             let silent = last_heard.elapsed();
                             if silent >= idle_timeout {
                                 info!(peer = %self.peer, %name, "no answer to ping; disconnecting");
@@ -273,10 +274,16 @@ impl Connection {
                     continue;
                 }
             };
+            // Decoded in place: routing copies the message straight into the receiver's
+            // outbox, with no owned message in between.
+            let msg = match decode_ref(&frame) {
+                Ok(msg) => msg,
+                Err(e) => return self.protocol_error(e),
+            };
             let outcome = match Request::parse(msg) {
                 Ok(Request::Send { id, to, content }) => {
                     trace!(from = %name, %to, id, len = content.len(), "message");
-                    match self.shared.router.route(&name, id, to, content) {
+                    match self.shared.router.route(&name, id, to, content, &mut routes) {
                         Ok(Routed::Queued) => Ok(()),
                         Ok(Routed::Full(pending)) => {
                             // Wait for room at the busy receiver, but not through a shutdown.

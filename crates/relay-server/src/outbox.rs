@@ -1,27 +1,43 @@
 //! A connection's outbox: the frames waiting to be written to one client, bounded by bytes.
 //!
+//! Messages are encoded into the outbox as they are queued, back to back in one buffer, so the
+//! sender's connection does the encoding while the message is still in its cache, nothing is
+//! allocated per message, and the writer task takes the whole buffer in one go and writes it
+//! with as few syscalls as the socket allows. Two buffers take turns: while the writer writes
+//! one, senders fill the other.
+//!
 //! A full outbox pushes back: [`Outbox::wait_for_room`] waits a bounded time for the writer to
 //! make room, so a sender that outruns a healthy receiver is slowed to its pace instead of
 //! losing messages. A receiver that makes no room in that time is marked stalled, and pushes
 //! to it fail at once until it writes again, so a stuck receiver costs its senders one wait,
-//! not one per message. The writer task takes everything queued in one go and writes it with
-//! as few syscalls as the socket allows.
+//! not one per message.
 
-use std::collections::VecDeque;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
 
-use relay_proto::{FRAME_HEADER_LEN, Message, encoded_len};
+use bytes::{Buf, BytesMut};
+use relay_proto::{
+    FRAME_HEADER_LEN, Message, MessageRef, decode_body, encode_body_ref, encoded_len_ref,
+};
 use tokio::sync::Notify;
 
 /// Why a message could not be queued.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) enum PushError {
-    /// The receiver already has its limit of bytes waiting.
+    /// The receiver already has its limit of bytes waiting; room may come (see
+    /// [`Outbox::wait_for_room`]).
     Full,
+    /// Full, and the receiver wrote nothing during a sender's last wait: it is not keeping
+    /// up, so there is no point waiting.
+    Stalled,
     /// The connection is closing; nothing more will be written.
     Closed,
 }
+
+/// A buffer the writer hands back is kept for the next batch unless it grew past this, so a
+/// burst does not pin a large buffer.
+const MAX_KEPT_BUFFER: usize = 64 * 1024;
 
 /// A cloneable handle to one connection's outbox.
 #[derive(Clone, Debug)]
@@ -31,23 +47,27 @@ pub(crate) struct Outbox {
 
 #[derive(Debug)]
 struct Shared {
-    // A std mutex: it is held only to push or take, never across an `.await`.
+    // A std mutex: it is held only to encode one message or swap buffers, never across an
+    // `.await`.
     state: Mutex<State>,
-    /// Wakes the writer when something is queued.
+    /// Wakes the writer when the queue goes from empty to not empty.
     ready: Notify,
     /// Wakes senders waiting for room when bytes are written or the outbox closes.
     room: Notify,
     limit: usize,
+    /// Set (under the state lock) when the outbox closes. Readable without the lock, for
+    /// routing's cheap check that a remembered receiver is still there.
+    closed: AtomicBool,
 }
 
 #[derive(Debug, Default)]
 struct State {
-    queue: VecDeque<Message>,
-    /// Bytes in `queue`.
-    queued: usize,
-    /// Bytes queued plus bytes taken by the writer and not yet written.
-    bytes: usize,
-    closed: bool,
+    /// Encoded frames waiting for the writer, back to back.
+    queue: BytesMut,
+    /// The writer's last buffer, emptied, waiting to become the next `queue`.
+    spare: BytesMut,
+    /// Bytes the writer has taken and not yet written; they still count against the limit.
+    taken: usize,
     /// A sender waited for room and none came; cleared when the writer writes again.
     stalled: bool,
     /// How many times the writer has written, to tell a stuck receiver from a busy one.
@@ -60,8 +80,38 @@ pub(crate) fn wire_size(encoded_len: usize) -> usize {
     FRAME_HEADER_LEN + encoded_len
 }
 
-fn wire_size_of(msg: &Message) -> usize {
-    wire_size(encoded_len(msg))
+/// Appends `msg`'s frame (length prefix and body) to `dst`. The frame limit was checked by
+/// whoever built the message (the router for chat, the server's own replies are small).
+fn put_frame(dst: &mut BytesMut, msg: &MessageRef<'_>, size: usize) {
+    let start = dst.len();
+    dst.reserve(size);
+    // `size - FRAME_HEADER_LEN` is at most the frame limit (at most 16 MiB), so it fits.
+    let len = u32::try_from(size - FRAME_HEADER_LEN).unwrap_or(u32::MAX);
+    dst.extend_from_slice(&len.to_be_bytes());
+    if let Err(e) = encode_body_ref(msg, dst) {
+        // Does not happen for a well-formed message; dropping one frame beats corrupting the
+        // stream.
+        tracing::error!(error = %e, "dropping a message that does not encode");
+        dst.truncate(start);
+    }
+}
+
+/// Decodes the frames in `frames` that end after byte `from` (so a frame cut by a failed
+/// write counts) and appends them to `into`. Used only when a connection fails, to tell the
+/// senders of what was never written.
+pub(crate) fn unpack(mut frames: &[u8], from: usize, into: &mut Vec<Message>) {
+    let mut end = 0;
+    while frames.len() >= FRAME_HEADER_LEN {
+        let len = frames.get_u32() as usize;
+        let Some(body) = frames.get(..len) else { break };
+        end += FRAME_HEADER_LEN + len;
+        if end > from
+            && let Ok(msg) = decode_body(body)
+        {
+            into.push(msg);
+        }
+        frames.advance(len);
+    }
 }
 
 impl Outbox {
@@ -73,6 +123,7 @@ impl Outbox {
                 ready: Notify::new(),
                 room: Notify::new(),
                 limit,
+                closed: AtomicBool::new(false),
             }),
         }
     }
@@ -83,38 +134,50 @@ impl Outbox {
         self.shared.state.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
-    /// Queues `msg` unless that would take the outbox over its limit or it is closed, in
-    /// which case the message is handed back with the reason. Never waits.
-    pub(crate) fn push(&self, msg: Message) -> Result<(), (PushError, Message)> {
-        let size = wire_size_of(&msg);
-        self.push_sized(msg, size)
+    /// True once the outbox is closed. Exact under the state lock (where it is set);
+    /// without it, a hint that may lag a close by a moment.
+    pub(crate) fn is_closed(&self) -> bool {
+        self.shared.closed.load(Ordering::Relaxed)
     }
 
-    /// Queues `msg`, which takes `size` bytes on the wire, if there is room. If the outbox is
-    /// full but not stalled, hands the message back (`Ok(Some(msg))`) for the caller to
-    /// [`wait_for_room`](Outbox::wait_for_room); fails if it is closed, or full and stalled.
-    pub(crate) fn try_push(
-        &self,
-        msg: Message,
-        size: usize,
-    ) -> Result<Option<Message>, (PushError, Message)> {
-        match self.push_sized(msg, size) {
-            Ok(()) => Ok(None),
-            Err((PushError::Full, msg)) if !self.state().stalled => Ok(Some(msg)),
-            Err(e) => Err(e),
+    /// Queues `msg` unless that would take the outbox over its limit or it is closed. Never
+    /// waits.
+    pub(crate) fn push(&self, msg: &MessageRef<'_>) -> Result<(), PushError> {
+        self.push_sized(msg, wire_size(encoded_len_ref(msg)))
+    }
+
+    /// [`Outbox::push`] for a message whose [`wire_size`] the caller already knows.
+    pub(crate) fn push_sized(&self, msg: &MessageRef<'_>, size: usize) -> Result<(), PushError> {
+        let was_empty = {
+            let mut state = self.state();
+            if self.is_closed() {
+                return Err(PushError::Closed);
+            }
+            if state.queue.len() + state.taken + size > self.shared.limit {
+                return Err(if state.stalled { PushError::Stalled } else { PushError::Full });
+            }
+            let was_empty = state.queue.is_empty();
+            put_frame(&mut state.queue, msg, size);
+            was_empty
+        };
+        // A writer only waits on an empty queue, so only the first frame needs to wake it;
+        // `notify_one` keeps a permit if the writer is not waiting yet.
+        if was_empty {
+            self.shared.ready.notify_one();
         }
+        Ok(())
     }
 
     /// Waits for room for `msg`, then queues it. Waiting goes on while the receiver makes
     /// progress, however many senders compete for the room it frees; if it writes nothing for
-    /// `wait`, the outbox is marked stalled (so later messages fail at once, see
-    /// [`Outbox::try_push`]) and the message is refused.
+    /// `wait`, the outbox is marked stalled (so later pushes fail at once with
+    /// [`PushError::Stalled`]) and the message is refused.
     pub(crate) async fn wait_for_room(
         &self,
-        mut msg: Message,
-        size: usize,
+        msg: &MessageRef<'_>,
         wait: Duration,
-    ) -> Result<(), (PushError, Message)> {
+    ) -> Result<(), PushError> {
+        let size = wire_size(encoded_len_ref(msg));
         let mut seen = self.state().written;
         let mut deadline = tokio::time::Instant::now() + wait;
         loop {
@@ -122,10 +185,10 @@ impl Outbox {
             tokio::pin!(room);
             // Registered before checking, so room made in between is not missed.
             room.as_mut().enable();
-            msg = match self.push_sized(msg, size) {
-                Err((PushError::Full, msg)) => msg,
+            match self.push_sized(msg, size) {
+                Err(PushError::Full) => {}
                 done => return done,
-            };
+            }
             if tokio::time::timeout_at(deadline, room).await.is_err() {
                 let mut state = self.state();
                 if state.written == seen {
@@ -140,38 +203,19 @@ impl Outbox {
         }
     }
 
-    fn push_sized(&self, msg: Message, size: usize) -> Result<(), (PushError, Message)> {
-        {
-            let mut state = self.state();
-            if state.closed {
-                return Err((PushError::Closed, msg));
-            }
-            if state.bytes + size > self.shared.limit {
-                return Err((PushError::Full, msg));
-            }
-            state.bytes += size;
-            state.queued += size;
-            state.queue.push_back(msg);
-        }
-        self.shared.ready.notify_one();
-        Ok(())
-    }
-
     /// Closes the outbox, queuing `last` (if any) after everything already queued, whatever
     /// the limit. Later pushes fail with [`PushError::Closed`]; the writer finishes what is
     /// queued and stops. Closing twice keeps the first closing message.
-    pub(crate) fn close(&self, last: Option<Message>) {
+    pub(crate) fn close(&self, last: Option<&Message>) {
         {
             let mut state = self.state();
-            if state.closed {
+            if self.is_closed() {
                 return;
             }
-            state.closed = true;
+            self.shared.closed.store(true, Ordering::Relaxed);
             if let Some(msg) = last {
-                let size = wire_size_of(&msg);
-                state.bytes += size;
-                state.queued += size;
-                state.queue.push_back(msg);
+                let msg = msg.as_ref();
+                put_frame(&mut state.queue, &msg, wire_size(encoded_len_ref(&msg)));
             }
         }
         self.shared.ready.notify_one();
@@ -179,20 +223,22 @@ impl Outbox {
         self.shared.room.notify_waiters();
     }
 
-    /// Waits until something is queued, then moves all of it into `batch` and returns its
-    /// size in bytes. Returns `None` once the outbox is closed and empty.
+    /// Waits until something is queued, then takes all of it: the frames, back to back.
+    /// Returns `None` once the outbox is closed and empty.
     ///
-    /// The bytes stay counted against the limit until [`Outbox::written`] is called, so a
-    /// batch the socket is still chewing on keeps holding its share.
-    pub(crate) async fn take(&self, batch: &mut Vec<Message>) -> Option<usize> {
+    /// The bytes stay counted against the limit until the buffer comes back through
+    /// [`Outbox::written`], so a batch the socket is still chewing on keeps holding its share.
+    pub(crate) async fn take(&self) -> Option<BytesMut> {
         loop {
             {
                 let mut state = self.state();
                 if !state.queue.is_empty() {
-                    batch.extend(state.queue.drain(..));
-                    return Some(std::mem::take(&mut state.queued));
+                    let spare = std::mem::take(&mut state.spare);
+                    let batch = std::mem::replace(&mut state.queue, spare);
+                    state.taken = batch.len();
+                    return Some(batch);
                 }
-                if state.closed {
+                if self.is_closed() {
                     return None;
                 }
             }
@@ -202,27 +248,43 @@ impl Outbox {
         }
     }
 
-    /// Moves whatever is still queued into `into` (used once the connection has failed).
-    pub(crate) fn drain_into(&self, into: &mut Vec<Message>) {
+    /// Hands back a batch from [`Outbox::take`] once it has been written, releasing its bytes
+    /// and waking senders waiting for room. The buffer is kept for reuse.
+    pub(crate) fn written(&self, mut batch: BytesMut) {
         {
             let mut state = self.state();
-            into.extend(state.queue.drain(..));
-            state.bytes = 0;
-            state.queued = 0;
+            state.taken = 0;
+            state.stalled = false;
+            state.written += 1;
+            batch.clear();
+            if batch.capacity() <= MAX_KEPT_BUFFER && state.spare.capacity() == 0 {
+                state.spare = batch;
+            }
         }
         self.shared.room.notify_waiters();
     }
 
-    /// Releases `bytes` taken by [`Outbox::take`] once they have been written, waking senders
-    /// waiting for room.
-    pub(crate) fn written(&self, bytes: usize) {
-        {
+    /// Takes whatever is still queued (used once the connection has failed) and frees the
+    /// buffers.
+    pub(crate) fn drain(&self) -> BytesMut {
+        let queued = {
             let mut state = self.state();
-            state.bytes = state.bytes.saturating_sub(bytes);
-            state.stalled = false;
-            state.written += 1;
-        }
+            state.taken = 0;
+            state.spare = BytesMut::new();
+            std::mem::take(&mut state.queue)
+        };
         self.shared.room.notify_waiters();
+        queued
+    }
+
+    /// Frees the buffers if nothing is queued, so a quiet connection holds no memory for
+    /// them. A buffer the writer holds comes back on its next write and is freed next time.
+    pub(crate) fn release_if_idle(&self) {
+        let mut state = self.state();
+        if state.queue.is_empty() {
+            state.queue = BytesMut::new();
+            state.spare = BytesMut::new();
+        }
     }
 }
 
@@ -230,97 +292,124 @@ impl Outbox {
 mod tests {
     use super::*;
 
+    fn size_of(msg: &Message) -> usize {
+        wire_size(encoded_len_ref(&msg.as_ref()))
+    }
+
     /// What routing does: try, and wait for room if the outbox is full.
-    async fn push_within(
-        outbox: &Outbox,
-        msg: Message,
-        size: usize,
-        wait: Duration,
-    ) -> Result<(), (PushError, Message)> {
-        match outbox.try_push(msg, size)? {
-            None => Ok(()),
-            Some(msg) => outbox.wait_for_room(msg, size, wait).await,
+    async fn push_within(outbox: &Outbox, msg: &Message, wait: Duration) -> Result<(), PushError> {
+        match outbox.push(&msg.as_ref()) {
+            Err(PushError::Full) => outbox.wait_for_room(&msg.as_ref(), wait).await,
+            done => done,
         }
+    }
+
+    fn messages(batch: &[u8]) -> Vec<Message> {
+        let mut got = Vec::new();
+        unpack(batch, 0, &mut got);
+        got
+    }
+
+    #[tokio::test]
+    async fn frames_are_encoded_back_to_back_as_the_codec_would() {
+        use tokio_util::codec::Encoder;
+        let outbox = Outbox::new(10_000);
+        let (a, b) = (Message::send(1, "bob", "one"), Message::ping(2));
+        outbox.push(&a.as_ref()).unwrap();
+        outbox.push(&b.as_ref()).unwrap();
+        let batch = outbox.take().await.unwrap();
+        let mut expected = BytesMut::new();
+        let mut codec = relay_proto::MessageCodec::new(relay_proto::DEFAULT_MAX_FRAME_LEN);
+        codec.encode(&a, &mut expected).unwrap();
+        codec.encode(&b, &mut expected).unwrap();
+        assert_eq!(batch, expected);
+        assert_eq!(messages(&batch), vec![a, b]);
+    }
+
+    #[test]
+    fn unpack_counts_a_frame_cut_by_the_write_as_unwritten() {
+        let mut buf = BytesMut::new();
+        let msgs: Vec<Message> = (1..=3).map(|i| Message::send(i, "bob", "hello")).collect();
+        for msg in &msgs {
+            put_frame(&mut buf, &msg.as_ref(), size_of(msg));
+        }
+        let one = size_of(&msgs[0]);
+        let ids = |from| {
+            let mut got = Vec::new();
+            unpack(&buf, from, &mut got);
+            got.iter().map(|m| m.id).collect::<Vec<_>>()
+        };
+        assert_eq!(ids(0), vec![1, 2, 3]);
+        assert_eq!(ids(one), vec![2, 3]);
+        assert_eq!(ids(one + 1), vec![2, 3]);
+        assert_eq!(ids(3 * one), Vec::<u64>::new());
     }
 
     #[tokio::test]
     async fn full_outbox_refuses_and_recovers_after_write() {
         let msg = Message::send(1, "bob", vec![0u8; 100]);
-        let size = wire_size_of(&msg);
-        let outbox = Outbox::new(size * 2);
-        outbox.push(msg.clone()).unwrap();
-        outbox.push(msg.clone()).unwrap();
-        assert_eq!(outbox.push(msg.clone()).unwrap_err().0, PushError::Full);
+        let outbox = Outbox::new(size_of(&msg) * 2);
+        outbox.push(&msg.as_ref()).unwrap();
+        outbox.push(&msg.as_ref()).unwrap();
+        assert_eq!(outbox.push(&msg.as_ref()), Err(PushError::Full));
 
-        let mut batch = Vec::new();
-        let taken = outbox.take(&mut batch).await.unwrap();
-        assert_eq!((batch.len(), taken), (2, size * 2));
+        let batch = outbox.take().await.unwrap();
+        assert_eq!((messages(&batch).len(), batch.len()), (2, size_of(&msg) * 2));
         // Taken but not written: still counted.
-        assert_eq!(outbox.push(msg.clone()).unwrap_err().0, PushError::Full);
-        outbox.written(taken);
-        outbox.push(msg).unwrap();
+        assert_eq!(outbox.push(&msg.as_ref()), Err(PushError::Full));
+        outbox.written(batch);
+        outbox.push(&msg.as_ref()).unwrap();
     }
 
     #[tokio::test]
     async fn close_keeps_order_and_bypasses_the_limit() {
         let outbox = Outbox::new(200);
-        outbox.push(Message::send(1, "bob", vec![0u8; 100])).unwrap();
-        outbox.close(Some(Message::send(2, "bob", vec![0u8; 500])));
-        assert_eq!(outbox.push(Message::ping(3)).unwrap_err().0, PushError::Closed);
-        let mut batch = Vec::new();
-        outbox.take(&mut batch).await.unwrap();
-        assert_eq!(batch.iter().map(|m| m.id).collect::<Vec<_>>(), vec![1, 2]);
-        assert_eq!(outbox.take(&mut batch).await, None);
+        outbox.push(&Message::send(1, "bob", vec![0u8; 100]).as_ref()).unwrap();
+        outbox.close(Some(&Message::send(2, "bob", vec![0u8; 500])));
+        assert_eq!(outbox.push(&Message::ping(3).as_ref()), Err(PushError::Closed));
+        let batch = outbox.take().await.unwrap();
+        assert_eq!(messages(&batch).iter().map(|m| m.id).collect::<Vec<_>>(), vec![1, 2]);
+        assert_eq!(outbox.take().await, None);
     }
 
     #[tokio::test]
     async fn a_full_outbox_makes_senders_wait_for_room_then_gives_up_once() {
         let msg = Message::send(1, "bob", vec![0u8; 100]);
-        let size = wire_size_of(&msg);
-        let outbox = Outbox::new(size);
-        outbox.push(msg.clone()).unwrap();
+        let outbox = Outbox::new(size_of(&msg));
+        outbox.push(&msg.as_ref()).unwrap();
 
         // A sender waits; the writer takes and writes the first message; the sender's goes in.
         let sender = outbox.clone();
         let second = msg.clone();
-        let waiting = tokio::spawn(async move {
-            push_within(&sender, second, size, Duration::from_secs(60)).await.map_err(|e| e.0)
-        });
-        let mut batch = Vec::new();
-        let taken = outbox.take(&mut batch).await.unwrap();
-        outbox.written(taken);
+        let waiting =
+            tokio::spawn(
+                async move { push_within(&sender, &second, Duration::from_secs(60)).await },
+            );
+        let batch = outbox.take().await.unwrap();
+        outbox.written(batch);
         assert_eq!(waiting.await.unwrap(), Ok(()));
 
         // Nobody writes now: the wait runs out, the outbox is marked stalled, and the next
         // push fails without waiting (a 60 s wait would time the test out).
         let wait = Duration::from_millis(20);
-        assert_eq!(
-            push_within(&outbox, msg.clone(), size, wait).await.unwrap_err().0,
-            PushError::Full
-        );
+        assert_eq!(push_within(&outbox, &msg, wait).await, Err(PushError::Stalled));
         let long = Duration::from_secs(60);
-        assert_eq!(
-            push_within(&outbox, msg.clone(), size, long).await.unwrap_err().0,
-            PushError::Full
-        );
+        assert_eq!(push_within(&outbox, &msg, long).await, Err(PushError::Stalled));
 
         // Writing again clears the stall.
-        batch.clear();
-        let taken = outbox.take(&mut batch).await.unwrap();
-        outbox.written(taken);
-        push_within(&outbox, msg, size, long).await.unwrap();
+        let batch = outbox.take().await.unwrap();
+        outbox.written(batch);
+        push_within(&outbox, &msg, long).await.unwrap();
     }
 
     #[tokio::test]
     async fn closing_wakes_waiting_senders() {
         let msg = Message::send(1, "bob", vec![0u8; 100]);
-        let size = wire_size_of(&msg);
-        let outbox = Outbox::new(size);
-        outbox.push(msg.clone()).unwrap();
+        let outbox = Outbox::new(size_of(&msg));
+        outbox.push(&msg.as_ref()).unwrap();
         let sender = outbox.clone();
-        let waiting = tokio::spawn(async move {
-            push_within(&sender, msg, size, Duration::from_secs(60)).await.map_err(|e| e.0)
-        });
+        let waiting =
+            tokio::spawn(async move { push_within(&sender, &msg, Duration::from_secs(60)).await });
         // On this single-threaded runtime one yield lets the sender run until it waits.
         tokio::task::yield_now().await;
         outbox.close(None);
@@ -330,15 +419,35 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn take_wakes_on_push_from_another_task() {
+    async fn take_wakes_on_push_from_another_task_every_time() {
         let outbox = Outbox::new(1000);
         let pusher = outbox.clone();
         let task = tokio::spawn(async move {
-            let mut batch = Vec::new();
-            outbox.take(&mut batch).await.map(|_| batch.len())
+            let mut ids = Vec::new();
+            while ids.len() < 3 {
+                let batch = outbox.take().await.unwrap();
+                ids.extend(messages(&batch).iter().map(|m| m.id));
+                outbox.written(batch);
+            }
+            ids
         });
-        tokio::task::yield_now().await;
-        pusher.push(Message::ping(1)).unwrap();
-        assert_eq!(task.await.unwrap(), Some(1));
+        for id in 1..=3 {
+            tokio::task::yield_now().await;
+            pusher.push(&Message::ping(id).as_ref()).unwrap();
+        }
+        let ids = tokio::time::timeout(Duration::from_secs(20), task).await.unwrap().unwrap();
+        assert_eq!(ids, vec![1, 2, 3]);
+    }
+
+    #[tokio::test]
+    async fn buffers_are_reused_while_busy_and_freed_when_idle() {
+        let outbox = Outbox::new(10_000);
+        outbox.push(&Message::ping(1).as_ref()).unwrap();
+        let batch = outbox.take().await.unwrap();
+        outbox.written(batch);
+        assert!(outbox.state().spare.capacity() > 0, "the written buffer is kept");
+        outbox.release_if_idle();
+        let state = outbox.state();
+        assert_eq!((state.queue.capacity(), state.spare.capacity()), (0, 0));
     }
 }

@@ -8,8 +8,9 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use bytes::Bytes;
-use relay_proto::{Destination, Kind, Message, Status, encoded_len, parse_destination};
+use relay_proto::{
+    Destination, Kind, Message, MessageRef, Status, encoded_len_ref, parse_destination,
+};
 
 use crate::outbox::{Outbox, PushError, wire_size};
 use crate::registry::{NameTaken, Registry};
@@ -35,23 +36,56 @@ pub(crate) enum Routed {
     Full(Pending),
 }
 
-/// A message waiting for room in a full receiver's outbox.
+/// A message waiting for room in a full receiver's outbox. It owns a copy of the message: the
+/// frame it came in is not kept while the sender waits.
 #[derive(Debug)]
 pub(crate) struct Pending {
     outbox: Outbox,
     msg: Message,
-    size: usize,
     wait: Duration,
 }
 
 impl Pending {
     /// Waits up to the send wait for room, then queues the message or gives up.
     pub(crate) async fn wait(self) -> Result<(), (Undelivered, String)> {
-        match self.outbox.wait_for_room(self.msg, self.size, self.wait).await {
+        match self.outbox.wait_for_room(&self.msg.as_ref(), self.wait).await {
             Ok(()) => Ok(()),
-            Err((PushError::Full, msg)) => Err((Undelivered::ReceiverFull, msg.to)),
-            Err((PushError::Closed, msg)) => Err((Undelivered::NotFound, msg.to)),
+            Err(PushError::Full | PushError::Stalled) => {
+                Err((Undelivered::ReceiverFull, self.msg.to))
+            }
+            Err(PushError::Closed) => Err((Undelivered::NotFound, self.msg.to)),
         }
+    }
+}
+
+/// One connection's last destination and the outbox it led to. A sender mostly writes to the
+/// same receiver many times in a row; remembering where the last message went skips the
+/// registry lookup (a hash and a shard lock) for the next one. The entry is dropped as soon as
+/// that outbox turns out to be closed, so a name freed and claimed again is looked up afresh.
+#[derive(Debug, Default)]
+pub(crate) struct RouteCache {
+    to: String,
+    outbox: Option<Outbox>,
+}
+
+impl RouteCache {
+    /// The outbox for `to`: the remembered one if it is still open, otherwise whatever
+    /// `lookup` finds (remembered for next time).
+    fn resolve(
+        &mut self,
+        to: &str,
+        lookup: impl FnOnce(&str) -> Option<Outbox>,
+    ) -> Option<&Outbox> {
+        let hit = self.outbox.as_ref().is_some_and(|outbox| self.to == to && !outbox.is_closed());
+        if !hit {
+            self.outbox = None;
+            let found = lookup(to)?;
+            // Reuses the string's buffer: no allocation while destinations stay short.
+            self.to.clear();
+            self.to.push_str(to);
+            self.outbox = Some(found);
+        }
+        self.outbox.as_ref()
     }
 }
 
@@ -103,42 +137,51 @@ impl Router {
     }
 
     /// Routes a message from the client registered as `from` to `to` (a name or an
-    /// `ip:port`), stamping `from` on it. Never waits: if the receiver's outbox is full, the
-    /// message comes back as [`Routed::Full`], for the caller to wait on (see
-    /// [`Pending::wait`]). Waiting is the backpressure that slows a sender to its receiver's
-    /// pace (the sender's connection reads nothing meanwhile, so TCP pushes back on it).
+    /// `ip:port`), stamping `from` on it; `routes` is the sender's [`RouteCache`]. Never
+    /// waits: if the receiver's outbox is full, the message comes back as [`Routed::Full`],
+    /// for the caller to wait on (see [`Pending::wait`]). Waiting is the backpressure that
+    /// slows a sender to its receiver's pace (the sender's connection reads nothing
+    /// meanwhile, so TCP pushes back on it).
     ///
     /// On failure, gives back the destination so the reply can name it.
     pub(crate) fn route(
         &self,
         from: &str,
         id: u64,
-        to: String,
-        content: Bytes,
+        to: &str,
+        content: &[u8],
+        routes: &mut RouteCache,
     ) -> Result<Routed, (Undelivered, String)> {
-        let msg = Message::deliver(id, from, to, content);
-        let len = encoded_len(&msg);
+        let msg = MessageRef::deliver(id, from, to, content);
+        let len = encoded_len_ref(&msg);
         if len > self.max_frame_len {
-            return Err((Undelivered::TooLarge, msg.to));
+            return Err((Undelivered::TooLarge, to.to_owned()));
         }
-        // Clone the receiver's outbox handle and push after the read lock is released, so
-        // the registry lock is held only for the lookup.
-        let outbox = match parse_destination(&msg.to) {
+        let Some(outbox) = routes.resolve(to, |to| self.lookup(to)) else {
+            return Err((Undelivered::NotFound, to.to_owned()));
+        };
+        match outbox.push_sized(&msg, wire_size(len)) {
+            Ok(()) => Ok(Routed::Queued),
+            Err(PushError::Full) if !self.send_wait.is_zero() => Ok(Routed::Full(Pending {
+                outbox: outbox.clone(),
+                msg: msg.to_message(),
+                wait: self.send_wait,
+            })),
+            Err(PushError::Full | PushError::Stalled) => {
+                Err((Undelivered::ReceiverFull, to.to_owned()))
+            }
+            // The receiver is closing: as far as the sender is concerned it is gone.
+            Err(PushError::Closed) => Err((Undelivered::NotFound, to.to_owned())),
+        }
+    }
+
+    /// The outbox of whoever is registered under the name or address `to`.
+    fn lookup(&self, to: &str) -> Option<Outbox> {
+        // The handle is cloned so the shard lock is held only for the lookup, not the push.
+        match parse_destination(to) {
             Ok(Destination::Name(name)) => self.registry.with_name(name, |e| e.outbox.clone()),
             Ok(Destination::Addr(addr)) => self.registry.with_addr(addr, |_, e| e.outbox.clone()),
             Err(_) => None,
-        };
-        let Some(outbox) = outbox else {
-            return Err((Undelivered::NotFound, msg.to));
-        };
-        let size = wire_size(len);
-        match outbox.try_push(msg, size) {
-            Ok(None) => Ok(Routed::Queued),
-            Ok(Some(msg)) if self.send_wait.is_zero() => Err((Undelivered::ReceiverFull, msg.to)),
-            Ok(Some(msg)) => Ok(Routed::Full(Pending { outbox, msg, size, wait: self.send_wait })),
-            Err((PushError::Full, msg)) => Err((Undelivered::ReceiverFull, msg.to)),
-            // The receiver is closing: as far as the sender is concerned it is gone.
-            Err((PushError::Closed, msg)) => Err((Undelivered::NotFound, msg.to)),
         }
     }
 
@@ -152,7 +195,7 @@ impl Router {
             let detail = format!("{} disconnected before the message reached it", msg.to);
             let reply = Message::reply(msg.id, Status::NotDelivered, msg.to, detail);
             // If the sender is gone too, or not reading either, there is no one left to tell.
-            let _ = self.registry.with_name(&msg.from, |e| e.outbox.push(reply));
+            let _ = self.registry.with_name(&msg.from, |e| e.outbox.push(&reply.as_ref()));
         }
     }
 

@@ -72,7 +72,7 @@ async fn messages_are_routed_by_name_and_by_address() {
     let id = alice.send(&bob_addr, "by address").await.unwrap();
     match next_event(&mut bob_events).await {
         Event::Message { id: got, from, content } => {
-            assert_eq!((got, from.as_str(), &content[..]), (id, "alice", &b"by address"[..]));
+            assert_eq!((got, &*from, &content[..]), (id, "alice", &b"by address"[..]));
         }
         other => panic!("{other:?}"),
     }

@@ -95,7 +95,7 @@ pub async fn next_event(events: &mut Events) -> Event {
 pub async fn next_message(events: &mut Events) -> (String, String) {
     match next_event(events).await {
         Event::Message { from, content, .. } => {
-            (from, String::from_utf8(content.to_vec()).unwrap())
+            (from.to_string(), String::from_utf8(content.to_vec()).unwrap())
         }
         other => panic!("expected a message, got {other:?}"),
     }

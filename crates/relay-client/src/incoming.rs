@@ -1,0 +1,242 @@
+//! The queue of events between the reader task and the program. The reader hands over every
+//! event from one socket read in one go, and the program takes the whole queue at once when it
+//! runs dry, so a busy connection pays for the lock and the wake-up once per read, not once
+//! per message.
+
+use std::collections::VecDeque;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+
+use tokio::sync::Notify;
+
+use crate::event::Event;
+
+/// The shared half of the queue.
+#[derive(Debug)]
+pub(crate) struct Incoming {
+    // A std mutex: held only to append or swap, never across an await.
+    state: Mutex<State>,
+    /// Events that may wait for the program before the reader waits for it.
+    max_queued: usize,
+    /// Wakes the program when events arrive or the reader ends.
+    ready: Notify,
+    /// Wakes the reader when the program takes the queue or drops its [`Events`].
+    room: Notify,
+    /// Set when the program dropped its [`Events`]: nobody will take events any more.
+    abandoned: AtomicBool,
+}
+
+#[derive(Debug, Default)]
+struct State {
+    queue: VecDeque<Event>,
+    /// The reader has ended; no events follow those queued.
+    ended: bool,
+}
+
+impl Incoming {
+    pub(crate) fn new(max_queued: usize) -> Arc<Incoming> {
+        Arc::new(Incoming {
+            state: Mutex::new(State::default()),
+            max_queued: max_queued.max(1),
+            ready: Notify::new(),
+            room: Notify::new(),
+            abandoned: AtomicBool::new(false),
+        })
+    }
+
+    fn state(&self) -> MutexGuard<'_, State> {
+        // Nothing panics under the lock; a poisoned queue still holds whole events.
+        self.state.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Hands `batch` to the program, emptying it. Waits while the program has `max_queued`
+    /// events it has not taken (which stops the reader reading, so a program that falls
+    /// behind is eventually dropped by the server instead of growing this queue), unless
+    /// `wait` is false, in which case events that do not fit are dropped. Events for a
+    /// program that dropped its [`Events`] are dropped.
+    pub(crate) async fn deliver(&self, batch: &mut Vec<Event>, wait: bool) {
+        if batch.is_empty() {
+            return;
+        }
+        loop {
+            let room = self.room.notified();
+            tokio::pin!(room);
+            // Registered before checking, so the program taking the queue in between is seen.
+            room.as_mut().enable();
+            if self.abandoned.load(Ordering::Relaxed) {
+                batch.clear();
+                return;
+            }
+            {
+                let mut state = self.state();
+                let waiting = state.queue.len();
+                if !wait {
+                    batch.truncate(self.max_queued.saturating_sub(waiting));
+                }
+                if waiting < self.max_queued || !wait {
+                    state.queue.extend(batch.drain(..));
+                    drop(state);
+                    // The program only waits on an empty queue.
+                    if waiting == 0 {
+                        self.ready.notify_one();
+                    }
+                    return;
+                }
+            }
+            room.await;
+        }
+    }
+
+    /// The reader has ended: once the program has taken what is queued, it gets `None`.
+    pub(crate) fn end(&self) {
+        self.state().ended = true;
+        self.ready.notify_one();
+    }
+}
+
+/// The stream of [`Event`]s for one connection.
+#[derive(Debug)]
+pub struct Events {
+    shared: Arc<Incoming>,
+    /// Events taken from the shared queue and not yet handed out.
+    taken: VecDeque<Event>,
+}
+
+impl Events {
+    pub(crate) fn new(shared: Arc<Incoming>) -> Events {
+        Events { shared, taken: VecDeque::new() }
+    }
+
+    /// The next event, or `None` once the connection is closed and every event was taken.
+    pub async fn next(&mut self) -> Option<Event> {
+        loop {
+            if let Some(event) = self.try_next() {
+                return Some(event);
+            }
+            // A handle of its own, so the registered waiter does not borrow `self`.
+            let shared = self.shared.clone();
+            let ready = shared.ready.notified();
+            tokio::pin!(ready);
+            ready.as_mut().enable();
+            if let Some(event) = self.try_next() {
+                return Some(event);
+            }
+            if shared.state().ended {
+                // Checked after the queue was found empty; the reader queues nothing after
+                // it ends, but take anything that raced in before the flag.
+                return self.try_next();
+            }
+            ready.await;
+        }
+    }
+
+    /// The next event if one is already waiting.
+    pub fn try_next(&mut self) -> Option<Event> {
+        if let Some(event) = self.taken.pop_front() {
+            return Some(event);
+        }
+        {
+            let mut state = self.shared.state();
+            if state.queue.is_empty() {
+                return None;
+            }
+            // Swap the queues: the reader gets an empty one with room, the program the lot.
+            std::mem::swap(&mut state.queue, &mut self.taken);
+        }
+        self.shared.room.notify_one();
+        self.taken.pop_front()
+    }
+}
+
+impl Drop for Events {
+    fn drop(&mut self) {
+        // The reader keeps reading (to answer pings) but must not wait for this program.
+        self.shared.abandoned.store(true, Ordering::Relaxed);
+        self.shared.room.notify_one();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    fn message(id: u64) -> Event {
+        Event::Message { id, from: "alice".into(), content: bytes::Bytes::new() }
+    }
+
+    fn ids(events: &mut Events) -> Vec<u64> {
+        std::iter::from_fn(|| events.try_next())
+            .map(|e| match e {
+                Event::Message { id, .. } => id,
+                other => panic!("unexpected {other:?}"),
+            })
+            .collect()
+    }
+
+    #[tokio::test]
+    async fn events_arrive_in_order_across_batches_then_none_after_the_end() {
+        let shared = Incoming::new(100);
+        let mut events = Events::new(shared.clone());
+        shared.deliver(&mut vec![message(1), message(2)], true).await;
+        assert_eq!(events.next().await, Some(message(1)));
+        shared.deliver(&mut vec![message(3)], true).await;
+        shared.end();
+        assert_eq!(ids(&mut events), vec![2, 3]);
+        assert_eq!(events.next().await, None);
+    }
+
+    #[tokio::test]
+    async fn a_full_queue_makes_the_reader_wait_until_the_program_takes() {
+        let shared = Incoming::new(2);
+        let mut events = Events::new(shared.clone());
+        shared.deliver(&mut vec![message(1), message(2)], true).await;
+        let reader = shared.clone();
+        let third = tokio::spawn(async move { reader.deliver(&mut vec![message(3)], true).await });
+        tokio::task::yield_now().await;
+        assert!(!third.is_finished(), "the reader must wait for room");
+        assert_eq!(events.try_next(), Some(message(1)));
+        tokio::time::timeout(Duration::from_secs(20), third).await.unwrap().unwrap();
+        assert_eq!(ids(&mut events), vec![2, 3]);
+    }
+
+    #[tokio::test]
+    async fn without_waiting_what_does_not_fit_is_dropped() {
+        let shared = Incoming::new(2);
+        let mut events = Events::new(shared.clone());
+        shared.deliver(&mut vec![message(1), message(2), message(3)], false).await;
+        assert_eq!(ids(&mut events), vec![1, 2]);
+    }
+
+    #[tokio::test]
+    async fn a_program_that_drops_its_events_never_blocks_the_reader() {
+        let shared = Incoming::new(1);
+        let events = Events::new(shared.clone());
+        shared.deliver(&mut vec![message(1)], true).await;
+        let reader = shared.clone();
+        let blocked =
+            tokio::spawn(async move { reader.deliver(&mut vec![message(2)], true).await });
+        tokio::task::yield_now().await;
+        drop(events);
+        tokio::time::timeout(Duration::from_secs(20), blocked).await.unwrap().unwrap();
+        // And later batches are dropped at once.
+        shared.deliver(&mut vec![message(3)], true).await;
+    }
+
+    #[tokio::test]
+    async fn a_waiting_program_wakes_on_events_and_on_the_end() {
+        let shared = Incoming::new(10);
+        let mut events = Events::new(shared.clone());
+        let program = tokio::spawn(async move {
+            let first = events.next().await;
+            let second = events.next().await;
+            (first, second)
+        });
+        tokio::task::yield_now().await;
+        shared.deliver(&mut vec![message(7)], true).await;
+        tokio::task::yield_now().await;
+        shared.end();
+        let got = tokio::time::timeout(Duration::from_secs(20), program).await.unwrap().unwrap();
+        assert_eq!(got, (Some(message(7)), None));
+    }
+}
