@@ -7,7 +7,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use bytes::Bytes;
-use relay_client::{Client, ClientConfig, Event, Events};
+use relay_client::{Batch, Client, ClientConfig, Event, Events};
 
 use crate::nats;
 
@@ -92,7 +92,7 @@ impl Target {
                         }
                     }
                 });
-                Ok(Sender::Relay(client))
+                Ok(Sender::Relay(client.batch()))
             }
             Target::Nats(addr) => Ok(Sender::Nats(
                 nats::Publisher::connect(addr).await.map_err(|e| format!("nats {addr}: {e}"))?,
@@ -193,10 +193,14 @@ fn relay_payload(event: Event) -> Result<Option<Bytes>, String> {
     }
 }
 
+/// Messages a relay sender hands to its connection at once; the NATS publisher likewise
+/// writes its `PUB`s in 32 KiB batches.
+const RELAY_BATCH: usize = 64;
+
 /// The sending end of a flow.
 pub enum Sender {
-    /// A relay client.
-    Relay(Client),
+    /// A relay client, sending through a [`Batch`].
+    Relay(Batch),
     /// A NATS publisher.
     Nats(nats::Publisher),
 }
@@ -206,8 +210,12 @@ impl Sender {
     /// connection is pushing back.
     pub async fn send(&mut self, to: &str, payload: &[u8]) -> Result<(), String> {
         match self {
-            Sender::Relay(client) => {
-                client.send(to, payload).await.map(|_| ()).map_err(|e| e.to_string())
+            Sender::Relay(batch) => {
+                batch.add(to, payload).map_err(|e| e.to_string())?;
+                if batch.len() >= RELAY_BATCH {
+                    batch.send().await.map_err(|e| e.to_string())?;
+                }
+                Ok(())
             }
             Sender::Nats(publisher) => {
                 publisher.publish(to, payload).await.map_err(|e| e.to_string())
@@ -215,10 +223,10 @@ impl Sender {
         }
     }
 
-    /// Pushes out anything buffered (relay clients write continuously; NATS publishers batch).
+    /// Pushes out anything buffered.
     pub async fn flush(&mut self) -> Result<(), String> {
         match self {
-            Sender::Relay(_) => Ok(()),
+            Sender::Relay(batch) => batch.send().await.map_err(|e| e.to_string()),
             Sender::Nats(publisher) => publisher.flush().await.map_err(|e| e.to_string()),
         }
     }
@@ -226,7 +234,10 @@ impl Sender {
     /// Sends what is left and closes the connection.
     pub async fn close(self) -> Result<(), String> {
         match self {
-            Sender::Relay(client) => client.offline().await.map_err(|e| e.to_string()),
+            Sender::Relay(mut batch) => {
+                batch.send().await.map_err(|e| e.to_string())?;
+                batch.client().offline().await.map_err(|e| e.to_string())
+            }
             Sender::Nats(publisher) => publisher.close().await.map_err(|e| e.to_string()),
         }
     }

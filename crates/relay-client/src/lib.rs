@@ -28,7 +28,7 @@ mod incoming;
 mod outgoing;
 
 pub use cli::{Command, parse_command, printable, run_interactive};
-pub use client::{Client, ClientConfig};
+pub use client::{Batch, Client, ClientConfig};
 pub use error::{ConnectError, SendError};
 pub use event::Event;
 pub use incoming::Events;

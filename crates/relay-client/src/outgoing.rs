@@ -100,6 +100,63 @@ impl Outgoing {
         Ok(())
     }
 
+    /// Encodes `msg` into `dst` (a batch being built), checking the frame limit.
+    pub(crate) fn encode(
+        &self,
+        msg: &MessageRef<'_>,
+        dst: &mut BytesMut,
+    ) -> Result<(), ProtoError> {
+        self.codec.encode_ref(msg, dst)
+    }
+
+    /// Queues `count` frames already encoded into `frames` (see [`Outgoing::encode`]), all
+    /// under one lock and with at most one wake-up, waiting while `max_queued` messages are
+    /// already waiting. `frames` is left empty (and may come back with a spare buffer).
+    ///
+    /// # Errors
+    /// `Closed` if the connection is closed for sending; nothing is queued.
+    pub(crate) async fn push_encoded(
+        &self,
+        frames: &mut BytesMut,
+        count: usize,
+    ) -> Result<(), Closed> {
+        loop {
+            if let Some(done) = self.try_push_encoded(frames, count) {
+                return done;
+            }
+            let room = self.room.notified();
+            tokio::pin!(room);
+            room.as_mut().enable();
+            if let Some(done) = self.try_push_encoded(frames, count) {
+                return done;
+            }
+            room.await;
+        }
+    }
+
+    fn try_push_encoded(&self, frames: &mut BytesMut, count: usize) -> Option<Result<(), Closed>> {
+        let mut state = self.state();
+        if state.closed {
+            return Some(Err(Closed));
+        }
+        if state.queued >= self.max_queued {
+            return None;
+        }
+        if state.buf.is_empty() {
+            // Nothing queued: the batch becomes the queue, without copying it.
+            std::mem::swap(&mut state.buf, frames);
+        } else {
+            state.buf.extend_from_slice(frames);
+            frames.clear();
+        }
+        let was_idle = state.queued == 0;
+        state.queued += count;
+        if was_idle {
+            self.ready.notify_one();
+        }
+        Some(Ok(()))
+    }
+
     fn queue(
         &self,
         state: &mut MutexGuard<'_, State>,

@@ -8,7 +8,7 @@ mod common;
 
 use bytes::Bytes;
 use common::{RawPeer, TestServer, WAIT, next_event, next_message, wait_until, within};
-use relay_client::{Client, ConnectError, Event};
+use relay_client::{Client, ConnectError, Event, SendError};
 use relay_proto::{Message, ServerEvent, Status};
 
 #[tokio::test]
@@ -163,6 +163,36 @@ async fn a_thousand_messages_arrive_in_order() {
         assert_eq!(next_message(&mut bob_events).await, ("alice".into(), i.to_string()));
     }
     within(sender).await.unwrap();
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn batched_and_single_sends_keep_their_order_and_ids() {
+    let server = TestServer::start().await;
+    let (alice, mut alice_events) = server.connect("alice").await;
+    let (_bob, mut bob_events) = server.connect("bob").await;
+    let first = alice.send("bob", "0").await.unwrap();
+    let mut batch = alice.batch();
+    let mut ids = vec![first];
+    for i in 1..=300u32 {
+        ids.push(batch.add("bob", i.to_string()).unwrap());
+    }
+    // A bad destination is refused at once and leaves the batch as it was.
+    assert!(matches!(batch.add("two words", "x"), Err(SendError::InvalidDestination { .. })));
+    let missing = batch.add("nobody", "lost").unwrap();
+    assert_eq!(batch.len(), 301);
+    batch.send().await.unwrap();
+    assert!(batch.is_empty());
+    ids.push(alice.send("bob", "301").await.unwrap());
+    assert!(ids.windows(2).all(|w| w[0] < w[1]), "ids increase: {ids:?}");
+
+    for i in 0..=301u32 {
+        assert_eq!(next_message(&mut bob_events).await, ("alice".into(), i.to_string()));
+    }
+    match next_event(&mut alice_events).await {
+        Event::NotFound { id, to } => assert_eq!((id, to.as_str()), (missing, "nobody")),
+        other => panic!("{other:?}"),
+    }
     server.stop().await;
 }
 
