@@ -15,7 +15,7 @@ pub struct CompareOptions {
     pub relay: Target,
     /// The nats-server.
     pub nats: Target,
-    /// relay-server's pid, for its memory per idle client.
+    /// relay-server's pid, for its memory per idle client and CPU time per message.
     pub relay_pid: Option<u32>,
     /// nats-server's pid.
     pub nats_pid: Option<u32>,
@@ -103,20 +103,40 @@ pub async fn run(options: &CompareOptions) -> Result<Vec<Row>, String> {
     });
 
     let flows = [
-        ("pairs 16 x 64 B, msgs/s", "pairs", 16, 16, options.messages, 64),
-        ("pairs 16 x 1 KiB, msgs/s", "pairs", 16, 16, options.messages / 2, 1024),
-        ("fan-in 64 -> 1, 64 B, msgs/s", "fan-in", 64, 1, options.messages, 64),
-        ("pairs 1000 x 64 B, msgs/s", "pairs", 1000, 1000, options.messages, 64),
+        ("pairs 16 x 64 B", "pairs", 16, 16, options.messages, 64),
+        ("pairs 16 x 1 KiB", "pairs", 16, 16, options.messages / 2, 1024),
+        ("fan-in 64 -> 1, 64 B", "fan-in", 64, 1, options.messages, 64),
+        ("pairs 1000 x 64 B", "pairs", 1000, 1000, options.messages, 64),
     ];
+    let pids = [options.relay_pid, options.nats_pid];
     for (metric, workload, senders, receivers, messages, size) in flows {
         let flow = FlowOptions { senders, receivers, messages, size, stall: options.stall };
         let mut reports = Vec::new();
-        for target in both {
+        // The server's own CPU time per message: on a machine the load generator shares, the
+        // throughput of either server is bounded by both, and this separates them.
+        let mut cpu_per_msg = Vec::new();
+        for (target, pid) in both.iter().zip(pids) {
+            let before = pid.map(workloads::cpu_seconds).transpose()?;
             let report = workloads::flow(target, workload, &flow).await?;
+            let after = pid.map(workloads::cpu_seconds).transpose()?;
             eprintln!("{}", report.table().trim_end());
+            if let (Some(before), Some(after)) = (before, after) {
+                cpu_per_msg.push((after - before) * 1e9 / report.delivered.max(1) as f64);
+            }
             reports.push(report);
         }
-        rows.push(flow_row(metric, &reports[0], &reports[1]));
+        let (relay, nats) = (&reports[0], &reports[1]);
+        rows.push(flow_row(&format!("{metric}, msgs/s"), relay, nats));
+        if let [relay_ns, nats_ns] = cpu_per_msg[..] {
+            rows.push(Row {
+                metric: format!("{metric}, server CPU ns/msg"),
+                relay: relay_ns,
+                nats: nats_ns,
+                relay_lost: relay.lost,
+                nats_lost: nats.lost,
+                better: Better::Lower,
+            });
+        }
     }
 
     for rate in [20_000, 100_000] {
@@ -208,7 +228,9 @@ pub fn report(runs: &[Vec<Row>]) -> String {
         medians.push((row.metric.clone(), relay));
     }
     let find = |prefix: &str| medians.iter().find(|(m, _)| m.starts_with(prefix)).map(|(_, v)| *v);
-    if let (Some(many), Some(few)) = (find("pairs 1000 x 64 B"), find("pairs 16 x 64 B")) {
+    if let (Some(many), Some(few)) =
+        (find("pairs 1000 x 64 B, msgs/s"), find("pairs 16 x 64 B, msgs/s"))
+    {
         out.push_str(&format!(
             "relay scaling: 1000 pairs run at {:.0}% of the 16-pair rate\n",
             100.0 * many / few

@@ -501,6 +501,25 @@ pub fn rss_kib(pid: u32) -> Result<u64, String> {
         .ok_or_else(|| format!("no VmRSS for process {pid}"))
 }
 
+/// CPU time process `pid` has used so far (all threads, user and system), in seconds, from
+/// `/proc/PID/stat`.
+pub fn cpu_seconds(pid: u32) -> Result<f64, String> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .map_err(|e| format!("cannot read the CPU time of process {pid}: {e}"))?;
+    parse_cpu_seconds(&stat).ok_or_else(|| format!("no CPU time for process {pid}"))
+}
+
+/// `utime + stime` from a `/proc/PID/stat` line. They are in clock ticks of `USER_HZ`, which
+/// Linux fixes at 100 per second for everything it reports in `/proc`.
+fn parse_cpu_seconds(stat: &str) -> Option<f64> {
+    // The command name (field 2) is in parentheses and may hold spaces; count from after it.
+    let (_, rest) = stat.rsplit_once(')')?;
+    let mut fields = rest.split_whitespace().skip(11);
+    let utime: u64 = fields.next()?.parse().ok()?;
+    let stime: u64 = fields.next()?.parse().ok()?;
+    Some((utime + stime) as f64 / 100.0)
+}
+
 /// Runs `connections`: opens idle registered clients (relay) or subscribed connections (NATS)
 /// and measures the time and, given its pid, the server's memory.
 pub async fn connections(
@@ -548,5 +567,17 @@ impl ConnectionsReport {
             rows.push(("per client", format!("{per:.2} KiB")));
         }
         table(heading, rows)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cpu_time_is_read_after_the_command_name() {
+        let stat = "42 (tokio rt) S 1 42 42 0 -1 4194560 100 0 0 0 250 75 0 0 20 0 3 0 1";
+        assert_eq!(parse_cpu_seconds(stat), Some(3.25));
+        assert_eq!(parse_cpu_seconds("42 (x) S 1"), None);
     }
 }

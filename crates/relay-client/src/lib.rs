@@ -3,7 +3,9 @@
 //! [`Client::connect`] opens a connection and registers a name; the returned [`Client`] sends
 //! (it is cheap to clone and share between tasks) and [`Events`] yields what arrives:
 //! messages, "not found" replies, user lists, the server's shutdown. Under the hood one task
-//! reads the socket and one writes it, batching frames.
+//! reads the socket and one writes it, batching frames: senders encode straight into the
+//! writer's buffer, and the reader hands over every event of one socket read at once. A program
+//! that sends bursts can add many messages to a [`Batch`] and hand them over together.
 //!
 //! ```no_run
 //! # async fn example() -> Result<(), Box<dyn std::error::Error>> {

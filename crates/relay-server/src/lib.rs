@@ -8,8 +8,10 @@
 //! - `connection.rs`: one task per client, registration then its messages (read with
 //!   `relay_proto::FrameReader`: many frames per read, no buffer while idle);
 //! - `writer.rs`: the task that writes a client's outbox in batches;
-//! - `outbox.rs`: a client's queue of outgoing frames, bounded by bytes;
-//! - `router.rs`: the routing seam (name claims and delivery), over `registry.rs`;
+//! - `outbox.rs`: a client's queue of outgoing frames, encoded as they are queued, bounded by
+//!   bytes;
+//! - `router.rs`: the routing seam (name claims and delivery, with a per-connection cache of
+//!   the last destination), over `registry.rs`;
 //! - [`Config`] (`config.rs`): every limit, with its default;
 //! - [`run_console`] (`console.rs`): the operator's commands on stdin.
 //!
