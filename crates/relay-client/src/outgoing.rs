@@ -59,9 +59,15 @@ impl Outgoing {
         &self,
         msg: &MessageRef<'_>,
     ) -> Result<Result<(), ProtoError>, Closed> {
+        self.when_room(|state| self.queue(state, msg)).await
+    }
+
+    /// Runs `add` under the lock once fewer than `max_queued` messages are waiting, waiting
+    /// for the writer to take the queue if need be.
+    async fn when_room<T>(&self, mut add: impl FnMut(&mut State) -> T) -> Result<T, Closed> {
         loop {
             // Most of the time there is room: take it without registering as a waiter.
-            if let Some(done) = self.try_push(msg) {
+            if let Some(done) = self.try_add(&mut add) {
                 return done;
             }
             let room = self.room.notified();
@@ -69,23 +75,20 @@ impl Outgoing {
             // Registered before checking again, so the writer taking the queue in between is
             // seen.
             room.as_mut().enable();
-            if let Some(done) = self.try_push(msg) {
+            if let Some(done) = self.try_add(&mut add) {
                 return done;
             }
             room.await;
         }
     }
 
-    /// Queues `msg` if there is room; `None` if the queue is full.
-    fn try_push(&self, msg: &MessageRef<'_>) -> Option<Result<Result<(), ProtoError>, Closed>> {
+    /// Runs `add` under the lock if there is room; `None` if the queue is full.
+    fn try_add<T>(&self, add: &mut impl FnMut(&mut State) -> T) -> Option<Result<T, Closed>> {
         let mut state = self.state();
         if state.closed {
             return Some(Err(Closed));
         }
-        if state.queued < self.max_queued {
-            return Some(Ok(self.queue(&mut state, msg)));
-        }
-        None
+        (state.queued < self.max_queued).then(|| Ok(add(&mut state)))
     }
 
     /// Queues `msg` without waiting, over the limit if need be (pongs and pings, which are
@@ -120,55 +123,33 @@ impl Outgoing {
         frames: &mut BytesMut,
         count: usize,
     ) -> Result<(), Closed> {
-        loop {
-            if let Some(done) = self.try_push_encoded(frames, count) {
-                return done;
+        self.when_room(|state| {
+            if state.buf.is_empty() {
+                // Nothing queued: the batch becomes the queue, without copying it.
+                std::mem::swap(&mut state.buf, frames);
+            } else {
+                state.buf.extend_from_slice(frames);
+                frames.clear();
             }
-            let room = self.room.notified();
-            tokio::pin!(room);
-            room.as_mut().enable();
-            if let Some(done) = self.try_push_encoded(frames, count) {
-                return done;
-            }
-            room.await;
-        }
+            self.added(state, count);
+        })
+        .await
     }
 
-    fn try_push_encoded(&self, frames: &mut BytesMut, count: usize) -> Option<Result<(), Closed>> {
-        let mut state = self.state();
-        if state.closed {
-            return Some(Err(Closed));
-        }
-        if state.queued >= self.max_queued {
-            return None;
-        }
-        if state.buf.is_empty() {
-            // Nothing queued: the batch becomes the queue, without copying it.
-            std::mem::swap(&mut state.buf, frames);
-        } else {
-            state.buf.extend_from_slice(frames);
-            frames.clear();
-        }
+    fn queue(&self, state: &mut State, msg: &MessageRef<'_>) -> Result<(), ProtoError> {
+        self.codec.encode_ref(msg, &mut state.buf)?;
+        self.added(state, 1);
+        Ok(())
+    }
+
+    /// Counts `count` frames just appended to the queue.
+    fn added(&self, state: &mut State, count: usize) {
+        // Wake the writer only for the first frames of a batch; it takes them all.
         let was_idle = state.queued == 0;
         state.queued += count;
         if was_idle {
             self.ready.notify_one();
         }
-        Some(Ok(()))
-    }
-
-    fn queue(
-        &self,
-        state: &mut MutexGuard<'_, State>,
-        msg: &MessageRef<'_>,
-    ) -> Result<(), ProtoError> {
-        self.codec.encode_ref(msg, &mut state.buf)?;
-        state.queued += 1;
-        // Wake the writer only for the first message of a batch; it takes them all.
-        if state.queued == 1 {
-            self.ready.notify_one();
-        }
-        Ok(())
     }
 
     /// Closes for sending, after queuing `last` if given (the offline notice). The writer
