@@ -170,11 +170,34 @@ mod tests {
             &[0x02, 0, 0, 0, 0, 0, 0, 0, b'h', b'i'],       // content "hi"
         ]
         .concat();
-        assert_eq!(&frame(&Message::send(7, "bob", "hi"))[..], &expected[..]);
+        assert_eq!(&frame(&Message::send(7, "bob", "hi").with_version(1))[..], &expected[..]);
 
         let reply = frame(&Message::reply(7, crate::Status::NotFound, "bob", ""));
         // kind Reply (5) followed by status NotFound (1).
         assert_eq!(&reply[14..22], &[5, 0, 0, 0, 1, 0, 0, 0]);
+    }
+
+    /// The version 2 worked example in `docs/PROTOCOL.md`: a delivered message with its
+    /// sequence number and time.
+    #[test]
+    fn documented_v2_example_frame() {
+        let mut msg = Message::deliver(7, "alice", "bob", "hi");
+        msg.seq = 1 << 40 | 1;
+        msg.time = 1_764_547_200_000;
+        let expected: Vec<u8> = [
+            &[0x00, 0x00, 0x00, 0x42][..],                              // length 66
+            &[0x02, 0x00],                                              // version 2
+            &[0x07, 0, 0, 0, 0, 0, 0, 0],                               // id 7
+            &[0x00, 0, 0, 0],                                           // kind Chat
+            &[0x00, 0x00],                                              // register, exit
+            &[0x03, 0, 0, 0, 0, 0, 0, 0, b'b', b'o', b'b'],             // to "bob"
+            &[0x05, 0, 0, 0, 0, 0, 0, 0, b'a', b'l', b'i', b'c', b'e'], // from "alice"
+            &[0x02, 0, 0, 0, 0, 0, 0, 0, b'h', b'i'],                   // content "hi"
+            &[0x01, 0, 0, 0, 0, 0x01, 0, 0],                            // seq 2^40 + 1
+            &[0x00, 0x84, 0x35, 0xd7, 0x9a, 0x01, 0, 0],                // time 1764547200000
+        ]
+        .concat();
+        assert_eq!(&frame(&msg)[..], &expected[..]);
     }
 
     #[test]

@@ -22,7 +22,7 @@ use bincode::error::{AllowedEnumVariants, DecodeError};
 use bytes::BytesMut;
 
 use crate::error::ProtoError;
-use crate::limits::MAX_FRAME_LEN_CEILING;
+use crate::limits::{MAX_FRAME_LEN_CEILING, V2_EXTRA_LEN};
 use crate::message::{Kind, Message, MessageRef, Status};
 
 /// The wire configuration, without its limit (added per decode).
@@ -51,12 +51,61 @@ pub fn encode_body_ref(msg: &MessageRef<'_>, dst: &mut BytesMut) -> Result<usize
     let len = encoded_len_ref(msg);
     let start = dst.len();
     dst.reserve(len);
-    match bincode::serde::encode_into_writer(msg, Append(dst), WIRE) {
+    let encoded = if has_v2_layout(msg.version) {
+        bincode::serde::encode_into_writer(msg, Append(dst), WIRE)
+    } else {
+        bincode::serde::encode_into_writer(V1::from(msg), Append(dst), WIRE)
+    };
+    match encoded {
         Ok(()) => Ok(dst.len() - start),
         Err(e) => {
             dst.truncate(start);
             Err(ProtoError::Encode(e.to_string()))
         }
+    }
+}
+
+/// Whether a message of this `version` has the version 2 layout (`seq` and `time` after
+/// `content`). Only version 2 does: every other version reads and writes the version 1 layout,
+/// so a registration from an unknown version still decodes and gets `UnsupportedVersion`.
+#[inline]
+pub fn has_v2_layout(version: u16) -> bool {
+    version == 2
+}
+
+/// The version 1 layout: [`MessageRef`]'s first eight fields, in order.
+#[derive(serde::Serialize)]
+struct V1<'a> {
+    version: u16,
+    id: u64,
+    kind: Kind,
+    register: bool,
+    exit: bool,
+    to: &'a str,
+    from: &'a str,
+    #[serde(with = "serde_bytes_ref")]
+    content: &'a [u8],
+}
+
+impl<'a> From<&MessageRef<'a>> for V1<'a> {
+    fn from(m: &MessageRef<'a>) -> V1<'a> {
+        V1 {
+            version: m.version,
+            id: m.id,
+            kind: m.kind,
+            register: m.register,
+            exit: m.exit,
+            to: m.to,
+            from: m.from,
+            content: m.content,
+        }
+    }
+}
+
+/// A byte slice as a serde byte string, as `Bytes` writes it.
+mod serde_bytes_ref {
+    pub(super) fn serialize<S: serde::Serializer>(b: &&[u8], s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_bytes(b)
     }
 }
 
@@ -84,7 +133,8 @@ pub fn encoded_len_ref(msg: &MessageRef<'_>) -> usize {
         Kind::Reply(_) => 8,
         _ => 4,
     };
-    2 + 8 + kind + 2 + 24 + msg.to.len() + msg.from.len() + msg.content.len()
+    let extra = if has_v2_layout(msg.version) { V2_EXTRA_LEN } else { 0 };
+    2 + 8 + kind + 2 + 24 + msg.to.len() + msg.from.len() + msg.content.len() + extra
 }
 
 /// Decodes one frame body into a [`Message`] (an owned copy of [`decode_ref`]'s view).
@@ -136,7 +186,8 @@ fn decode_limited<const LIMIT: usize>(body: &[u8]) -> Result<MessageRef<'_>, Pro
 /// A [`MessageRef`] read by hand from the layout serde's derive gives it under [`WIRE`]
 /// (little-endian, fixed-width integers): version `u16`, id `u64`, kind `u32` (and a `u32`
 /// status for a reply), two flag bytes, then `to`, `from` and `content`, each a `u64` length
-/// and its bytes. Only valid with [`WIRE`], which is why it is private to this module.
+/// and its bytes; in version 2, then `seq` and `time`, each a `u64`. Only valid with
+/// [`WIRE`], which is why it is private to this module.
 struct Wire<'a>(MessageRef<'a>);
 
 impl<'de, Context> BorrowDecode<'de, Context> for Wire<'de> {
@@ -163,8 +214,10 @@ impl<'de, Context> BorrowDecode<'de, Context> for Wire<'de> {
                 let status = status.ok_or_else(|| unexpected::<Status>(found, &ALL))?;
                 (Kind::Reply(status), [register, exit])
             }
+            6 => (Kind::Hello, fixed(d)?),
+            7 => (Kind::Greeting, fixed(d)?),
             found => {
-                const ALL: AllowedEnumVariants = AllowedEnumVariants::Range { min: 0, max: 5 };
+                const ALL: AllowedEnumVariants = AllowedEnumVariants::Range { min: 0, max: 7 };
                 return Err(unexpected::<Kind>(found, &ALL));
             }
         };
@@ -172,12 +225,21 @@ impl<'de, Context> BorrowDecode<'de, Context> for Wire<'de> {
         let to = text(d)?;
         let from = text(d)?;
         let content = bytes(d)?;
-        Ok(Wire(MessageRef { version, id, kind, register, exit, to, from, content }))
+        let (seq, time) = if has_v2_layout(version) {
+            let [s0, s1, s2, s3, s4, s5, s6, s7, t0, t1, t2, t3, t4, t5, t6, t7] = fixed(d)?;
+            (
+                u64::from_le_bytes([s0, s1, s2, s3, s4, s5, s6, s7]),
+                u64::from_le_bytes([t0, t1, t2, t3, t4, t5, t6, t7]),
+            )
+        } else {
+            (0, 0)
+        };
+        Ok(Wire(MessageRef { version, id, kind, register, exit, to, from, content, seq, time }))
     }
 }
 
 /// Every [`Status`] at its variant index (a test checks this against serde's encoding).
-const STATUSES: [Status; 14] = [
+const STATUSES: [Status; 19] = [
     Status::Registered,
     Status::NotFound,
     Status::NameTaken,
@@ -192,6 +254,11 @@ const STATUSES: [Status; 14] = [
     Status::RegistrationTimeout,
     Status::SlowConsumer,
     Status::IdleTimeout,
+    Status::NameOwned,
+    Status::NameConfusable,
+    Status::AuthFailed,
+    Status::AuthRequired,
+    Status::Unavailable,
 ];
 
 fn unexpected<T>(found: u32, allowed: &'static AllowedEnumVariants) -> DecodeError {
@@ -282,6 +349,30 @@ mod tests {
         }
     }
 
+    /// The version 1 layout is the version 2 one without its last 16 bytes (`seq`, `time`).
+    #[test]
+    fn version_1_layout_is_version_2_without_seq_and_time() {
+        let mut v2 = Message::deliver(9, "alice", "bob", "hi");
+        v2.seq = 77;
+        v2.time = 1_700_000_000_000;
+        let v1 = v2.clone().with_version(1);
+        let (b1, b2) = (encode(&v1), encode(&v2));
+        assert_eq!(b2.len(), b1.len() + V2_EXTRA_LEN);
+        assert_eq!(&b1[2..], &b2[2..b1.len()]);
+        assert_eq!(&b2[b1.len()..], &[&77u64.to_le_bytes()[..], &v2.time.to_le_bytes()].concat());
+        assert_eq!(decode_body(&b2).unwrap(), v2);
+        // Version 1 carries no seq or time: they read back as 0.
+        let back = decode_body(&b1).unwrap();
+        assert_eq!((back.seq, back.time, back.version), (0, 0, 1));
+        // A version 1 body read as version 2 is short; a version 2 body read as 1 is long.
+        let mut as_v2 = b1.to_vec();
+        as_v2[0] = 2;
+        assert!(decode_body(&as_v2).is_err());
+        let mut as_v1 = b2.to_vec();
+        as_v1[0] = 1;
+        assert!(decode_body(&as_v1).is_err());
+    }
+
     /// Exhaustive, so a new status cannot be added without coming here (and to `STATUSES`).
     fn index(status: Status) -> usize {
         match status {
@@ -299,12 +390,17 @@ mod tests {
             Status::RegistrationTimeout => 11,
             Status::SlowConsumer => 12,
             Status::IdleTimeout => 13,
+            Status::NameOwned => 14,
+            Status::NameConfusable => 15,
+            Status::AuthFailed => 16,
+            Status::AuthRequired => 17,
+            Status::Unavailable => 18,
         }
     }
 
     #[test]
     fn every_status_is_read_at_the_index_serde_writes() {
-        assert_eq!(STATUSES.len(), index(Status::IdleTimeout) + 1);
+        assert_eq!(STATUSES.len(), index(Status::Unavailable) + 1);
         for (i, &status) in STATUSES.iter().enumerate() {
             assert_eq!(index(status), i);
             let body = encode(&Message::reply(1, status, "", ""));

@@ -3,6 +3,7 @@
 
 use bytes::Bytes;
 
+use crate::greeting::Greeting;
 use crate::message::{Kind, Message, Status};
 
 /// One online user in a [`ServerEvent::Users`] listing.
@@ -25,6 +26,17 @@ pub enum ServerEvent {
         from: String,
         /// Message body.
         content: Bytes,
+        /// Version 2: the per-recipient sequence number (0 in version 1).
+        seq: u64,
+        /// Version 2: when the server received it, in ms since the Unix epoch (0 in version 1).
+        time: u64,
+    },
+    /// Version 2: the server's greeting, answering the client's hello.
+    Greeting {
+        /// Id of the hello.
+        id: u64,
+        /// What the server says.
+        greeting: Greeting,
     },
     /// Part of the answer to a user listing.
     Users {
@@ -74,7 +86,16 @@ impl ServerEvent {
             return Err("server closing message without a reason".into());
         }
         Ok(match msg.kind {
-            Kind::Chat => ServerEvent::Message { id: msg.id, from: msg.from, content: msg.content },
+            Kind::Chat => ServerEvent::Message {
+                id: msg.id,
+                from: msg.from,
+                content: msg.content,
+                seq: msg.seq,
+                time: msg.time,
+            },
+            Kind::Greeting => {
+                ServerEvent::Greeting { id: msg.id, greeting: Greeting::parse(&msg.content)? }
+            }
             Kind::Users => {
                 let text = std::str::from_utf8(&msg.content)
                     .map_err(|_| "user listing is not UTF-8".to_string())?;
@@ -98,7 +119,7 @@ impl ServerEvent {
             },
             Kind::Ping => ServerEvent::Ping { id: msg.id },
             Kind::Pong => ServerEvent::Pong { id: msg.id },
-            Kind::ListUsers => return Err("only clients send user list requests".into()),
+            Kind::ListUsers | Kind::Hello => return Err("only clients send this kind".into()),
         })
     }
 }

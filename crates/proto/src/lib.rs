@@ -27,27 +27,38 @@
 //! ```
 #![deny(missing_docs)]
 
+mod auth;
 mod codec;
 mod encoding;
 mod error;
 mod event;
+mod greeting;
 mod limits;
 mod message;
 mod name;
 mod reader;
 mod request;
 
+pub use auth::{
+    AuthError, CREDENTIALS_LEN, Identity, NONCE_LEN, PUBLIC_KEY_LEN, PublicKey, SEED_LEN,
+    SIGNATURE_LEN, SIGNING_DOMAIN, fresh_nonce, hex, signing_input, verify_credentials,
+};
 pub use codec::MessageCodec;
 pub use encoding::{
     decode_body, decode_ref, encode_body, encode_body_ref, encoded_len, encoded_len_ref,
+    has_v2_layout,
 };
 pub use error::ProtoError;
 pub use event::{ServerEvent, User};
+pub use greeting::{AuthMode, Greeting};
 pub use limits::{
     DEFAULT_MAX_FRAME_LEN, FRAME_HEADER_LEN, MAX_FRAME_LEN_CEILING, MAX_NAME_LEN,
-    MIN_FRAME_LEN_FLOOR, PRE_REGISTER_MAX_FRAME_LEN, PROTOCOL_VERSION, check_max_frame_len,
+    MIN_FRAME_LEN_FLOOR, MIN_PROTOCOL_VERSION, PRE_REGISTER_MAX_FRAME_LEN, PROTOCOL_VERSION,
+    V2_EXTRA_LEN, check_max_frame_len,
 };
 pub use message::{Kind, Message, MessageRef, Status};
-pub use name::{Destination, NameError, parse_destination, validate_name};
+pub use name::{
+    Destination, NameError, NameKey, canonical_name, name_key, parse_destination, validate_name,
+};
 pub use reader::FrameReader;
 pub use request::{Rejection, Request};

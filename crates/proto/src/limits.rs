@@ -1,8 +1,15 @@
 //! Protocol constants: version, name length, and the bounds on frame length.
 
-/// Version of the protocol this crate speaks. A client states it when it registers; the server
-/// refuses versions it does not know with [`Status::UnsupportedVersion`](crate::Status).
-pub const PROTOCOL_VERSION: u16 = 1;
+/// Newest version of the protocol this crate speaks. A client states it when it registers;
+/// the server refuses versions it does not know with
+/// [`Status::UnsupportedVersion`](crate::Status).
+pub const PROTOCOL_VERSION: u16 = 2;
+
+/// Oldest version still served: version 1 clients register as guests, unchanged.
+pub const MIN_PROTOCOL_VERSION: u16 = 1;
+
+/// Bytes a version 2 message has after `content`: `seq` and `time`, 8 bytes each.
+pub const V2_EXTRA_LEN: usize = 16;
 
 /// Longest name a client may register, in bytes of UTF-8.
 pub const MAX_NAME_LEN: usize = 64;

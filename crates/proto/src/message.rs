@@ -39,6 +39,13 @@ pub struct Message {
     /// Message body: arbitrary bytes (the interactive client sends UTF-8). On a reply, a
     /// human-readable detail; on a user list, one `name address` line per user.
     pub content: Bytes,
+    /// Version 2 only (absent from the version 1 layout): on a chat message delivered to a
+    /// version 2 client, its per-recipient sequence number, which only grows for that
+    /// recipient (see `docs/PROTOCOL.md`). 0 everywhere else.
+    pub seq: u64,
+    /// Version 2 only: on a delivered chat message, when the server received it from its
+    /// sender, in milliseconds since the Unix epoch. 0 everywhere else.
+    pub time: u64,
 }
 
 /// A [`Message`] with borrowed text and content: the same fields in the same order, so it
@@ -63,6 +70,10 @@ pub struct MessageRef<'a> {
     /// See [`Message::content`].
     #[serde(borrow, with = "as_bytes")]
     pub content: &'a [u8],
+    /// See [`Message::seq`].
+    pub seq: u64,
+    /// See [`Message::time`].
+    pub time: u64,
 }
 
 /// Serde's default for `&[u8]` is a sequence of `u8`; `Bytes` is a byte string. bincode writes
@@ -91,6 +102,8 @@ impl<'a> MessageRef<'a> {
             to,
             from: "",
             content,
+            seq: 0,
+            time: 0,
         }
     }
 
@@ -111,6 +124,8 @@ impl<'a> MessageRef<'a> {
             to: self.to.to_owned(),
             from: self.from.to_owned(),
             content: Bytes::copy_from_slice(self.content),
+            seq: self.seq,
+            time: self.time,
         }
     }
 }
@@ -127,11 +142,14 @@ impl Message {
             to: &self.to,
             from: &self.from,
             content: &self.content,
+            seq: self.seq,
+            time: self.time,
         }
     }
 }
 
 /// What a [`Message`] is. The encoding is the variant's index, so new variants go at the end.
+#[non_exhaustive]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub enum Kind {
     /// A chat message; with `register` or `exit` set, a registration or an offline notice.
@@ -146,10 +164,17 @@ pub enum Kind {
     Pong,
     /// A typed server reply about the message with the same id.
     Reply(Status),
+    /// Version 2, client to server, as the first frame: "I speak version 2; greet me". The
+    /// server answers with [`Kind::Greeting`].
+    Hello,
+    /// Version 2, server to client: the answer to [`Kind::Hello`]. `content` holds the
+    /// [`Greeting`](crate::Greeting): versions, auth mode, limits, and the nonce a key signs.
+    Greeting,
 }
 
 /// The typed outcome in a server reply. Programs branch on this, never on the detail text.
 /// The encoding is the variant's index, so new variants go at the end.
+#[non_exhaustive]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub enum Status {
     /// The name was registered; the session is open.
@@ -182,6 +207,21 @@ pub enum Status {
     SlowConsumer,
     /// The client sent nothing, not even a pong, for too long. The connection closes.
     IdleTimeout,
+    /// The name (or a name with the same canonical form) is bound to a key, and the
+    /// registration did not prove that key. The connection closes.
+    NameOwned,
+    /// The name looks like (has the same TR39 skeleton as) another name that is bound or
+    /// online; `content` names it. The connection closes.
+    NameConfusable,
+    /// The registration's signature does not verify (wrong key, another nonce or another
+    /// name), or a key was sent without a [`Kind::Hello`] first. The connection closes.
+    AuthFailed,
+    /// The server only accepts registrations with a key (`--auth required`). The connection
+    /// closes.
+    AuthRequired,
+    /// The server cannot serve the request right now (its name table failed); try again
+    /// later. The connection closes.
+    Unavailable,
 }
 
 impl Status {
@@ -202,6 +242,11 @@ impl Status {
             Status::RegistrationTimeout => "registration timed out",
             Status::SlowConsumer => "slow consumer",
             Status::IdleTimeout => "idle timeout",
+            Status::NameOwned => "name belongs to a key",
+            Status::NameConfusable => "name looks like another",
+            Status::AuthFailed => "authentication failed",
+            Status::AuthRequired => "a key is required",
+            Status::Unavailable => "server unavailable",
         }
     }
 }
@@ -223,12 +268,36 @@ impl Message {
             to: String::new(),
             from: String::new(),
             content: Bytes::new(),
+            seq: 0,
+            time: 0,
         }
     }
 
-    /// Client → server: claim `name`.
+    /// Client → server: claim `name` as a guest (no key).
     pub fn register(id: u64, name: impl Into<String>) -> Message {
         Message { register: true, from: name.into(), ..Message::new(id, Kind::Chat) }
+    }
+
+    /// Client → server: claim `name` proving a key: `credentials` are the public key and the
+    /// signature over the greeting's nonce (see [`Identity::credentials`](crate::Identity)).
+    pub fn register_with_key(id: u64, name: impl Into<String>, credentials: [u8; 96]) -> Message {
+        Message { content: Bytes::copy_from_slice(&credentials), ..Message::register(id, name) }
+    }
+
+    /// Client → server: the first frame of a version 2 client, asking for the greeting.
+    pub fn hello(id: u64) -> Message {
+        Message::new(id, Kind::Hello)
+    }
+
+    /// Server → client: the answer to [`Message::hello`].
+    pub fn greeting(id: u64, greeting: &crate::Greeting) -> Message {
+        Message { content: Bytes::from(greeting.to_content()), ..Message::new(id, Kind::Greeting) }
+    }
+
+    /// The same message in another protocol version's layout.
+    pub fn with_version(mut self, version: u16) -> Message {
+        self.version = version;
+        self
     }
 
     /// Client → server: send `content` to the user or address `to`.

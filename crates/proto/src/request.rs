@@ -4,7 +4,8 @@
 //! A request borrows its text and content from the decoded frame, so the server can route a
 //! message without copying it first.
 
-use crate::limits::PROTOCOL_VERSION;
+use crate::auth::CREDENTIALS_LEN;
+use crate::limits::{MIN_PROTOCOL_VERSION, PROTOCOL_VERSION};
 use crate::message::{Kind, Message, MessageRef, Status};
 use crate::name::{parse_destination, validate_name};
 
@@ -17,6 +18,19 @@ pub enum Request<'a> {
         id: u64,
         /// The name asked for; already checked by [`validate_name`].
         name: &'a str,
+        /// The protocol version the client registers with (1 or 2).
+        version: u16,
+        /// Version 2: the public key and signature proving it ([`CREDENTIALS_LEN`] bytes,
+        /// checked with [`verify_credentials`](crate::verify_credentials)); `None` for a
+        /// guest.
+        credentials: Option<&'a [u8]>,
+    },
+    /// Version 2: the first frame, asking for the server's greeting.
+    Hello {
+        /// Message id, echoed in the greeting.
+        id: u64,
+        /// The version the client speaks.
+        version: u16,
     },
     /// Send `content` to `to`, a name or an `ip:port` address (already checked).
     Send {
@@ -78,6 +92,7 @@ impl<'a> Request<'a> {
     pub fn id(&self) -> u64 {
         match self {
             Request::Register { id, .. }
+            | Request::Hello { id, .. }
             | Request::Send { id, .. }
             | Request::ListUsers { id }
             | Request::Offline { id }
@@ -99,9 +114,17 @@ impl<'a> Request<'a> {
         let invalid = |detail: &str| Err(Rejection::new(id, Status::InvalidRequest, detail));
         match msg.kind {
             Kind::Chat => {}
-            Kind::Users | Kind::Reply(_) => return invalid("only the server sends this kind"),
-            Kind::ListUsers | Kind::Ping | Kind::Pong if msg.register || msg.exit => {
+            Kind::Users | Kind::Reply(_) | Kind::Greeting => {
+                return invalid("only the server sends this kind");
+            }
+            Kind::ListUsers | Kind::Ping | Kind::Pong | Kind::Hello if msg.register || msg.exit => {
                 return invalid("control messages take no register or exit flag");
+            }
+            Kind::Hello => {
+                if msg.version < 2 {
+                    return invalid("hello is a version 2 message");
+                }
+                return Ok(Request::Hello { id, version: msg.version });
             }
             Kind::ListUsers => return Ok(Request::ListUsers { id }),
             Kind::Ping => return Ok(Request::Ping { id }),
@@ -110,21 +133,38 @@ impl<'a> Request<'a> {
         match (msg.register, msg.exit) {
             (true, true) => invalid("register and exit cannot both be set"),
             (true, false) => {
-                if msg.version != PROTOCOL_VERSION {
+                if !(MIN_PROTOCOL_VERSION..=PROTOCOL_VERSION).contains(&msg.version) {
                     return Err(Rejection::new(
                         id,
                         Status::UnsupportedVersion,
                         format!(
-                            "protocol version {} is not supported; this server speaks {}",
-                            msg.version, PROTOCOL_VERSION
+                            "protocol version {} is not supported; this server speaks \
+                             {MIN_PROTOCOL_VERSION} to {PROTOCOL_VERSION}",
+                            msg.version
                         ),
                     ));
                 }
-                if !msg.to.is_empty() || !msg.content.is_empty() {
-                    return invalid("a registration carries only the name, in `from`");
+                if !msg.to.is_empty() {
+                    return invalid("a registration carries the name in `from`, not `to`");
                 }
+                let credentials = match (msg.version, msg.content.len()) {
+                    (_, 0) => None,
+                    (1, _) => return invalid("a version 1 registration carries only the name"),
+                    (_, CREDENTIALS_LEN) => Some(msg.content),
+                    _ => {
+                        return invalid(
+                            "registration credentials must be 96 bytes: a 32-byte Ed25519 \
+                             public key, then a 64-byte signature",
+                        );
+                    }
+                };
                 match validate_name(msg.from) {
-                    Ok(()) => Ok(Request::Register { id, name: msg.from }),
+                    Ok(()) => Ok(Request::Register {
+                        id,
+                        name: msg.from,
+                        version: msg.version,
+                        credentials,
+                    }),
                     Err(e) => Err(Rejection {
                         to: msg.from.to_owned(),
                         ..Rejection::new(id, Status::InvalidName, e.to_string())
@@ -161,7 +201,20 @@ mod tests {
     fn valid_requests() {
         assert_eq!(
             Request::parse(Message::register(1, "alice").as_ref()),
-            Ok(Request::Register { id: 1, name: "alice" })
+            Ok(Request::Register { id: 1, name: "alice", version: 2, credentials: None })
+        );
+        let creds = [5u8; CREDENTIALS_LEN];
+        assert_eq!(
+            Request::parse(Message::register_with_key(1, "alice", creds).as_ref()),
+            Ok(Request::Register { id: 1, name: "alice", version: 2, credentials: Some(&creds) })
+        );
+        assert_eq!(
+            Request::parse(Message::register(1, "alice").with_version(1).as_ref()),
+            Ok(Request::Register { id: 1, name: "alice", version: 1, credentials: None })
+        );
+        assert_eq!(
+            Request::parse(Message::hello(0).as_ref()),
+            Ok(Request::Hello { id: 0, version: 2 })
         );
         assert_eq!(
             Request::parse(Message::send(2, "bob", "hi").as_ref()),
@@ -200,6 +253,28 @@ mod tests {
         let mut register_with_body = Message::register(1, "alice");
         register_with_body.content = Bytes::from("x");
         assert_eq!(status(register_with_body), Status::InvalidRequest);
+        // A key of the wrong length; credentials in a version 1 registration.
+        let mut short_key = Message::register(1, "alice");
+        short_key.content = Bytes::from(vec![1u8; 95]);
+        assert_eq!(status(short_key), Status::InvalidRequest);
+        let v1_key = Message::register_with_key(1, "alice", [1; 96]).with_version(1);
+        assert_eq!(status(v1_key), Status::InvalidRequest);
+        assert_eq!(status(Message::hello(1).with_version(1)), Status::InvalidRequest);
+        assert_eq!(
+            status(Message::greeting(
+                1,
+                &crate::Greeting::new(
+                    crate::AuthMode::None,
+                    [0; 32],
+                    1024,
+                    1024,
+                    std::time::Duration::ZERO,
+                    std::time::Duration::ZERO,
+                    std::time::Duration::ZERO,
+                )
+            )),
+            Status::InvalidRequest
+        );
 
         let mut flagged_ping = Message::ping(1);
         flagged_ping.register = true;
@@ -211,7 +286,7 @@ mod tests {
 
     #[test]
     fn bad_names_and_destinations() {
-        for bad in ["", "a b", "a\u{1}", &"x".repeat(65), "10.0.0.1:1"] {
+        for bad in ["", "a b", "a\u{1}", &"x".repeat(65), "10.0.0.1:1", "a:b", "a\u{200b}"] {
             let rejection = Request::parse(Message::register(9, bad).as_ref()).unwrap_err();
             assert_eq!(rejection.status, Status::InvalidName, "{bad:?}");
             assert_eq!(rejection.id, 9);
@@ -228,5 +303,9 @@ mod tests {
         let mut msg = Message::register(1, "alice");
         msg.version = PROTOCOL_VERSION + 1;
         assert_eq!(status(msg), Status::UnsupportedVersion);
+        assert_eq!(
+            status(Message::register(1, "alice").with_version(0)),
+            Status::UnsupportedVersion
+        );
     }
 }

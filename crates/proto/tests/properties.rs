@@ -75,6 +75,11 @@ fn status() -> impl Strategy<Value = Status> {
         Just(Status::RegistrationTimeout),
         Just(Status::SlowConsumer),
         Just(Status::IdleTimeout),
+        Just(Status::NameOwned),
+        Just(Status::NameConfusable),
+        Just(Status::AuthFailed),
+        Just(Status::AuthRequired),
+        Just(Status::Unavailable),
     ]
 }
 
@@ -86,12 +91,14 @@ fn kind() -> impl Strategy<Value = Kind> {
         Just(Kind::Ping),
         Just(Kind::Pong),
         status().prop_map(Kind::Reply),
+        Just(Kind::Hello),
+        Just(Kind::Greeting),
     ]
 }
 
 prop_compose! {
     fn message()(
-        version in any::<u16>(),
+        version in prop_oneof![Just(1u16), Just(2u16), any::<u16>()],
         id in any::<u64>(),
         kind in kind(),
         register in any::<bool>(),
@@ -99,9 +106,28 @@ prop_compose! {
         to in ".{0,40}",
         from in ".{0,40}",
         content in proptest::collection::vec(any::<u8>(), 0..2000),
+        seq in any::<u64>(),
+        time in any::<u64>(),
     ) -> Message {
-        Message { version, id, kind, register, exit, to, from, content: Bytes::from(content) }
+        // Only version 2 carries `seq` and `time`; any other version reads them back as 0.
+        let (seq, time) = if relay_proto::has_v2_layout(version) { (seq, time) } else { (0, 0) };
+        Message {
+            version, id, kind, register, exit, to, from, content: Bytes::from(content), seq, time,
+        }
     }
+}
+
+/// The version 1 layout, as a serde struct: `Message`'s first eight fields.
+#[derive(serde::Deserialize)]
+struct V1 {
+    version: u16,
+    id: u64,
+    kind: Kind,
+    register: bool,
+    exit: bool,
+    to: String,
+    from: String,
+    content: Bytes,
 }
 
 /// What bincode's serde derive makes of `body` under the wire configuration: the reference the
@@ -111,8 +137,27 @@ fn serde_decode(body: &[u8]) -> Option<Message> {
         .with_little_endian()
         .with_fixed_int_encoding()
         .with_limit::<{ 1 << 20 }>();
-    match bincode::serde::decode_from_slice::<Message, _>(body, config) {
-        Ok((msg, used)) if used == body.len() => Some(msg),
+    // The layout follows the version, the first field.
+    let version = u16::from_le_bytes([*body.first()?, *body.get(1)?]);
+    if relay_proto::has_v2_layout(version) {
+        return match bincode::serde::decode_from_slice::<Message, _>(body, config) {
+            Ok((msg, used)) if used == body.len() => Some(msg),
+            _ => None,
+        };
+    }
+    match bincode::serde::decode_from_slice::<V1, _>(body, config) {
+        Ok((m, used)) if used == body.len() => Some(Message {
+            version: m.version,
+            id: m.id,
+            kind: m.kind,
+            register: m.register,
+            exit: m.exit,
+            to: m.to,
+            from: m.from,
+            content: m.content,
+            seq: 0,
+            time: 0,
+        }),
         _ => None,
     }
 }
@@ -209,4 +254,25 @@ fn a_length_bomb_allocates_nothing_large() {
     body[16..24].copy_from_slice(&(1u64 << 40).to_le_bytes());
     let largest = largest_allocation(|| assert!(decode_body(&body).is_err()));
     assert!(largest <= 64, "allocated {largest} bytes");
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(3000))]
+
+    /// The canonical form is a fixed point: normalising it again changes nothing, it is itself
+    /// a valid name, and it has the same canonical form as the name it came from.
+    #[test]
+    fn name_normalisation_is_idempotent(name in "\\PC{1,16}|[a-zA-Z0-9._-]{1,16}") {
+        if let Ok(key) = relay_proto::name_key(&name) {
+            let again = relay_proto::name_key(&key.canonical).unwrap();
+            prop_assert_eq!(&again.canonical, &key.canonical);
+            prop_assert_eq!(relay_proto::canonical_name(&key.canonical), key.canonical.as_str());
+            // A name and its compatibility forms agree on the skeleton, so look-alike
+            // detection cannot be dodged with fullwidth or other compatibility characters.
+            let nfkc: String = unicode_normalization::UnicodeNormalization::nfkc(name.as_str()).collect();
+            if let Ok(of_nfkc) = relay_proto::name_key(&nfkc) {
+                prop_assert_eq!(of_nfkc.skeleton, key.skeleton);
+            }
+        }
+    }
 }

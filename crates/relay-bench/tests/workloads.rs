@@ -12,7 +12,8 @@ use tokio_util::sync::CancellationToken;
 
 async fn server() -> (Target, CancellationToken) {
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let server = Server::new(listener, Config::default()).unwrap();
+    let config = Config { auth: relay_server::AuthMode::None, ..Config::default() };
+    let server = Server::new(listener, config).unwrap();
     let target = Target::Relay(server.local_addr().unwrap().to_string());
     let shutdown = CancellationToken::new();
     tokio::spawn(server.run(shutdown.clone()));

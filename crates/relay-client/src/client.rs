@@ -9,8 +9,8 @@ use std::time::Duration;
 
 use bytes::{Buf, BytesMut};
 use relay_proto::{
-    FrameReader, Kind, Message, MessageCodec, MessageRef, ServerEvent, Status, User, decode_ref,
-    encoded_len_ref, parse_destination, validate_name,
+    FrameReader, Identity, Kind, Message, MessageCodec, MessageRef, ServerEvent, Status, User,
+    decode_ref, encoded_len_ref, parse_destination, validate_name,
 };
 use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
@@ -47,6 +47,10 @@ pub struct ClientConfig {
     /// up with [`Event::Disconnected`] (default 90 s). This is how a client notices a server
     /// whose host vanished, which TCP alone may not report for many minutes.
     pub idle_timeout: Duration,
+    /// The key to register with (default none: a guest, who may use names no key holds).
+    /// The first registration of a name with a key binds the name to it; later ones prove it.
+    /// See [`crate::load_or_create_key`].
+    pub identity: Option<Identity>,
 }
 
 impl Default for ClientConfig {
@@ -60,7 +64,64 @@ impl Default for ClientConfig {
             close_timeout: Duration::from_secs(5),
             ping_interval: Duration::from_secs(30),
             idle_timeout: Duration::from_secs(90),
+            identity: None,
         }
+    }
+}
+
+/// Options for a connection, then [`ClientBuilder::connect`]:
+///
+/// ```no_run
+/// # async fn example() -> Result<(), Box<dyn std::error::Error>> {
+/// let (key, _created) = relay_client::load_or_create_key("alice.key".as_ref())?;
+/// let (alice, events) = relay_client::Client::builder("127.0.0.1:8080", "alice")
+///     .identity(key)
+///     .connect()
+///     .await?;
+/// # Ok(())
+/// # }
+/// ```
+#[derive(Clone, Debug)]
+#[must_use]
+pub struct ClientBuilder {
+    server: String,
+    name: String,
+    config: ClientConfig,
+}
+
+impl ClientBuilder {
+    /// Registers with this key (see [`ClientConfig::identity`]).
+    pub fn identity(mut self, identity: Identity) -> ClientBuilder {
+        self.config.identity = Some(identity);
+        self
+    }
+
+    /// Every other setting at once.
+    pub fn config(mut self, config: ClientConfig) -> ClientBuilder {
+        let identity = self.config.identity.take();
+        self.config = config;
+        self.config.identity = self.config.identity.take().or(identity);
+        self
+    }
+
+    /// Time allowed for the TCP connection (default 5 s).
+    pub fn connect_timeout(mut self, timeout: Duration) -> ClientBuilder {
+        self.config.connect_timeout = timeout;
+        self
+    }
+
+    /// Time allowed for the greeting and the registration (default 5 s).
+    pub fn register_timeout(mut self, timeout: Duration) -> ClientBuilder {
+        self.config.register_timeout = timeout;
+        self
+    }
+
+    /// Connects and registers.
+    ///
+    /// # Errors
+    /// See [`Client::connect_with`].
+    pub async fn connect(self) -> Result<(Client, Events), ConnectError> {
+        Client::connect_with(&self.server, &self.name, self.config).await
     }
 }
 
@@ -110,7 +171,13 @@ struct Inner {
 }
 
 impl Client {
-    /// Connects to `server` (`host:port`) and registers as `name`, with default settings.
+    /// Options for connecting to `server` (`host:port`) as `name`.
+    pub fn builder(server: impl Into<String>, name: impl Into<String>) -> ClientBuilder {
+        ClientBuilder { server: server.into(), name: name.into(), config: ClientConfig::default() }
+    }
+
+    /// Connects to `server` (`host:port`) and registers as `name`, as a guest, with default
+    /// settings.
     ///
     /// # Errors
     /// See [`Client::connect_with`].
@@ -147,45 +214,45 @@ impl Client {
         let local_addr = stream.local_addr().map_err(io_error)?;
         let server_addr = stream.peer_addr().map_err(io_error)?;
         let (read, mut write) = stream.into_split();
-        let mut codec = MessageCodec::new(config.max_frame_len);
+        let mut frames = FrameReader::new(read, MessageCodec::new(config.max_frame_len));
+        let deadline = Instant::now() + config.register_timeout;
+        let timed_out = || ConnectError::RegisterTimeout(config.register_timeout);
 
-        let mut buf = BytesMut::new();
-        codec
-            .encode(&Message::register(0, name), &mut buf)
-            .map_err(|e| ConnectError::Protocol(e.to_string()))?;
-        write.write_all(&buf).await.map_err(io_error)?;
-
-        let mut frames = FrameReader::new(read, codec);
-        let answer = tokio::time::timeout(config.register_timeout, frames.next())
-            .await
-            .map_err(|_| ConnectError::RegisterTimeout(config.register_timeout))?;
-        let reply = match answer {
-            None => return Err(ConnectError::Closed),
-            Some(Err(e)) => return Err(ConnectError::Protocol(e.to_string())),
-            Some(Ok(msg)) => ServerEvent::parse(msg).map_err(ConnectError::Protocol)?,
+        // Version 2: hello, and the greeting with the nonce a key signs.
+        send_frame(&mut write, &Message::hello(0), config.max_frame_len).await.map_err(io_error)?;
+        let greeting = match next_event(&mut frames, deadline).await.ok_or_else(timed_out)?? {
+            ServerEvent::Greeting { greeting, .. } => greeting,
+            ServerEvent::Reply { status, detail, .. } => {
+                return Err(refusal(name, status, detail));
+            }
+            other => {
+                return Err(ConnectError::Protocol(format!("expected a greeting, got {other:?}")));
+            }
         };
+        // Never send more than the server takes.
+        let max_frame_len = config.max_frame_len.min(greeting.max_frame_len);
+        let register = match &config.identity {
+            Some(identity) => {
+                Message::register_with_key(1, name, identity.credentials(&greeting.nonce, name))
+            }
+            None => Message::register(1, name),
+        };
+        send_frame(&mut write, &register, max_frame_len).await.map_err(io_error)?;
+        let reply = next_event(&mut frames, deadline).await.ok_or_else(timed_out)??;
         // Many clients mostly wait: keep no read buffer until traffic comes.
         frames.release_if_empty();
-        match reply {
-            ServerEvent::Reply { status: Status::Registered, .. } => {}
-            ServerEvent::Reply { status: Status::NameTaken, .. } => {
-                return Err(ConnectError::NameTaken { name: name.to_string() });
-            }
-            ServerEvent::Reply { status: Status::InvalidName, detail, .. } => {
-                return Err(ConnectError::InvalidName { name: name.to_string(), reason: detail });
-            }
-            ServerEvent::Reply { status, detail, .. } => {
-                return Err(ConnectError::Refused { status, detail });
-            }
+        let registered_as = match reply {
+            ServerEvent::Reply { status: Status::Registered, to, .. } => to,
+            ServerEvent::Reply { status, detail, .. } => return Err(refusal(name, status, detail)),
             other => {
                 return Err(ConnectError::Protocol(format!(
                     "expected a registration reply, got {other:?}"
                 )));
             }
-        }
+        };
+        let name = if registered_as.is_empty() { name } else { registered_as.as_str() };
 
-        let outgoing =
-            Arc::new(Outgoing::new(MessageCodec::new(config.max_frame_len), config.send_queue));
+        let outgoing = Arc::new(Outgoing::new(MessageCodec::new(max_frame_len), config.send_queue));
         let incoming = Incoming::new(config.event_queue);
         let inner = Arc::new(Inner {
             outgoing: outgoing.clone(),
@@ -193,7 +260,7 @@ impl Client {
             name: name.to_string(),
             local_addr,
             server_addr,
-            max_frame_len: config.max_frame_len,
+            max_frame_len,
             close_timeout: config.close_timeout,
             going_offline: Arc::new(AtomicBool::new(false)),
             reader_done: CancellationToken::new(),
@@ -387,6 +454,46 @@ impl Drop for Inner {
     }
 }
 
+/// Encodes and writes one frame (during the handshake, before the writer task runs).
+async fn send_frame(
+    write: &mut OwnedWriteHalf,
+    msg: &Message,
+    max_frame_len: usize,
+) -> std::io::Result<()> {
+    let mut buf = BytesMut::new();
+    MessageCodec::new(max_frame_len)
+        .encode(msg, &mut buf)
+        .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidInput, e.to_string()))?;
+    write.write_all(&buf).await
+}
+
+/// The next message of the handshake as a [`ServerEvent`]; `None` at `deadline`.
+async fn next_event(
+    frames: &mut FrameReader,
+    deadline: Instant,
+) -> Option<Result<ServerEvent, ConnectError>> {
+    let frame = tokio::time::timeout_at(deadline, frames.next()).await.ok()?;
+    Some(match frame {
+        None => Err(ConnectError::Closed),
+        Some(Err(e)) => Err(ConnectError::Protocol(e.to_string())),
+        Some(Ok(msg)) => ServerEvent::parse(msg).map_err(ConnectError::Protocol),
+    })
+}
+
+/// The error for a registration the server refused with `status`.
+fn refusal(name: &str, status: Status, detail: String) -> ConnectError {
+    let name = name.to_string();
+    match status {
+        Status::NameTaken => ConnectError::NameTaken { name },
+        Status::NameOwned => ConnectError::NameOwned { name, detail },
+        Status::NameConfusable => ConnectError::LooksLike { name, detail },
+        Status::InvalidName => ConnectError::InvalidName { name, reason: detail },
+        Status::AuthFailed => ConnectError::AuthFailed { detail },
+        Status::AuthRequired => ConnectError::AuthRequired,
+        status => ConnectError::Refused { status, detail },
+    }
+}
+
 /// Writes whatever is queued, many frames per syscall, until the outbox is closed and written
 /// (offline, or every `Client` dropped), the reader has given up on the connection, or the
 /// socket fails.
@@ -538,22 +645,24 @@ impl Reader {
             Some(last) if **last == *msg.from => last.clone(),
             _ => self.last_from.insert(Arc::from(msg.from)).clone(),
         };
-        let (id, len) = (msg.id, msg.content.len());
+        let (id, len, seq, time) = (msg.id, msg.content.len(), msg.seq, msg.time);
         let offset = msg.content.as_ptr() as usize - frame.as_ptr() as usize;
         // Trimming the frame to the content, rather than slicing it, saves a reference count
         // increment and decrement per message.
         frame.advance(offset);
         frame.truncate(len);
-        self.emit(Event::Message { id, from, content: frame.freeze() });
+        self.emit(Event::Message { id, from, content: frame.freeze(), seq, time });
         Ok(None)
     }
 
     fn handle(&mut self, event: ServerEvent) -> std::ops::ControlFlow<()> {
         use std::ops::ControlFlow::{Break, Continue};
         let event = match event {
-            ServerEvent::Message { id, from, content } => {
-                Event::Message { id, from: from.into(), content }
+            ServerEvent::Message { id, from, content, seq, time } => {
+                Event::Message { id, from: from.into(), content, seq, time }
             }
+            // Only sent during the handshake; later, a server bug, and harmless.
+            ServerEvent::Greeting { .. } => return Continue(()),
             ServerEvent::Users { id, users, complete } => {
                 self.pending_users.extend(users);
                 if self.pending_users.len() > MAX_LISTED_USERS {

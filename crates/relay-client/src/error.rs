@@ -7,6 +7,7 @@ use relay_proto::Status;
 
 /// Why [`Client::connect`](crate::Client::connect) failed.
 #[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
 pub enum ConnectError {
     /// The server address did not resolve, or the TCP connection failed.
     #[error("cannot connect to {addr}: {source}")]
@@ -37,6 +38,32 @@ pub enum ConnectError {
         /// The name asked for.
         name: String,
     },
+    /// The name belongs to a key this client did not prove (another key's, or any key's for
+    /// a client without one).
+    #[error("the name '{name}' belongs to another key: {detail}")]
+    NameOwned {
+        /// The name asked for.
+        name: String,
+        /// The server's explanation.
+        detail: String,
+    },
+    /// The name looks like (has the same look-alike skeleton as) a name that is taken.
+    #[error("{detail}")]
+    LooksLike {
+        /// The name asked for.
+        name: String,
+        /// The server's explanation, naming the other name.
+        detail: String,
+    },
+    /// The server did not accept the key's signature.
+    #[error("the server refused the key: {detail}")]
+    AuthFailed {
+        /// The server's explanation.
+        detail: String,
+    },
+    /// The server only accepts clients with a key.
+    #[error("the server only accepts clients with a key")]
+    AuthRequired,
     /// The server refused the registration for another reason (server full, version...).
     #[error("the server refused the registration: {status} ({detail})")]
     Refused {
@@ -58,6 +85,7 @@ pub enum ConnectError {
 
 /// Why a message could not be handed to the connection.
 #[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
 pub enum SendError {
     /// The connection is closed; nothing more can be sent.
     #[error("not connected: the connection to the server is closed")]

@@ -5,8 +5,10 @@ use std::sync::Arc;
 use bytes::Bytes;
 use relay_proto::{Status, User};
 
-/// Something that happened on the connection, in the order it happened.
+/// Something that happened on the connection, in the order it happened. New kinds of event
+/// may be added: match with a `_` arm.
 #[derive(Clone, Debug, PartialEq, Eq)]
+#[non_exhaustive]
 pub enum Event {
     /// A message from another user.
     Message {
@@ -17,6 +19,11 @@ pub enum Event {
         from: Arc<str>,
         /// The message body.
         content: Bytes,
+        /// Its sequence number for this recipient: only grows, across reconnects and server
+        /// restarts for a name bound to a key (within one session for a guest).
+        seq: u64,
+        /// When the server received it from its sender, in ms since the Unix epoch.
+        time: u64,
     },
     /// The message with this id was not delivered: nobody by that name or address is online.
     NotFound {

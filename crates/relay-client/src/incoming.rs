@@ -4,6 +4,11 @@
 //! per message.
 
 use std::collections::VecDeque;
+use std::future::Future;
+use std::pin::Pin;
+use std::task::{Context, Poll};
+
+use futures_core::Stream;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 
@@ -95,16 +100,60 @@ impl Incoming {
 }
 
 /// The stream of [`Event`]s for one connection.
-#[derive(Debug)]
 pub struct Events {
     shared: Arc<Incoming>,
     /// Events taken from the shared queue and not yet handed out.
     taken: VecDeque<Event>,
+    /// The wake-up [`Stream::poll_next`] waits on, kept between polls.
+    waiting: Option<Pin<Box<dyn Future<Output = ()> + Send>>>,
+}
+
+impl std::fmt::Debug for Events {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Events").field("taken", &self.taken.len()).finish_non_exhaustive()
+    }
+}
+
+/// [`Events`] is a [`Stream`], for programs that combine it with other streams
+/// (`futures::StreamExt`, `tokio_stream`); [`Events::next`] is the same without them.
+impl Stream for Events {
+    type Item = Event;
+
+    fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Event>> {
+        let this = &mut *self;
+        loop {
+            if let Some(event) = this.try_next() {
+                this.waiting = None;
+                return Poll::Ready(Some(event));
+            }
+            if this.shared.state().ended {
+                this.waiting = None;
+                return Poll::Ready(this.try_next());
+            }
+            let shared = this.shared.clone();
+            let wait = this
+                .waiting
+                .get_or_insert_with(|| Box::pin(async move { shared.ready.notified().await }));
+            match wait.as_mut().poll(cx) {
+                // Woken (or a wake-up was stored): look again.
+                Poll::Ready(()) => this.waiting = None,
+                Poll::Pending => {
+                    // Now registered: events that arrived before are seen here, later ones
+                    // wake this task.
+                    if let Some(event) = this.try_next() {
+                        this.waiting = None;
+                        return Poll::Ready(Some(event));
+                    }
+                    return Poll::Pending;
+                }
+            }
+        }
+    }
 }
 
 impl Events {
     pub(crate) fn new(shared: Arc<Incoming>) -> Events {
-        Events { shared, taken: VecDeque::new() }
+        Events { shared, taken: VecDeque::new(), waiting: None }
     }
 
     /// The next event, or `None` once the connection is closed and every event was taken.
@@ -162,7 +211,7 @@ mod tests {
     use std::time::Duration;
 
     fn message(id: u64) -> Event {
-        Event::Message { id, from: "alice".into(), content: bytes::Bytes::new() }
+        Event::Message { id, from: "alice".into(), content: bytes::Bytes::new(), seq: 0, time: 0 }
     }
 
     fn ids(events: &mut Events) -> Vec<u64> {

@@ -27,11 +27,13 @@ mod client;
 mod error;
 mod event;
 mod incoming;
+mod keys;
 mod outgoing;
 
 pub use cli::{Command, parse_command, printable, run_interactive};
-pub use client::{Batch, Client, ClientConfig};
+pub use client::{Batch, Client, ClientBuilder, ClientConfig};
 pub use error::{ConnectError, SendError};
 pub use event::Event;
 pub use incoming::Events;
-pub use relay_proto::{Status, User};
+pub use keys::{KeyError, create_key, default_key_path, load_key, load_or_create_key};
+pub use relay_proto::{Identity, PublicKey, Status, User, name_key as check_name};

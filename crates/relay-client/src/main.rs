@@ -6,7 +6,11 @@ use std::process::ExitCode;
 use clap::Parser;
 use std::time::Duration;
 
-use relay_client::{Client, ConnectError, run_interactive};
+use std::path::PathBuf;
+
+use relay_client::{
+    Client, ClientConfig, ConnectError, default_key_path, load_or_create_key, run_interactive,
+};
 use tracing_subscriber::EnvFilter;
 
 /// Interactive client for the relay chat server.
@@ -24,6 +28,13 @@ struct Args {
     /// Keep trying to reach the server for this long (e.g. 5s) instead of failing at once.
     #[arg(long, value_parser = parse_seconds)]
     wait: Option<Duration>,
+    /// Key file proving the name is yours (created on first use). Default:
+    /// $XDG_CONFIG_HOME/relay/keys/NAME.key.
+    #[arg(long, env = "RELAY_KEY")]
+    key: Option<PathBuf>,
+    /// Connect without a key, as a guest: only names no key holds, and only while online.
+    #[arg(long, conflicts_with = "key")]
+    guest: bool,
 }
 
 fn parse_seconds(text: &str) -> Result<Duration, String> {
@@ -63,9 +74,28 @@ fn fail(message: &str) -> ExitCode {
 }
 
 async fn session(args: Args) -> Result<(), String> {
+    let mut config = ClientConfig::default();
+    // A name that cannot be registered gets no key file.
+    relay_client::check_name(&args.user)
+        .map_err(|e| format!("invalid name '{}': {e}", args.user))?;
+    if !args.guest {
+        let path = match &args.key {
+            Some(path) => path.clone(),
+            None => default_key_path(&args.user).map_err(|e| e.to_string())?,
+        };
+        let (identity, created) = load_or_create_key(&path).map_err(|e| e.to_string())?;
+        if created {
+            eprintln!(
+                "relay-client: created a new key for {} in {} (keep it: it proves the name is yours)",
+                args.user,
+                path.display()
+            );
+        }
+        config.identity = Some(identity);
+    }
     let deadline = args.wait.map(|wait| tokio::time::Instant::now() + wait);
     let (client, events) = loop {
-        match Client::connect(&args.server, &args.user).await {
+        match Client::connect_with(&args.server, &args.user, config.clone()).await {
             Ok(connected) => break connected,
             // Only an unreachable server is worth waiting for; a refusal is final.
             Err(ConnectError::Connect { .. } | ConnectError::ConnectTimeout { .. })

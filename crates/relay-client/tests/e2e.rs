@@ -35,6 +35,26 @@ fn binary(name: &str) -> PathBuf {
     client.with_file_name(name)
 }
 
+thread_local! {
+    /// Each test (one thread each) runs its processes in a directory of its own: the server's
+    /// data directory and the clients' keys live there and go with the test.
+    static SANDBOX: tempfile::TempDir = tempfile::tempdir().unwrap();
+}
+
+/// This test's directory: the working directory of every process it starts, and their
+/// `XDG_CONFIG_HOME`, so clients of one test share keys and tests never touch the user's.
+fn sandbox() -> PathBuf {
+    SANDBOX.with(|dir| dir.path().to_path_buf())
+}
+
+/// A command for one of the binaries, run in this test's sandbox.
+fn command(name: &str) -> Command {
+    let mut command = Command::new(binary(name));
+    command.current_dir(sandbox()).env("XDG_CONFIG_HOME", sandbox().join("config"));
+    command.env_remove("RELAY_KEY");
+    command
+}
+
 /// Reads a child's output line by line, with a timeout on every wait.
 struct Output<R> {
     lines: Lines<BufReader<R>>,
@@ -72,7 +92,7 @@ struct Process {
 
 impl Process {
     fn spawn(binary: &str, args: &[&str]) -> Process {
-        let mut child = Command::new(self::binary(binary))
+        let mut child = command(binary)
             .args(args)
             .env("RUST_LOG", "info")
             .stdin(Stdio::piped())
@@ -163,11 +183,7 @@ async fn exit_command_and_end_of_input_leave_cleanly() {
 async fn client_failure(args: &[&str]) -> (ExitStatus, String) {
     let out = tokio::time::timeout(
         WAIT,
-        Command::new(binary("relay-client"))
-            .args(args)
-            .stdin(Stdio::null())
-            .kill_on_drop(true)
-            .output(),
+        command("relay-client").args(args).stdin(Stdio::null()).kill_on_drop(true).output(),
     )
     .await
     .unwrap()
@@ -188,13 +204,18 @@ async fn user_mistakes_get_one_clear_line_and_a_failure_code() {
     assert!(!status.success());
     assert!(stderr.contains("invalid name 'two words'") && stderr.lines().count() == 1, "{stderr}");
 
-    // A port nothing listens on: take a free one and release it.
+    // No key file is made for a name that cannot be registered.
+    assert!(!sandbox().join("config/relay/keys/two%20words.key").exists());
+
+    // A port nothing listens on: take a free one and release it. (alice's key exists, so
+    // nothing but the error is printed.)
     let free = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap();
-    let (status, stderr) = client_failure(&["--server", &free.to_string(), "--user", "x"]).await;
+    let (status, stderr) =
+        client_failure(&["--server", &free.to_string(), "--user", "alice"]).await;
     assert!(!status.success());
     assert!(stderr.contains("cannot connect to") && stderr.lines().count() == 1, "{stderr}");
 
-    let (status, stderr) = client_failure(&["--server", "not-an-address", "--user", "x"]).await;
+    let (status, stderr) = client_failure(&["--server", "not-an-address", "--user", "alice"]).await;
     assert!(!status.success());
     assert!(stderr.contains("cannot connect to not-an-address"), "{stderr}");
     assert!(!stderr.contains("panicked"), "{stderr}");
@@ -210,7 +231,7 @@ async fn server_reports_a_port_in_use_clearly() {
     let port = taken.local_addr().unwrap().port().to_string();
     let out = tokio::time::timeout(
         WAIT,
-        Command::new(binary("relay-server"))
+        command("relay-server")
             .args(["--host", "127.0.0.1", "--port", &port])
             .stdin(Stdio::null())
             .kill_on_drop(true)

@@ -45,6 +45,19 @@ async fn fake_server(mode: Mode) -> (String, mpsc::UnboundedReceiver<u64>) {
     tokio::spawn(async move {
         let (stream, _) = listener.accept().await.unwrap();
         let mut framed = Framed::new(stream, MessageCodec::new(relay_proto::DEFAULT_MAX_FRAME_LEN));
+        // Version 2: the hello gets a greeting, then the registration is accepted.
+        let hello = framed.next().await.unwrap().unwrap();
+        assert_eq!(hello.kind, Kind::Hello);
+        let greeting = relay_proto::Greeting::new(
+            relay_proto::AuthMode::Optional,
+            [7; 32],
+            relay_proto::DEFAULT_MAX_FRAME_LEN,
+            1024,
+            Duration::from_secs(5),
+            Duration::from_secs(30),
+            Duration::from_secs(60),
+        );
+        framed.send(Message::greeting(hello.id, &greeting)).await.unwrap();
         let register = framed.next().await.unwrap().unwrap();
         framed
             .send(Message::reply(register.id, Status::Registered, register.from, "welcome"))

@@ -1,8 +1,9 @@
 //! Every limit and timeout the server enforces, with its default, in one place.
 
+use std::path::PathBuf;
 use std::time::Duration;
 
-use relay_proto::{DEFAULT_MAX_FRAME_LEN, FRAME_HEADER_LEN, PRE_REGISTER_MAX_FRAME_LEN};
+use relay_proto::{AuthMode, DEFAULT_MAX_FRAME_LEN, FRAME_HEADER_LEN, PRE_REGISTER_MAX_FRAME_LEN};
 
 /// Server limits. `Config::default()` gives the documented defaults; each has a command-line
 /// flag on `relay-server`.
@@ -11,8 +12,9 @@ pub struct Config {
     /// Largest frame body a registered client may send or be sent (default 64 KiB; a power of
     /// two from 256 B to 16 MiB). A longer frame closes the connection with `FrameTooLarge`.
     pub max_frame_len: usize,
-    /// Largest frame body accepted before a client has registered (default 1 KiB), so a socket
-    /// that sends one huge length header cannot make the server reserve a large buffer.
+    /// Largest frame body accepted before a client has registered (default 1 KiB, and never
+    /// more than `max_frame_len`), so a socket that sends one huge length header cannot make
+    /// the server reserve a large buffer.
     pub pre_register_max_frame_len: usize,
     /// How long a new connection has to register (default 5 s).
     pub register_timeout: Duration,
@@ -37,6 +39,12 @@ pub struct Config {
     /// On shutdown, how long clients get to receive what is queued for them and the shutdown
     /// notice before their connections are dropped (default 5 s).
     pub shutdown_timeout: Duration,
+    /// Whether names are bound to keys (default [`AuthMode::Optional`]: keys bind names,
+    /// guests may use names no key holds). [`AuthMode::None`] stores nothing.
+    pub auth: AuthMode,
+    /// Where the name table lives (default `./relay-data`; created on start). Unused with
+    /// [`AuthMode::None`].
+    pub data_dir: PathBuf,
 }
 
 impl Default for Config {
@@ -52,11 +60,19 @@ impl Default for Config {
             write_timeout: Duration::from_secs(10),
             max_clients: 10_000,
             shutdown_timeout: Duration::from_secs(5),
+            auth: AuthMode::Optional,
+            data_dir: PathBuf::from("relay-data"),
         }
     }
 }
 
 impl Config {
+    /// The frame limit before registering: the configured one, capped by the frame limit
+    /// (so `--max-frame 256` works with the 1 KiB default).
+    pub fn pre_register_limit(&self) -> usize {
+        self.pre_register_max_frame_len.min(self.max_frame_len)
+    }
+
     /// Checks that the limits make sense together.
     ///
     /// # Errors
@@ -65,9 +81,6 @@ impl Config {
         relay_proto::check_max_frame_len(self.max_frame_len)?;
         relay_proto::check_max_frame_len(self.pre_register_max_frame_len)
             .map_err(|e| format!("pre-register limit: {e}"))?;
-        if self.pre_register_max_frame_len > self.max_frame_len {
-            return Err("the pre-register frame limit must not exceed the frame limit".into());
-        }
         if self.outbox_bytes < self.max_frame_len + FRAME_HEADER_LEN {
             return Err(format!(
                 "the outbox ({} bytes) must hold at least one largest frame ({} bytes)",
@@ -134,6 +147,15 @@ mod tests {
         assert!(bad.validate().unwrap_err().contains("ping interval"));
         let bad = Config { max_clients: 0, ..Config::default() };
         assert!(bad.validate().is_err());
+    }
+
+    #[test]
+    fn the_smallest_frame_limits_are_accepted() {
+        for max_frame_len in [256, 512] {
+            let config = Config { max_frame_len, ..Config::default() };
+            assert_eq!(config.validate(), Ok(()));
+            assert_eq!(config.pre_register_limit(), max_frame_len);
+        }
     }
 
     #[test]

@@ -4,7 +4,10 @@
 use std::net::SocketAddr;
 use std::sync::Arc;
 
-use relay_proto::{FrameReader, Message, MessageCodec, ProtoError, Request, Status, decode_ref};
+use relay_proto::{
+    AuthMode, FrameReader, Greeting, Message, MessageCodec, NONCE_LEN, ProtoError, Request, Status,
+    decode_ref, fresh_nonce, name_key, verify_credentials,
+};
 use tokio::net::TcpStream;
 use tokio::task::JoinHandle;
 use tokio::time::{Instant, timeout_at};
@@ -13,13 +16,15 @@ use tracing::{debug, info, trace, warn};
 
 use crate::config::Config;
 use crate::outbox::{Outbox, PushError};
-use crate::router::{Claim, RouteCache, Routed, Router, Undelivered};
+use crate::router::{
+    Claim, ClaimRequest, Refused, RouteCache, Routed, Routing, Undelivered, now_ms,
+};
 use crate::writer::{self, WriteEnd};
 
 /// What every connection shares.
 #[derive(Debug)]
 pub(crate) struct Shared {
-    pub(crate) router: Arc<Router>,
+    pub(crate) router: Arc<dyn Routing>,
     pub(crate) config: Config,
     /// Cancelled when the shutdown drain time runs out: writers stop at once.
     pub(crate) hard_stop: CancellationToken,
@@ -44,7 +49,7 @@ pub(crate) async fn serve(
         shared.hard_stop.clone(),
     ));
     let mut conn = Connection {
-        frames: FrameReader::new(read, MessageCodec::new(config.pre_register_max_frame_len)),
+        frames: FrameReader::new(read, MessageCodec::new(config.pre_register_limit())),
         outbox: outbox.clone(),
         peer,
         shared: shared.clone(),
@@ -108,14 +113,24 @@ impl Connection {
             Err(farewell) => return farewell,
         };
         let farewell = self.chat(&claim, shutdown).await;
-        drop(claim);
+        // The name is free in memory at once; the store learns when its owner was last seen.
+        self.shared.router.release(claim).await;
         farewell
     }
 
-    /// Queues a message for this client. If its own outbox is full, the client is not reading
-    /// what it asked for: it is a slow consumer and the session ends.
-    fn reply(&self, msg: Message) -> Result<(), Farewell> {
-        match self.outbox.push(&msg.as_ref()) {
+    /// Queues a message for this client. If its outbox is full, waits for room while the
+    /// client reads (the server reads nothing more from it meanwhile, so a client that
+    /// pipelines requests is slowed to the pace it takes replies, never dropped for them). A
+    /// client that reads nothing for the write timeout is a slow consumer: the session ends.
+    async fn reply(&self, msg: Message) -> Result<(), Farewell> {
+        let msg = msg.as_ref();
+        let pushed = match self.outbox.push(&msg) {
+            Err(PushError::Full | PushError::Stalled) => {
+                self.outbox.wait_for_own_room(&msg, self.config().write_timeout).await
+            }
+            pushed => pushed,
+        };
+        match pushed {
             Ok(()) => Ok(()),
             Err(PushError::Full | PushError::Stalled) => {
                 warn!(peer = %self.peer, "disconnecting: client does not read its replies");
@@ -145,10 +160,16 @@ impl Connection {
         None
     }
 
-    /// Registration phase: the first meaningful message must claim a name, within the
-    /// registration timeout.
+    /// Registration phase, within the registration timeout: an optional hello (version 2),
+    /// answered with the greeting and its nonce, then the registration. Pings are answered
+    /// and `exit` closes the connection silently; anything else is refused and closes it.
     async fn register(&mut self, shutdown: &CancellationToken) -> Result<Claim, Farewell> {
         let deadline = Instant::now() + self.config().register_timeout;
+        let timed_out = |peer: SocketAddr| {
+            info!(%peer, "registration timed out");
+            closing(0, Status::RegistrationTimeout, "", "register within the first few seconds")
+        };
+        let mut nonce: Option<[u8; NONCE_LEN]> = None;
         loop {
             let frame = tokio::select! {
                 () = shutdown.cancelled() => return Err(shutting_down()),
@@ -157,15 +178,7 @@ impl Connection {
                 }
                 frame = timeout_at(deadline, self.frames.next()) => match frame {
                     Ok(frame) => frame,
-                    Err(_) => {
-                        info!(peer = %self.peer, "registration timed out");
-                        return Err(closing(
-                            0,
-                            Status::RegistrationTimeout,
-                            "",
-                            "register within the first few seconds",
-                        ));
-                    }
+                    Err(_) => return Err(timed_out(self.peer)),
                 },
             };
             let msg = match frame {
@@ -177,22 +190,58 @@ impl Connection {
                 Some(Ok(msg)) => msg,
             };
             match Request::parse(msg.as_ref()) {
-                Ok(Request::Register { id, name }) => {
-                    let router = self.shared.router.clone();
-                    let Ok(claim) = router.claim(name, self.peer, self.outbox.clone()) else {
-                        info!(peer = %self.peer, %name, "name taken");
-                        let detail = format!("the name {name} is taken");
-                        return Err(closing(id, Status::NameTaken, name, detail));
+                Ok(Request::Hello { id, .. }) => {
+                    if nonce.is_some() {
+                        return Err(closing(id, Status::InvalidRequest, "", "hello twice"));
+                    }
+                    let fresh = fresh_nonce().map_err(|e| {
+                        tracing::error!(error = %e, "the OS gave no randomness for a nonce");
+                        closing(id, Status::Unavailable, "", "the server cannot make a nonce")
+                    })?;
+                    nonce = Some(fresh);
+                    // From here on this client reads the version 2 layout.
+                    self.outbox.set_session(relay_proto::PROTOCOL_VERSION, 1);
+                    let greeting = self.greeting(fresh, deadline);
+                    self.reply(Message::greeting(id, &greeting)).await?;
+                }
+                Ok(Request::Register { id, name, version, credentials }) => {
+                    let request = self.claim_request(id, name, version, credentials, nonce)?;
+                    let claimed = tokio::select! {
+                        () = shutdown.cancelled() => return Err(shutting_down()),
+                        claimed = timeout_at(deadline, self.shared.router.clone().claim(request)) => {
+                            claimed.map_err(|_| timed_out(self.peer))?
+                        }
                     };
-                    self.reply(Message::reply(id, Status::Registered, name, "welcome"))?;
+                    let claim = claimed.map_err(|refused| self.refusal(id, name, refused))?;
+                    let detail = match claim.key() {
+                        Some(_) if claim.first() => {
+                            format!("welcome; {name} is now bound to your key")
+                        }
+                        Some(key) => format!("welcome back; key {}", key.fingerprint()),
+                        None => {
+                            "welcome (as a guest: the name is yours while you are online)".into()
+                        }
+                    };
+                    self.reply(Message::reply(id, Status::Registered, &**claim.name(), detail))
+                        .await?;
                     let max = self.config().max_frame_len;
                     self.frames.set_max_frame_len(max);
                     // Most clients now wait quietly; their connection holds no read buffer.
                     self.frames.release_if_empty();
-                    info!(peer = %self.peer, %name, "registered");
+                    match claim.key() {
+                        Some(key) if claim.first() => {
+                            info!(peer = %self.peer, name = %claim.name(),
+                            key = %key.fingerprint(), "registered; name bound to a new key")
+                        }
+                        Some(key) => info!(peer = %self.peer, name = %claim.name(),
+                            key = %key.fingerprint(), "registered with key"),
+                        None => {
+                            info!(peer = %self.peer, name = %claim.name(), "registered as guest")
+                        }
+                    }
                     return Ok(claim);
                 }
-                Ok(Request::Ping { id }) => self.reply(Message::pong(id))?,
+                Ok(Request::Ping { id }) => self.reply(Message::pong(id)).await?,
                 Ok(Request::Pong { .. }) => {}
                 Ok(Request::Offline { .. }) => return Err(None),
                 Ok(other) => {
@@ -213,6 +262,85 @@ impl Connection {
         }
     }
 
+    fn greeting(&self, nonce: [u8; NONCE_LEN], deadline: Instant) -> Greeting {
+        let config = self.config();
+        Greeting::new(
+            config.auth,
+            nonce,
+            config.max_frame_len,
+            config.pre_register_limit(),
+            deadline.saturating_duration_since(Instant::now()),
+            config.ping_interval,
+            config.idle_timeout,
+        )
+    }
+
+    /// Checks a registration's name and credentials.
+    fn claim_request<'a>(
+        &self,
+        id: u64,
+        name: &'a str,
+        version: u16,
+        credentials: Option<&[u8]>,
+        nonce: Option<[u8; NONCE_LEN]>,
+    ) -> Result<ClaimRequest<'a>, Farewell> {
+        let key = name_key(name).map_err(|e| {
+            info!(peer = %self.peer, %name, error = %e, "invalid name");
+            closing(id, Status::InvalidName, name, e.to_string())
+        })?;
+        let proof = match (credentials, nonce) {
+            (None, _) => None,
+            (Some(_), None) => {
+                info!(peer = %self.peer, %name, "credentials without a hello");
+                return Err(closing(
+                    id,
+                    Status::AuthFailed,
+                    name,
+                    "send hello first: the signature covers the greeting's nonce",
+                ));
+            }
+            (Some(credentials), Some(nonce)) => {
+                match verify_credentials(&nonce, name, credentials) {
+                    Ok(key) => Some(key),
+                    Err(e) => {
+                        warn!(peer = %self.peer, %name, error = %e, "authentication failed");
+                        return Err(closing(id, Status::AuthFailed, name, e.to_string()));
+                    }
+                }
+            }
+        };
+        // Without a name table there are no keys: a keyed client is served as a guest.
+        let proof = proof.filter(|_| self.config().auth != AuthMode::None);
+        Ok(ClaimRequest { name, key, proof, addr: self.peer, outbox: self.outbox.clone(), version })
+    }
+
+    /// The closing reply for a refused claim.
+    fn refusal(&self, id: u64, name: &str, refused: Refused) -> Farewell {
+        let (status, detail) = match refused {
+            Refused::Taken => (Status::NameTaken, format!("the name {name} is taken")),
+            Refused::Owned(owner) => (
+                Status::NameOwned,
+                format!(
+                    "the name {owner} belongs to a key; log in with that key, or ask the \
+                     operator to release it"
+                ),
+            ),
+            Refused::LooksLike(other) => (
+                Status::NameConfusable,
+                format!("the name {name} looks like {other}, which is taken; choose another"),
+            ),
+            Refused::AuthRequired => {
+                (Status::AuthRequired, "this server only accepts registrations with a key".into())
+            }
+            Refused::Unavailable(e) => {
+                tracing::error!(peer = %self.peer, %name, error = %e, "name table failed");
+                (Status::Unavailable, "the server cannot check names now; try again later".into())
+            }
+        };
+        info!(peer = %self.peer, %name, %status, "registration refused");
+        closing(id, status, name, detail)
+    }
+
     /// Registered phase: act on each message until the client leaves or something ends the
     /// session. Pings the client when it has been quiet, and drops it when it stays silent.
     async fn chat(&mut self, claim: &Claim, shutdown: &CancellationToken) -> Farewell {
@@ -223,6 +351,8 @@ impl Connection {
         let mut ping_id: u64 = 0;
         let mut pinged = false;
         let mut routes = RouteCache::default();
+        // The time stamped on messages: read once per socket read, not per message.
+        let mut now = now_ms();
         // The timer is re-armed only when it fires, not on every message: a read costs just
         // the `last_heard` update.
         let timer = tokio::time::sleep_until(last_heard + ping_interval);
@@ -252,7 +382,7 @@ impl Connection {
                                 pinged = true;
                                 ping_id += 1;
                                 trace!(peer = %self.peer, %name, "ping");
-                                if let Err(farewell) = self.reply(Message::ping(ping_id)) {
+                                if let Err(farewell) = self.reply(Message::ping(ping_id)).await {
                                     return farewell;
                                 }
                             }
@@ -262,6 +392,7 @@ impl Connection {
                         filled = self.frames.fill() => match filled {
                             Ok(true) => {
                                 last_heard = Instant::now();
+                                now = now_ms();
                                 pinged = false;
                             }
                             Ok(false) => {
@@ -283,38 +414,43 @@ impl Connection {
             let outcome = match Request::parse(msg) {
                 Ok(Request::Send { id, to, content }) => {
                     trace!(from = %name, %to, id, len = content.len(), "message");
-                    match self.shared.router.route(&name, id, to, content, &mut routes) {
+                    match self.shared.router.route(&name, id, to, content, now, &mut routes) {
                         Ok(Routed::Queued) => Ok(()),
                         Ok(Routed::Full(pending)) => {
                             // Wait for room at the busy receiver, but not through a shutdown.
-                            // Boxed: the waiting state is large and rarely needed, and inline
-                            // it would grow every connection's task, idle or not.
+                            // The wait is boxed by the router: its state is large and rarely
+                            // needed, and inline it would grow every connection's task.
                             let waited = tokio::select! {
-                                waited = Box::pin(pending.wait()) => waited,
+                                waited = pending => waited,
                                 () = shutdown.cancelled() => return shutting_down(),
                             };
-                            waited.or_else(|(why, to)| self.undelivered(&name, id, why, to))
+                            match waited {
+                                Ok(()) => Ok(()),
+                                Err((why, to)) => self.undelivered(&name, id, why, to).await,
+                            }
                         }
-                        Err((why, to)) => self.undelivered(&name, id, why, to),
+                        Err((why, to)) => self.undelivered(&name, id, why, to).await,
                     }
                 }
-                Ok(Request::ListUsers { id }) => self.list_users(id),
-                Ok(Request::Ping { id }) => self.reply(Message::pong(id)),
+                Ok(Request::ListUsers { id }) => self.list_users(id).await,
+                Ok(Request::Ping { id }) => self.reply(Message::pong(id)).await,
                 Ok(Request::Pong { .. }) => Ok(()),
                 Ok(Request::Offline { .. }) => {
                     info!(peer = %self.peer, %name, "offline");
                     return None;
                 }
-                Ok(Request::Register { id, .. }) => self.reply(Message::reply(
-                    id,
-                    Status::InvalidRequest,
-                    "",
-                    format!("already registered as {name}"),
-                )),
+                Ok(Request::Register { id, .. }) => {
+                    let detail = format!("already registered as {name}");
+                    self.reply(Message::reply(id, Status::InvalidRequest, "", detail)).await
+                }
+                Ok(Request::Hello { id, .. }) => {
+                    let detail = "hello comes before registering";
+                    self.reply(Message::reply(id, Status::InvalidRequest, "", detail)).await
+                }
                 Err(rejection) => {
                     debug!(peer = %self.peer, %name, status = %rejection.status,
                         detail = %rejection.detail, "request refused");
-                    self.reply(rejection.to_message())
+                    self.reply(rejection.to_message()).await
                 }
             };
             if let Err(farewell) = outcome {
@@ -324,7 +460,7 @@ impl Connection {
     }
 
     /// Tells the client its message `id` to `to` was not delivered, and why.
-    fn undelivered(
+    async fn undelivered(
         &self,
         name: &str,
         id: u64,
@@ -332,7 +468,7 @@ impl Connection {
         to: String,
     ) -> Result<(), Farewell> {
         let reply = match why {
-            Undelivered::NotFound => {
+            Undelivered::NotOnline => {
                 debug!(from = %name, %to, id, "destination not found");
                 let detail = format!("{to} is not online");
                 Message::reply(id, Status::NotFound, to, detail)
@@ -349,16 +485,19 @@ impl Connection {
                 "the message is over the frame limit once the sender's name is added",
             ),
         };
-        self.reply(reply)
+        self.reply(reply).await
     }
 
-    fn list_users(&self, id: u64) -> Result<(), Farewell> {
+    async fn list_users(&self, id: u64) -> Result<(), Farewell> {
         let users = self.shared.router.users();
         let parts = Message::user_list(
             id,
             users.iter().map(|(name, addr)| (&**name, addr.to_string())),
             self.config().max_frame_len,
         );
-        parts.into_iter().try_for_each(|part| self.reply(part))
+        for part in parts {
+            self.reply(part).await?;
+        }
+        Ok(())
     }
 }

@@ -6,7 +6,8 @@ use tokio_util::sync::CancellationToken;
 use crate::server::ServerHandle;
 
 const HELP: &str = "commands: EXIT (tell every client to shut down, then stop), \
-                    list (users online), help";
+                    list (users online), release NAME (unbind a name from its key, for a \
+                    user who lost it), help";
 
 /// Reads operator commands from `input` until `EXIT`, the end of input, or shutdown.
 ///
@@ -68,6 +69,24 @@ where
                 text
             }
             "help" | "?" => format!("{HELP}\n"),
+            cmd if cmd.starts_with("release") => {
+                let name = cmd["release".len()..].trim();
+                if name.is_empty()
+                    || cmd.as_bytes().get(7).is_some_and(|b| !b.is_ascii_whitespace())
+                {
+                    format!("usage: release NAME; {HELP}\n")
+                } else {
+                    match server.release(name).await {
+                        Ok(Some(record)) => {
+                            tracing::info!(name = %record.display, key = %record.key.fingerprint(),
+                                "operator released the name");
+                            format!("released {} (was bound to {})\n", record.display, record.key)
+                        }
+                        Ok(None) => format!("{name} is not bound to a key\n"),
+                        Err(e) => format!("cannot release {name}: {e}\n"),
+                    }
+                }
+            }
             other => format!("unknown command '{other}'; {HELP}\n"),
         };
         output.write_all(reply.as_bytes()).await?;

@@ -10,8 +10,11 @@
 //! - `writer.rs`: the task that writes a client's outbox in batches;
 //! - `outbox.rs`: a client's queue of outgoing frames, encoded as they are queued, bounded by
 //!   bytes;
-//! - `router.rs`: the routing seam (name claims and delivery, with a per-connection cache of
-//!   the last destination), over `registry.rs`;
+//! - `router.rs`: the routing seam (the `Routing` trait: name claims and delivery, with a
+//!   per-connection cache of the last destination) and its local implementation, over
+//!   `registry.rs` (who is online) and the name table;
+//! - [`NameStore`] (`names.rs`): the name table seam (name → key, durable), with
+//!   [`RedbStore`] (`redb_store.rs`) as the embedded implementation;
 //! - [`Config`] (`config.rs`): every limit, with its default;
 //! - [`run_console`] (`console.rs`): the operator's commands on stdin.
 //!
@@ -22,7 +25,9 @@
 mod config;
 mod connection;
 mod console;
+mod names;
 mod outbox;
+mod redb_store;
 mod registry;
 mod router;
 mod server;
@@ -30,7 +35,10 @@ mod writer;
 
 pub use config::{Config, parse_duration};
 pub use console::run_console;
-pub use server::{ConfigError, Server, ServerHandle};
+pub use names::{Claimed, GuestCheck, KeyClaim, NameRecord, NameStore, StoreError};
+pub use redb_store::{DB_FILE, OpenError, RedbStore};
+pub use relay_proto::AuthMode;
+pub use server::{Server, ServerHandle, StartError};
 
 /// Entry points for the criterion benchmarks (`benches/routing.rs`); not a stable API.
 #[doc(hidden)]
@@ -38,7 +46,7 @@ pub mod bench_support {
     use std::net::SocketAddr;
 
     use crate::outbox::Outbox;
-    use crate::registry::Registry;
+    use crate::registry::{Entry, Registry};
 
     /// A name registry filled with `user0` .. `user{n-1}`.
     #[derive(Debug, Default)]
@@ -59,7 +67,10 @@ pub mod bench_support {
         /// Registers `name` (as a client at port `i`); returns its token if it was free.
         pub fn register(&self, name: &str, i: usize) -> Option<u64> {
             let addr = SocketAddr::from(([127, 0, 0, 1], (i % 65536) as u16));
-            self.registry.insert(name, addr, Outbox::new(1024)).ok().map(|(_, token)| token)
+            let key = relay_proto::name_key(name).ok()?;
+            let entry =
+                Entry { key: &key, display: name, addr, outbox: Outbox::new(1024), guest: true };
+            self.registry.insert(entry).ok().map(|(_, token)| token)
         }
 
         /// Unregisters `name` if `token` still owns it.

@@ -6,8 +6,10 @@ use std::net::IpAddr;
 use std::process::ExitCode;
 use std::time::Duration;
 
+use std::path::PathBuf;
+
 use clap::Parser;
-use relay_server::{Config, Server, parse_duration, run_console};
+use relay_server::{AuthMode, Config, Server, parse_duration, run_console};
 use tokio_util::sync::CancellationToken;
 use tracing_subscriber::EnvFilter;
 
@@ -53,6 +55,14 @@ struct Args {
     /// On shutdown, time clients get to receive what is queued and the shutdown notice.
     #[arg(long, default_value = "5s", value_parser = parse_duration)]
     shutdown_timeout: Duration,
+    /// Names and keys: `optional` binds a name to the key that first claims it and lets
+    /// clients without a key (guests) use names no key holds; `required` refuses guests;
+    /// `none` stores nothing and serves every name first come, first served.
+    #[arg(long, default_value = "optional")]
+    auth: AuthMode,
+    /// Directory of the name table (created on start; unused with --auth none).
+    #[arg(long, default_value = "relay-data")]
+    data_dir: PathBuf,
 }
 
 impl Args {
@@ -67,6 +77,8 @@ impl Args {
             idle_timeout: self.idle_timeout,
             write_timeout: self.write_timeout,
             shutdown_timeout: self.shutdown_timeout,
+            auth: self.auth,
+            data_dir: self.data_dir.clone(),
             ..Config::default()
         }
     }
@@ -102,6 +114,10 @@ async fn serve(args: Args) -> Result<(), String> {
         .map_err(|e| format!("cannot listen on {}:{}: {e}", args.host, args.port))?;
     let server = Server::new(listener, config).map_err(|e| e.to_string())?;
     let addr = server.local_addr().map_err(|e| e.to_string())?;
+    match config_auth(&args) {
+        AuthMode::None => tracing::info!("auth none: names are not bound to keys, nothing stored"),
+        auth => tracing::info!("auth {}; name table in {}", auth.as_str(), args.data_dir.display()),
+    }
     tracing::info!("listening on {addr}");
 
     let shutdown = CancellationToken::new();
@@ -115,6 +131,10 @@ async fn serve(args: Args) -> Result<(), String> {
     server.run(shutdown).await;
     console.abort();
     Ok(())
+}
+
+fn config_auth(args: &Args) -> AuthMode {
+    args.auth
 }
 
 /// Cancels `shutdown` on SIGINT or SIGTERM.

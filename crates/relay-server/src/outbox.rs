@@ -18,7 +18,7 @@ use std::time::Duration;
 
 use bytes::{Buf, BytesMut};
 use relay_proto::{
-    FRAME_HEADER_LEN, Message, MessageRef, decode_body, encode_body_ref, encoded_len_ref,
+    FRAME_HEADER_LEN, Kind, Message, MessageRef, decode_body, encode_body_ref, encoded_len_ref,
 };
 use tokio::sync::Notify;
 
@@ -72,6 +72,10 @@ struct State {
     stalled: bool,
     /// How many times the writer has written, to tell a stuck receiver from a busy one.
     written: u64,
+    /// The protocol version of the client: every frame is encoded in its layout.
+    version: u16,
+    /// The sequence number the next delivered chat message gets (version 2).
+    next_seq: u64,
 }
 
 /// Bytes a frame with a body of `encoded_len` occupies on the wire, which is what the outbox
@@ -119,7 +123,8 @@ impl Outbox {
     pub(crate) fn new(limit: usize) -> Outbox {
         Outbox {
             shared: Arc::new(Shared {
-                state: Mutex::new(State::default()),
+                // Version 1 until the client says otherwise: a version 1 client never does.
+                state: Mutex::new(State { version: 1, next_seq: 1, ..State::default() }),
                 ready: Notify::new(),
                 room: Notify::new(),
                 limit,
@@ -140,24 +145,39 @@ impl Outbox {
         self.shared.closed.load(Ordering::Relaxed)
     }
 
-    /// Queues `msg` unless that would take the outbox over its limit or it is closed. Never
-    /// waits.
-    pub(crate) fn push(&self, msg: &MessageRef<'_>) -> Result<(), PushError> {
-        self.push_sized(msg, wire_size(encoded_len_ref(msg)))
+    /// Sets the client's protocol version (every frame from now on is encoded in its layout)
+    /// and the first sequence number its delivered chat messages get. Called during
+    /// registration, before anyone can route to this outbox.
+    pub(crate) fn set_session(&self, version: u16, first_seq: u64) {
+        let mut state = self.state();
+        state.version = version;
+        state.next_seq = first_seq;
     }
 
-    /// [`Outbox::push`] for a message whose [`wire_size`] the caller already knows.
-    pub(crate) fn push_sized(&self, msg: &MessageRef<'_>, size: usize) -> Result<(), PushError> {
+    /// Queues `msg` unless that would take the outbox over its limit or it is closed. Never
+    /// waits. The frame is encoded in the client's protocol version; a chat message delivered
+    /// to a version 2 client gets the next sequence number here, under the lock, so sequence
+    /// numbers follow queue order.
+    pub(crate) fn push(&self, msg: &MessageRef<'_>) -> Result<(), PushError> {
         let was_empty = {
             let mut state = self.state();
             if self.is_closed() {
                 return Err(PushError::Closed);
             }
+            let mut msg = MessageRef { version: state.version, ..*msg };
+            let sequenced = msg.kind == Kind::Chat && !msg.from.is_empty();
+            if sequenced {
+                msg.seq = state.next_seq;
+            }
+            let size = wire_size(encoded_len_ref(&msg));
             if state.queue.len() + state.taken + size > self.shared.limit {
                 return Err(if state.stalled { PushError::Stalled } else { PushError::Full });
             }
             let was_empty = state.queue.is_empty();
-            put_frame(&mut state.queue, msg, size);
+            put_frame(&mut state.queue, &msg, size);
+            if sequenced {
+                state.next_seq += 1;
+            }
             was_empty
         };
         // A writer only waits on an empty queue, so only the first frame needs to wake it;
@@ -177,7 +197,26 @@ impl Outbox {
         msg: &MessageRef<'_>,
         wait: Duration,
     ) -> Result<(), PushError> {
-        let size = wire_size(encoded_len_ref(msg));
+        self.wait_for_room_as(msg, wait, false).await
+    }
+
+    /// [`Outbox::wait_for_room`] for the server's own replies to this client: a stall mark
+    /// left by other senders does not refuse them, and none is left. Room comes as long as
+    /// the client reads; one that reads nothing is dropped by its writer's write timeout.
+    pub(crate) async fn wait_for_own_room(
+        &self,
+        msg: &MessageRef<'_>,
+        wait: Duration,
+    ) -> Result<(), PushError> {
+        self.wait_for_room_as(msg, wait, true).await
+    }
+
+    async fn wait_for_room_as(
+        &self,
+        msg: &MessageRef<'_>,
+        wait: Duration,
+        own: bool,
+    ) -> Result<(), PushError> {
         let mut seen = self.state().written;
         let mut deadline = tokio::time::Instant::now() + wait;
         loop {
@@ -185,16 +224,20 @@ impl Outbox {
             tokio::pin!(room);
             // Registered before checking, so room made in between is not missed.
             room.as_mut().enable();
-            match self.push_sized(msg, size) {
+            match self.push(msg) {
                 Err(PushError::Full) => {}
+                Err(PushError::Stalled) if own => {}
                 done => return done,
             }
             if tokio::time::timeout_at(deadline, room).await.is_err() {
                 let mut state = self.state();
                 if state.written == seen {
+                    if own {
+                        return Err(PushError::Stalled);
+                    }
                     state.stalled = true;
                     drop(state);
-                    return self.push_sized(msg, size);
+                    return self.push(msg);
                 }
                 // The receiver did write; other senders took the room. Keep waiting.
                 seen = state.written;
@@ -214,7 +257,7 @@ impl Outbox {
             }
             self.shared.closed.store(true, Ordering::Relaxed);
             if let Some(msg) = last {
-                let msg = msg.as_ref();
+                let msg = MessageRef { version: state.version, ..msg.as_ref() };
                 put_frame(&mut state.queue, &msg, wire_size(encoded_len_ref(&msg)));
             }
         }
@@ -292,8 +335,9 @@ impl Outbox {
 mod tests {
     use super::*;
 
+    /// The size of `msg` in an outbox's default (version 1) layout.
     fn size_of(msg: &Message) -> usize {
-        wire_size(encoded_len_ref(&msg.as_ref()))
+        wire_size(encoded_len_ref(&MessageRef { version: 1, ..msg.as_ref() }))
     }
 
     /// What routing does: try, and wait for room if the outbox is full.
@@ -314,7 +358,8 @@ mod tests {
     async fn frames_are_encoded_back_to_back_as_the_codec_would() {
         use tokio_util::codec::Encoder;
         let outbox = Outbox::new(10_000);
-        let (a, b) = (Message::send(1, "bob", "one"), Message::ping(2));
+        let (a, b) =
+            (Message::send(1, "bob", "one").with_version(1), Message::ping(2).with_version(1));
         outbox.push(&a.as_ref()).unwrap();
         outbox.push(&b.as_ref()).unwrap();
         let batch = outbox.take().await.unwrap();
@@ -326,10 +371,26 @@ mod tests {
         assert_eq!(messages(&batch), vec![a, b]);
     }
 
+    /// A version 2 session gets version 2 frames, and its delivered chat messages consecutive
+    /// sequence numbers from the session's first; replies and pings get none.
+    #[tokio::test]
+    async fn a_version_2_session_numbers_delivered_messages_in_queue_order() {
+        let outbox = Outbox::new(10_000);
+        outbox.set_session(2, 5 << 40 | 1);
+        let chat = Message::deliver(9, "alice", "bob", "hi").with_version(1);
+        outbox.push(&chat.as_ref()).unwrap();
+        outbox.push(&Message::ping(3).as_ref()).unwrap();
+        outbox.push(&chat.as_ref()).unwrap();
+        let got = messages(&outbox.take().await.unwrap());
+        let seqs: Vec<(u16, u64)> = got.iter().map(|m| (m.version, m.seq)).collect();
+        assert_eq!(seqs, vec![(2, 5 << 40 | 1), (2, 0), (2, 5 << 40 | 2)]);
+    }
+
     #[test]
     fn unpack_counts_a_frame_cut_by_the_write_as_unwritten() {
         let mut buf = BytesMut::new();
-        let msgs: Vec<Message> = (1..=3).map(|i| Message::send(i, "bob", "hello")).collect();
+        let msgs: Vec<Message> =
+            (1..=3).map(|i| Message::send(i, "bob", "hello").with_version(1)).collect();
         for msg in &msgs {
             put_frame(&mut buf, &msg.as_ref(), size_of(msg));
         }

@@ -1,20 +1,30 @@
-//! The name registry: who is online, at which address, and where their outbox is.
+//! The registry of who is online: each name's canonical form, how it is shown, its address and
+//! its outbox.
+//!
+//! Routing reads it on every message that misses the route cache, so lookups go through 64
+//! independently locked shards by canonical name. Registering and leaving are rare, and they
+//! must decide atomically about look-alikes across shards, so they also take one mutex over
+//! the claims (canonical name and skeleton of everyone online).
 
 use std::collections::HashMap;
-use std::collections::hash_map::{Entry, RandomState};
+use std::collections::hash_map::RandomState;
 use std::hash::{BuildHasher, Hash};
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, PoisonError, RwLock, RwLockReadGuard, RwLockWriteGuard};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError, RwLock, RwLockReadGuard, RwLockWriteGuard};
+
+use relay_proto::{Message, NameKey, Status};
 
 use crate::outbox::Outbox;
 
-/// One registered client.
+/// One registered client, as routing sees it.
 #[derive(Debug)]
 pub(crate) struct Registered {
     /// Distinguishes this registration from a later one of the same name, so a stale guard
     /// can never remove its successor.
     pub(crate) token: u64,
+    /// The name as shown (stamped as `from`, listed).
+    pub(crate) display: Arc<str>,
     pub(crate) addr: SocketAddr,
     pub(crate) outbox: Outbox,
 }
@@ -26,20 +36,39 @@ const SHARDS: usize = 64;
 
 #[derive(Debug, Default)]
 struct NameShard {
+    /// By canonical name.
     by_name: HashMap<Arc<str>, Registered>,
 }
 
 #[derive(Debug, Default)]
 struct AddrShard {
-    /// The name registered from each address, and that registration's token.
+    /// The canonical name registered from each address, and that registration's token.
     by_addr: HashMap<SocketAddr, (Arc<str>, u64)>,
 }
 
-/// Registered names, sharded by hash, each shard behind a reader-writer lock. Routing takes a
-/// read lock on one shard; only registering and leaving take write locks. Std locks, not
-/// Tokio's: no method holds one across an `.await`.
+/// A name held online, as the claims table sees it.
+#[derive(Debug)]
+struct Holder {
+    token: u64,
+    skeleton: String,
+    display: Arc<str>,
+    /// A guest gives way to a key holder of the same (or a look-alike) name.
+    guest: bool,
+    addr: SocketAddr,
+    outbox: Outbox,
+}
+
+#[derive(Debug, Default)]
+struct Claims {
+    by_canonical: HashMap<Arc<str>, Holder>,
+    /// Skeleton → canonical name of its holder.
+    by_skeleton: HashMap<String, Arc<str>>,
+}
+
+/// Registered names. Std locks, not Tokio's: no method holds one across an `.await`.
 #[derive(Debug)]
 pub(crate) struct Registry {
+    claims: Mutex<Claims>,
     names: Box<[RwLock<NameShard>]>,
     addrs: Box<[RwLock<AddrShard>]>,
     hasher: RandomState,
@@ -50,6 +79,7 @@ pub(crate) struct Registry {
 impl Default for Registry {
     fn default() -> Registry {
         Registry {
+            claims: Mutex::default(),
             names: (0..SHARDS).map(|_| RwLock::default()).collect(),
             addrs: (0..SHARDS).map(|_| RwLock::default()).collect(),
             hasher: RandomState::new(),
@@ -61,7 +91,7 @@ impl Default for Registry {
 
 /// An address in the form users see and type: an IPv4 client of a dual-stack (`::`) listener
 /// shows as `1.2.3.4:5`, not `[::ffff:1.2.3.4]:5`.
-fn canonical(addr: SocketAddr) -> SocketAddr {
+fn canonical_addr(addr: SocketAddr) -> SocketAddr {
     match addr {
         SocketAddr::V6(v6) => match v6.ip().to_ipv4_mapped() {
             Some(v4) => SocketAddr::from((v4, v6.port())),
@@ -71,12 +101,31 @@ fn canonical(addr: SocketAddr) -> SocketAddr {
     }
 }
 
-/// The name is already registered.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) struct NameTaken;
+/// Why a name could not be registered online.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum Conflict {
+    /// Someone online holds the name (the same canonical form).
+    Taken,
+    /// Someone online holds a name that looks like it; its display form.
+    LooksLike(Arc<str>),
+}
+
+/// Who is registering.
+#[derive(Debug)]
+pub(crate) struct Entry<'a> {
+    pub(crate) key: &'a NameKey,
+    pub(crate) display: &'a str,
+    pub(crate) addr: SocketAddr,
+    pub(crate) outbox: Outbox,
+    pub(crate) guest: bool,
+}
+
+fn lock<T>(lock: &Mutex<T>) -> MutexGuard<'_, T> {
+    // No code panics while holding a lock; a poisoned table is still consistent.
+    lock.lock().unwrap_or_else(PoisonError::into_inner)
+}
 
 fn read<T>(lock: &RwLock<T>) -> RwLockReadGuard<'_, T> {
-    // No code panics while holding a lock; a poisoned shard is still consistent.
     lock.read().unwrap_or_else(PoisonError::into_inner)
 }
 
@@ -89,81 +138,142 @@ impl Registry {
         (self.hasher.hash_one(key) % SHARDS as u64) as usize
     }
 
-    fn name_shard(&self, name: &str) -> &RwLock<NameShard> {
-        &self.names[self.shard(name)]
+    fn name_shard(&self, canonical: &str) -> &RwLock<NameShard> {
+        &self.names[self.shard(canonical)]
     }
 
     fn addr_shard(&self, addr: &SocketAddr) -> &RwLock<AddrShard> {
         &self.addrs[self.shard(addr)]
     }
 
-    /// Registers `name` for the client at `addr`. Exactly one of any number of concurrent
-    /// calls for the same name succeeds. Returns the name as shared and its token.
-    pub(crate) fn insert(
-        &self,
-        name: &str,
-        addr: SocketAddr,
-        outbox: Outbox,
-    ) -> Result<(Arc<str>, u64), NameTaken> {
-        let addr = canonical(addr);
-        let name: Arc<str> = Arc::from(name);
+    /// Registers a client under `entry.key`. Exactly one of any number of concurrent calls
+    /// for the same or look-alike names succeeds, except that a key holder (`guest: false`)
+    /// displaces a guest holding the name or a look-alike: the guest's connection is closed
+    /// with [`Status::NameOwned`]. Returns the name as shown and the registration's token.
+    pub(crate) fn insert(&self, entry: Entry<'_>) -> Result<(Arc<str>, u64), Conflict> {
+        let addr = canonical_addr(entry.addr);
+        let canonical: Arc<str> = Arc::from(entry.key.canonical.as_str());
+        let display: Arc<str> = Arc::from(entry.display);
         let token = self.next_token.fetch_add(1, Ordering::Relaxed);
-        match write(self.name_shard(&name)).by_name.entry(name.clone()) {
-            Entry::Occupied(_) => return Err(NameTaken),
-            Entry::Vacant(slot) => {
-                slot.insert(Registered { token, addr, outbox });
+        let mut claims = lock(&self.claims);
+        if let Some(holder) = claims.by_canonical.get(&canonical) {
+            if !holder.guest || entry.guest {
+                return Err(Conflict::Taken);
+            }
+            self.evict(&mut claims, &canonical);
+        }
+        if let Some(other) = claims.by_skeleton.get(&entry.key.skeleton).cloned() {
+            match claims.by_canonical.get(&other) {
+                // A key holder displaces a look-alike guest.
+                Some(holder) if holder.guest && !entry.guest => self.evict(&mut claims, &other),
+                Some(holder) => return Err(Conflict::LooksLike(holder.display.clone())),
+                // A stale index entry: its holder is gone.
+                None => {
+                    claims.by_skeleton.remove(&entry.key.skeleton);
+                }
             }
         }
-        self.len.fetch_add(1, Ordering::Relaxed);
-        // A live connection's address is unique, so this never replaces a live entry; a stale
-        // one (same port, earlier connection) is overwritten and its token no longer matches.
-        write(self.addr_shard(&addr)).by_addr.insert(addr, (name.clone(), token));
-        Ok((name, token))
+        self.finish(claims, entry, canonical, display, addr, token)
     }
 
-    /// Removes `name` if it is still the registration identified by `token`.
-    pub(crate) fn remove(&self, name: &str, token: u64) {
-        let addr = {
-            let mut shard = write(self.name_shard(name));
-            match shard.by_name.get(name) {
-                Some(entry) if entry.token == token => {
-                    let addr = entry.addr;
-                    shard.by_name.remove(name);
-                    addr
-                }
-                _ => return,
+    fn finish(
+        &self,
+        mut claims: MutexGuard<'_, Claims>,
+        entry: Entry<'_>,
+        canonical: Arc<str>,
+        display: Arc<str>,
+        addr: SocketAddr,
+        token: u64,
+    ) -> Result<(Arc<str>, u64), Conflict> {
+        claims.by_skeleton.insert(entry.key.skeleton.clone(), canonical.clone());
+        claims.by_canonical.insert(
+            canonical.clone(),
+            Holder {
+                token,
+                skeleton: entry.key.skeleton.clone(),
+                display: display.clone(),
+                guest: entry.guest,
+                addr,
+                outbox: entry.outbox.clone(),
+            },
+        );
+        // Visible to routing only once the claim is settled.
+        write(self.name_shard(&canonical)).by_name.insert(
+            canonical.clone(),
+            Registered { token, display: display.clone(), addr, outbox: entry.outbox },
+        );
+        // A live connection's address is unique, so this never replaces a live entry; a stale
+        // one (same port, earlier connection) is overwritten and its token no longer matches.
+        write(self.addr_shard(&addr)).by_addr.insert(addr, (canonical, token));
+        self.len.fetch_add(1, Ordering::Relaxed);
+        Ok((display, token))
+    }
+
+    /// Removes a guest holding `canonical` and closes its connection: a key holder takes the
+    /// name.
+    fn evict(&self, claims: &mut Claims, canonical: &Arc<str>) {
+        let Some(holder) = claims.by_canonical.remove(canonical) else { return };
+        claims.by_skeleton.remove(&holder.skeleton);
+        self.unroute(canonical, holder.token, holder.addr);
+        tracing::info!(name = %holder.display, "guest displaced by the name's key holder");
+        let detail = format!("{} now belongs to a key; you were a guest", holder.display);
+        let farewell = Message::reply(0, Status::NameOwned, &*holder.display, detail).closing();
+        holder.outbox.close(Some(&farewell));
+    }
+
+    fn unroute(&self, canonical: &str, token: u64, addr: SocketAddr) {
+        {
+            let mut shard = write(self.name_shard(canonical));
+            if shard.by_name.get(canonical).is_some_and(|e| e.token == token) {
+                shard.by_name.remove(canonical);
+                self.len.fetch_sub(1, Ordering::Relaxed);
             }
-        };
-        self.len.fetch_sub(1, Ordering::Relaxed);
+        }
         let mut shard = write(self.addr_shard(&addr));
         if shard.by_addr.get(&addr).is_some_and(|(_, t)| *t == token) {
             shard.by_addr.remove(&addr);
         }
     }
 
-    /// Runs `f` on the client registered as `name`, under its shard's read lock.
-    pub(crate) fn with_name<R>(&self, name: &str, f: impl FnOnce(&Registered) -> R) -> Option<R> {
-        read(self.name_shard(name)).by_name.get(name).map(f)
+    /// Removes `canonical` if it is still the registration identified by `token`.
+    pub(crate) fn remove(&self, canonical: &str, token: u64) {
+        let mut claims = lock(&self.claims);
+        let Some(holder) = claims.by_canonical.get(canonical) else { return };
+        if holder.token != token {
+            return;
+        }
+        let (addr, skeleton) = (holder.addr, holder.skeleton.clone());
+        claims.by_canonical.remove(canonical);
+        if claims.by_skeleton.get(&skeleton).is_some_and(|c| &**c == canonical) {
+            claims.by_skeleton.remove(&skeleton);
+        }
+        self.unroute(canonical, token, addr);
+    }
+
+    /// Runs `f` on the client registered under the canonical name `canonical`, under its
+    /// shard's read lock.
+    pub(crate) fn with_name<R>(
+        &self,
+        canonical: &str,
+        f: impl FnOnce(&Registered) -> R,
+    ) -> Option<R> {
+        read(self.name_shard(canonical)).by_name.get(canonical).map(f)
     }
 
     /// Runs `f` on the client registered from `addr`, under its shard's read lock.
     pub(crate) fn with_addr<R>(
         &self,
         addr: SocketAddr,
-        f: impl FnOnce(&str, &Registered) -> R,
+        f: impl FnOnce(&Registered) -> R,
     ) -> Option<R> {
-        let addr = canonical(addr);
+        let addr = canonical_addr(addr);
         let (name, token) = read(self.addr_shard(&addr)).by_addr.get(&addr).cloned()?;
         // The name may have left (or been re-registered from elsewhere) in between: only the
         // registration this address belongs to counts.
-        read(self.name_shard(&name))
-            .by_name
-            .get(&*name)
-            .filter(|entry| entry.token == token)
-            .map(|entry| f(&name, entry))
+        read(self.name_shard(&name)).by_name.get(&*name).filter(|entry| entry.token == token).map(f)
     }
 
-    /// Everyone online, sorted by name.
+    /// Everyone online as `(name as shown, address)`, sorted by name.
     pub(crate) fn list(&self) -> Vec<(Arc<str>, SocketAddr)> {
         let mut all: Vec<_> = self
             .names
@@ -171,8 +281,8 @@ impl Registry {
             .flat_map(|shard| {
                 read(shard)
                     .by_name
-                    .iter()
-                    .map(|(name, e)| (name.clone(), e.addr))
+                    .values()
+                    .map(|e| (e.display.clone(), e.addr))
                     .collect::<Vec<_>>()
             })
             .collect();
@@ -194,30 +304,86 @@ mod tests {
         SocketAddr::from(([127, 0, 0, 1], port))
     }
 
+    fn insert(
+        registry: &Registry,
+        name: &str,
+        port: u16,
+        guest: bool,
+    ) -> Result<(Arc<str>, u64), Conflict> {
+        let key = relay_proto::name_key(name).unwrap();
+        registry.insert(Entry {
+            key: &key,
+            display: name,
+            addr: addr(port),
+            outbox: Outbox::new(1000),
+            guest,
+        })
+    }
+
     #[test]
     fn names_are_unique_and_freed_only_by_their_owner() {
         let registry = Registry::default();
-        let (_, first) = registry.insert("alice", addr(1), Outbox::new(100)).unwrap();
-        assert_eq!(registry.insert("alice", addr(2), Outbox::new(100)), Err(NameTaken));
+        let (_, first) = insert(&registry, "alice", 1, true).unwrap();
+        assert_eq!(insert(&registry, "alice", 2, true), Err(Conflict::Taken));
+        assert_eq!(insert(&registry, "ALICE", 2, true), Err(Conflict::Taken));
+        assert_eq!(insert(&registry, "аlice", 2, true), Err(Conflict::LooksLike("alice".into())));
         registry.remove("alice", first);
-        let (_, second) = registry.insert("alice", addr(3), Outbox::new(100)).unwrap();
+        let (_, second) = insert(&registry, "alice", 3, true).unwrap();
         // A stale token does not remove the new owner.
         registry.remove("alice", first);
         assert_eq!(registry.with_name("alice", |e| e.token), Some(second));
-        assert_eq!(registry.with_addr(addr(3), |n, _| n.to_string()), Some("alice".into()));
-        assert_eq!(registry.with_addr(addr(1), |n, _| n.to_string()), None);
+        assert_eq!(registry.with_addr(addr(3), |e| e.display.to_string()), Some("alice".into()));
+        assert_eq!(registry.with_addr(addr(1), |e| e.display.to_string()), None);
         registry.remove("alice", second);
         assert_eq!(registry.len(), 0);
+        // The look-alike index went with the name.
+        insert(&registry, "аlice", 4, true).unwrap();
+    }
+
+    #[test]
+    fn a_key_holder_displaces_a_guest_and_not_the_other_way() {
+        let registry = Registry::default();
+        let key = relay_proto::name_key("Bob").unwrap();
+        let guest_outbox = Outbox::new(1000);
+        let entry = |outbox: &Outbox, guest| Entry {
+            key: &key,
+            display: "Bob",
+            addr: addr(1),
+            outbox: outbox.clone(),
+            guest,
+        };
+        registry.insert(entry(&guest_outbox, true)).unwrap();
+        let owner = Outbox::new(1000);
+        registry.insert(entry(&owner, false)).unwrap();
+        assert!(guest_outbox.is_closed());
+        assert!(!owner.is_closed());
+        assert_eq!(registry.insert(entry(&Outbox::new(1000), true)), Err(Conflict::Taken));
+        assert_eq!(registry.len(), 1);
+        // A look-alike guest is displaced the same way.
+        let (_, guest) = insert(&registry, "carol", 5, true).unwrap();
+        insert(&registry, "caroI", 6, false).unwrap();
+        assert_eq!(registry.with_name("carol", |e| e.token), None);
+        registry.remove("carol", guest);
+        assert_eq!(registry.len(), 2);
     }
 
     #[test]
     fn ipv4_clients_of_a_dual_stack_listener_are_known_by_their_ipv4_address() {
         let registry = Registry::default();
         let mapped: SocketAddr = "[::ffff:10.1.2.3]:4000".parse().unwrap();
-        registry.insert("bob", mapped, Outbox::new(100)).unwrap();
+        let key = relay_proto::name_key("bob").unwrap();
+        registry
+            .insert(Entry {
+                key: &key,
+                display: "bob",
+                addr: mapped,
+                outbox: Outbox::new(100),
+                guest: true,
+            })
+            .unwrap();
         let plain: SocketAddr = "10.1.2.3:4000".parse().unwrap();
         assert_eq!(registry.list(), vec![(Arc::from("bob"), plain)]);
-        assert_eq!(registry.with_addr(plain, |n, _| n.to_string()), Some("bob".into()));
-        assert_eq!(registry.with_addr(mapped, |n, _| n.to_string()), Some("bob".into()));
+        assert_eq!(registry.with_addr(plain, |e| e.display.to_string()), Some("bob".into()));
+        assert_eq!(registry.with_addr(mapped, |e| e.display.to_string()), Some("bob".into()));
     }
 }

@@ -1,25 +1,31 @@
 //! The routing seam: the only place that decides where a message goes and who owns a name.
 //!
-//! Connection handling talks to [`Router`] alone: it claims a name, routes messages, lists
-//! users. Today every route is local (the in-memory [`Registry`]); a cluster mode adds remote
-//! routes and broker-backed name claims here without touching connection code.
+//! Connection handling talks to [`Routing`] alone: it claims a name, routes messages, lists
+//! users. [`LocalRouter`] is the one-node implementation (the in-memory [`Registry`] over a
+//! [`NameStore`]); a cluster mode is a second implementation of the same trait, with remote
+//! routes and broker-backed claims, and no change to connection code.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
+use futures_util::future::BoxFuture;
 use relay_proto::{
-    Destination, Kind, Message, MessageRef, Status, encoded_len_ref, parse_destination,
+    AuthMode, Destination, Kind, Message, MessageRef, NameKey, PublicKey, Status, canonical_name,
+    encoded_len_ref, parse_destination,
 };
 
-use crate::outbox::{Outbox, PushError, wire_size};
-use crate::registry::{NameTaken, Registry};
+use crate::names::{Claimed, GuestCheck, KeyClaim, NameRecord, NameStore, StoreError};
+use crate::outbox::{Outbox, PushError};
+use crate::registry::{Conflict, Entry, Registry};
 
 /// Why a message was not delivered.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) enum Undelivered {
-    /// Nobody by that name or address is online.
-    NotFound,
+    /// Nobody by that name or address is online. (The durable-delivery step stores a message
+    /// for a bound name here; today the sender is told `NotFound`.)
+    NotOnline,
     /// The receiver's outbox stayed full for the send wait (or it is stalled): it is not
     /// keeping up. Nothing was queued.
     ReceiverFull,
@@ -28,34 +34,101 @@ pub(crate) enum Undelivered {
 }
 
 /// What became of a routed message.
-#[derive(Debug)]
 pub(crate) enum Routed {
     /// Queued for the receiver.
     Queued,
-    /// The receiver's outbox is full; wait for room with [`Pending::wait`].
+    /// The receiver cannot take it now; await this (it waits a bounded time for room) to
+    /// learn its fate.
     Full(Pending),
 }
 
-/// A message waiting for room in a full receiver's outbox. It owns a copy of the message: the
-/// frame it came in is not kept while the sender waits.
-#[derive(Debug)]
-pub(crate) struct Pending {
-    outbox: Outbox,
-    msg: Message,
-    wait: Duration,
+/// A message waiting for a busy receiver. It owns a copy of the message: the frame it came in
+/// is not kept while the sender waits.
+pub(crate) type Pending = BoxFuture<'static, Result<(), (Undelivered, String)>>;
+
+/// Why a name could not be claimed.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(crate) enum Refused {
+    /// Someone online holds the name.
+    Taken,
+    /// The name is bound to another key (or to a key, for a guest); its display form.
+    Owned(String),
+    /// A name that looks like it is bound or online; its display form.
+    LooksLike(String),
+    /// The server only takes keyed registrations.
+    AuthRequired,
+    /// The name table failed.
+    Unavailable(String),
 }
 
-impl Pending {
-    /// Waits up to the send wait for room, then queues the message or gives up.
-    pub(crate) async fn wait(self) -> Result<(), (Undelivered, String)> {
-        match self.outbox.wait_for_room(&self.msg.as_ref(), self.wait).await {
-            Ok(()) => Ok(()),
-            Err(PushError::Full | PushError::Stalled) => {
-                Err((Undelivered::ReceiverFull, self.msg.to))
-            }
-            Err(PushError::Closed) => Err((Undelivered::NotFound, self.msg.to)),
-        }
-    }
+/// A request to claim a name for a connection.
+#[derive(Debug)]
+pub(crate) struct ClaimRequest<'a> {
+    /// The name as sent.
+    pub(crate) name: &'a str,
+    /// Its canonical form and skeleton.
+    pub(crate) key: NameKey,
+    /// The key the client proved, if any (a guest has none).
+    pub(crate) proof: Option<PublicKey>,
+    pub(crate) addr: SocketAddr,
+    pub(crate) outbox: Outbox,
+    /// The client's protocol version: its outbox encodes in that layout.
+    pub(crate) version: u16,
+}
+
+/// Bits of a sequence number below the session's epoch: 2^40 messages per session.
+const SEQ_EPOCH_SHIFT: u32 = 40;
+
+/// The first sequence number of a session in `epoch`.
+pub(crate) fn first_seq(epoch: u64) -> u64 {
+    (epoch << SEQ_EPOCH_SHIFT) | 1
+}
+
+/// The routing seam: who holds which name, and where a message goes. Connection handling
+/// talks to this alone. Claims and releases are async and can fail (a store or a broker can
+/// say no); routing a message is synchronous and never waits (the fast path), handing back a
+/// [`Pending`] future when the receiver is busy.
+pub(crate) trait Routing: Send + Sync + std::fmt::Debug + 'static {
+    /// Claims a name for a connection.
+    fn claim<'a>(
+        self: Arc<Self>,
+        request: ClaimRequest<'a>,
+    ) -> BoxFuture<'a, Result<Claim, Refused>>;
+
+    /// Releases a claim: the name goes offline. Explicit, because a store or broker release
+    /// can await; [`Claim`]'s `Drop` is the last-resort net for the in-memory part.
+    fn release(&self, claim: Claim) -> BoxFuture<'_, ()>;
+
+    /// Forgets a claim in memory at once (the `Drop` net).
+    fn forget(&self, canonical: &str, token: u64);
+
+    /// Routes a message from `from` to `to` (a name or an `ip:port`), stamping `from` and
+    /// `time` on it; `routes` is the sender's [`RouteCache`]. Never waits. On failure, gives
+    /// back the destination so the reply can name it.
+    fn route(
+        &self,
+        from: &str,
+        id: u64,
+        to: &str,
+        content: &[u8],
+        time: u64,
+        routes: &mut RouteCache,
+    ) -> Result<Routed, (Undelivered, String)>;
+
+    /// Tells the senders of `undelivered` messages (chat messages that were queued for a
+    /// receiver whose connection then failed) that they were not delivered.
+    fn report_undelivered(&self, undelivered: Vec<Message>);
+
+    /// Everyone online as `(name, address)`, sorted by name.
+    fn users(&self) -> Vec<(Arc<str>, SocketAddr)>;
+
+    /// How many names are online.
+    fn online(&self) -> usize;
+
+    /// Unbinds a name from its key (the operator's `release`), disconnecting its holder if
+    /// online; returns what was bound.
+    fn unbind<'a>(&'a self, name: &'a str)
+    -> BoxFuture<'a, Result<Option<NameRecord>, StoreError>>;
 }
 
 /// One connection's last destination and the outbox it led to. A sender mostly writes to the
@@ -89,89 +162,82 @@ impl RouteCache {
     }
 }
 
-/// Routes messages between registered clients.
+/// The local router: the in-memory [`Registry`] of who is online, and the name table.
 #[derive(Debug)]
-pub(crate) struct Router {
+pub(crate) struct LocalRouter {
     registry: Registry,
+    /// `None` with `--auth none`: nothing is stored and every name is a guest name.
+    store: Option<Arc<dyn NameStore>>,
+    auth: AuthMode,
     max_frame_len: usize,
     /// How long a message waits for room in a full receiver's outbox.
     send_wait: Duration,
+    /// Epochs for guest sessions, which have no stored one: ordered within a server's life.
+    guest_epochs: AtomicU64,
 }
 
-/// A registered name, held by its connection. Dropping it frees the name, so every way a
-/// connection can end (offline, error, disconnect, shutdown) unregisters it.
+/// A claimed name, held by its connection. Release it with [`Routing::release`]; dropping it
+/// unclaimed frees the name in memory, so every way a connection can end unregisters it.
 #[derive(Debug)]
 pub(crate) struct Claim {
-    router: Arc<Router>,
-    name: Arc<str>,
+    router: Arc<dyn Routing>,
+    /// The name as shown.
+    display: Arc<str>,
+    canonical: Arc<str>,
     token: u64,
+    /// The key that holds the name; `None` for a guest.
+    key: Option<PublicKey>,
+    /// The name was bound to the key by this claim.
+    first: bool,
+    released: bool,
 }
 
 impl Claim {
-    /// The registered name.
+    /// The name as shown.
     pub(crate) fn name(&self) -> &Arc<str> {
-        &self.name
+        &self.display
+    }
+
+    /// The key holding the name, for a keyed claim.
+    pub(crate) fn key(&self) -> Option<PublicKey> {
+        self.key
+    }
+
+    /// Whether this claim bound the name for the first time.
+    pub(crate) fn first(&self) -> bool {
+        self.first
     }
 }
 
 impl Drop for Claim {
     fn drop(&mut self) {
-        self.router.registry.remove(&self.name, self.token);
+        if !self.released {
+            self.router.forget(&self.canonical, self.token);
+        }
     }
 }
 
-impl Router {
-    pub(crate) fn new(max_frame_len: usize, send_wait: Duration) -> Router {
-        Router { registry: Registry::default(), max_frame_len, send_wait }
-    }
+/// Now, in milliseconds since the Unix epoch.
+pub(crate) fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+}
 
-    /// Claims `name` for the connection at `addr`, whose outbox receives its messages.
-    pub(crate) fn claim(
-        self: &Arc<Self>,
-        name: &str,
-        addr: SocketAddr,
-        outbox: Outbox,
-    ) -> Result<Claim, NameTaken> {
-        let (name, token) = self.registry.insert(name, addr, outbox)?;
-        Ok(Claim { router: self.clone(), name, token })
-    }
-
-    /// Routes a message from the client registered as `from` to `to` (a name or an
-    /// `ip:port`), stamping `from` on it; `routes` is the sender's [`RouteCache`]. Never
-    /// waits: if the receiver's outbox is full, the message comes back as [`Routed::Full`],
-    /// for the caller to wait on (see [`Pending::wait`]). Waiting is the backpressure that
-    /// slows a sender to its receiver's pace (the sender's connection reads nothing
-    /// meanwhile, so TCP pushes back on it).
-    ///
-    /// On failure, gives back the destination so the reply can name it.
-    pub(crate) fn route(
-        &self,
-        from: &str,
-        id: u64,
-        to: &str,
-        content: &[u8],
-        routes: &mut RouteCache,
-    ) -> Result<Routed, (Undelivered, String)> {
-        let msg = MessageRef::deliver(id, from, to, content);
-        let len = encoded_len_ref(&msg);
-        if len > self.max_frame_len {
-            return Err((Undelivered::TooLarge, to.to_owned()));
-        }
-        let Some(outbox) = routes.resolve(to, |to| self.lookup(to)) else {
-            return Err((Undelivered::NotFound, to.to_owned()));
-        };
-        match outbox.push_sized(&msg, wire_size(len)) {
-            Ok(()) => Ok(Routed::Queued),
-            Err(PushError::Full) if !self.send_wait.is_zero() => Ok(Routed::Full(Pending {
-                outbox: outbox.clone(),
-                msg: msg.to_message(),
-                wait: self.send_wait,
-            })),
-            Err(PushError::Full | PushError::Stalled) => {
-                Err((Undelivered::ReceiverFull, to.to_owned()))
-            }
-            // The receiver is closing: as far as the sender is concerned it is gone.
-            Err(PushError::Closed) => Err((Undelivered::NotFound, to.to_owned())),
+impl LocalRouter {
+    pub(crate) fn new(
+        store: Option<Arc<dyn NameStore>>,
+        auth: AuthMode,
+        max_frame_len: usize,
+        send_wait: Duration,
+    ) -> LocalRouter {
+        LocalRouter {
+            registry: Registry::default(),
+            store,
+            auth,
+            max_frame_len,
+            send_wait,
+            guest_epochs: AtomicU64::new(1),
         }
     }
 
@@ -179,15 +245,159 @@ impl Router {
     fn lookup(&self, to: &str) -> Option<Outbox> {
         // The handle is cloned so the shard lock is held only for the lookup, not the push.
         match parse_destination(to) {
-            Ok(Destination::Name(name)) => self.registry.with_name(name, |e| e.outbox.clone()),
-            Ok(Destination::Addr(addr)) => self.registry.with_addr(addr, |_, e| e.outbox.clone()),
+            Ok(Destination::Name(name)) => {
+                self.registry.with_name(&canonical_name(name), |e| e.outbox.clone())
+            }
+            Ok(Destination::Addr(addr)) => self.registry.with_addr(addr, |e| e.outbox.clone()),
             Err(_) => None,
         }
     }
 
-    /// Tells the senders of `undelivered` messages (chat messages that were queued for a
-    /// receiver whose connection then failed) that they were not delivered.
-    pub(crate) fn report_undelivered(&self, undelivered: Vec<Message>) {
+    /// Registers the connection online and opens its session; the claim's epoch gives its
+    /// sequence numbers.
+    fn go_online(
+        self: &Arc<Self>,
+        request: &ClaimRequest<'_>,
+        display: &str,
+        key: Option<PublicKey>,
+        epoch: u64,
+    ) -> Result<Claim, Refused> {
+        request.outbox.set_session(request.version, first_seq(epoch));
+        let entry = Entry {
+            key: &request.key,
+            display,
+            addr: request.addr,
+            outbox: request.outbox.clone(),
+            guest: key.is_none(),
+        };
+        let (display, token) = self.registry.insert(entry).map_err(|conflict| match conflict {
+            Conflict::Taken => Refused::Taken,
+            Conflict::LooksLike(other) => Refused::LooksLike(other.to_string()),
+        })?;
+        Ok(Claim {
+            router: self.clone(),
+            display,
+            canonical: Arc::from(request.key.canonical.as_str()),
+            token,
+            key,
+            first: false,
+            released: false,
+        })
+    }
+}
+
+impl Routing for LocalRouter {
+    fn claim<'a>(
+        self: Arc<Self>,
+        request: ClaimRequest<'a>,
+    ) -> BoxFuture<'a, Result<Claim, Refused>> {
+        Box::pin(async move {
+            let store = match (&self.store, self.auth) {
+                (Some(store), AuthMode::Optional | AuthMode::Required) => store.clone(),
+                // No keys: names are first come, first served, as in protocol version 1.
+                _ => {
+                    let epoch = self.guest_epochs.fetch_add(1, Ordering::Relaxed);
+                    return self.go_online(&request, request.name, None, epoch);
+                }
+            };
+            match request.proof {
+                Some(key) => {
+                    let claim = KeyClaim {
+                        display: request.name.to_string(),
+                        canonical: request.key.canonical.clone(),
+                        skeleton: request.key.skeleton.clone(),
+                        key,
+                        now: now_ms(),
+                    };
+                    match store.claim(claim).await {
+                        Ok(Claimed::Bound { record, first }) => {
+                            let mut claim =
+                                self.go_online(&request, &record.display, Some(key), record.epoch)?;
+                            claim.first = first;
+                            Ok(claim)
+                        }
+                        Ok(Claimed::Owned { display }) => Err(Refused::Owned(display)),
+                        Ok(Claimed::Confusable { display }) => Err(Refused::LooksLike(display)),
+                        Err(e) => Err(Refused::Unavailable(e.to_string())),
+                    }
+                }
+                None if self.auth == AuthMode::Required => Err(Refused::AuthRequired),
+                None => {
+                    // Online first, then the table: a key holder who binds the name meanwhile
+                    // displaces this guest (see `Registry::insert`), so the key always wins.
+                    let epoch = self.guest_epochs.fetch_add(1, Ordering::Relaxed);
+                    let claim = self.go_online(&request, request.name, None, epoch)?;
+                    let canonical = request.key.canonical.clone();
+                    match store.check_guest(canonical, request.key.skeleton.clone()).await {
+                        Ok(GuestCheck::Free) => Ok(claim),
+                        Ok(GuestCheck::Owned { display }) => Err(Refused::Owned(display)),
+                        Ok(GuestCheck::Confusable { display }) => Err(Refused::LooksLike(display)),
+                        Err(e) => Err(Refused::Unavailable(e.to_string())),
+                    }
+                }
+            }
+        })
+    }
+
+    fn release(&self, mut claim: Claim) -> BoxFuture<'_, ()> {
+        claim.released = true;
+        self.registry.remove(&claim.canonical, claim.token);
+        Box::pin(async move {
+            if let (Some(store), Some(_)) = (&self.store, claim.key) {
+                let canonical = claim.canonical.to_string();
+                if let Err(e) = store.seen(canonical, now_ms()).await {
+                    tracing::warn!(name = %claim.display, error = %e, "could not record last seen");
+                }
+            }
+        })
+    }
+
+    fn forget(&self, canonical: &str, token: u64) {
+        self.registry.remove(canonical, token);
+    }
+
+    fn route(
+        &self,
+        from: &str,
+        id: u64,
+        to: &str,
+        content: &[u8],
+        time: u64,
+        routes: &mut RouteCache,
+    ) -> Result<Routed, (Undelivered, String)> {
+        let mut msg = MessageRef::deliver(id, from, to, content);
+        msg.time = time;
+        // Checked in the larger (version 2) layout, whatever the receiver speaks.
+        let len = encoded_len_ref(&msg);
+        if len > self.max_frame_len {
+            return Err((Undelivered::TooLarge, to.to_owned()));
+        }
+        let Some(outbox) = routes.resolve(to, |to| self.lookup(to)) else {
+            return Err((Undelivered::NotOnline, to.to_owned()));
+        };
+        match outbox.push(&msg) {
+            Ok(()) => Ok(Routed::Queued),
+            Err(PushError::Full) if !self.send_wait.is_zero() => {
+                let (outbox, msg, wait) = (outbox.clone(), msg.to_message(), self.send_wait);
+                Ok(Routed::Full(Box::pin(async move {
+                    match outbox.wait_for_room(&msg.as_ref(), wait).await {
+                        Ok(()) => Ok(()),
+                        Err(PushError::Full | PushError::Stalled) => {
+                            Err((Undelivered::ReceiverFull, msg.to))
+                        }
+                        Err(PushError::Closed) => Err((Undelivered::NotOnline, msg.to)),
+                    }
+                })))
+            }
+            Err(PushError::Full | PushError::Stalled) => {
+                Err((Undelivered::ReceiverFull, to.to_owned()))
+            }
+            // The receiver is closing: as far as the sender is concerned it is gone.
+            Err(PushError::Closed) => Err((Undelivered::NotOnline, to.to_owned())),
+        }
+    }
+
+    fn report_undelivered(&self, undelivered: Vec<Message>) {
         for msg in undelivered {
             if msg.kind != Kind::Chat || msg.from.is_empty() {
                 continue; // Replies and pings for the failed connection itself.
@@ -195,17 +405,42 @@ impl Router {
             let detail = format!("{} disconnected before the message reached it", msg.to);
             let reply = Message::reply(msg.id, Status::NotDelivered, msg.to, detail);
             // If the sender is gone too, or not reading either, there is no one left to tell.
-            let _ = self.registry.with_name(&msg.from, |e| e.outbox.push(&reply.as_ref()));
+            let from = canonical_name(&msg.from);
+            let _ = self.registry.with_name(&from, |e| e.outbox.push(&reply.as_ref()));
         }
     }
 
-    /// Everyone online as `(name, address)`, sorted by name.
-    pub(crate) fn users(&self) -> Vec<(Arc<str>, SocketAddr)> {
+    fn users(&self) -> Vec<(Arc<str>, SocketAddr)> {
         self.registry.list()
     }
 
-    /// How many names are registered.
-    pub(crate) fn online(&self) -> usize {
+    fn online(&self) -> usize {
         self.registry.len()
+    }
+
+    fn unbind<'a>(
+        &'a self,
+        name: &'a str,
+    ) -> BoxFuture<'a, Result<Option<NameRecord>, StoreError>> {
+        Box::pin(async move {
+            let Some(store) = &self.store else {
+                return Err(StoreError(
+                    "the server runs with --auth none: no names are bound".into(),
+                ));
+            };
+            let canonical = canonical_name(name).into_owned();
+            let released = store.release(canonical.clone()).await?;
+            if released.is_some() {
+                // Its holder, if online, loses the name now, not at its next login.
+                let online = self.registry.with_name(&canonical, |e| (e.token, e.outbox.clone()));
+                if let Some((token, outbox)) = online {
+                    self.registry.remove(&canonical, token);
+                    let detail = format!("the operator released the name {name}");
+                    outbox
+                        .close(Some(&Message::reply(0, Status::NameOwned, name, detail).closing()));
+                }
+            }
+            Ok(released)
+        })
     }
 }

@@ -8,7 +8,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::BytesMut;
-use relay_proto::{Message, MessageCodec, Status};
+use relay_proto::{AuthMode, Message, MessageCodec, Status};
 use tokio::io::AsyncWriteExt;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::Semaphore;
@@ -19,7 +19,9 @@ use tracing::{debug, info, warn};
 
 use crate::config::Config;
 use crate::connection::{self, Shared};
-use crate::router::Router;
+use crate::names::{NameRecord, NameStore, StoreError};
+use crate::redb_store::{OpenError, RedbStore};
+use crate::router::LocalRouter;
 
 /// A relay server bound to a listener, ready to [`run`](Server::run).
 ///
@@ -65,23 +67,47 @@ impl ServerHandle {
     pub fn connections(&self) -> usize {
         self.shared.config.max_clients - self.slots.available_permits()
     }
-}
 
-/// The configuration was refused.
-#[derive(Debug, thiserror::Error)]
-#[error("invalid configuration: {0}")]
-pub struct ConfigError(pub String);
-
-impl Server {
-    /// Wraps an already-bound listener (bind port 0 in tests).
+    /// Unbinds `name` from its key (the console's `release`, for a user who lost their key):
+    /// anyone may claim it afterwards. Its holder, if online, is disconnected. Returns what
+    /// was bound, or `None` if the name was not bound.
     ///
     /// # Errors
-    /// [`ConfigError`] if `config` fails [`Config::validate`].
-    pub fn new(listener: TcpListener, config: Config) -> Result<Server, ConfigError> {
-        config.validate().map_err(ConfigError)?;
+    /// If the name table fails, or the server stores no names (`--auth none`).
+    pub async fn release(&self, name: &str) -> Result<Option<NameRecord>, StoreError> {
+        self.shared.router.unbind(name).await
+    }
+}
+
+/// The server could not start: one line for a person, each naming what to fix.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum StartError {
+    /// The configuration was refused.
+    #[error("invalid configuration: {0}")]
+    Config(String),
+    /// The name table in the data directory could not be opened.
+    #[error(transparent)]
+    Store(#[from] OpenError),
+}
+
+impl Server {
+    /// Wraps an already-bound listener (bind port 0 in tests), opening the name table in
+    /// [`Config::data_dir`] unless [`Config::auth`] is [`AuthMode::None`].
+    ///
+    /// # Errors
+    /// [`StartError::Config`] if `config` fails [`Config::validate`]; [`StartError::Store`] if
+    /// the data directory cannot be used, its store is locked by another server, or damaged.
+    pub fn new(listener: TcpListener, config: Config) -> Result<Server, StartError> {
+        config.validate().map_err(StartError::Config)?;
+        let store: Option<Arc<dyn NameStore>> = match config.auth {
+            AuthMode::None => None,
+            _ => Some(Arc::new(RedbStore::open(&config.data_dir)?)),
+        };
         let slots = Arc::new(Semaphore::new(config.max_clients));
+        let router = LocalRouter::new(store, config.auth, config.max_frame_len, config.send_wait);
         let shared = Arc::new(Shared {
-            router: Arc::new(Router::new(config.max_frame_len, config.send_wait)),
+            router: Arc::new(router),
             config,
             hard_stop: CancellationToken::new(),
         });

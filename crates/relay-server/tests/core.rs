@@ -71,7 +71,7 @@ async fn messages_are_routed_by_name_and_by_address() {
     let bob_addr = bob.local_addr().to_string();
     let id = alice.send(&bob_addr, "by address").await.unwrap();
     match next_event(&mut bob_events).await {
-        Event::Message { id: got, from, content } => {
+        Event::Message { id: got, from, content, .. } => {
             assert_eq!((got, &*from, &content[..]), (id, "alice", &b"by address"[..]));
         }
         other => panic!("{other:?}"),

@@ -26,6 +26,8 @@ pub struct TestServer {
     pub handle: ServerHandle,
     pub shutdown: CancellationToken,
     pub task: JoinHandle<()>,
+    /// The data directory, unless the test gave its own: removed with the server.
+    pub data: Option<tempfile::TempDir>,
 }
 
 impl TestServer {
@@ -37,14 +39,22 @@ impl TestServer {
         TestServer::bind("127.0.0.1:0", config).await
     }
 
-    pub async fn bind(addr: &str, config: Config) -> TestServer {
+    /// Binds `addr` and runs a server with `config`. A config left with the default data
+    /// directory gets a fresh temporary one instead, so tests never share or leave state.
+    pub async fn bind(addr: &str, mut config: Config) -> TestServer {
+        let mut data = None;
+        if config.data_dir == Config::default().data_dir {
+            let dir = tempfile::tempdir().unwrap();
+            config.data_dir = dir.path().to_path_buf();
+            data = Some(dir);
+        }
         let listener = tokio::net::TcpListener::bind(addr).await.unwrap();
         let server = Server::new(listener, config).unwrap();
         let addr = server.local_addr().unwrap();
         let handle = server.handle();
         let shutdown = CancellationToken::new();
         let task = tokio::spawn(server.run(shutdown.clone()));
-        TestServer { addr, handle, shutdown, task }
+        TestServer { addr, handle, shutdown, task, data }
     }
 
     pub fn url(&self) -> String {

@@ -15,6 +15,8 @@ pub struct ServerProcess {
     pub addr: SocketAddr,
     pub pid: u32,
     log: mpsc::UnboundedReceiver<String>,
+    /// The data directory, unless the caller gave `--data-dir`.
+    _data: Option<tempfile::TempDir>,
 }
 
 impl ServerProcess {
@@ -31,6 +33,10 @@ impl ServerProcess {
             }
             None => Command::new(binary),
         };
+        let data = (!args.contains(&"--data-dir")).then(|| tempfile::tempdir().unwrap());
+        if let Some(dir) = &data {
+            command.arg("--data-dir").arg(dir.path());
+        }
         let mut child = command
             .args(["--host", "127.0.0.1", "--port", "0"])
             .args(args)
@@ -60,7 +66,7 @@ impl ServerProcess {
             }
         })
         .await;
-        ServerProcess { child, addr: listening, pid, log }
+        ServerProcess { child, addr: listening, pid, log, _data: data }
     }
 
     /// Reads the log until a line contains `needle`.

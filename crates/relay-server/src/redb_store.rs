@@ -1,0 +1,505 @@
+//! The embedded name table: a redb database (`names.redb`) in the data directory.
+//!
+//! redb is pure Rust, ACID and crash-safe: a commit is on disk when it returns (its default
+//! `Durability::Immediate`), and a process killed at any point reopens to the last commit.
+//! One thread owns the database and applies requests in batches: everything queued while a
+//! commit runs goes into the next transaction, so many registrations at once share one fsync
+//! (group commit) and none is answered before its commit returned.
+//!
+//! Tables: `names` (canonical name → record) and `skeletons` (skeleton → canonical name), kept
+//! in step in the same transactions.
+
+use std::path::{Path, PathBuf};
+use std::sync::mpsc;
+use std::thread;
+
+use futures_util::future::BoxFuture;
+use redb::{Database, DatabaseError, ReadableTable, TableDefinition};
+use relay_proto::{PUBLIC_KEY_LEN, PublicKey};
+use tokio::sync::oneshot;
+
+use crate::names::{Claimed, GuestCheck, KeyClaim, NameRecord, NameStore, StoreError};
+
+const NAMES: TableDefinition<&str, &[u8]> = TableDefinition::new("names");
+const SKELETONS: TableDefinition<&str, &str> = TableDefinition::new("skeletons");
+
+/// The database file in the data directory.
+pub const DB_FILE: &str = "names.redb";
+
+/// Most requests applied in one transaction.
+const MAX_BATCH: usize = 1024;
+
+/// Why the store could not be opened: each says what to do about it in one line.
+#[derive(Debug, thiserror::Error)]
+pub enum OpenError {
+    /// The data directory could not be created or is not writable.
+    #[error("cannot use data directory {dir}: {source}")]
+    Dir {
+        /// The directory.
+        dir: PathBuf,
+        /// What the OS said.
+        source: std::io::Error,
+    },
+    /// Another process (a second server) has the database open.
+    #[error("{path} is in use by another relay-server; give each server its own --data-dir")]
+    Locked {
+        /// The database file.
+        path: PathBuf,
+    },
+    /// The file is not a readable redb database.
+    #[error(
+        "{path} is damaged or not a relay name table ({detail}); restore it from a backup or move it away"
+    )]
+    Corrupt {
+        /// The database file.
+        path: PathBuf,
+        /// What redb said.
+        detail: String,
+    },
+}
+
+/// The embedded [`NameStore`]. Cheap to clone? No: share it behind an `Arc`.
+#[derive(Debug)]
+pub struct RedbStore {
+    requests: mpsc::Sender<Request>,
+}
+
+type Reply<T> = oneshot::Sender<Result<T, StoreError>>;
+
+enum Request {
+    Claim(KeyClaim, Reply<Claimed>),
+    CheckGuest(String, String, Reply<GuestCheck>),
+    Seen(String, u64, Reply<()>),
+    Release(String, Reply<Option<NameRecord>>),
+    Lookup(String, Reply<Option<NameRecord>>),
+}
+
+impl RedbStore {
+    /// Opens (creating if need be) the name table in `dir`, which is created too.
+    ///
+    /// # Errors
+    /// [`OpenError`]: a directory that cannot be used, a database locked by another server,
+    /// or a damaged file. A damaged file is never replaced.
+    pub fn open(dir: &Path) -> Result<RedbStore, OpenError> {
+        let dir_error = |source| OpenError::Dir { dir: dir.to_path_buf(), source };
+        std::fs::create_dir_all(dir).map_err(dir_error)?;
+        let path = dir.join(DB_FILE);
+        let db = Database::create(&path).map_err(|e| match e {
+            DatabaseError::DatabaseAlreadyOpen => OpenError::Locked { path: path.clone() },
+            // redb reports a file that is not a database as invalid data.
+            DatabaseError::Storage(redb::StorageError::Io(io))
+                if io.kind() != std::io::ErrorKind::InvalidData =>
+            {
+                dir_error(io)
+            }
+            other => OpenError::Corrupt { path: path.clone(), detail: other.to_string() },
+        })?;
+        // Create the tables now, so a read-only or full disk shows at start, not at the
+        // first registration.
+        let corrupt = |e: &dyn std::fmt::Display| OpenError::Corrupt {
+            path: path.clone(),
+            detail: e.to_string(),
+        };
+        let tx = db.begin_write().map_err(|e| corrupt(&e))?;
+        {
+            let names = tx.open_table(NAMES).map_err(|e| corrupt(&e))?;
+            // Every record must decode: a table we cannot read is not silently ignored.
+            for entry in names.iter().map_err(|e| corrupt(&e))? {
+                let (key, value) = entry.map_err(|e| corrupt(&e))?;
+                decode(key.value(), value.value())
+                    .ok_or_else(|| corrupt(&format!("bad record for {:?}", key.value())))?;
+            }
+            tx.open_table(SKELETONS).map_err(|e| corrupt(&e))?;
+        }
+        tx.commit().map_err(|e| match e {
+            redb::CommitError::Storage(redb::StorageError::Io(io)) => dir_error(io),
+            other => corrupt(&other),
+        })?;
+        let (requests, queue) = mpsc::channel();
+        thread::Builder::new()
+            .name("relay-names".into())
+            .spawn(move || worker(db, queue))
+            .map_err(dir_error)?;
+        Ok(RedbStore { requests })
+    }
+
+    fn ask<T: Send + 'static>(
+        &self,
+        make: impl FnOnce(Reply<T>) -> Request,
+    ) -> BoxFuture<'static, Result<T, StoreError>> {
+        let (tx, rx) = oneshot::channel();
+        let sent = self.requests.send(make(tx));
+        Box::pin(async move {
+            sent.map_err(|_| StoreError("the store has stopped".into()))?;
+            rx.await.map_err(|_| StoreError("the store has stopped".into()))?
+        })
+    }
+}
+
+impl NameStore for RedbStore {
+    fn claim(&self, claim: KeyClaim) -> BoxFuture<'static, Result<Claimed, StoreError>> {
+        self.ask(|tx| Request::Claim(claim, tx))
+    }
+
+    fn check_guest(
+        &self,
+        canonical: String,
+        skeleton: String,
+    ) -> BoxFuture<'static, Result<GuestCheck, StoreError>> {
+        self.ask(|tx| Request::CheckGuest(canonical, skeleton, tx))
+    }
+
+    fn seen(&self, canonical: String, now: u64) -> BoxFuture<'static, Result<(), StoreError>> {
+        self.ask(|tx| Request::Seen(canonical, now, tx))
+    }
+
+    fn release(
+        &self,
+        canonical: String,
+    ) -> BoxFuture<'static, Result<Option<NameRecord>, StoreError>> {
+        self.ask(|tx| Request::Release(canonical, tx))
+    }
+
+    fn lookup(
+        &self,
+        canonical: String,
+    ) -> BoxFuture<'static, Result<Option<NameRecord>, StoreError>> {
+        self.ask(|tx| Request::Lookup(canonical, tx))
+    }
+}
+
+/// An answer waiting for its transaction to commit.
+enum Done {
+    Claim(Reply<Claimed>, Result<Claimed, StoreError>),
+    CheckGuest(Reply<GuestCheck>, Result<GuestCheck, StoreError>),
+    Seen(Reply<()>, Result<(), StoreError>),
+    Record(Reply<Option<NameRecord>>, Result<Option<NameRecord>, StoreError>),
+}
+
+impl Done {
+    /// Sends the answer, or `failed` instead if the commit did not happen.
+    fn send(self, failed: Option<&StoreError>) {
+        fn pick<T>(r: Result<T, StoreError>, failed: Option<&StoreError>) -> Result<T, StoreError> {
+            match failed {
+                Some(e) => Err(e.clone()),
+                None => r,
+            }
+        }
+        // The asker may have given up (its connection closed): nobody to tell.
+        let _ = match self {
+            Done::Claim(tx, r) => tx.send(pick(r, failed)).map_err(drop),
+            Done::CheckGuest(tx, r) => tx.send(pick(r, failed)).map_err(drop),
+            Done::Seen(tx, r) => tx.send(pick(r, failed)).map_err(drop),
+            Done::Record(tx, r) => tx.send(pick(r, failed)).map_err(drop),
+        };
+    }
+}
+
+fn worker(db: Database, queue: mpsc::Receiver<Request>) {
+    while let Ok(first) = queue.recv() {
+        let mut batch = vec![first];
+        while batch.len() < MAX_BATCH {
+            match queue.try_recv() {
+                Ok(next) => batch.push(next),
+                Err(_) => break,
+            }
+        }
+        let mut done = Vec::with_capacity(batch.len());
+        let committed = apply(&db, batch, &mut done);
+        if let Err(e) = &committed {
+            tracing::error!(error = %e, "name table update failed");
+        }
+        for answer in done {
+            answer.send(committed.as_ref().err());
+        }
+    }
+}
+
+fn store_error(e: impl std::fmt::Display) -> StoreError {
+    StoreError(e.to_string())
+}
+
+/// Applies a batch in one write transaction and commits it. Each answer goes into `done`;
+/// they are sent only once the commit returned (or fails, all together).
+fn apply(db: &Database, batch: Vec<Request>, done: &mut Vec<Done>) -> Result<(), StoreError> {
+    let tx = match db.begin_write() {
+        Ok(tx) => tx,
+        Err(e) => {
+            let e = store_error(e);
+            for request in batch {
+                fail(request, &e, done);
+            }
+            return Err(e);
+        }
+    };
+    {
+        let tables = tx.open_table(NAMES).and_then(|n| Ok((n, tx.open_table(SKELETONS)?)));
+        let (mut names, mut skeletons) = match tables {
+            Ok(tables) => tables,
+            Err(e) => {
+                let e = store_error(e);
+                for request in batch {
+                    fail(request, &e, done);
+                }
+                return Err(e);
+            }
+        };
+        for request in batch {
+            match request {
+                Request::Claim(claim, tx) => {
+                    let r = claim_one(&mut names, &mut skeletons, claim);
+                    done.push(Done::Claim(tx, r));
+                }
+                Request::CheckGuest(canonical, skeleton, tx) => {
+                    let r = check_guest(&names, &skeletons, &canonical, &skeleton);
+                    done.push(Done::CheckGuest(tx, r));
+                }
+                Request::Seen(canonical, now, tx) => {
+                    let r = get(&names, &canonical).and_then(|record| match record {
+                        Some(mut record) => {
+                            record.last_seen = record.last_seen.max(now);
+                            put(&mut names, &record)
+                        }
+                        None => Ok(()),
+                    });
+                    done.push(Done::Seen(tx, r));
+                }
+                Request::Release(canonical, tx) => {
+                    let r = get(&names, &canonical).and_then(|record| {
+                        if let Some(record) = &record {
+                            names.remove(canonical.as_str()).map_err(store_error)?;
+                            skeletons.remove(record.skeleton.as_str()).map_err(store_error)?;
+                        }
+                        Ok(record)
+                    });
+                    done.push(Done::Record(tx, r));
+                }
+                Request::Lookup(canonical, tx) => {
+                    done.push(Done::Record(tx, get(&names, &canonical)));
+                }
+            }
+        }
+    }
+    tx.commit().map_err(store_error)
+}
+
+fn fail(request: Request, e: &StoreError, done: &mut Vec<Done>) {
+    let e = Err(e.clone());
+    done.push(match request {
+        Request::Claim(_, tx) => Done::Claim(tx, e.clone().map(|()| unreachable_claimed())),
+        Request::CheckGuest(_, _, tx) => Done::CheckGuest(tx, e.map(|()| GuestCheck::Free)),
+        Request::Seen(_, _, tx) => Done::Seen(tx, e),
+        Request::Release(_, tx) | Request::Lookup(_, tx) => Done::Record(tx, e.map(|()| None)),
+    });
+}
+
+/// Only used to give an `Err` its `Ok` type.
+fn unreachable_claimed() -> Claimed {
+    Claimed::Owned { display: String::new() }
+}
+
+type Names<'a> = redb::Table<'a, &'static str, &'static [u8]>;
+type Skeletons<'a> = redb::Table<'a, &'static str, &'static str>;
+
+fn claim_one(
+    names: &mut Names<'_>,
+    skeletons: &mut Skeletons<'_>,
+    claim: KeyClaim,
+) -> Result<Claimed, StoreError> {
+    if let Some(mut record) = get(names, &claim.canonical)? {
+        if record.key != claim.key {
+            return Ok(Claimed::Owned { display: record.display });
+        }
+        record.epoch += 1;
+        record.last_seen = record.last_seen.max(claim.now);
+        put(names, &record)?;
+        return Ok(Claimed::Bound { record, first: false });
+    }
+    if let Some(other) = skeletons.get(claim.skeleton.as_str()).map_err(store_error)? {
+        let other = other.value().to_string();
+        let display = get(names, &other)?.map_or(other, |r| r.display);
+        return Ok(Claimed::Confusable { display });
+    }
+    let record = NameRecord {
+        display: claim.display,
+        canonical: claim.canonical,
+        skeleton: claim.skeleton,
+        key: claim.key,
+        bound_at: claim.now,
+        last_seen: claim.now,
+        epoch: 1,
+    };
+    put(names, &record)?;
+    skeletons.insert(record.skeleton.as_str(), record.canonical.as_str()).map_err(store_error)?;
+    Ok(Claimed::Bound { record, first: true })
+}
+
+fn check_guest(
+    names: &Names<'_>,
+    skeletons: &Skeletons<'_>,
+    canonical: &str,
+    skeleton: &str,
+) -> Result<GuestCheck, StoreError> {
+    if let Some(record) = get(names, canonical)? {
+        return Ok(GuestCheck::Owned { display: record.display });
+    }
+    if let Some(other) = skeletons.get(skeleton).map_err(store_error)? {
+        let other = other.value().to_string();
+        let display = get(names, &other)?.map_or(other, |r| r.display);
+        return Ok(GuestCheck::Confusable { display });
+    }
+    Ok(GuestCheck::Free)
+}
+
+fn get(
+    names: &impl ReadableTable<&'static str, &'static [u8]>,
+    canonical: &str,
+) -> Result<Option<NameRecord>, StoreError> {
+    match names.get(canonical).map_err(store_error)? {
+        None => Ok(None),
+        Some(value) => decode(canonical, value.value())
+            .map(Some)
+            .ok_or_else(|| StoreError(format!("the record for {canonical:?} is damaged"))),
+    }
+}
+
+fn put(names: &mut Names<'_>, record: &NameRecord) -> Result<(), StoreError> {
+    names.insert(record.canonical.as_str(), encode(record).as_slice()).map_err(store_error)?;
+    Ok(())
+}
+
+/// Record layout, version 1: `1`, key (32), bound_at, last_seen, epoch (u64 LE each), skeleton
+/// length (u16 LE), skeleton, display (the rest). Small and fixed, so no serde format is
+/// needed for it; the first byte lets a later layout be told apart.
+fn encode(record: &NameRecord) -> Vec<u8> {
+    let mut out = Vec::with_capacity(1 + 32 + 24 + 2 + record.skeleton.len() + 64);
+    out.push(1);
+    out.extend_from_slice(&record.key.0);
+    out.extend_from_slice(&record.bound_at.to_le_bytes());
+    out.extend_from_slice(&record.last_seen.to_le_bytes());
+    out.extend_from_slice(&record.epoch.to_le_bytes());
+    let skeleton_len = u16::try_from(record.skeleton.len()).unwrap_or(u16::MAX);
+    out.extend_from_slice(&skeleton_len.to_le_bytes());
+    out.extend_from_slice(&record.skeleton.as_bytes()[..usize::from(skeleton_len)]);
+    out.extend_from_slice(record.display.as_bytes());
+    out
+}
+
+fn decode(canonical: &str, bytes: &[u8]) -> Option<NameRecord> {
+    let (&format, rest) = bytes.split_first()?;
+    if format != 1 {
+        return None;
+    }
+    let (key, rest) = rest.split_at_checked(PUBLIC_KEY_LEN)?;
+    let (times, rest) = rest.split_at_checked(24)?;
+    let u64_at = |i: usize| times.get(i..i + 8)?.try_into().ok().map(u64::from_le_bytes);
+    let (len, rest) = rest.split_at_checked(2)?;
+    let len = usize::from(u16::from_le_bytes(len.try_into().ok()?));
+    let (skeleton, display) = rest.split_at_checked(len)?;
+    Some(NameRecord {
+        display: std::str::from_utf8(display).ok()?.to_string(),
+        canonical: canonical.to_string(),
+        skeleton: std::str::from_utf8(skeleton).ok()?.to_string(),
+        key: PublicKey(key.try_into().ok()?),
+        bound_at: u64_at(0)?,
+        last_seen: u64_at(8)?,
+        epoch: u64_at(16)?,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn claim(name: &str, key: u8, now: u64) -> KeyClaim {
+        let k = relay_proto::name_key(name).unwrap();
+        KeyClaim {
+            display: name.into(),
+            canonical: k.canonical,
+            skeleton: k.skeleton,
+            key: PublicKey([key; 32]),
+            now,
+        }
+    }
+
+    #[tokio::test]
+    async fn bind_log_in_refuse_release_and_survive_a_reopen() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let store = RedbStore::open(dir.path()).unwrap();
+            let first = store.claim(claim("alice", 1, 10)).await.unwrap();
+            assert!(
+                matches!(first, Claimed::Bound { first: true, ref record } if record.epoch == 1)
+            );
+            let again = store.claim(claim("Alice", 1, 20)).await.unwrap();
+            assert!(matches!(again, Claimed::Bound { first: false, ref record }
+                if record.epoch == 2 && record.display == "alice" && record.last_seen == 20));
+            assert_eq!(
+                store.claim(claim("alice", 2, 30)).await.unwrap(),
+                Claimed::Owned { display: "alice".into() }
+            );
+            assert_eq!(
+                store.claim(claim("аlice", 2, 30)).await.unwrap(),
+                Claimed::Confusable { display: "alice".into() }
+            );
+            assert_eq!(
+                store.check_guest("alice".into(), "alice".into()).await.unwrap(),
+                GuestCheck::Owned { display: "alice".into() }
+            );
+            store.claim(claim("bob", 3, 40)).await.unwrap();
+            assert!(store.release("bob".into()).await.unwrap().is_some());
+            assert_eq!(store.release("bob".into()).await.unwrap(), None);
+        }
+        // The worker thread has the database until its channel closes; wait for the lock.
+        let store = loop {
+            match RedbStore::open(dir.path()) {
+                Ok(store) => break store,
+                Err(OpenError::Locked { .. }) => {
+                    std::thread::sleep(std::time::Duration::from_millis(10))
+                }
+                Err(e) => panic!("{e}"),
+            }
+        };
+        let alice = store.lookup("alice".into()).await.unwrap().unwrap();
+        assert_eq!((alice.key, alice.epoch, alice.bound_at), (PublicKey([1; 32]), 2, 10));
+        assert_eq!(store.lookup("bob".into()).await.unwrap(), None);
+        // bob's look-alike index went with him.
+        assert!(matches!(store.claim(claim("b0b", 4, 50)).await.unwrap(), Claimed::Bound { .. }));
+    }
+
+    #[test]
+    fn records_round_trip_and_damage_is_noticed() {
+        let record = NameRecord {
+            display: "Zoë".into(),
+            canonical: "zoë".into(),
+            skeleton: "zoe\u{308}".into(),
+            key: PublicKey([9; 32]),
+            bound_at: 1,
+            last_seen: 2,
+            epoch: 3,
+        };
+        let bytes = encode(&record);
+        assert_eq!(decode("zoë", &bytes), Some(record));
+        for cut in 0..60 {
+            assert_eq!(decode("zoë", &bytes[..cut]), None, "cut at {cut}");
+        }
+    }
+
+    #[test]
+    fn a_second_open_of_the_same_directory_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let _first = RedbStore::open(dir.path()).unwrap();
+        let second = RedbStore::open(dir.path()).unwrap_err();
+        assert!(matches!(second, OpenError::Locked { .. }), "{second}");
+    }
+
+    #[test]
+    fn a_damaged_file_is_refused_and_left_alone() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join(DB_FILE);
+        std::fs::write(&path, vec![0x5a; 8192]).unwrap();
+        let err = RedbStore::open(dir.path()).unwrap_err();
+        assert!(matches!(err, OpenError::Corrupt { .. }), "{err}");
+        assert_eq!(std::fs::read(&path).unwrap(), vec![0x5a; 8192]);
+    }
+}
