@@ -15,7 +15,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, trace, warn};
 
 use crate::config::Config;
-use crate::outbox::{Outbox, PushError};
+use crate::outbox::{Outbox, PushError, Unwritten};
 use crate::router::{
     Claim, ClaimRequest, Refused, RouteCache, Routed, Routing, Undelivered, now_ms,
 };
@@ -89,7 +89,7 @@ struct Connection {
 }
 
 /// How the writer ended, and the messages it could not write.
-type Written = (WriteEnd, Vec<Message>);
+type Written = (WriteEnd, Vec<Unwritten>);
 
 /// A session ends with an optional last message for the client (already marked closing).
 type Farewell = Option<Message>;
@@ -414,7 +414,7 @@ impl Connection {
             let outcome = match Request::parse(msg) {
                 Ok(Request::Send { id, to, content }) => {
                     trace!(from = %name, %to, id, len = content.len(), "message");
-                    match self.shared.router.route(&name, id, to, content, now, &mut routes) {
+                    match self.shared.router.route(claim, id, to, content, now, &mut routes) {
                         Ok(Routed::Queued) => Ok(()),
                         Ok(Routed::Full(pending)) => {
                             // Wait for room at the busy receiver, but not through a shutdown.

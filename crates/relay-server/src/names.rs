@@ -117,4 +117,8 @@ pub trait NameStore: Send + Sync + fmt::Debug + 'static {
         &self,
         canonical: String,
     ) -> BoxFuture<'static, Result<Option<NameRecord>, StoreError>>;
+
+    /// Finishes what was asked and lets go of the store (a file lock, a broker connection);
+    /// later calls fail.
+    fn close(&self) -> BoxFuture<'static, ()>;
 }

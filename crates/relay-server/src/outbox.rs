@@ -76,7 +76,18 @@ struct State {
     version: u16,
     /// The sequence number the next delivered chat message gets (version 2).
     next_seq: u64,
+    /// Who sent the chat frames in `queue`: `(offset, sender)` wherever the sender changes,
+    /// so a failed connection's undelivered messages are reported to the connection that
+    /// sent each one, never to a later holder of the same name. One entry per run of frames
+    /// from one sender, so a busy pair adds one per batch.
+    runs: Vec<(usize, u64)>,
+    /// The same for the batch the writer holds.
+    taken_runs: Vec<(usize, u64)>,
 }
+
+/// A chat message that was queued and never written, and the registration (token) of the
+/// connection that sent it.
+pub(crate) type Unwritten = (Message, u64);
 
 /// Bytes a frame with a body of `encoded_len` occupies on the wire, which is what the outbox
 /// limit counts.
@@ -100,20 +111,32 @@ fn put_frame(dst: &mut BytesMut, msg: &MessageRef<'_>, size: usize) {
     }
 }
 
-/// Decodes the frames in `frames` that end after byte `from` (so a frame cut by a failed
-/// write counts) and appends them to `into`. Used only when a connection fails, to tell the
-/// senders of what was never written.
-pub(crate) fn unpack(mut frames: &[u8], from: usize, into: &mut Vec<Message>) {
-    let mut end = 0;
+/// Decodes the chat frames in `frames` that end after byte `from` (so a frame cut by a failed
+/// write counts) and appends them to `into` with their senders from `runs`. Used only when a
+/// connection fails, to tell the senders of what was never written.
+pub(crate) fn unpack(
+    mut frames: &[u8],
+    from: usize,
+    runs: &[(usize, u64)],
+    into: &mut Vec<Unwritten>,
+) {
+    let (mut start, mut run) = (0, 0);
     while frames.len() >= FRAME_HEADER_LEN {
         let len = frames.get_u32() as usize;
         let Some(body) = frames.get(..len) else { break };
-        end += FRAME_HEADER_LEN + len;
+        let end = start + FRAME_HEADER_LEN + len;
+        while runs.get(run + 1).is_some_and(|&(at, _)| at <= start) {
+            run += 1;
+        }
         if end > from
             && let Ok(msg) = decode_body(body)
+            && msg.kind == Kind::Chat
+            && !msg.from.is_empty()
         {
-            into.push(msg);
+            let sender = runs.get(run).filter(|&&(at, _)| at <= start).map_or(0, |&(_, t)| t);
+            into.push((msg, sender));
         }
+        start = end;
         frames.advance(len);
     }
 }
@@ -159,6 +182,12 @@ impl Outbox {
     /// to a version 2 client gets the next sequence number here, under the lock, so sequence
     /// numbers follow queue order.
     pub(crate) fn push(&self, msg: &MessageRef<'_>) -> Result<(), PushError> {
+        self.push_from(msg, 0)
+    }
+
+    /// [`Outbox::push`] for a chat message routed from the connection registered with
+    /// `sender` (its claim's token), remembered in case the message is never written.
+    pub(crate) fn push_from(&self, msg: &MessageRef<'_>, sender: u64) -> Result<(), PushError> {
         let was_empty = {
             let mut state = self.state();
             if self.is_closed() {
@@ -174,6 +203,10 @@ impl Outbox {
                 return Err(if state.stalled { PushError::Stalled } else { PushError::Full });
             }
             let was_empty = state.queue.is_empty();
+            if sequenced && state.runs.last().is_none_or(|&(_, last)| last != sender) {
+                let at = state.queue.len();
+                state.runs.push((at, sender));
+            }
             put_frame(&mut state.queue, &msg, size);
             if sequenced {
                 state.next_seq += 1;
@@ -196,8 +229,9 @@ impl Outbox {
         &self,
         msg: &MessageRef<'_>,
         wait: Duration,
+        sender: u64,
     ) -> Result<(), PushError> {
-        self.wait_for_room_as(msg, wait, false).await
+        self.wait_for_room_as(msg, wait, sender, false).await
     }
 
     /// [`Outbox::wait_for_room`] for the server's own replies to this client: a stall mark
@@ -208,13 +242,14 @@ impl Outbox {
         msg: &MessageRef<'_>,
         wait: Duration,
     ) -> Result<(), PushError> {
-        self.wait_for_room_as(msg, wait, true).await
+        self.wait_for_room_as(msg, wait, 0, true).await
     }
 
     async fn wait_for_room_as(
         &self,
         msg: &MessageRef<'_>,
         wait: Duration,
+        sender: u64,
         own: bool,
     ) -> Result<(), PushError> {
         let mut seen = self.state().written;
@@ -224,7 +259,7 @@ impl Outbox {
             tokio::pin!(room);
             // Registered before checking, so room made in between is not missed.
             room.as_mut().enable();
-            match self.push(msg) {
+            match self.push_from(msg, sender) {
                 Err(PushError::Full) => {}
                 Err(PushError::Stalled) if own => {}
                 done => return done,
@@ -237,7 +272,7 @@ impl Outbox {
                     }
                     state.stalled = true;
                     drop(state);
-                    return self.push(msg);
+                    return self.push_from(msg, sender);
                 }
                 // The receiver did write; other senders took the room. Keep waiting.
                 seen = state.written;
@@ -278,6 +313,9 @@ impl Outbox {
                 if !state.queue.is_empty() {
                     let spare = std::mem::take(&mut state.spare);
                     let batch = std::mem::replace(&mut state.queue, spare);
+                    // The writer's runs were cleared when its last batch came back.
+                    let state = &mut *state;
+                    std::mem::swap(&mut state.runs, &mut state.taken_runs);
                     state.taken = batch.len();
                     return Some(batch);
                 }
@@ -299,6 +337,7 @@ impl Outbox {
             state.taken = 0;
             state.stalled = false;
             state.written += 1;
+            state.taken_runs.clear();
             batch.clear();
             if batch.capacity() <= MAX_KEPT_BUFFER && state.spare.capacity() == 0 {
                 state.spare = batch;
@@ -307,17 +346,24 @@ impl Outbox {
         self.shared.room.notify_waiters();
     }
 
-    /// Takes whatever is still queued (used once the connection has failed) and frees the
-    /// buffers.
-    pub(crate) fn drain(&self) -> BytesMut {
-        let queued = {
+    /// Takes whatever chat frames are still queued, with their senders (used once the
+    /// connection has failed), and frees the buffers.
+    pub(crate) fn drain(&self, into: &mut Vec<Unwritten>) {
+        let (queued, runs) = {
             let mut state = self.state();
             state.taken = 0;
             state.spare = BytesMut::new();
-            std::mem::take(&mut state.queue)
+            (std::mem::take(&mut state.queue), std::mem::take(&mut state.runs))
         };
         self.shared.room.notify_waiters();
-        queued
+        unpack(&queued, 0, &runs, into);
+    }
+
+    /// The chat frames of the writer's current `batch` from byte `from` on, with their
+    /// senders: what a failed write left unwritten.
+    pub(crate) fn unwritten(&self, batch: &[u8], from: usize, into: &mut Vec<Unwritten>) {
+        let runs = std::mem::take(&mut self.state().taken_runs);
+        unpack(batch, from, &runs, into);
     }
 
     /// Frees the buffers if nothing is queued, so a quiet connection holds no memory for
@@ -327,6 +373,7 @@ impl Outbox {
         if state.queue.is_empty() {
             state.queue = BytesMut::new();
             state.spare = BytesMut::new();
+            state.runs = Vec::new();
         }
     }
 }
@@ -343,14 +390,19 @@ mod tests {
     /// What routing does: try, and wait for room if the outbox is full.
     async fn push_within(outbox: &Outbox, msg: &Message, wait: Duration) -> Result<(), PushError> {
         match outbox.push(&msg.as_ref()) {
-            Err(PushError::Full) => outbox.wait_for_room(&msg.as_ref(), wait).await,
+            Err(PushError::Full) => outbox.wait_for_room(&msg.as_ref(), wait, 0).await,
             done => done,
         }
     }
 
-    fn messages(batch: &[u8]) -> Vec<Message> {
+    /// Every frame in a batch, decoded.
+    fn messages(mut batch: &[u8]) -> Vec<Message> {
         let mut got = Vec::new();
-        unpack(batch, 0, &mut got);
+        while batch.len() >= FRAME_HEADER_LEN {
+            let len = batch.get_u32() as usize;
+            got.push(decode_body(&batch[..len]).unwrap());
+            batch.advance(len);
+        }
         got
     }
 
@@ -390,20 +442,39 @@ mod tests {
     fn unpack_counts_a_frame_cut_by_the_write_as_unwritten() {
         let mut buf = BytesMut::new();
         let msgs: Vec<Message> =
-            (1..=3).map(|i| Message::send(i, "bob", "hello").with_version(1)).collect();
+            (1..=3).map(|i| Message::deliver(i, "al", "bob", "hello").with_version(1)).collect();
         for msg in &msgs {
             put_frame(&mut buf, &msg.as_ref(), size_of(msg));
         }
         let one = size_of(&msgs[0]);
         let ids = |from| {
             let mut got = Vec::new();
-            unpack(&buf, from, &mut got);
-            got.iter().map(|m| m.id).collect::<Vec<_>>()
+            unpack(&buf, from, &[(0, 7)], &mut got);
+            got.iter().map(|(m, sender)| (m.id, *sender)).collect::<Vec<_>>()
         };
-        assert_eq!(ids(0), vec![1, 2, 3]);
-        assert_eq!(ids(one), vec![2, 3]);
-        assert_eq!(ids(one + 1), vec![2, 3]);
-        assert_eq!(ids(3 * one), Vec::<u64>::new());
+        assert_eq!(ids(0), vec![(1, 7), (2, 7), (3, 7)]);
+        assert_eq!(ids(one), vec![(2, 7), (3, 7)]);
+        assert_eq!(ids(one + 1), vec![(2, 7), (3, 7)]);
+        assert_eq!(ids(3 * one), Vec::<(u64, u64)>::new());
+    }
+
+    /// Each unwritten message is reported with the connection that sent it, across runs of
+    /// senders and the replies and pings between them.
+    #[tokio::test]
+    async fn unwritten_messages_keep_their_senders() {
+        let outbox = Outbox::new(100_000);
+        let chat = |id, from| Message::deliver(id, from, "bob", "x");
+        outbox.push_from(&chat(1, "a").as_ref(), 10).unwrap();
+        outbox.push_from(&chat(2, "a").as_ref(), 10).unwrap();
+        outbox.push(&Message::ping(3).as_ref()).unwrap();
+        outbox.push_from(&chat(4, "c").as_ref(), 30).unwrap();
+        let batch = outbox.take().await.unwrap();
+        outbox.push_from(&chat(5, "a").as_ref(), 11).unwrap();
+        let mut got = Vec::new();
+        outbox.unwritten(&batch, 0, &mut got);
+        outbox.drain(&mut got);
+        let got: Vec<(u64, u64)> = got.iter().map(|(m, sender)| (m.id, *sender)).collect();
+        assert_eq!(got, vec![(1, 10), (2, 10), (4, 30), (5, 11)]);
     }
 
     #[tokio::test]

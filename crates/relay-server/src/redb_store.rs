@@ -10,7 +10,7 @@
 //! in step in the same transactions.
 
 use std::path::{Path, PathBuf};
-use std::sync::mpsc;
+use std::sync::{Mutex, mpsc};
 use std::thread;
 
 use futures_util::future::BoxFuture;
@@ -58,10 +58,13 @@ pub enum OpenError {
     },
 }
 
-/// The embedded [`NameStore`]. Cheap to clone? No: share it behind an `Arc`.
+/// The embedded [`NameStore`]; share it behind an `Arc`.
 #[derive(Debug)]
 pub struct RedbStore {
-    requests: mpsc::Sender<Request>,
+    /// `None` once closed.
+    requests: Mutex<Option<mpsc::Sender<Request>>>,
+    /// Told when the worker has let go of the database.
+    stopped: Mutex<Option<oneshot::Receiver<()>>>,
 }
 
 type Reply<T> = oneshot::Sender<Result<T, StoreError>>;
@@ -116,11 +119,16 @@ impl RedbStore {
             other => corrupt(&other),
         })?;
         let (requests, queue) = mpsc::channel();
+        let (stopped_tx, stopped) = oneshot::channel();
         thread::Builder::new()
             .name("relay-names".into())
-            .spawn(move || worker(db, queue))
+            .spawn(move || {
+                worker(db, queue);
+                // The database is dropped (and its file unlocked) before this is told.
+                let _ = stopped_tx.send(());
+            })
             .map_err(dir_error)?;
-        Ok(RedbStore { requests })
+        Ok(RedbStore { requests: Mutex::new(Some(requests)), stopped: Mutex::new(Some(stopped)) })
     }
 
     fn ask<T: Send + 'static>(
@@ -128,12 +136,22 @@ impl RedbStore {
         make: impl FnOnce(Reply<T>) -> Request,
     ) -> BoxFuture<'static, Result<T, StoreError>> {
         let (tx, rx) = oneshot::channel();
-        let sent = self.requests.send(make(tx));
+        let sent = match &*lock(&self.requests) {
+            Some(requests) => requests.send(make(tx)).is_ok(),
+            None => false,
+        };
         Box::pin(async move {
-            sent.map_err(|_| StoreError("the store has stopped".into()))?;
-            rx.await.map_err(|_| StoreError("the store has stopped".into()))?
+            if !sent {
+                return Err(StoreError("the name table is closed".into()));
+            }
+            rx.await.map_err(|_| StoreError("the name table is closed".into()))?
         })
     }
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    // Nothing panics under these locks; a poisoned one still holds a valid value.
+    mutex.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
 impl NameStore for RedbStore {
@@ -165,6 +183,17 @@ impl NameStore for RedbStore {
         canonical: String,
     ) -> BoxFuture<'static, Result<Option<NameRecord>, StoreError>> {
         self.ask(|tx| Request::Lookup(canonical, tx))
+    }
+
+    fn close(&self) -> BoxFuture<'static, ()> {
+        // Requests already queued are still applied; then the worker drops the database.
+        drop(lock(&self.requests).take());
+        let stopped = lock(&self.stopped).take();
+        Box::pin(async move {
+            if let Some(stopped) = stopped {
+                let _ = stopped.await;
+            }
+        })
     }
 }
 
@@ -449,6 +478,8 @@ mod tests {
             store.claim(claim("bob", 3, 40)).await.unwrap();
             assert!(store.release("bob".into()).await.unwrap().is_some());
             assert_eq!(store.release("bob".into()).await.unwrap(), None);
+            store.close().await;
+            assert!(store.lookup("alice".into()).await.is_err());
         }
         // The worker thread has the database until its channel closes; wait for the lock.
         let store = loop {

@@ -12,12 +12,12 @@ use std::time::Duration;
 
 use futures_util::future::BoxFuture;
 use relay_proto::{
-    AuthMode, Destination, Kind, Message, MessageRef, NameKey, PublicKey, Status, canonical_name,
+    AuthMode, Destination, Message, MessageRef, NameKey, PublicKey, Status, canonical_name,
     encoded_len_ref, parse_destination,
 };
 
 use crate::names::{Claimed, GuestCheck, KeyClaim, NameRecord, NameStore, StoreError};
-use crate::outbox::{Outbox, PushError};
+use crate::outbox::{Outbox, PushError, Unwritten};
 use crate::registry::{Conflict, Entry, Registry};
 
 /// Why a message was not delivered.
@@ -102,12 +102,12 @@ pub(crate) trait Routing: Send + Sync + std::fmt::Debug + 'static {
     /// Forgets a claim in memory at once (the `Drop` net).
     fn forget(&self, canonical: &str, token: u64);
 
-    /// Routes a message from `from` to `to` (a name or an `ip:port`), stamping `from` and
-    /// `time` on it; `routes` is the sender's [`RouteCache`]. Never waits. On failure, gives
+    /// Routes a message from the holder of `from` to `to` (a name or an `ip:port`), stamping
+    /// its name and `time` on it; `routes` is the sender's [`RouteCache`]. Never waits. On failure, gives
     /// back the destination so the reply can name it.
     fn route(
         &self,
-        from: &str,
+        from: &Claim,
         id: u64,
         to: &str,
         content: &[u8],
@@ -117,7 +117,7 @@ pub(crate) trait Routing: Send + Sync + std::fmt::Debug + 'static {
 
     /// Tells the senders of `undelivered` messages (chat messages that were queued for a
     /// receiver whose connection then failed) that they were not delivered.
-    fn report_undelivered(&self, undelivered: Vec<Message>);
+    fn report_undelivered(&self, undelivered: Vec<Unwritten>);
 
     /// Everyone online as `(name, address)`, sorted by name.
     fn users(&self) -> Vec<(Arc<str>, SocketAddr)>;
@@ -129,6 +129,9 @@ pub(crate) trait Routing: Send + Sync + std::fmt::Debug + 'static {
     /// online; returns what was bound.
     fn unbind<'a>(&'a self, name: &'a str)
     -> BoxFuture<'a, Result<Option<NameRecord>, StoreError>>;
+
+    /// The server has stopped: finish pending store writes and let go of the store.
+    fn close(&self) -> BoxFuture<'_, ()>;
 }
 
 /// One connection's last destination and the outbox it led to. A sender mostly writes to the
@@ -326,10 +329,12 @@ impl Routing for LocalRouter {
                     // Online first, then the table: a key holder who binds the name meanwhile
                     // displaces this guest (see `Registry::insert`), so the key always wins.
                     let epoch = self.guest_epochs.fetch_add(1, Ordering::Relaxed);
-                    let claim = self.go_online(&request, request.name, None, epoch)?;
+                    let online = self.go_online(&request, request.name, None, epoch);
                     let canonical = request.key.canonical.clone();
-                    match store.check_guest(canonical, request.key.skeleton.clone()).await {
-                        Ok(GuestCheck::Free) => Ok(claim),
+                    let checked = store.check_guest(canonical, request.key.skeleton.clone()).await;
+                    // A bound name is refused as bound, whether or not its owner is online.
+                    match checked {
+                        Ok(GuestCheck::Free) => online,
                         Ok(GuestCheck::Owned { display }) => Err(Refused::Owned(display)),
                         Ok(GuestCheck::Confusable { display }) => Err(Refused::LooksLike(display)),
                         Err(e) => Err(Refused::Unavailable(e.to_string())),
@@ -358,14 +363,15 @@ impl Routing for LocalRouter {
 
     fn route(
         &self,
-        from: &str,
+        from: &Claim,
         id: u64,
         to: &str,
         content: &[u8],
         time: u64,
         routes: &mut RouteCache,
     ) -> Result<Routed, (Undelivered, String)> {
-        let mut msg = MessageRef::deliver(id, from, to, content);
+        let sender = from.token;
+        let mut msg = MessageRef::deliver(id, &from.display, to, content);
         msg.time = time;
         // Checked in the larger (version 2) layout, whatever the receiver speaks.
         let len = encoded_len_ref(&msg);
@@ -375,12 +381,12 @@ impl Routing for LocalRouter {
         let Some(outbox) = routes.resolve(to, |to| self.lookup(to)) else {
             return Err((Undelivered::NotOnline, to.to_owned()));
         };
-        match outbox.push(&msg) {
+        match outbox.push_from(&msg, sender) {
             Ok(()) => Ok(Routed::Queued),
             Err(PushError::Full) if !self.send_wait.is_zero() => {
                 let (outbox, msg, wait) = (outbox.clone(), msg.to_message(), self.send_wait);
                 Ok(Routed::Full(Box::pin(async move {
-                    match outbox.wait_for_room(&msg.as_ref(), wait).await {
+                    match outbox.wait_for_room(&msg.as_ref(), wait, sender).await {
                         Ok(()) => Ok(()),
                         Err(PushError::Full | PushError::Stalled) => {
                             Err((Undelivered::ReceiverFull, msg.to))
@@ -397,16 +403,19 @@ impl Routing for LocalRouter {
         }
     }
 
-    fn report_undelivered(&self, undelivered: Vec<Message>) {
-        for msg in undelivered {
-            if msg.kind != Kind::Chat || msg.from.is_empty() {
-                continue; // Replies and pings for the failed connection itself.
-            }
+    fn report_undelivered(&self, undelivered: Vec<Unwritten>) {
+        for (msg, sender) in undelivered {
             let detail = format!("{} disconnected before the message reached it", msg.to);
             let reply = Message::reply(msg.id, Status::NotDelivered, msg.to, detail);
-            // If the sender is gone too, or not reading either, there is no one left to tell.
+            // Only the connection that sent it: a later holder of the name never gets
+            // replies about its predecessor's messages. If the sender is gone too, or not
+            // reading either, there is no one left to tell.
             let from = canonical_name(&msg.from);
-            let _ = self.registry.with_name(&from, |e| e.outbox.push(&reply.as_ref()));
+            let _ = self.registry.with_name(&from, |e| {
+                if e.token == sender {
+                    let _ = e.outbox.push(&reply.as_ref());
+                }
+            });
         }
     }
 
@@ -441,6 +450,14 @@ impl Routing for LocalRouter {
                 }
             }
             Ok(released)
+        })
+    }
+
+    fn close(&self) -> BoxFuture<'_, ()> {
+        Box::pin(async move {
+            if let Some(store) = &self.store {
+                store.close().await;
+            }
         })
     }
 }

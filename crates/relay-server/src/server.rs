@@ -128,7 +128,8 @@ impl Server {
     }
 
     /// Serves clients until `shutdown` is cancelled, then tells every client the server is
-    /// shutting down, gives them [`Config::shutdown_timeout`] to receive it, and returns.
+    /// shutting down, gives them [`Config::shutdown_timeout`] to receive it, closes the name
+    /// table (so another server may open the same data directory), and returns.
     pub async fn run(self, shutdown: CancellationToken) {
         let tracker = TaskTracker::new();
         let mut backoff = Duration::from_millis(10);
@@ -172,6 +173,8 @@ impl Server {
             self.shared.hard_stop.cancel();
             tracker.wait().await;
         }
+        // Every connection has released its name; the store can let go of the data dir.
+        self.shared.router.close().await;
         info!("shut down");
     }
 

@@ -4,12 +4,11 @@
 use std::io;
 use std::time::Duration;
 
-use relay_proto::Message;
 use tokio::io::AsyncWriteExt;
 use tokio::net::tcp::OwnedWriteHalf;
 use tokio_util::sync::CancellationToken;
 
-use crate::outbox::{Outbox, unpack};
+use crate::outbox::{Outbox, Unwritten};
 
 /// How the writer stopped.
 #[derive(Debug)]
@@ -34,7 +33,7 @@ pub(crate) async fn run(
     outbox: Outbox,
     write_timeout: Duration,
     abort: CancellationToken,
-) -> (WriteEnd, Vec<Message>) {
+) -> (WriteEnd, Vec<Unwritten>) {
     let mut unwritten = Vec::new();
     let end = write_all(&mut socket, &outbox, write_timeout, &abort, &mut unwritten).await;
     outbox.close(None);
@@ -44,7 +43,7 @@ pub(crate) async fn run(
         let _ = tokio::time::timeout(write_timeout, socket.shutdown()).await;
     }
     // Nothing is queued after a clean finish; after a failure, the rest was never written.
-    unpack(&outbox.drain(), 0, &mut unwritten);
+    outbox.drain(&mut unwritten);
     (end, unwritten)
 }
 
@@ -53,7 +52,7 @@ async fn write_all(
     outbox: &Outbox,
     write_timeout: Duration,
     abort: &CancellationToken,
-    unwritten: &mut Vec<Message>,
+    unwritten: &mut Vec<Unwritten>,
 ) -> WriteEnd {
     loop {
         let taken = tokio::select! {
@@ -83,7 +82,7 @@ async fn write_all(
             };
             if let Some(end) = failed {
                 // Every frame not completely written, for telling its sender.
-                unpack(&batch, written, unwritten);
+                outbox.unwritten(&batch, written, unwritten);
                 return end;
             }
         }

@@ -1,0 +1,149 @@
+//! Places where the server and docs/PROTOCOL.md once disagreed, pinned to what the spec now
+//! says: replies go to the connection that sent the message, what may come before
+//! registering, the smallest frame limits, and a client that reads is never dropped for the
+//! replies the server itself generates.
+
+// Helpers here fail the test by panicking, like the tests themselves.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+mod common;
+
+use std::time::Duration;
+
+use bytes::Bytes;
+use common::process::ServerProcess;
+use common::{RawPeer, TestServer, next_event, wait_until, within};
+use relay_client::{Client, Event};
+use relay_proto::{Message, ServerEvent, Status};
+use relay_server::Config;
+
+/// Sends to `to` until the server refuses a message as not delivered (its outbox is full).
+async fn flood_until_refused(client: &Client, events: &mut relay_client::Events, to: &str) {
+    let payload = Bytes::from(vec![b'x'; 16 * 1024]);
+    for _ in 0..8000 {
+        client.send(to, payload.clone()).await.unwrap();
+        if let Some(event) = events.try_next() {
+            assert!(
+                matches!(event, Event::Rejected { status: Status::NotDelivered, .. }),
+                "{event:?}"
+            );
+            return;
+        }
+        tokio::task::yield_now().await;
+    }
+    match next_event(events).await {
+        Event::Rejected { status: Status::NotDelivered, .. } => {}
+        other => panic!("expected NotDelivered, got {other:?}"),
+    }
+}
+
+#[tokio::test]
+async fn replies_about_a_message_never_reach_a_later_holder_of_the_senders_name() {
+    let server = TestServer::with_config(Config {
+        outbox_bytes: 128 * 1024,
+        send_wait: Duration::from_millis(100),
+        // Long enough that the sink is not dropped as a slow consumer during the test.
+        write_timeout: Duration::from_secs(60),
+        shutdown_timeout: Duration::from_millis(200),
+        ..Config::default()
+    })
+    .await;
+    let sink = RawPeer::connect_small_buffer(server.addr).await.register_as("sink").await;
+    let (sam, mut sam_events) = server.connect("sam").await;
+    flood_until_refused(&sam, &mut sam_events, "sink").await;
+    // sam leaves with messages still queued for the sink; someone else becomes sam.
+    within(sam.offline()).await.unwrap();
+    let (new_sam, mut new_events) = server.connect("sam").await;
+    // The sink vanishes: what was queued for it is undeliverable, and its sender is gone.
+    drop(sink);
+    // The slot is freed only after the sink's connection reported what it could not write.
+    wait_until(|| server.handle.connections() == 1).await;
+    let id = new_sam.send("nobody", "marker").await.unwrap();
+    assert_eq!(next_event(&mut new_events).await, Event::NotFound { id, to: "nobody".into() });
+    assert!(new_events.try_next().is_none());
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn before_registering_a_ping_is_answered_and_exit_closes_silently() {
+    let server = TestServer::start().await;
+    let mut peer = RawPeer::connect(server.addr).await;
+    peer.send(Message::ping(5)).await;
+    assert_eq!(peer.recv().await, Some(ServerEvent::Pong { id: 5 }));
+    peer.send(Message::offline(6)).await;
+    assert_eq!(peer.recv().await, None);
+
+    // Anything else is refused and closes the connection.
+    let mut peer = RawPeer::connect(server.addr).await;
+    peer.send(Message::send(7, "bob", "hi")).await;
+    match peer.recv().await {
+        Some(ServerEvent::Reply {
+            id: 7, status: Status::InvalidRequest, closing: true, ..
+        }) => {}
+        other => panic!("{other:?}"),
+    }
+    // So is a second hello.
+    let mut peer = RawPeer::connect(server.addr).await;
+    peer.send(Message::hello(1)).await;
+    assert!(matches!(peer.recv().await, Some(ServerEvent::Greeting { .. })));
+    peer.send(Message::hello(2)).await;
+    assert_eq!(peer.closing_status().await, Some(Status::InvalidRequest));
+    server.stop().await;
+}
+
+/// A client that keeps reading while it pipelines thousands of messages to a stalled
+/// receiver gets a `NotDelivered` for each it cannot deliver, however small its outbox:
+/// the server waits for it to take its replies instead of dropping it.
+#[tokio::test]
+async fn a_client_that_reads_is_never_dropped_for_the_replies_the_server_makes() {
+    for outbox_bytes in [16 * 1024, 64 * 1024] {
+        let server = TestServer::with_config(Config {
+            outbox_bytes,
+            max_frame_len: 8 * 1024,
+            send_wait: Duration::from_millis(50),
+            write_timeout: Duration::from_secs(60),
+            // The sink never reads, so shutdown gives up on it after this.
+            shutdown_timeout: Duration::from_millis(200),
+            ..Config::default()
+        })
+        .await;
+        let _sink = RawPeer::connect_small_buffer(server.addr).await.register_as("sink").await;
+        let (alice, mut events) = server.connect("alice").await;
+        let reader = tokio::spawn(async move {
+            let mut refused = 0;
+            loop {
+                match next_event(&mut events).await {
+                    Event::Rejected { status: Status::NotDelivered, .. } => refused += 1,
+                    Event::NotFound { .. } => return refused,
+                    other => panic!("outbox {outbox_bytes}: unexpected {other:?}"),
+                }
+            }
+        });
+        // 12 MB in all: far more than the kernel's socket buffers absorb.
+        let payload = Bytes::from(vec![b'y'; 4000]);
+        let mut batch = alice.batch();
+        for _ in 0..3000 {
+            batch.add("sink", &payload).unwrap();
+        }
+        within(batch.send()).await.unwrap();
+        alice.send("nobody", "done").await.unwrap();
+        let refused = within(reader).await.unwrap();
+        // Some fit in the sink's outbox and socket; most are refused, each one reported.
+        assert!(refused > 1000, "outbox {outbox_bytes}: {refused} refused");
+        server.stop().await;
+    }
+}
+
+#[tokio::test]
+async fn the_smallest_frame_limits_start_and_serve() {
+    for max in ["256", "512"] {
+        let server = ServerProcess::spawn(&["--max-frame", max], None).await;
+        let (alice, mut events) =
+            within(Client::connect(&server.addr.to_string(), "alice")).await.unwrap();
+        alice.send("alice", "fits").await.unwrap();
+        match next_event(&mut events).await {
+            Event::Message { content, .. } => assert_eq!(&content[..], b"fits"),
+            other => panic!("{other:?}"),
+        }
+    }
+}
