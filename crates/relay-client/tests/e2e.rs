@@ -278,3 +278,158 @@ async fn the_server_keeps_serving_when_its_stdin_is_closed() {
     assert!(alice.exit_status().await.success());
     server_child.start_kill().unwrap();
 }
+
+/// Starts a server in this test's sandbox with extra flags (its data directory is the
+/// sandbox's `relay-data` unless they say otherwise).
+async fn start_server_with(
+    extra: &[&str],
+) -> (Process, Output<tokio::process::ChildStderr>, String) {
+    let mut args = vec!["--host", "127.0.0.1", "--port", "0"];
+    args.extend_from_slice(extra);
+    let mut server = Process::spawn("relay-server", &args);
+    let mut log = Output::new(server.child.stderr.take().unwrap());
+    let line = log.expect("listening on").await;
+    let addr = line.rsplit("listening on ").next().unwrap().trim().to_string();
+    (server, log, addr)
+}
+
+/// Runs the server to completion (it must fail at start) and returns its exit status and
+/// stderr.
+async fn server_failure(args: &[&str]) -> (ExitStatus, String) {
+    let out = tokio::time::timeout(
+        WAIT,
+        command("relay-server").args(args).stdin(Stdio::null()).kill_on_drop(true).output(),
+    )
+    .await
+    .unwrap()
+    .unwrap();
+    (out.status, String::from_utf8(out.stderr).unwrap())
+}
+
+#[tokio::test]
+async fn a_name_belongs_to_its_key_across_server_restarts() {
+    let (mut server, mut log, addr) = start_server_with(&[]).await;
+    // First login: a key is made and the name bound to it.
+    let mut alice = Process::spawn("relay-client", &["--server", &addr, "--user", "alice"]);
+    let mut alice_err = Output::new(alice.child.stderr.take().unwrap());
+    let line = alice_err.expect("created a new key").await;
+    assert!(line.contains("config/relay/keys/alice.key"), "{line}");
+    log.expect("name bound to a new key").await;
+    alice.type_line("EXIT").await;
+    assert!(alice.exit_status().await.success());
+    server.type_line("EXIT").await;
+    assert!(server.exit_status().await.success());
+
+    // A new server on the same data directory: alice's key logs in, says nothing of keys.
+    let (mut server, mut log, addr) = start_server_with(&[]).await;
+    let (status, stderr) = client_failure(&["--server", &addr, "--user", "alice"]).await;
+    assert!(status.success(), "{stderr}");
+    assert!(stderr.is_empty(), "{stderr}");
+    log.expect("registered with key").await;
+
+    // Another key, or no key: refused with one line, exit 1.
+    let other = sandbox().join("other.key");
+    let (status, stderr) =
+        client_failure(&["--server", &addr, "--user", "alice", "--key", other.to_str().unwrap()])
+            .await;
+    assert!(!status.success());
+    assert_eq!(stderr.lines().filter(|l| !l.contains("created a new key")).count(), 1, "{stderr}");
+    assert!(stderr.contains("belongs to"), "{stderr}");
+    let (status, stderr) = client_failure(&["--server", &addr, "--user", "Alice", "--guest"]).await;
+    assert!(!status.success());
+    assert!(stderr.contains("belongs to") && stderr.lines().count() == 1, "{stderr}");
+    let (status, stderr) = client_failure(&["--server", &addr, "--user", "аlice", "--guest"]).await;
+    assert!(!status.success());
+    assert!(stderr.contains("looks like alice") && stderr.lines().count() == 1, "{stderr}");
+
+    // The operator releases it; then another key may take it.
+    server.type_line("release alice").await;
+    log.expect("operator released the name").await;
+    let (status, stderr) =
+        client_failure(&["--server", &addr, "--user", "alice", "--key", other.to_str().unwrap()])
+            .await;
+    assert!(status.success(), "{stderr}");
+
+    server.type_line("EXIT").await;
+    assert!(server.exit_status().await.success());
+}
+
+#[tokio::test]
+async fn unusable_key_files_are_refused_with_the_fix() {
+    let (mut server, _log, addr) = start_server_with(&[]).await;
+    let path = sandbox().join("open.key");
+    let (status, stderr) =
+        client_failure(&["--server", &addr, "--user", "kim", "--key", path.to_str().unwrap()])
+            .await;
+    assert!(status.success(), "{stderr}");
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o644)).unwrap();
+        let (status, stderr) =
+            client_failure(&["--server", &addr, "--user", "kim", "--key", path.to_str().unwrap()])
+                .await;
+        assert!(!status.success());
+        assert!(stderr.contains("chmod 600") && stderr.lines().count() == 1, "{stderr}");
+    }
+    let junk = sandbox().join("junk.key");
+    std::fs::write(&junk, "not a key\n").unwrap();
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&junk, std::fs::Permissions::from_mode(0o600)).unwrap();
+    }
+    let (status, stderr) =
+        client_failure(&["--server", &addr, "--user", "kim", "--key", junk.to_str().unwrap()])
+            .await;
+    assert!(!status.success());
+    assert!(stderr.contains("is not a relay key file") && stderr.lines().count() == 1, "{stderr}");
+    // RELAY_KEY names the key file too.
+    let out = command("relay-client")
+        .args(["--server", &addr, "--user", "kim"])
+        .env("RELAY_KEY", &junk)
+        .stdin(Stdio::null())
+        .output()
+        .await
+        .unwrap();
+    assert!(String::from_utf8_lossy(&out.stderr).contains("is not a relay key file"));
+    server.type_line("EXIT").await;
+    assert!(server.exit_status().await.success());
+}
+
+#[tokio::test]
+async fn a_data_dir_that_cannot_be_used_stops_the_server_with_one_line() {
+    // Damaged: the file is not a name table. It is left as it was.
+    std::fs::create_dir_all(sandbox().join("damaged")).unwrap();
+    let db = sandbox().join("damaged/names.redb");
+    std::fs::write(&db, vec![0x5a; 4096]).unwrap();
+    let (status, stderr) =
+        server_failure(&["--port", "0", "--data-dir", sandbox().join("damaged").to_str().unwrap()])
+            .await;
+    assert!(!status.success());
+    assert!(stderr.contains("damaged") && stderr.lines().count() == 1, "{stderr}");
+    assert!(!stderr.contains("panicked"), "{stderr}");
+    assert_eq!(std::fs::read(&db).unwrap(), vec![0x5a; 4096]);
+
+    // Not a directory.
+    std::fs::write(sandbox().join("a-file"), "x").unwrap();
+    let (status, stderr) =
+        server_failure(&["--port", "0", "--data-dir", sandbox().join("a-file").to_str().unwrap()])
+            .await;
+    assert!(!status.success());
+    assert!(
+        stderr.contains("cannot use data directory") && stderr.lines().count() == 1,
+        "{stderr}"
+    );
+
+    // In use by another server.
+    let (mut first, _log, _addr) = start_server_with(&[]).await;
+    let (status, stderr) = server_failure(&["--port", "0"]).await;
+    assert!(!status.success());
+    assert!(
+        stderr.contains("in use by another relay-server") && stderr.lines().count() == 1,
+        "{stderr}"
+    );
+    first.type_line("EXIT").await;
+    assert!(first.exit_status().await.success());
+}
