@@ -177,6 +177,28 @@ mod tests {
         assert_eq!(&reply[14..22], &[5, 0, 0, 0, 1, 0, 0, 0]);
     }
 
+    /// The reply and hello examples in `docs/PROTOCOL.md`, byte for byte.
+    #[test]
+    fn documented_reply_and_hello_frames() {
+        let hex = |frame: &[u8]| -> String {
+            frame.iter().map(|b| format!("{b:02x}")).collect::<Vec<_>>().join(" ")
+        };
+        let reply = Message::reply(2, crate::Status::NotFound, "carol", "carol is not online");
+        assert_eq!(
+            hex(&frame(&reply.with_version(1))),
+            "00 00 00 44 01 00 02 00 00 00 00 00 00 00 05 00 00 00 01 00 00 00 00 00 05 00 00 \
+             00 00 00 00 00 63 61 72 6f 6c 00 00 00 00 00 00 00 00 13 00 00 00 00 00 00 00 63 \
+             61 72 6f 6c 20 69 73 20 6e 6f 74 20 6f 6e 6c 69 6e 65"
+        );
+        let hello = hex(&frame(&Message::hello(1)));
+        // Version 2, id 1, kind Hello (6), everything else empty or zero.
+        let expected = format!(
+            "00 00 00 38 02 00 01 00 00 00 00 00 00 00 06 {}",
+            ["00"; 45].join(" ")
+        );
+        assert_eq!(hello, expected);
+    }
+
     /// The version 2 worked example in `docs/PROTOCOL.md`: a delivered message with its
     /// sequence number and time.
     #[test]

@@ -114,20 +114,19 @@ pub fn validate_name(name: &str) -> Result<(), NameError> {
     if name.len() > MAX_NAME_LEN {
         return Err(NameError::TooLong);
     }
-    // Checked on every message's destination, so the common all-ASCII case is one byte scan:
-    // in ASCII, whitespace and control characters are exactly the bytes up to space and DEL.
-    for &b in name.as_bytes() {
-        if !b.is_ascii() {
-            return validate_unicode(name);
-        }
-        if b <= b' ' || b == 0x7f {
-            return Err(NameError::BadCharacter);
-        }
-        if b == b':' {
-            return Err(colon_error(name));
-        }
+    // Checked on every message's destination, so the common case is one branch-free scan:
+    // printable ASCII without a colon (in ASCII, whitespace and control characters are
+    // exactly the bytes up to space and DEL, and only a name with a colon can be an address).
+    if name.bytes().all(|b| b > b' ' && b < 0x7f && b != b':') {
+        return Ok(());
     }
-    Ok(())
+    if !name.is_ascii() {
+        return validate_unicode(name);
+    }
+    if name.bytes().any(|b| b <= b' ' || b == 0x7f) {
+        return Err(NameError::BadCharacter);
+    }
+    Err(colon_error(name))
 }
 
 /// A name with a colon is refused either way; say which, since an address is the likelier

@@ -105,6 +105,10 @@ pub enum Workload {
         /// The server's process id, to read its memory (Linux).
         #[arg(long)]
         server_pid: Option<u32>,
+        /// Relay only: register each client with a new key (signed login, name bound and
+        /// stored), to measure the registration rate with signatures.
+        #[arg(long)]
+        keys: bool,
     },
 }
 
@@ -179,9 +183,9 @@ pub async fn run(cli: Cli) -> Result<String, String> {
             }
             return Ok(compare::report(&runs));
         }
-        Workload::Connections { clients, server_pid } => {
-            let report =
-                workloads::connections(target, &ConnectionsOptions { clients, server_pid }).await?;
+        Workload::Connections { clients, server_pid, keys } => {
+            let options = ConnectionsOptions { clients, server_pid, keys };
+            let report = workloads::connections(target, &options).await?;
             (report.table(), serde_json::to_string(&report))
         }
     };

@@ -76,7 +76,7 @@ pub async fn run(options: &CompareOptions) -> Result<Vec<Row>, String> {
     for (target, pid) in both.iter().zip([options.relay_pid, options.nats_pid]) {
         let report = workloads::connections(
             target,
-            &ConnectionsOptions { clients: options.clients, server_pid: pid },
+            &ConnectionsOptions { clients: options.clients, server_pid: pid, keys: false },
         )
         .await?;
         eprintln!("{}", report.table().trim_end());

@@ -7,7 +7,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use bytes::Bytes;
-use relay_client::{Batch, Client, ClientConfig, Event, Events};
+use relay_client::{Batch, Client, ClientConfig, Event, Events, Identity};
 
 use crate::nats;
 
@@ -49,12 +49,17 @@ impl Target {
         }
     }
 
-    /// Connects receiver number `index` (`run` keeps names apart between runs on one server).
-    pub async fn receiver(&self, run: &str, index: usize) -> Result<Receiver, String> {
+    /// Connects receiver number `index` (`run` keeps names apart between runs on one server),
+    /// with a new key if `keys` (relay only).
+    pub async fn receiver(&self, run: &str, index: usize, keys: bool) -> Result<Receiver, String> {
         match self {
             Target::Relay(addr) => {
                 let name = receiver_name(run, index);
-                let (client, events) = Client::connect_with(addr, &name, ClientConfig::default())
+                let mut config = ClientConfig::default();
+                if keys {
+                    config.identity = Some(Identity::generate().map_err(|e| e.to_string())?);
+                }
+                let (client, events) = Client::connect_with(addr, &name, config)
                     .await
                     .map_err(|e| e.to_string())?;
                 Ok(Receiver::Relay { _client: client, events })

@@ -30,6 +30,7 @@ async fn connect_receivers(
     run: &str,
     count: usize,
     progress: Option<&Progress>,
+    keys: bool,
 ) -> Result<Vec<Receiver>, String> {
     // Enough connects in flight to hide round trips, few enough not to overflow the server's
     // accept backlog.
@@ -51,7 +52,7 @@ async fn connect_receivers(
             finished(done)?;
         }
         let (target, run) = (target.clone(), run.to_string());
-        tasks.spawn(async move { (index, target.receiver(&run, index).await) });
+        tasks.spawn(async move { (index, target.receiver(&run, index, keys).await) });
     }
     while let Some(done) = tasks.join_next().await {
         finished(done)?;
@@ -142,7 +143,7 @@ pub async fn flow(
     for i in 0..senders {
         expected[i % receiver_count] += share(i);
     }
-    let receivers = connect_receivers(target, &run, receiver_count, None).await?;
+    let receivers = connect_receivers(target, &run, receiver_count, None, false).await?;
     let refused = Arc::new(AtomicU64::new(0));
     let mut sender_conns = Vec::with_capacity(senders);
     for i in 0..senders {
@@ -329,7 +330,7 @@ pub async fn latency(target: &Target, options: &LatencyOptions) -> Result<Latenc
         return Err(format!("--size must be at least {HEADER_LEN} (the benchmark header)"));
     }
     let run = run_id("latency");
-    let receivers = connect_receivers(target, &run, pairs, None).await?;
+    let receivers = connect_receivers(target, &run, pairs, None, false).await?;
     let refused = Arc::new(AtomicU64::new(0));
     let mut senders = Vec::with_capacity(pairs);
     for i in 0..pairs {
@@ -471,6 +472,9 @@ pub struct ConnectionsOptions {
     pub clients: usize,
     /// The server's process id, to read its memory from `/proc` (Linux).
     pub server_pid: Option<u32>,
+    /// Relay only: each client registers with a new Ed25519 key (a signature per login, and
+    /// a first claim the server binds and stores), instead of as a guest.
+    pub keys: bool,
 }
 
 /// What a connections run measured.
@@ -480,6 +484,8 @@ pub struct ConnectionsReport {
     pub target: String,
     /// Clients connected and registered.
     pub clients: usize,
+    /// Whether they registered with keys.
+    pub keys: bool,
     /// Time to connect and register them all.
     pub seconds: f64,
     /// Server RSS before, in KiB (with `--server-pid`).
@@ -526,14 +532,14 @@ pub async fn connections(
     target: &Target,
     options: &ConnectionsOptions,
 ) -> Result<ConnectionsReport, String> {
-    let ConnectionsOptions { clients, server_pid } = *options;
+    let ConnectionsOptions { clients, server_pid, keys } = *options;
     let before = server_pid.map(rss_kib).transpose()?;
     let progress = Progress::new();
     let display =
         progress.display(format!("connections on {}", target.kind()), clients as u64, "clients");
     let start = Instant::now();
     let run = run_id("idle");
-    let held = connect_receivers(target, &run, clients, Some(&progress)).await?;
+    let held = connect_receivers(target, &run, clients, Some(&progress), keys).await?;
     let seconds = start.elapsed().as_secs_f64();
     drop(display);
     // Let the server finish any work the last registrations started before reading its memory.
@@ -547,6 +553,7 @@ pub async fn connections(
     Ok(ConnectionsReport {
         target: target.kind().to_string(),
         clients,
+        keys,
         seconds,
         rss_before_kib: before,
         rss_after_kib: after,
@@ -557,7 +564,9 @@ pub async fn connections(
 impl ConnectionsReport {
     /// A readable table.
     pub fn table(&self) -> String {
-        let heading = format!("connections on {}: {} idle clients", self.target, self.clients);
+        let with = if self.keys { " with new keys" } else { "" };
+        let heading =
+            format!("connections on {}: {} idle clients{with}", self.target, self.clients);
         let rate = human(self.clients as f64 / self.seconds.max(1e-9));
         let mut rows = vec![("connect all", format!("{:.2} s ({rate}/s)", self.seconds))];
         if let (Some(b), Some(a), Some(per)) =

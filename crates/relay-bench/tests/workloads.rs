@@ -11,8 +11,12 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
 async fn server() -> (Target, CancellationToken) {
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let config = Config { auth: relay_server::AuthMode::None, ..Config::default() };
+    server_with(config).await
+}
+
+async fn server_with(config: Config) -> (Target, CancellationToken) {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let server = Server::new(listener, config).unwrap();
     let target = Target::Relay(server.local_addr().unwrap().to_string());
     let shutdown = CancellationToken::new();
@@ -49,10 +53,21 @@ async fn latency_and_connections_report_what_they_measured() {
         report.p50_us > 0.0 && report.p50_us <= report.p99_us && report.p99_us <= report.max_us
     );
     let pid = std::process::id();
-    let options = ConnectionsOptions { clients: 50, server_pid: Some(pid) };
+    let options = ConnectionsOptions { clients: 50, server_pid: Some(pid), keys: false };
     let report = workloads::connections(&target, &options).await.unwrap();
     assert_eq!(report.clients, 50);
     assert!(report.kib_per_client.is_some());
+    shutdown.cancel();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connections_with_keys_bind_every_name() {
+    let data = tempfile::tempdir().unwrap();
+    let config = Config { data_dir: data.path().to_path_buf(), ..Config::default() };
+    let (target, shutdown) = server_with(config).await;
+    let options = ConnectionsOptions { clients: 40, server_pid: None, keys: true };
+    let report = workloads::connections(&target, &options).await.unwrap();
+    assert_eq!((report.clients, report.keys), (40, true));
     shutdown.cancel();
 }
 

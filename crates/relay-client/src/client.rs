@@ -219,7 +219,7 @@ impl Client {
         let timed_out = || ConnectError::RegisterTimeout(config.register_timeout);
 
         // Version 2: hello, and the greeting with the nonce a key signs.
-        send_frame(&mut write, &Message::hello(0), config.max_frame_len).await.map_err(io_error)?;
+        send_frame(&mut write, &Message::hello(1), config.max_frame_len).await.map_err(io_error)?;
         let greeting = match next_event(&mut frames, deadline).await.ok_or_else(timed_out)?? {
             ServerEvent::Greeting { greeting, .. } => greeting,
             ServerEvent::Reply { status, detail, .. } => {
@@ -233,9 +233,9 @@ impl Client {
         let max_frame_len = config.max_frame_len.min(greeting.max_frame_len);
         let register = match &config.identity {
             Some(identity) => {
-                Message::register_with_key(1, name, identity.credentials(&greeting.nonce, name))
+                Message::register_with_key(2, name, identity.credentials(&greeting.nonce, name))
             }
-            None => Message::register(1, name),
+            None => Message::register(2, name),
         };
         send_frame(&mut write, &register, max_frame_len).await.map_err(io_error)?;
         let reply = next_event(&mut frames, deadline).await.ok_or_else(timed_out)??;
@@ -256,7 +256,8 @@ impl Client {
         let incoming = Incoming::new(config.event_queue);
         let inner = Arc::new(Inner {
             outgoing: outgoing.clone(),
-            next_id: AtomicU64::new(1),
+            // Ids 1 and 2 were the hello and the registration; 0 means "the connection".
+            next_id: AtomicU64::new(3),
             name: name.to_string(),
             local_addr,
             server_addr,
