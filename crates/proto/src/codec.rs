@@ -192,10 +192,8 @@ mod tests {
         );
         let hello = hex(&frame(&Message::hello(1)));
         // Version 2, id 1, kind Hello (6), everything else empty or zero.
-        let expected = format!(
-            "00 00 00 38 02 00 01 00 00 00 00 00 00 00 06 {}",
-            ["00"; 45].join(" ")
-        );
+        let expected =
+            format!("00 00 00 38 02 00 01 00 00 00 00 00 00 00 06 {}", ["00"; 45].join(" "));
         assert_eq!(hello, expected);
     }
 

@@ -59,9 +59,8 @@ impl Target {
                 if keys {
                     config.identity = Some(Identity::generate().map_err(|e| e.to_string())?);
                 }
-                let (client, events) = Client::connect_with(addr, &name, config)
-                    .await
-                    .map_err(|e| e.to_string())?;
+                let (client, events) =
+                    Client::connect_with(addr, &name, config).await.map_err(|e| e.to_string())?;
                 Ok(Receiver::Relay { _client: client, events })
             }
             Target::Nats(addr) => {

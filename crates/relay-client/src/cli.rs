@@ -1,10 +1,10 @@
-//! The interactive client: commands read line by line, events printed one per line.
+//! The interactive client: commands read line by line, events printed one per line. Part of
+//! the `relay-client` binary, not the library: programs embedding the library bring their own
+//! interface.
 
 use tokio::io::{AsyncBufRead, AsyncBufReadExt, AsyncWrite, AsyncWriteExt};
 
-use crate::client::Client;
-use crate::event::Event;
-use crate::incoming::Events;
+use relay_client::{Client, Event, Events};
 
 /// The help text for the interactive commands.
 pub const HELP: &str = "commands:
@@ -137,6 +137,8 @@ where
                     return Err(format!("connection to the server lost: {}", safe(&reason)));
                 }
                 None => return Err("connection to the server lost".into()),
+                // Kinds of event this version of the client does not show.
+                Some(_) => continue,
             },
         };
         write_line(&mut output, &text).await;

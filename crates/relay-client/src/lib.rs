@@ -22,7 +22,6 @@
 //! ```
 #![deny(missing_docs)]
 
-mod cli;
 mod client;
 mod error;
 mod event;
@@ -30,7 +29,6 @@ mod incoming;
 mod keys;
 mod outgoing;
 
-pub use cli::{Command, parse_command, printable, run_interactive};
 pub use client::{Batch, Client, ClientBuilder, ClientConfig};
 pub use error::{ConnectError, SendError};
 pub use event::Event;

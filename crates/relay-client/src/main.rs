@@ -8,9 +8,10 @@ use std::time::Duration;
 
 use std::path::PathBuf;
 
-use relay_client::{
-    Client, ClientConfig, ConnectError, default_key_path, load_or_create_key, run_interactive,
-};
+mod cli;
+
+use cli::run_interactive;
+use relay_client::{Client, ClientConfig, ConnectError, default_key_path, load_or_create_key};
 use tracing_subscriber::EnvFilter;
 
 /// Interactive client for the relay chat server.

@@ -153,6 +153,7 @@ async fn a_user_listing_that_never_ends_is_refused() {
     }
 }
 
+/// The interactive client (the binary) shows what a hostile server sends as inert text.
 #[tokio::test]
 async fn the_interactive_client_escapes_what_the_server_sends() {
     let script = vec![
@@ -161,19 +162,22 @@ async fn the_interactive_client_escapes_what_the_server_sends() {
         Message::reply(0, Status::ShuttingDown, "", "bye").closing(),
     ];
     let (addr, _pings) = fake_server(Mode::Sends(script)).await;
-    let (client, events) = Client::connect(&addr, "alice").await.unwrap();
-    let (_keep_open, input) = tokio::io::duplex(64);
-    let mut output = Vec::new();
-    let session = relay_client::run_interactive(
-        client,
-        events,
-        tokio::io::BufReader::new(input),
-        &mut output,
-    );
-    tokio::time::timeout(WAIT, session).await.unwrap().unwrap();
-    let output = String::from_utf8(output).unwrap();
+    let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_relay-client"))
+        .args(["--server", &addr, "--user", "alice", "--guest"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    // Input stays open: the session ends because the server shuts down.
+    let _stdin = child.stdin.take();
+    let out = tokio::time::timeout(WAIT, child.wait_with_output()).await.unwrap().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let output = String::from_utf8(out.stdout).unwrap();
+    let shown: Vec<&str> = output.lines().skip(1).collect();
     assert_eq!(
-        output,
-        "evil\\u{1b}[2J: hi\\n\\u{1b}[31mred\n! x\\ry: not found\nserver is shutting down\n"
+        shown,
+        ["evil\\u{1b}[2J: hi\\n\\u{1b}[31mred", "! x\\ry: not found", "server is shutting down"]
     );
 }

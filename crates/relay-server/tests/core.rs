@@ -365,3 +365,30 @@ async fn dropping_every_client_handle_ends_the_session() {
     server.wait_until_gone("alice").await;
     server.stop().await;
 }
+
+#[tokio::test]
+async fn events_are_a_stream_that_ends_with_the_connection() {
+    use futures_util::StreamExt;
+    let server = TestServer::start().await;
+    let (alice, events) = server.connect("alice").await;
+    alice.send("alice", "one").await.unwrap();
+    alice.send("alice", "two").await.unwrap();
+    let got: Vec<Event> = within(events.take(2).collect()).await;
+    let texts: Vec<&[u8]> = got
+        .iter()
+        .map(|e| match e {
+            Event::Message { content, .. } => &content[..],
+            other => panic!("{other:?}"),
+        })
+        .collect();
+    assert_eq!(texts, [&b"one"[..], &b"two"[..]]);
+
+    let (bob, mut events) = server.connect("bob").await;
+    let (carol, _c) = server.connect("carol").await;
+    carol.send("bob", "before").await.unwrap();
+    assert!(matches!(within(StreamExt::next(&mut events)).await, Some(Event::Message { .. })));
+    within(bob.offline()).await.unwrap();
+    let rest: Vec<Event> = within(events.collect()).await;
+    assert!(rest.is_empty(), "{rest:?}");
+    server.stop().await;
+}
