@@ -51,7 +51,9 @@ wait_for_port() {
 
 for run in $(seq "$RUNS"); do
     echo "== run $run of $RUNS" >&2
-    target/release/relay-server --host 127.0.0.1 --port "$RELAY_PORT" \
+    # A fresh name table each run, outside the repository.
+    data_dir=$(mktemp -d)
+    target/release/relay-server --host 127.0.0.1 --port "$RELAY_PORT" --data-dir "$data_dir" \
         --max-clients $((CLIENTS + 2200)) </dev/null >/dev/null 2>&1 &
     relay_pid=$!
     nats-server -a 127.0.0.1 -p "$NATS_PORT" >/dev/null 2>&1 &
@@ -64,6 +66,7 @@ for run in $(seq "$RUNS"); do
         --relay-pid "$relay_pid" --nats-pid "$nats_pid" \
         --messages "$MESSAGES" --duration "$DURATION" --clients "$CLIENTS" >>"$OUT"
     cleanup
+    rm -rf "$data_dir"
     pids=()
 done
 

@@ -422,6 +422,18 @@ async fn a_data_dir_that_cannot_be_used_stops_the_server_with_one_line() {
         "{stderr}"
     );
 
+    // A directory that exists but cannot be written (sysfs refuses new files even to root,
+    // who can write anywhere a read-only permission would stop others).
+    #[cfg(target_os = "linux")]
+    {
+        let (status, stderr) = server_failure(&["--port", "0", "--data-dir", "/sys/kernel"]).await;
+        assert!(!status.success());
+        assert!(
+            stderr.contains("cannot use data directory /sys/kernel") && stderr.lines().count() == 1,
+            "{stderr}"
+        );
+    }
+
     // In use by another server.
     let (mut first, _log, _addr) = start_server_with(&[]).await;
     let (status, stderr) = server_failure(&["--port", "0"]).await;

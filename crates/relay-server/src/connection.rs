@@ -17,7 +17,7 @@ use tracing::{debug, info, trace, warn};
 use crate::config::Config;
 use crate::outbox::{Outbox, PushError, Unwritten};
 use crate::router::{
-    Claim, ClaimRequest, Refused, RouteCache, Routed, Routing, Undelivered, now_ms,
+    Claim, ClaimRequest, Pending, Refused, RouteCache, Routed, Routing, Undelivered, now_ms,
 };
 use crate::writer::{self, WriteEnd};
 
@@ -94,6 +94,9 @@ type Written = (WriteEnd, Vec<Unwritten>);
 /// A session ends with an optional last message for the client (already marked closing).
 type Farewell = Option<Message>;
 
+/// Work a message leaves for the session that may wait (see `Connection::chat`).
+type Slow<'a> = std::pin::Pin<Box<dyn Future<Output = Result<(), Farewell>> + Send + 'a>>;
+
 fn closing(id: u64, status: Status, to: impl Into<String>, detail: impl Into<String>) -> Farewell {
     Some(Message::reply(id, status, to, detail).closing())
 }
@@ -108,18 +111,22 @@ impl Connection {
     }
 
     async fn run(&mut self, shutdown: &CancellationToken) -> Farewell {
-        let claim = match self.register(shutdown).await {
-            Ok(claim) => claim,
+        // Both boxed: registration's state is large and needed once, and the claim is held for
+        // the whole session; inline, they would grow every connection's task, idle or not.
+        let claim = match Box::pin(self.register(shutdown)).await {
+            Ok(claim) => Box::new(claim),
             Err(farewell) => return farewell,
         };
         let farewell = self.chat(&claim, shutdown).await;
         // The name is free in memory at once; the store learns when its owner was last seen.
-        self.shared.router.release(claim).await;
+        self.shared.router.release(*claim).await;
         farewell
     }
 
-    /// Queues a message for this client. If its outbox is full, waits for room while the
-    /// client reads (the server reads nothing more from it meanwhile, so a client that
+    /// Queues a message for this client. The session loop awaits this (and the other replies)
+    /// boxed: a reply's state is large and, inline, would grow every connection's task, idle
+    /// or not, for a path taken once per reply at most. If its outbox is full, waits for room
+    /// while the client reads (the server reads nothing more from it meanwhile, so a client that
     /// pipelines requests is slowed to the pace it takes replies, never dropped for them). A
     /// client that reads nothing for the write timeout is a slow consumer: the session ends.
     async fn reply(&self, msg: Message) -> Result<(), Farewell> {
@@ -202,7 +209,7 @@ impl Connection {
                     // From here on this client reads the version 2 layout.
                     self.outbox.set_session(relay_proto::PROTOCOL_VERSION, 1);
                     let greeting = self.greeting(fresh, deadline);
-                    self.reply(Message::greeting(id, &greeting)).await?;
+                    Box::pin(self.reply(Message::greeting(id, &greeting))).await?;
                 }
                 Ok(Request::Register { id, name, version, credentials }) => {
                     let request = self.claim_request(id, name, version, credentials, nonce)?;
@@ -222,12 +229,14 @@ impl Connection {
                             "welcome (as a guest: the name is yours while you are online)".into()
                         }
                     };
-                    self.reply(Message::reply(id, Status::Registered, &**claim.name(), detail))
-                        .await?;
+                    let welcome = Message::reply(id, Status::Registered, &**claim.name(), detail);
+                    Box::pin(self.reply(welcome)).await?;
                     let max = self.config().max_frame_len;
                     self.frames.set_max_frame_len(max);
-                    // Most clients now wait quietly; their connection holds no read buffer.
+                    // Most clients now wait quietly; their connection holds no read buffer,
+                    // and no write buffer once the welcome is written.
                     self.frames.release_if_empty();
+                    self.outbox.release_when_written();
                     match claim.key() {
                         Some(key) if claim.first() => {
                             info!(peer = %self.peer, name = %claim.name(),
@@ -241,7 +250,7 @@ impl Connection {
                     }
                     return Ok(claim);
                 }
-                Ok(Request::Ping { id }) => self.reply(Message::pong(id)).await?,
+                Ok(Request::Ping { id }) => Box::pin(self.reply(Message::pong(id))).await?,
                 Ok(Request::Pong { .. }) => {}
                 Ok(Request::Offline { .. }) => return Err(None),
                 Ok(other) => {
@@ -358,104 +367,122 @@ impl Connection {
         let timer = tokio::time::sleep_until(last_heard + ping_interval);
         tokio::pin!(timer);
         loop {
-            // Every complete frame already read is handled before going back to the select
-            // below, so a busy connection pays for the select once per read, not per frame.
-            let frame = match self.frames.buffered_frame() {
-                Ok(Some(frame)) => frame,
-                Err(e) => return self.protocol_error(e),
-                Ok(None) => {
-                    tokio::select! {
-                        () = shutdown.cancelled() => return shutting_down(),
-                        end = &mut self.writer, if self.writer_end.is_none() => {
-                            return self.writer_finished(end);
-                        }
-                        () = &mut timer => {
-                            // Quiet for a while: give back the buffers.
-                            self.frames.release_if_empty();
-                            self.outbox.release_if_idle();
-                            let silent = last_heard.elapsed();
-                            if silent >= idle_timeout {
-                                info!(peer = %self.peer, %name, "no answer to ping; disconnecting");
-                                return closing(0, Status::IdleTimeout, "", "no answer to ping");
+            // The work a message leaves that may wait (a reply, a busy receiver) is set up
+            // while the frame is in hand and awaited once it is gone: boxed, and without the
+            // frame, its decoded view or the request alive across the wait, so none of them
+            // is part of every connection's task, idle or not.
+            let waiting: Slow<'_> = {
+                // Every complete frame already read is handled before going back to the select
+                // below, so a busy connection pays for the select once per read, not per frame.
+                let frame = match self.frames.buffered_frame() {
+                    Ok(Some(frame)) => frame,
+                    Err(e) => return self.protocol_error(e),
+                    Ok(None) => {
+                        tokio::select! {
+                            () = shutdown.cancelled() => return shutting_down(),
+                            end = &mut self.writer, if self.writer_end.is_none() => {
+                                return self.writer_finished(end);
                             }
-                            if silent >= ping_interval && !pinged {
-                                pinged = true;
-                                ping_id += 1;
-                                trace!(peer = %self.peer, %name, "ping");
-                                if let Err(farewell) = self.reply(Message::ping(ping_id)).await {
-                                    return farewell;
+                            () = &mut timer => {
+                                // Quiet for a while: give back the buffers.
+                                self.frames.release_if_empty();
+                                self.outbox.release_if_idle();
+                                let silent = last_heard.elapsed();
+                                if silent >= idle_timeout {
+                                    info!(peer = %self.peer, %name, "no answer to ping; disconnecting");
+                                    return closing(0, Status::IdleTimeout, "", "no answer to ping");
                                 }
+                                if silent >= ping_interval && !pinged {
+                                    pinged = true;
+                                    ping_id += 1;
+                                    trace!(peer = %self.peer, %name, "ping");
+                                    // Never waits: a full outbox means the client is being sent
+                                    // plenty, and whether it reads shows in the writer's timeout.
+                                    let ping = Message::ping(ping_id);
+                                    if let Err(PushError::Closed) = self.outbox.push(&ping.as_ref()) {
+                                        return None;
+                                    }
+                                }
+                                let next = if pinged { idle_timeout } else { ping_interval };
+                                timer.as_mut().reset(last_heard + next);
                             }
-                            let next = if pinged { idle_timeout } else { ping_interval };
-                            timer.as_mut().reset(last_heard + next);
+                            filled = self.frames.fill() => match filled {
+                                Ok(true) => {
+                                    last_heard = Instant::now();
+                                    now = now_ms();
+                                    pinged = false;
+                                }
+                                Ok(false) => {
+                                    info!(peer = %self.peer, %name, "disconnected");
+                                    return None;
+                                }
+                                Err(e) => return self.protocol_error(e),
+                            },
                         }
-                        filled = self.frames.fill() => match filled {
-                            Ok(true) => {
-                                last_heard = Instant::now();
-                                now = now_ms();
-                                pinged = false;
-                            }
-                            Ok(false) => {
-                                info!(peer = %self.peer, %name, "disconnected");
-                                return None;
-                            }
-                            Err(e) => return self.protocol_error(e),
-                        },
+                        continue;
                     }
-                    continue;
-                }
-            };
-            // Decoded in place: routing copies the message straight into the receiver's
-            // outbox, with no owned message in between.
-            let msg = match decode_ref(&frame) {
-                Ok(msg) => msg,
-                Err(e) => return self.protocol_error(e),
-            };
-            let outcome = match Request::parse(msg) {
-                Ok(Request::Send { id, to, content }) => {
-                    trace!(from = %name, %to, id, len = content.len(), "message");
-                    match self.shared.router.route(claim, id, to, content, now, &mut routes) {
-                        Ok(Routed::Queued) => Ok(()),
-                        Ok(Routed::Full(pending)) => {
-                            // Wait for room at the busy receiver, but not through a shutdown.
-                            // The wait is boxed by the router: its state is large and rarely
-                            // needed, and inline it would grow every connection's task.
-                            let waited = tokio::select! {
-                                waited = pending => waited,
-                                () = shutdown.cancelled() => return shutting_down(),
-                            };
-                            match waited {
-                                Ok(()) => Ok(()),
-                                Err((why, to)) => self.undelivered(&name, id, why, to).await,
+                };
+                // Decoded in place: routing copies the message straight into the receiver's
+                // outbox, with no owned message in between.
+                let msg = match decode_ref(&frame) {
+                    Ok(msg) => msg,
+                    Err(e) => return self.protocol_error(e),
+                };
+                match Request::parse(msg) {
+                    Ok(Request::Send { id, to, content }) => {
+                        trace!(from = %name, %to, id, len = content.len(), "message");
+                        match self.shared.router.route(claim, id, to, content, now, &mut routes) {
+                            Ok(Routed::Queued) => continue,
+                            Ok(Routed::Full(pending)) => {
+                                Box::pin(self.wait_for_receiver(pending, shutdown, &name, id))
                             }
+                            Err((why, to)) => Box::pin(self.undelivered(&name, id, why, to)),
                         }
-                        Err((why, to)) => self.undelivered(&name, id, why, to).await,
                     }
-                }
-                Ok(Request::ListUsers { id }) => self.list_users(id).await,
-                Ok(Request::Ping { id }) => self.reply(Message::pong(id)).await,
-                Ok(Request::Pong { .. }) => Ok(()),
-                Ok(Request::Offline { .. }) => {
-                    info!(peer = %self.peer, %name, "offline");
-                    return None;
-                }
-                Ok(Request::Register { id, .. }) => {
-                    let detail = format!("already registered as {name}");
-                    self.reply(Message::reply(id, Status::InvalidRequest, "", detail)).await
-                }
-                Ok(Request::Hello { id, .. }) => {
-                    let detail = "hello comes before registering";
-                    self.reply(Message::reply(id, Status::InvalidRequest, "", detail)).await
-                }
-                Err(rejection) => {
-                    debug!(peer = %self.peer, %name, status = %rejection.status,
+                    Ok(Request::ListUsers { id }) => Box::pin(self.list_users(id)),
+                    Ok(Request::Ping { id }) => Box::pin(self.reply(Message::pong(id))),
+                    Ok(Request::Pong { .. }) => continue,
+                    Ok(Request::Offline { .. }) => {
+                        info!(peer = %self.peer, %name, "offline");
+                        return None;
+                    }
+                    Ok(Request::Register { id, .. }) => {
+                        let detail = format!("already registered as {name}");
+                        Box::pin(self.reply(Message::reply(id, Status::InvalidRequest, "", detail)))
+                    }
+                    Ok(Request::Hello { id, .. }) => {
+                        let detail = "hello comes before registering";
+                        Box::pin(self.reply(Message::reply(id, Status::InvalidRequest, "", detail)))
+                    }
+                    Err(rejection) => {
+                        debug!(peer = %self.peer, %name, status = %rejection.status,
                         detail = %rejection.detail, "request refused");
-                    self.reply(rejection.to_message()).await
+                        Box::pin(self.reply(rejection.to_message()))
+                    }
                 }
             };
-            if let Err(farewell) = outcome {
+            if let Err(farewell) = waiting.await {
                 return farewell;
             }
+        }
+    }
+
+    /// Waits for room at a busy receiver, but not through a shutdown; tells the client if the
+    /// message could not be delivered.
+    async fn wait_for_receiver(
+        &self,
+        pending: Pending,
+        shutdown: &CancellationToken,
+        name: &str,
+        id: u64,
+    ) -> Result<(), Farewell> {
+        let waited = tokio::select! {
+            waited = pending => waited,
+            () = shutdown.cancelled() => return Err(shutting_down()),
+        };
+        match waited {
+            Ok(()) => Ok(()),
+            Err((why, to)) => self.undelivered(name, id, why, to).await,
         }
     }
 

@@ -83,6 +83,8 @@ struct State {
     runs: Vec<(usize, u64)>,
     /// The same for the batch the writer holds.
     taken_runs: Vec<(usize, u64)>,
+    /// Free the buffers once what is queued now is written (see [`Outbox::release_when_written`]).
+    release: bool,
 }
 
 /// A chat message that was queued and never written, and the registration (token) of the
@@ -339,11 +341,30 @@ impl Outbox {
             state.written += 1;
             state.taken_runs.clear();
             batch.clear();
-            if batch.capacity() <= MAX_KEPT_BUFFER && state.spare.capacity() == 0 {
+            if state.release && state.queue.is_empty() {
+                state.release = false;
+                state.queue = BytesMut::new();
+                state.spare = BytesMut::new();
+                state.runs = Vec::new();
+                state.taken_runs = Vec::new();
+            } else if batch.capacity() <= MAX_KEPT_BUFFER && state.spare.capacity() == 0 {
                 state.spare = batch;
             }
         }
         self.shared.room.notify_waiters();
+    }
+
+    /// Frees the buffers as soon as everything queued now has been written, unless more is
+    /// queued by then. For a connection about to go quiet (just registered): most clients
+    /// then wait, and their outbox should hold no memory while they do.
+    pub(crate) fn release_when_written(&self) {
+        let mut state = self.state();
+        if state.queue.is_empty() && state.taken == 0 {
+            state.queue = BytesMut::new();
+            state.spare = BytesMut::new();
+        } else {
+            state.release = true;
+        }
     }
 
     /// Takes whatever chat frames are still queued, with their senders (used once the
@@ -569,6 +590,17 @@ mod tests {
         }
         let ids = tokio::time::timeout(Duration::from_secs(20), task).await.unwrap().unwrap();
         assert_eq!(ids, vec![1, 2, 3]);
+    }
+
+    #[tokio::test]
+    async fn buffers_can_be_freed_once_written() {
+        let outbox = Outbox::new(10_000);
+        outbox.push(&Message::ping(1).as_ref()).unwrap();
+        outbox.release_when_written();
+        let batch = outbox.take().await.unwrap();
+        outbox.written(batch);
+        let state = outbox.state();
+        assert_eq!((state.queue.capacity(), state.spare.capacity()), (0, 0));
     }
 
     #[tokio::test]

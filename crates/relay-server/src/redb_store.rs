@@ -14,7 +14,7 @@ use std::sync::{Mutex, mpsc};
 use std::thread;
 
 use futures_util::future::BoxFuture;
-use redb::{Database, DatabaseError, ReadableTable, TableDefinition};
+use redb::{Database, DatabaseError, ReadableDatabase, ReadableTable, TableDefinition};
 use relay_proto::{PUBLIC_KEY_LEN, PublicKey};
 use tokio::sync::oneshot;
 
@@ -197,6 +197,47 @@ impl NameStore for RedbStore {
     }
 }
 
+impl Request {
+    fn reads_only(&self) -> bool {
+        matches!(self, Request::CheckGuest(..) | Request::Lookup(..))
+    }
+}
+
+/// Answers a batch of lookups from one read transaction.
+fn answer_reads(
+    db: &Database,
+    batch: Vec<Request>,
+    done: &mut Vec<Done>,
+) -> Result<(), StoreError> {
+    let tables = db.begin_read().map_err(store_error).and_then(|tx| {
+        Ok((
+            tx.open_table(NAMES).map_err(store_error)?,
+            tx.open_table(SKELETONS).map_err(store_error)?,
+        ))
+    });
+    let (names, skeletons) = match tables {
+        Ok(tables) => tables,
+        Err(e) => {
+            for request in batch {
+                fail(request, &e, done);
+            }
+            return Err(e);
+        }
+    };
+    for request in batch {
+        match request {
+            Request::CheckGuest(canonical, skeleton, tx) => {
+                let r = check_guest(&names, &skeletons, &canonical, &skeleton);
+                done.push(Done::CheckGuest(tx, r));
+            }
+            Request::Lookup(canonical, tx) => done.push(Done::Record(tx, get(&names, &canonical))),
+            // Not sent here: the caller checked `reads_only`.
+            other => fail(other, &StoreError("not a lookup".into()), done),
+        }
+    }
+    Ok(())
+}
+
 /// An answer waiting for its transaction to commit.
 enum Done {
     Claim(Reply<Claimed>, Result<Claimed, StoreError>),
@@ -234,7 +275,13 @@ fn worker(db: Database, queue: mpsc::Receiver<Request>) {
             }
         }
         let mut done = Vec::with_capacity(batch.len());
-        let committed = apply(&db, batch, &mut done);
+        // A batch of lookups alone (guests logging in) needs no write transaction and no
+        // disk sync; one with any change is applied and committed as a whole.
+        let committed = if batch.iter().all(Request::reads_only) {
+            answer_reads(&db, batch, &mut done)
+        } else {
+            apply(&db, batch, &mut done)
+        };
         if let Err(e) = &committed {
             tracing::error!(error = %e, "name table update failed");
         }
@@ -364,8 +411,8 @@ fn claim_one(
 }
 
 fn check_guest(
-    names: &Names<'_>,
-    skeletons: &Skeletons<'_>,
+    names: &impl ReadableTable<&'static str, &'static [u8]>,
+    skeletons: &impl ReadableTable<&'static str, &'static str>,
     canonical: &str,
     skeleton: &str,
 ) -> Result<GuestCheck, StoreError> {

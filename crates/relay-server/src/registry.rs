@@ -46,23 +46,26 @@ struct AddrShard {
     by_addr: HashMap<SocketAddr, (Arc<str>, u64)>,
 }
 
-/// A name held online, as the claims table sees it.
+/// A name held online, as the claims table sees it (the rest is in its name shard's
+/// [`Registered`]; kept small, as every idle client has one).
 #[derive(Debug)]
 struct Holder {
     token: u64,
-    skeleton: String,
-    display: Arc<str>,
     /// A guest gives way to a key holder of the same (or a look-alike) name.
     guest: bool,
-    addr: SocketAddr,
-    outbox: Outbox,
 }
 
 #[derive(Debug, Default)]
 struct Claims {
     by_canonical: HashMap<Arc<str>, Holder>,
-    /// Skeleton → canonical name of its holder.
-    by_skeleton: HashMap<String, Arc<str>>,
+    /// Skeleton → canonical name of its holder. The skeleton is that of the name as shown,
+    /// so it can be computed again when the name leaves, rather than kept twice.
+    by_skeleton: HashMap<Box<str>, Arc<str>>,
+}
+
+/// The skeleton a registration was indexed under: that of its name as shown.
+fn skeleton_of(display: &str) -> Option<String> {
+    relay_proto::name_key(display).ok().map(|key| key.skeleton)
 }
 
 /// Registered names. Std locks, not Tokio's: no method holds one across an `.await`.
@@ -153,7 +156,9 @@ impl Registry {
     pub(crate) fn insert(&self, entry: Entry<'_>) -> Result<(Arc<str>, u64), Conflict> {
         let addr = canonical_addr(entry.addr);
         let canonical: Arc<str> = Arc::from(entry.key.canonical.as_str());
-        let display: Arc<str> = Arc::from(entry.display);
+        // Most names are shown as their canonical form: one allocation for both.
+        let display =
+            if entry.display == &*canonical { canonical.clone() } else { Arc::from(entry.display) };
         let token = self.next_token.fetch_add(1, Ordering::Relaxed);
         let mut claims = lock(&self.claims);
         if let Some(holder) = claims.by_canonical.get(&canonical) {
@@ -162,41 +167,22 @@ impl Registry {
             }
             self.evict(&mut claims, &canonical);
         }
-        if let Some(other) = claims.by_skeleton.get(&entry.key.skeleton).cloned() {
+        if let Some(other) = claims.by_skeleton.get(entry.key.skeleton.as_str()).cloned() {
             match claims.by_canonical.get(&other) {
                 // A key holder displaces a look-alike guest.
                 Some(holder) if holder.guest && !entry.guest => self.evict(&mut claims, &other),
-                Some(holder) => return Err(Conflict::LooksLike(holder.display.clone())),
+                Some(_) => {
+                    let shown = self.with_name(&other, |e| e.display.clone()).unwrap_or(other);
+                    return Err(Conflict::LooksLike(shown));
+                }
                 // A stale index entry: its holder is gone.
                 None => {
-                    claims.by_skeleton.remove(&entry.key.skeleton);
+                    claims.by_skeleton.remove(entry.key.skeleton.as_str());
                 }
             }
         }
-        self.finish(claims, entry, canonical, display, addr, token)
-    }
-
-    fn finish(
-        &self,
-        mut claims: MutexGuard<'_, Claims>,
-        entry: Entry<'_>,
-        canonical: Arc<str>,
-        display: Arc<str>,
-        addr: SocketAddr,
-        token: u64,
-    ) -> Result<(Arc<str>, u64), Conflict> {
-        claims.by_skeleton.insert(entry.key.skeleton.clone(), canonical.clone());
-        claims.by_canonical.insert(
-            canonical.clone(),
-            Holder {
-                token,
-                skeleton: entry.key.skeleton.clone(),
-                display: display.clone(),
-                guest: entry.guest,
-                addr,
-                outbox: entry.outbox.clone(),
-            },
-        );
+        claims.by_skeleton.insert(entry.key.skeleton.as_str().into(), canonical.clone());
+        claims.by_canonical.insert(canonical.clone(), Holder { token, guest: entry.guest });
         // Visible to routing only once the claim is settled.
         write(self.name_shard(&canonical)).by_name.insert(
             canonical.clone(),
@@ -213,41 +199,43 @@ impl Registry {
     /// name.
     fn evict(&self, claims: &mut Claims, canonical: &Arc<str>) {
         let Some(holder) = claims.by_canonical.remove(canonical) else { return };
-        claims.by_skeleton.remove(&holder.skeleton);
-        self.unroute(canonical, holder.token, holder.addr);
-        tracing::info!(name = %holder.display, "guest displaced by the name's key holder");
-        let detail = format!("{} now belongs to a key; you were a guest", holder.display);
-        let farewell = Message::reply(0, Status::NameOwned, &*holder.display, detail).closing();
-        holder.outbox.close(Some(&farewell));
+        let Some(gone) = self.unroute(claims, canonical, holder.token) else { return };
+        tracing::info!(name = %gone.display, "guest displaced by the name's key holder");
+        let detail = format!("{} now belongs to a key; you were a guest", gone.display);
+        let farewell = Message::reply(0, Status::NameOwned, &*gone.display, detail).closing();
+        gone.outbox.close(Some(&farewell));
     }
 
-    fn unroute(&self, canonical: &str, token: u64, addr: SocketAddr) {
-        {
+    /// Takes registration `token` of `canonical` out of routing and the look-alike index.
+    fn unroute(&self, claims: &mut Claims, canonical: &str, token: u64) -> Option<Registered> {
+        let gone = {
             let mut shard = write(self.name_shard(canonical));
-            if shard.by_name.get(canonical).is_some_and(|e| e.token == token) {
-                shard.by_name.remove(canonical);
-                self.len.fetch_sub(1, Ordering::Relaxed);
+            if shard.by_name.get(canonical).is_none_or(|e| e.token != token) {
+                return None;
             }
+            shard.by_name.remove(canonical)?
+        };
+        self.len.fetch_sub(1, Ordering::Relaxed);
+        if let Some(skeleton) = skeleton_of(&gone.display)
+            && claims.by_skeleton.get(skeleton.as_str()).is_some_and(|c| &**c == canonical)
+        {
+            claims.by_skeleton.remove(skeleton.as_str());
         }
-        let mut shard = write(self.addr_shard(&addr));
-        if shard.by_addr.get(&addr).is_some_and(|(_, t)| *t == token) {
-            shard.by_addr.remove(&addr);
+        let mut shard = write(self.addr_shard(&gone.addr));
+        if shard.by_addr.get(&gone.addr).is_some_and(|(_, t)| *t == token) {
+            shard.by_addr.remove(&gone.addr);
         }
+        Some(gone)
     }
 
     /// Removes `canonical` if it is still the registration identified by `token`.
     pub(crate) fn remove(&self, canonical: &str, token: u64) {
         let mut claims = lock(&self.claims);
-        let Some(holder) = claims.by_canonical.get(canonical) else { return };
-        if holder.token != token {
+        if claims.by_canonical.get(canonical).is_none_or(|holder| holder.token != token) {
             return;
         }
-        let (addr, skeleton) = (holder.addr, holder.skeleton.clone());
         claims.by_canonical.remove(canonical);
-        if claims.by_skeleton.get(&skeleton).is_some_and(|c| &**c == canonical) {
-            claims.by_skeleton.remove(&skeleton);
-        }
-        self.unroute(canonical, token, addr);
+        self.unroute(&mut claims, canonical, token);
     }
 
     /// Runs `f` on the client registered under the canonical name `canonical`, under its

@@ -7,7 +7,6 @@
 
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use futures_util::future::BoxFuture;
@@ -79,9 +78,17 @@ pub(crate) struct ClaimRequest<'a> {
 /// Bits of a sequence number below the session's epoch: 2^40 messages per session.
 const SEQ_EPOCH_SHIFT: u32 = 40;
 
+/// Epochs that fit above the session's count: 2^24 logins of one name.
+const MAX_EPOCH: u64 = (1 << (64 - SEQ_EPOCH_SHIFT)) - 1;
+
 /// The first sequence number of a session in `epoch`.
 pub(crate) fn first_seq(epoch: u64) -> u64 {
-    (epoch << SEQ_EPOCH_SHIFT) | 1
+    if epoch > MAX_EPOCH {
+        // 16.7 million logins of one name: its numbers stop growing across sessions (still
+        // in order within each). Documented as a limit.
+        tracing::error!(epoch, "a name's login count is past 2^24; sequence numbers repeat");
+    }
+    (epoch.min(MAX_EPOCH) << SEQ_EPOCH_SHIFT) | 1
 }
 
 /// The routing seam: who holds which name, and where a message goes. Connection handling
@@ -175,9 +182,10 @@ pub(crate) struct LocalRouter {
     max_frame_len: usize,
     /// How long a message waits for room in a full receiver's outbox.
     send_wait: Duration,
-    /// Epochs for guest sessions, which have no stored one: ordered within a server's life.
-    guest_epochs: AtomicU64,
 }
+
+/// A guest's sessions have no stored epoch: its sequence numbers are ordered within a session.
+const GUEST_EPOCH: u64 = 0;
 
 /// A claimed name, held by its connection. Release it with [`Routing::release`]; dropping it
 /// unclaimed frees the name in memory, so every way a connection can end unregisters it.
@@ -234,14 +242,7 @@ impl LocalRouter {
         max_frame_len: usize,
         send_wait: Duration,
     ) -> LocalRouter {
-        LocalRouter {
-            registry: Registry::default(),
-            store,
-            auth,
-            max_frame_len,
-            send_wait,
-            guest_epochs: AtomicU64::new(1),
-        }
+        LocalRouter { registry: Registry::default(), store, auth, max_frame_len, send_wait }
     }
 
     /// The outbox of whoever is registered under the name or address `to`.
@@ -266,8 +267,18 @@ impl LocalRouter {
         epoch: u64,
     ) -> Result<Claim, Refused> {
         request.outbox.set_session(request.version, first_seq(epoch));
+        // A key holder is online under the name as bound (`alice`, though it logged in as
+        // `ALICE`), and so is its look-alike key.
+        let bound_key;
+        let name_key = match relay_proto::name_key(display) {
+            Ok(key) if display != request.name => {
+                bound_key = key;
+                &bound_key
+            }
+            _ => &request.key,
+        };
         let entry = Entry {
-            key: &request.key,
+            key: name_key,
             display,
             addr: request.addr,
             outbox: request.outbox.clone(),
@@ -298,10 +309,7 @@ impl Routing for LocalRouter {
             let store = match (&self.store, self.auth) {
                 (Some(store), AuthMode::Optional | AuthMode::Required) => store.clone(),
                 // No keys: names are first come, first served, as in protocol version 1.
-                _ => {
-                    let epoch = self.guest_epochs.fetch_add(1, Ordering::Relaxed);
-                    return self.go_online(&request, request.name, None, epoch);
-                }
+                _ => return self.go_online(&request, request.name, None, GUEST_EPOCH),
             };
             match request.proof {
                 Some(key) => {
@@ -328,8 +336,7 @@ impl Routing for LocalRouter {
                 None => {
                     // Online first, then the table: a key holder who binds the name meanwhile
                     // displaces this guest (see `Registry::insert`), so the key always wins.
-                    let epoch = self.guest_epochs.fetch_add(1, Ordering::Relaxed);
-                    let online = self.go_online(&request, request.name, None, epoch);
+                    let online = self.go_online(&request, request.name, None, GUEST_EPOCH);
                     let canonical = request.key.canonical.clone();
                     let checked = store.check_guest(canonical, request.key.skeleton.clone()).await;
                     // A bound name is refused as bound, whether or not its owner is online.
