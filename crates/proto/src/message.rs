@@ -50,7 +50,8 @@ pub struct Message {
 
 /// A [`Message`] with borrowed text and content: the same fields in the same order, so it
 /// encodes to the same bytes. Senders use it to encode a message without building an owned
-/// one (no allocation for `to` or `from`); see [`MessageCodec::encode_ref`](crate::MessageCodec::encode_ref).
+/// one (no allocation for `to` or `from`); see
+/// [`MessageCodec::encode_ref`](crate::MessageCodec::encode_ref).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct MessageRef<'a> {
     /// See [`Message::version`].

@@ -39,8 +39,8 @@ pub enum ConnectError {
         name: String,
     },
     /// The name belongs to a key this client did not prove (another key's, or any key's for
-    /// a client without one).
-    #[error("the name '{name}' belongs to another key: {detail}")]
+    /// a client without one). The detail, from the server, says what to do.
+    #[error("{detail}")]
     NameOwned {
         /// The name asked for.
         name: String,

@@ -1,11 +1,15 @@
-//! Client library for the relay chat server, and the interactive `relay-client` built on it.
+//! Client library for the relay chat server (the interactive `relay-client` binary is built on
+//! it, and keeps its command line to itself).
 //!
-//! [`Client::connect`] opens a connection and registers a name; the returned [`Client`] sends
+//! [`Client::builder`] (or [`Client::connect`], for a guest) opens a connection and registers a
+//! name, proving it with an Ed25519 key ([`load_or_create_key`] keeps one in a file) so that
+//! the name stays its owner's; the returned [`Client`] sends
 //! (it is cheap to clone and share between tasks) and [`Events`] yields what arrives:
 //! messages, "not found" replies, user lists, the server's shutdown. Under the hood one task
 //! reads the socket and one writes it, batching frames: senders encode straight into the
 //! writer's buffer, and the reader hands over every event of one socket read at once. A program
 //! that sends bursts can add many messages to a [`Batch`] and hand them over together.
+//! [`Events`] is also a `futures::Stream`.
 //!
 //! ```no_run
 //! # async fn example() -> Result<(), Box<dyn std::error::Error>> {
@@ -34,4 +38,4 @@ pub use error::{ConnectError, SendError};
 pub use event::Event;
 pub use incoming::Events;
 pub use keys::{KeyError, create_key, default_key_path, load_key, load_or_create_key};
-pub use relay_proto::{Identity, PublicKey, Status, User, name_key as check_name};
+pub use relay_proto::{Identity, NameError, PublicKey, Status, User, name_key};

@@ -70,15 +70,15 @@ fn main() -> ExitCode {
 }
 
 fn fail(message: &str) -> ExitCode {
-    eprintln!("relay-client: {message}");
+    // Errors may quote the server (a refusal's detail): shown inert, like everything else.
+    eprintln!("relay-client: {}", cli::printable(message.as_bytes()));
     ExitCode::FAILURE
 }
 
 async fn session(args: Args) -> Result<(), String> {
     let mut config = ClientConfig::default();
     // A name that cannot be registered gets no key file.
-    relay_client::check_name(&args.user)
-        .map_err(|e| format!("invalid name '{}': {e}", args.user))?;
+    relay_client::name_key(&args.user).map_err(|e| format!("invalid name '{}': {e}", args.user))?;
     if !args.guest {
         let path = match &args.key {
             Some(path) => path.clone(),
@@ -87,7 +87,8 @@ async fn session(args: Args) -> Result<(), String> {
         let (identity, created) = load_or_create_key(&path).map_err(|e| e.to_string())?;
         if created {
             eprintln!(
-                "relay-client: created a new key for {} in {} (keep it: it proves the name is yours)",
+                "relay-client: created a new key for {} in {} (keep it: it proves the name \
+                 is yours)",
                 args.user,
                 path.display()
             );

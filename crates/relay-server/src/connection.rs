@@ -213,9 +213,10 @@ impl Connection {
                 }
                 Ok(Request::Register { id, name, version, credentials }) => {
                     let request = self.claim_request(id, name, version, credentials, nonce)?;
+                    let claiming = self.shared.router.clone().claim(request);
                     let claimed = tokio::select! {
                         () = shutdown.cancelled() => return Err(shutting_down()),
-                        claimed = timeout_at(deadline, self.shared.router.clone().claim(request)) => {
+                        claimed = timeout_at(deadline, claiming) => {
                             claimed.map_err(|_| timed_out(self.peer))?
                         }
                     };
@@ -389,7 +390,8 @@ impl Connection {
                                 self.outbox.release_if_idle();
                                 let silent = last_heard.elapsed();
                                 if silent >= idle_timeout {
-                                    info!(peer = %self.peer, %name, "no answer to ping; disconnecting");
+                                    info!(peer = %self.peer, %name,
+                                        "no answer to ping; disconnecting");
                                     return closing(0, Status::IdleTimeout, "", "no answer to ping");
                                 }
                                 if silent >= ping_interval && !pinged {
@@ -399,7 +401,8 @@ impl Connection {
                                     // Never waits: a full outbox means the client is being sent
                                     // plenty, and whether it reads shows in the writer's timeout.
                                     let ping = Message::ping(ping_id);
-                                    if let Err(PushError::Closed) = self.outbox.push(&ping.as_ref()) {
+                                    let pushed = self.outbox.push(&ping.as_ref());
+                                    if let Err(PushError::Closed) = pushed {
                                         return None;
                                     }
                                 }

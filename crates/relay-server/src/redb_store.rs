@@ -217,12 +217,7 @@ fn answer_reads(
     });
     let (names, skeletons) = match tables {
         Ok(tables) => tables,
-        Err(e) => {
-            for request in batch {
-                fail(request, &e, done);
-            }
-            return Err(e);
-        }
+        Err(e) => return fail_all(batch, e, done),
     };
     for request in batch {
         match request {
@@ -300,25 +295,13 @@ fn store_error(e: impl std::fmt::Display) -> StoreError {
 fn apply(db: &Database, batch: Vec<Request>, done: &mut Vec<Done>) -> Result<(), StoreError> {
     let tx = match db.begin_write() {
         Ok(tx) => tx,
-        Err(e) => {
-            let e = store_error(e);
-            for request in batch {
-                fail(request, &e, done);
-            }
-            return Err(e);
-        }
+        Err(e) => return fail_all(batch, store_error(e), done),
     };
     {
         let tables = tx.open_table(NAMES).and_then(|n| Ok((n, tx.open_table(SKELETONS)?)));
         let (mut names, mut skeletons) = match tables {
             Ok(tables) => tables,
-            Err(e) => {
-                let e = store_error(e);
-                for request in batch {
-                    fail(request, &e, done);
-                }
-                return Err(e);
-            }
+            Err(e) => return fail_all(batch, store_error(e), done),
         };
         for request in batch {
             match request {
@@ -357,6 +340,14 @@ fn apply(db: &Database, batch: Vec<Request>, done: &mut Vec<Done>) -> Result<(),
         }
     }
     tx.commit().map_err(store_error)
+}
+
+/// Answers every request of a batch that could not be applied with the error.
+fn fail_all(batch: Vec<Request>, e: StoreError, done: &mut Vec<Done>) -> Result<(), StoreError> {
+    for request in batch {
+        fail(request, &e, done);
+    }
+    Err(e)
 }
 
 fn fail(request: Request, e: &StoreError, done: &mut Vec<Done>) {

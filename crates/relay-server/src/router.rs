@@ -110,8 +110,8 @@ pub(crate) trait Routing: Send + Sync + std::fmt::Debug + 'static {
     fn forget(&self, canonical: &str, token: u64);
 
     /// Routes a message from the holder of `from` to `to` (a name or an `ip:port`), stamping
-    /// its name and `time` on it; `routes` is the sender's [`RouteCache`]. Never waits. On failure, gives
-    /// back the destination so the reply can name it.
+    /// its name and `time` on it; `routes` is the sender's [`RouteCache`]. Never waits. On
+    /// failure, gives back the destination so the reply can name it.
     fn route(
         &self,
         from: &Claim,
