@@ -197,6 +197,31 @@ mod tests {
         assert_eq!(hello, expected);
     }
 
+    /// The multi-frame user list example in `docs/PROTOCOL.md`: its split, and its last frame
+    /// byte for byte.
+    #[test]
+    fn documented_user_list_frames() {
+        let users = [
+            ("alice", "127.0.0.1:50001".to_string()),
+            ("bob", "127.0.0.1:50002".to_string()),
+            ("carol", "127.0.0.1:50003".to_string()),
+        ];
+        // A frame limit of 120 leaves 56 bytes of lines per frame: two frames.
+        let parts = Message::user_list(4, users.iter().map(|(n, a)| (*n, a.clone())), 120);
+        let contents: Vec<&[u8]> = parts.iter().map(|m| &m.content[..]).collect();
+        assert_eq!(
+            contents,
+            [&b"alice 127.0.0.1:50001\nbob 127.0.0.1:50002\n"[..], b"carol 127.0.0.1:50003\n\n"]
+        );
+        let last = frame(&parts[1].clone().with_version(1));
+        let mut expected = vec![0x00, 0x00, 0x00, 0x3f, 0x01, 0x00, 0x04, 0, 0, 0, 0, 0, 0, 0];
+        expected.extend_from_slice(&[0x02, 0, 0, 0, 0, 0]);
+        expected.extend_from_slice(&[0; 16]);
+        expected.extend_from_slice(&[0x17, 0, 0, 0, 0, 0, 0, 0]);
+        expected.extend_from_slice(b"carol 127.0.0.1:50003\n\n");
+        assert_eq!(&last[..], &expected[..]);
+    }
+
     /// The version 2 worked example in `docs/PROTOCOL.md`: a delivered message with its
     /// sequence number and time.
     #[test]
