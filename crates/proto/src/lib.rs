@@ -38,6 +38,7 @@ mod message;
 mod name;
 mod reader;
 mod request;
+mod text;
 
 pub use auth::{
     AuthError, CREDENTIALS_LEN, Identity, NONCE_LEN, PUBLIC_KEY_LEN, PublicKey, SEED_LEN,
@@ -61,4 +62,5 @@ pub use name::{
     Destination, NameError, NameKey, canonical_name, name_key, parse_destination, validate_name,
 };
 pub use reader::FrameReader;
-pub use request::{Rejection, Request};
+pub use request::{MAX_QUOTED, Rejection, Request};
+pub use text::{needs_escape, printable};

@@ -81,10 +81,32 @@ impl Rejection {
         Rejection { id, status, detail: detail.into(), to: String::new() }
     }
 
+    /// A rejection about `to` (a name or destination the client sent), quoted in the reply
+    /// at most [`MAX_QUOTED`] bytes long: a reply never grows with what it refuses.
+    fn about(id: u64, status: Status, detail: impl Into<String>, to: &str) -> Rejection {
+        Rejection { to: quoted(to), ..Rejection::new(id, status, detail) }
+    }
+
     /// The reply to send the client.
     pub fn to_message(&self) -> Message {
         Message::reply(self.id, self.status, self.to.clone(), self.detail.clone())
     }
+}
+
+/// Longest name or destination a rejection quotes back, in bytes: longer ones are cut (at a
+/// character boundary) and marked with `…`. Twice the longest valid name.
+pub const MAX_QUOTED: usize = 2 * crate::limits::MAX_NAME_LEN;
+
+/// `text` cut to at most [`MAX_QUOTED`] bytes.
+fn quoted(text: &str) -> String {
+    if text.len() <= MAX_QUOTED {
+        return text.to_owned();
+    }
+    let mut end = MAX_QUOTED - '…'.len_utf8();
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!("{}…", &text[..end])
 }
 
 impl<'a> Request<'a> {
@@ -165,10 +187,9 @@ impl<'a> Request<'a> {
                         version: msg.version,
                         credentials,
                     }),
-                    Err(e) => Err(Rejection {
-                        to: msg.from.to_owned(),
-                        ..Rejection::new(id, Status::InvalidName, e.to_string())
-                    }),
+                    Err(e) => {
+                        Err(Rejection::about(id, Status::InvalidName, e.to_string(), msg.from))
+                    }
                 }
             }
             (false, true) => {
@@ -179,10 +200,12 @@ impl<'a> Request<'a> {
             }
             (false, false) => match parse_destination(msg.to) {
                 Ok(_) => Ok(Request::Send { id, to: msg.to, content: msg.content }),
-                Err(e) => Err(Rejection {
-                    to: msg.to.to_owned(),
-                    ..Rejection::new(id, Status::InvalidName, format!("bad destination: {e}"))
-                }),
+                Err(e) => Err(Rejection::about(
+                    id,
+                    Status::InvalidName,
+                    format!("bad destination: {e}"),
+                    msg.to,
+                )),
             },
         }
     }
@@ -296,6 +319,21 @@ mod tests {
             assert_eq!(rejection.status, Status::InvalidName, "{bad:?}");
             assert_eq!(rejection.to, bad);
         }
+    }
+
+    #[test]
+    fn a_huge_destination_is_quoted_short() {
+        let long = "é".repeat(30_000);
+        let rejection = Request::parse(Message::send(1, long.as_str(), "x").as_ref()).unwrap_err();
+        assert_eq!(rejection.status, Status::InvalidName);
+        assert!(
+            rejection.to.len() <= MAX_QUOTED && rejection.to.ends_with('…'),
+            "{}",
+            rejection.to
+        );
+        assert!(long.starts_with(rejection.to.trim_end_matches('…')));
+        let reply = rejection.to_message();
+        assert!(crate::encoded_len(&reply) < 400);
     }
 
     #[test]

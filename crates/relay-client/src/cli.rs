@@ -56,21 +56,9 @@ pub fn parse_command(line: &str) -> Command<'_> {
 }
 
 /// Message bytes made safe for a terminal: invalid UTF-8 replaced, control characters
-/// (newlines, escape sequences) shown escaped so a peer cannot forge lines or drive the
-/// terminal.
-pub fn printable(bytes: &[u8]) -> String {
-    let text = String::from_utf8_lossy(bytes);
-    if !text.chars().any(char::is_control) {
-        return text.into_owned();
-    }
-    text.chars()
-        .flat_map(|c| {
-            let escaped: Vec<char> =
-                if c.is_control() { c.escape_default().collect() } else { vec![c] };
-            escaped
-        })
-        .collect()
-}
+/// (newlines, escape sequences) and format characters (bidi overrides, zero-width) shown
+/// escaped, so a peer can neither forge lines, drive the terminal nor disguise text.
+pub use relay_proto::printable;
 
 /// Runs the interactive session: reads commands from `input`, prints events on `output`.
 ///
@@ -195,10 +183,12 @@ mod tests {
     }
 
     #[test]
-    fn printable_escapes_control_characters() {
+    fn printable_escapes_control_and_format_characters() {
         assert_eq!(printable(b"hello"), "hello");
         assert_eq!(printable(b"a\nb"), "a\\nb");
         assert_eq!(printable(b"\x1b[2J"), "\\u{1b}[2J");
         assert_eq!(printable(b"\xff ok"), "\u{fffd} ok");
+        // A right-to-left override would show this as `invoiceexe.jpg`.
+        assert_eq!(printable("invoice\u{202e}gpj.exe".as_bytes()), "invoice\\u{202e}gpj.exe");
     }
 }

@@ -283,6 +283,7 @@ impl Client {
                 outgoing,
                 going_offline: inner.going_offline.clone(),
                 pending_users: Vec::new(),
+                pending_bytes: 0,
                 ping_interval: config.ping_interval,
                 idle_timeout: config.idle_timeout.max(config.ping_interval),
             }
@@ -538,6 +539,10 @@ async fn write_loop(
 /// stops a hostile server from growing a listing forever.
 const MAX_LISTED_USERS: usize = 1_000_000;
 
+/// Most bytes of names and addresses one listing may hold: a real listing is under 100 bytes
+/// a user, so this is 160,000 users; a server sending endless huge "names" is stopped here.
+const MAX_LISTED_BYTES: usize = 16 * 1024 * 1024;
+
 /// The reader task's state.
 struct Reader {
     events: Arc<Incoming>,
@@ -550,6 +555,8 @@ struct Reader {
     going_offline: Arc<AtomicBool>,
     /// A user listing arriving in parts.
     pending_users: Vec<User>,
+    /// Bytes of names and addresses in `pending_users`.
+    pending_bytes: usize,
     ping_interval: Duration,
     idle_timeout: Duration,
 }
@@ -665,16 +672,24 @@ impl Reader {
             // Only sent during the handshake; later, a server bug, and harmless.
             ServerEvent::Greeting { .. } => return Continue(()),
             ServerEvent::Users { id, users, complete } => {
+                self.pending_bytes +=
+                    users.iter().map(|u| u.name.len() + u.addr.len()).sum::<usize>();
                 self.pending_users.extend(users);
-                if self.pending_users.len() > MAX_LISTED_USERS {
+                if self.pending_users.len() > MAX_LISTED_USERS
+                    || self.pending_bytes > MAX_LISTED_BYTES
+                {
                     // A listing that never ends is a server trying to exhaust our memory.
-                    let reason = format!("the server sent a user list of over {MAX_LISTED_USERS}");
+                    let reason = format!(
+                        "the server sent a user list of over {MAX_LISTED_USERS} users or \
+                         {MAX_LISTED_BYTES} bytes"
+                    );
                     self.emit(Event::Disconnected { reason });
                     return Break(());
                 }
                 if !complete {
                     return Continue(());
                 }
+                self.pending_bytes = 0;
                 Event::Users { id, users: std::mem::take(&mut self.pending_users) }
             }
             ServerEvent::Reply { status, detail, closing: true, .. } => {

@@ -153,6 +153,24 @@ async fn a_user_listing_that_never_ends_is_refused() {
     }
 }
 
+#[tokio::test]
+async fn a_listing_of_huge_names_is_bounded_by_bytes() {
+    // Parts of one 60 KB "name" each, never complete: 300 of them are 18 MB, over the
+    // client's 16 MiB bound although only 300 entries.
+    let part = Message {
+        kind: Kind::Users,
+        content: format!("{} 1.2.3.4:5\n", "n".repeat(60_000)).into(),
+        ..Message::ping(1)
+    };
+    let (addr, _pings) = fake_server(Mode::Sends(vec![part; 300])).await;
+    let (_client, mut events) =
+        Client::connect_with(&addr, "alice", ClientConfig::default()).await.unwrap();
+    match tokio::time::timeout(WAIT, events.next()).await.unwrap() {
+        Some(Event::Disconnected { reason }) => assert!(reason.contains("bytes"), "{reason}"),
+        other => panic!("expected Disconnected, got {other:?}"),
+    }
+}
+
 /// The interactive client (the binary) shows what a hostile server sends as inert text.
 #[tokio::test]
 async fn the_interactive_client_escapes_what_the_server_sends() {

@@ -147,3 +147,22 @@ async fn the_smallest_frame_limits_start_and_serve() {
         }
     }
 }
+
+/// A reply never grows with what it refuses: a 60 KB destination is quoted short.
+#[tokio::test]
+async fn a_huge_destination_gets_a_short_refusal_and_the_session_goes_on() {
+    let server = TestServer::start().await;
+    let mut peer = RawPeer::register(server.addr, "quoter").await;
+    peer.send(Message::send(5, "d".repeat(60_000), "hi")).await;
+    match peer.recv().await {
+        Some(ServerEvent::Reply {
+            id: 5, status: Status::InvalidName, to, closing: false, ..
+        }) => {
+            assert!(to.len() <= relay_proto::MAX_QUOTED, "{} bytes quoted", to.len());
+        }
+        other => panic!("{other:?}"),
+    }
+    peer.send(Message::ping(6)).await;
+    assert_eq!(peer.recv().await, Some(ServerEvent::Pong { id: 6 }));
+    server.stop().await;
+}

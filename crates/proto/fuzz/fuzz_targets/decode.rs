@@ -13,7 +13,7 @@ fuzz_target!(|data: &[u8]| {
         let mut again = BytesMut::new();
         relay_proto::encode_body(&msg, &mut again).unwrap();
         assert_eq!(&again[..], data, "decode/encode is not a round trip");
-        let _ = Request::parse(msg.clone());
+        let _ = Request::parse(msg.as_ref());
         let _ = ServerEvent::parse(msg);
     }
 
