@@ -174,9 +174,10 @@ pub enum Kind {
 }
 
 /// The typed outcome in a server reply. Programs branch on this, never on the detail text.
-/// The encoding is the variant's index, so new variants go at the end.
+/// The encoding is the variant's index (a `u32`), so new variants go at the end; an index this
+/// version does not know reads as [`Status::Other`].
 #[non_exhaustive]
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum Status {
     /// The name was registered; the session is open.
     Registered,
@@ -223,6 +224,62 @@ pub enum Status {
     /// The server cannot serve the request right now (its name table failed); try again
     /// later. The connection closes.
     Unavailable,
+    /// A status this version does not know, by its index (from a newer server). Treat it as
+    /// a refusal of the message with the reply's id (closing, if the reply has `exit` set).
+    /// Only ever made for an index past the known ones (see [`Status::from_index`]).
+    Other(u32),
+}
+
+/// Every known [`Status`] at its index.
+const STATUSES: [Status; 19] = [
+    Status::Registered,
+    Status::NotFound,
+    Status::NameTaken,
+    Status::InvalidName,
+    Status::InvalidRequest,
+    Status::UnsupportedVersion,
+    Status::ShuttingDown,
+    Status::NotDelivered,
+    Status::ServerFull,
+    Status::FrameTooLarge,
+    Status::Malformed,
+    Status::RegistrationTimeout,
+    Status::SlowConsumer,
+    Status::IdleTimeout,
+    Status::NameOwned,
+    Status::NameConfusable,
+    Status::AuthFailed,
+    Status::AuthRequired,
+    Status::Unavailable,
+];
+
+impl Status {
+    /// The status's index on the wire.
+    pub fn index(self) -> u32 {
+        match self {
+            Status::Other(index) => index,
+            known => STATUSES.iter().position(|&s| s == known).map_or(u32::MAX, |i| i as u32),
+        }
+    }
+
+    /// The status with this index on the wire: a known one, or [`Status::Other`].
+    pub fn from_index(index: u32) -> Status {
+        STATUSES.get(index as usize).copied().unwrap_or(Status::Other(index))
+    }
+}
+
+/// A status is its index, a `u32`: the same bytes serde's derive gave the unit variants, plus
+/// a way to carry an index this version does not know.
+impl Serialize for Status {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_u32(self.index())
+    }
+}
+
+impl<'de> Deserialize<'de> for Status {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Status, D::Error> {
+        u32::deserialize(d).map(Status::from_index)
+    }
 }
 
 impl Status {
@@ -248,13 +305,17 @@ impl Status {
             Status::AuthFailed => "authentication failed",
             Status::AuthRequired => "a key is required",
             Status::Unavailable => "server unavailable",
+            Status::Other(_) => "unknown status",
         }
     }
 }
 
 impl std::fmt::Display for Status {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(self.as_str())
+        match self {
+            Status::Other(index) => write!(f, "unknown status {index}"),
+            known => f.write_str(known.as_str()),
+        }
     }
 }
 

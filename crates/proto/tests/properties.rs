@@ -80,6 +80,7 @@ fn status() -> impl Strategy<Value = Status> {
         Just(Status::AuthFailed),
         Just(Status::AuthRequired),
         Just(Status::Unavailable),
+        (19u32..).prop_map(Status::Other),
     ]
 }
 

@@ -22,7 +22,7 @@ use tokio_util::sync::CancellationToken;
 use crate::error::{ConnectError, SendError};
 use crate::event::Event;
 use crate::incoming::{Events, Incoming};
-use crate::outgoing::Outgoing;
+use crate::outgoing::{NowError, Outgoing};
 
 /// Connection settings. `ClientConfig::default()` suits a server with default limits.
 #[derive(Clone, Debug)]
@@ -708,7 +708,12 @@ impl Reader {
                 Event::Rejected { id, status, to, detail }
             }
             ServerEvent::Ping { id } => {
-                let _ = self.outgoing.push_now(&Message::pong(id).as_ref());
+                if let Err(NowError::Full) = self.outgoing.push_now(&Message::pong(id).as_ref()) {
+                    // Pongs pile up unread: the server pings without reading the answers.
+                    let reason = "the server sends pings but reads none of the answers".into();
+                    self.emit(Event::Disconnected { reason });
+                    return Break(());
+                }
                 return Continue(());
             }
             ServerEvent::Pong { .. } => return Continue(()),

@@ -13,6 +13,15 @@ use tokio::sync::Notify;
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) struct Closed;
 
+/// Why [`Outgoing::push_now`] queued nothing.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum NowError {
+    /// The connection is closed for sending.
+    Closed,
+    /// Twice the limit is queued: the peer is not reading.
+    Full,
+}
+
 /// Frames waiting for the writer task.
 #[derive(Debug)]
 pub(crate) struct Outgoing {
@@ -92,11 +101,20 @@ impl Outgoing {
     }
 
     /// Queues `msg` without waiting, over the limit if need be (pongs and pings, which are
-    /// tiny and must not wait behind the program's traffic).
-    pub(crate) fn push_now(&self, msg: &MessageRef<'_>) -> Result<(), Closed> {
+    /// tiny and must not wait behind the program's traffic), but never more than twice the
+    /// limit: a server that floods pings and reads none of the pongs cannot grow this queue
+    /// without end.
+    ///
+    /// # Errors
+    /// [`NowError::Closed`] if the connection is closed for sending; [`NowError::Full`] if
+    /// twice the limit is queued (the peer is not reading).
+    pub(crate) fn push_now(&self, msg: &MessageRef<'_>) -> Result<(), NowError> {
         let mut state = self.state();
         if state.closed {
-            return Err(Closed);
+            return Err(NowError::Closed);
+        }
+        if state.queued >= 2 * self.max_queued {
+            return Err(NowError::Full);
         }
         // Control messages always fit the frame limit.
         let _ = self.queue(&mut state, msg);
@@ -218,13 +236,22 @@ mod tests {
         assert_eq!(woken.unwrap().unwrap(), Ok(true));
     }
 
+    #[test]
+    fn control_messages_go_over_the_limit_but_not_without_end() {
+        let out = Outgoing::new(MessageCodec::new(1024), 4);
+        for _ in 0..8 {
+            out.push_now(&msg(b"pong")).unwrap();
+        }
+        assert_eq!(out.push_now(&msg(b"pong")), Err(NowError::Full));
+    }
+
     #[tokio::test]
     async fn close_writes_the_last_message_then_ends() {
         let out = Outgoing::new(MessageCodec::new(1024), 8);
         out.push(&msg(b"a")).await.unwrap().unwrap();
         out.close(Some(&msg(b"bye")));
         assert!(matches!(out.push(&msg(b"late")).await, Err(Closed)));
-        assert_eq!(out.push_now(&msg(b"late")), Err(Closed));
+        assert_eq!(out.push_now(&msg(b"late")), Err(NowError::Closed));
         let mut spare = BytesMut::new();
         assert!(out.take(&mut spare).await);
         let mut codec = MessageCodec::new(1024);

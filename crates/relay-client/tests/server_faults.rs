@@ -34,6 +34,8 @@ enum Mode {
     Deaf,
     /// Sends these messages, then reads everything and answers nothing.
     Sends(Vec<Message>),
+    /// Sends this many pings, then never reads again.
+    PingFlood(u64),
 }
 
 /// A fake server: accepts one client, registers it, then reports every ping it receives and
@@ -68,7 +70,15 @@ async fn fake_server(mode: Mode) -> (String, mpsc::UnboundedReceiver<u64>) {
                 framed.send(msg.clone()).await.unwrap();
             }
         }
-        if mode == Mode::Deaf {
+        if let Mode::PingFlood(count) = mode {
+            for id in 1..=count {
+                if framed.feed(Message::ping(id)).await.is_err() {
+                    return;
+                }
+            }
+            let _ = SinkExt::<Message>::flush(&mut framed).await;
+        }
+        if matches!(mode, Mode::Deaf | Mode::PingFlood(_)) {
             // Keep the socket open without ever reading it again.
             std::future::pending::<()>().await;
         }
@@ -168,6 +178,41 @@ async fn a_listing_of_huge_names_is_bounded_by_bytes() {
     match tokio::time::timeout(WAIT, events.next()).await.unwrap() {
         Some(Event::Disconnected { reason }) => assert!(reason.contains("bytes"), "{reason}"),
         other => panic!("expected Disconnected, got {other:?}"),
+    }
+}
+
+/// A server that floods pings and reads none of the pongs cannot grow the client: once the
+/// kernel's buffers and twice the send queue are full of pongs, the client gives up on it.
+#[tokio::test]
+async fn a_server_that_floods_pings_and_reads_no_pongs_is_given_up() {
+    // 300,000 pongs are 17 MB: far more than loopback socket buffers hold.
+    let (addr, _pings) = fake_server(Mode::PingFlood(300_000)).await;
+    let (_client, mut events) =
+        Client::connect_with(&addr, "alice", ClientConfig::default()).await.unwrap();
+    match tokio::time::timeout(WAIT, events.next()).await.unwrap() {
+        Some(Event::Disconnected { reason }) => assert!(reason.contains("pings"), "{reason}"),
+        other => panic!("expected Disconnected, got {other:?}"),
+    }
+}
+
+/// A reply status this version does not know (from a newer server) refuses that message, as
+/// the spec says; the session goes on.
+#[tokio::test]
+async fn an_unknown_reply_status_refuses_its_message_and_the_session_goes_on() {
+    let script = vec![
+        Message::reply(7, Status::Other(99), "bob", "a status from the future"),
+        Message::deliver(8, "bob", "alice", "still here"),
+    ];
+    let (addr, _pings) = fake_server(Mode::Sends(script)).await;
+    let (_client, mut events) =
+        Client::connect_with(&addr, "alice", ClientConfig::default()).await.unwrap();
+    match tokio::time::timeout(WAIT, events.next()).await.unwrap() {
+        Some(Event::Rejected { id: 7, status: Status::Other(99), to, .. }) => assert_eq!(to, "bob"),
+        other => panic!("expected a refusal, got {other:?}"),
+    }
+    match tokio::time::timeout(WAIT, events.next()).await.unwrap() {
+        Some(Event::Message { id: 8, content, .. }) => assert_eq!(&content[..], b"still here"),
+        other => panic!("expected the next message, got {other:?}"),
     }
 }
 
