@@ -407,7 +407,7 @@ mod tests {
             assert_eq!(body[14..18], (i as u32).to_le_bytes(), "{status:?}");
             assert_eq!(decode_body(&body).unwrap().kind, Kind::Reply(status));
             // The same bytes as serde writes for it.
-            let derived = bincode::serde::encode_to_vec(&Message::reply(1, status, "", ""), WIRE);
+            let derived = bincode::serde::encode_to_vec(Message::reply(1, status, "", ""), WIRE);
             assert_eq!(&body[..], &derived.unwrap()[..]);
         }
     }
