@@ -88,6 +88,7 @@ fn main() -> ExitCode {
     let args = Args::parse();
     init_logging(args.verbose);
     keep_serving_in_the_background();
+    raise_open_file_limit(args.max_clients);
     let runtime = match tokio::runtime::Runtime::new() {
         Ok(rt) => rt,
         Err(e) => return fail(&format!("cannot start the runtime: {e}")),
@@ -174,6 +175,45 @@ fn keep_serving_in_the_background() {
     unsafe {
         libc::signal(libc::SIGTTIN, libc::SIG_IGN);
     }
+}
+
+/// Descriptors the server needs besides its clients: the listener, the name table, standard
+/// streams, the runtime's own, with room to spare.
+const RESERVED_FDS: u64 = 64;
+
+/// Raises the soft open-file limit to the hard one (each client is a descriptor), and if
+/// `--max-clients` still needs more than that allows, says so in one line with the numbers:
+/// past the limit, connections would fail to be accepted at all, not even get `ServerFull`.
+fn raise_open_file_limit(max_clients: usize) {
+    #[cfg(unix)]
+    #[allow(unsafe_code)]
+    {
+        let mut limit = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+        // SAFETY: getrlimit only writes the struct passed, which lives on this stack.
+        if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) } != 0 {
+            return;
+        }
+        // An unlimited hard limit is still capped by the kernel's nr_open: ask for a million.
+        let want = if limit.rlim_max == libc::RLIM_INFINITY { 1 << 20 } else { limit.rlim_max };
+        if limit.rlim_cur < want {
+            let raised = libc::rlimit { rlim_cur: want, rlim_max: limit.rlim_max };
+            // SAFETY: setrlimit only reads the struct passed.
+            if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &raised) } == 0 {
+                tracing::debug!(from = limit.rlim_cur, to = want, "raised the open-file limit");
+                limit = raised;
+            }
+        }
+        let clients = limit.rlim_cur.saturating_sub(RESERVED_FDS);
+        if max_clients as u64 > clients {
+            tracing::warn!(
+                "--max-clients {max_clients} is more than the open-file limit of {} allows \
+                 (about {clients} clients); raise it (ulimit -n) or lower --max-clients",
+                limit.rlim_cur
+            );
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = max_clients;
 }
 
 fn init_logging(verbose: u8) {

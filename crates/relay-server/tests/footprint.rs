@@ -53,6 +53,65 @@ async fn a_thousand_sockets_that_send_one_header_each_cost_little_memory() {
     within(client.offline()).await.unwrap();
 }
 
+/// The server raises its soft open-file limit to the hard one, so a low soft limit does not
+/// leave clients unanswered; and if `--max-clients` needs more than even the hard limit
+/// allows, it says so at start.
+#[tokio::test]
+async fn a_low_soft_file_limit_is_raised_and_a_too_low_hard_one_is_reported() {
+    let binary = env!("CARGO_BIN_EXE_relay-server");
+    let data = tempfile::tempdir().unwrap();
+    let spawn = |ulimit: &str| {
+        tokio::process::Command::new("sh")
+            .arg("-c")
+            .arg(format!("{ulimit} && exec \"$0\" \"$@\""))
+            .arg(binary)
+            .args(["--host", "127.0.0.1", "--port", "0", "--max-clients", "300", "--data-dir"])
+            .arg(data.path())
+            .env("RUST_LOG", "info")
+            .stdin(std::process::Stdio::null())
+            .stderr(std::process::Stdio::piped())
+            .kill_on_drop(true)
+            .spawn()
+            .unwrap()
+    };
+    let first_lines = |child: &mut tokio::process::Child| {
+        let stderr = child.stderr.take().unwrap();
+        async move {
+            use tokio::io::AsyncBufReadExt;
+            let mut lines = tokio::io::BufReader::new(stderr).lines();
+            let mut seen = Vec::new();
+            while let Some(line) = within(lines.next_line()).await.unwrap() {
+                let done = line.contains("listening on");
+                seen.push(line);
+                if done {
+                    break;
+                }
+            }
+            seen
+        }
+    };
+    // Hard limit 256 too: 300 clients cannot fit, and the server says so.
+    let mut low = spawn("ulimit -n 256");
+    let lines = first_lines(&mut low).await;
+    assert!(
+        lines.iter().any(|l| l.contains("--max-clients 300") && l.contains("limit of 256")),
+        "{lines:#?}"
+    );
+    drop(low);
+    // Soft limit 256 under this machine's hard one: raised, and no warning when it fits.
+    let hard: u64 = String::from_utf8(
+        std::process::Command::new("sh").args(["-c", "ulimit -Hn"]).output().unwrap().stdout,
+    )
+    .unwrap()
+    .trim()
+    .parse()
+    .unwrap_or(u64::MAX);
+    let mut raised = spawn("ulimit -Sn 256");
+    let lines = first_lines(&mut raised).await;
+    let warned = lines.iter().any(|l| l.contains("--max-clients 300"));
+    assert_eq!(warned, hard < 364, "hard limit {hard}: {lines:#?}");
+}
+
 #[tokio::test]
 async fn the_accept_loop_survives_running_out_of_file_descriptors_and_recovers() {
     let mut server = ServerProcess::spawn(&["--register-timeout", "60s"], Some(40)).await;
