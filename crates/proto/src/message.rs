@@ -224,6 +224,9 @@ pub enum Status {
     /// The server cannot serve the request right now (its name table failed); try again
     /// later. The connection closes.
     Unavailable,
+    /// A frame that had started did not finish within the server's frame timeout (a client
+    /// trickling bytes). The connection closes.
+    FrameTimeout,
     /// A status this version does not know, by its index (from a newer server). Treat it as
     /// a refusal of the message with the reply's id (closing, if the reply has `exit` set).
     /// Only ever made for an index past the known ones (see [`Status::from_index`]).
@@ -231,7 +234,7 @@ pub enum Status {
 }
 
 /// Every known [`Status`] at its index.
-const STATUSES: [Status; 19] = [
+const STATUSES: [Status; 20] = [
     Status::Registered,
     Status::NotFound,
     Status::NameTaken,
@@ -251,6 +254,7 @@ const STATUSES: [Status; 19] = [
     Status::AuthFailed,
     Status::AuthRequired,
     Status::Unavailable,
+    Status::FrameTimeout,
 ];
 
 impl Status {
@@ -305,6 +309,7 @@ impl Status {
             Status::AuthFailed => "authentication failed",
             Status::AuthRequired => "a key is required",
             Status::Unavailable => "server unavailable",
+            Status::FrameTimeout => "frame not finished in time",
             Status::Other(_) => "unknown status",
         }
     }

@@ -63,6 +63,12 @@ impl FrameReader {
         self.codec.decode_frame(&mut self.buf)
     }
 
+    /// Whether part of a frame is buffered (after [`FrameReader::buffered_frame`] said no whole
+    /// one is): a frame has started and not finished.
+    pub fn has_partial_frame(&self) -> bool {
+        !self.buf.is_empty()
+    }
+
     /// Waits for bytes and reads what is there. Returns `Ok(false)` at a clean end of stream.
     /// Cancel-safe: bytes read are kept.
     ///

@@ -80,7 +80,8 @@ fn status() -> impl Strategy<Value = Status> {
         Just(Status::AuthFailed),
         Just(Status::AuthRequired),
         Just(Status::Unavailable),
-        (19u32..).prop_map(Status::Other),
+        Just(Status::FrameTimeout),
+        (20u32..).prop_map(Status::Other),
     ]
 }
 

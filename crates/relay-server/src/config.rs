@@ -34,6 +34,10 @@ pub struct Config {
     /// A client whose socket accepts no bytes for this long while the server has data for it
     /// is disconnected as a slow consumer (default 10 s).
     pub write_timeout: Duration,
+    /// A frame that has started must finish within this long (default 10 s); a client that
+    /// trickles bytes is disconnected with `FrameTimeout`. Only whole frames count as signs
+    /// of life for the idle timeout.
+    pub frame_timeout: Duration,
     /// Most connections served at once (default 10,000). Further connections get `ServerFull`.
     pub max_clients: usize,
     /// On shutdown, how long clients get to receive what is queued for them and the shutdown
@@ -58,6 +62,7 @@ impl Default for Config {
             outbox_bytes: 1024 * 1024,
             send_wait: Duration::from_secs(1),
             write_timeout: Duration::from_secs(10),
+            frame_timeout: Duration::from_secs(10),
             max_clients: 10_000,
             shutdown_timeout: Duration::from_secs(5),
             auth: AuthMode::Optional,
@@ -96,6 +101,7 @@ impl Config {
             ("ping interval", self.ping_interval),
             ("idle timeout", self.idle_timeout),
             ("write timeout", self.write_timeout),
+            ("frame timeout", self.frame_timeout),
         ] {
             if d.is_zero() {
                 return Err(format!("{name} must be more than zero"));

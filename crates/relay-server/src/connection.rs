@@ -357,7 +357,14 @@ impl Connection {
         let name = claim.name().clone();
         let ping_interval = self.config().ping_interval;
         let idle_timeout = self.config().idle_timeout;
+        let frame_timeout = self.config().frame_timeout;
         let mut last_heard = Instant::now();
+        // Only whole frames are signs of life: a read counts (as of when it was made) once a
+        // whole frame came out of it, so a client trickling bytes is not kept alive by them.
+        let mut read_at = last_heard;
+        let mut fresh = false;
+        // When the frame now partly buffered was first seen unfinished.
+        let mut partial_since: Option<Instant> = None;
         let mut ping_id: u64 = 0;
         let mut pinged = false;
         let mut routes = RouteCache::default();
@@ -376,15 +383,42 @@ impl Connection {
                 // Every complete frame already read is handled before going back to the select
                 // below, so a busy connection pays for the select once per read, not per frame.
                 let frame = match self.frames.buffered_frame() {
-                    Ok(Some(frame)) => frame,
+                    Ok(Some(frame)) => {
+                        if fresh {
+                            fresh = false;
+                            last_heard = read_at;
+                            pinged = false;
+                        }
+                        partial_since = None;
+                        frame
+                    }
                     Err(e) => return self.protocol_error(e),
                     Ok(None) => {
+                        if !self.frames.has_partial_frame() {
+                            partial_since = None;
+                        } else if partial_since.is_none() {
+                            // A frame has started: it must finish in time. The timer is
+                            // brought forward only if it would fire later than that.
+                            partial_since = Some(read_at);
+                            let due = read_at + frame_timeout;
+                            if due < timer.deadline() {
+                                timer.as_mut().reset(due);
+                            }
+                        }
                         tokio::select! {
                             () = shutdown.cancelled() => return shutting_down(),
                             end = &mut self.writer, if self.writer_end.is_none() => {
                                 return self.writer_finished(end);
                             }
                             () = &mut timer => {
+                                if let Some(since) = partial_since
+                                    && since.elapsed() >= frame_timeout
+                                {
+                                    info!(peer = %self.peer, %name,
+                                        "a frame was not finished in time; disconnecting");
+                                    return closing(0, Status::FrameTimeout, "",
+                                        "a frame you started was not finished in time");
+                                }
                                 // Quiet for a while: give back the buffers.
                                 self.frames.release_if_empty();
                                 self.outbox.release_if_idle();
@@ -407,13 +441,17 @@ impl Connection {
                                     }
                                 }
                                 let next = if pinged { idle_timeout } else { ping_interval };
-                                timer.as_mut().reset(last_heard + next);
+                                let mut due = last_heard + next;
+                                if let Some(since) = partial_since {
+                                    due = due.min(since + frame_timeout);
+                                }
+                                timer.as_mut().reset(due);
                             }
                             filled = self.frames.fill() => match filled {
                                 Ok(true) => {
-                                    last_heard = Instant::now();
+                                    read_at = Instant::now();
                                     now = now_ms();
-                                    pinged = false;
+                                    fresh = true;
                                 }
                                 Ok(false) => {
                                     info!(peer = %self.peer, %name, "disconnected");

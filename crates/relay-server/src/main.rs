@@ -52,6 +52,9 @@ struct Args {
     /// Time a client may accept no bytes while data waits for it before it is dropped.
     #[arg(long, default_value = "10s", value_parser = parse_duration)]
     write_timeout: Duration,
+    /// Time a client has to finish a frame it has started (bytes trickled slower are dropped).
+    #[arg(long, default_value = "10s", value_parser = parse_duration)]
+    frame_timeout: Duration,
     /// On shutdown, time clients get to receive what is queued and the shutdown notice.
     #[arg(long, default_value = "5s", value_parser = parse_duration)]
     shutdown_timeout: Duration,
@@ -76,6 +79,7 @@ impl Args {
             ping_interval: self.ping_interval,
             idle_timeout: self.idle_timeout,
             write_timeout: self.write_timeout,
+            frame_timeout: self.frame_timeout,
             shutdown_timeout: self.shutdown_timeout,
             auth: self.auth,
             data_dir: self.data_dir.clone(),

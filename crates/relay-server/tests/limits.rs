@@ -236,3 +236,67 @@ async fn clients_may_ping_the_server() {
     assert_eq!(peer.recv().await, Some(ServerEvent::Pong { id: 42 }));
     server.stop().await;
 }
+
+/// Registers `name`, then sends a frame header claiming `claimed` bytes and trickles that
+/// frame's bytes one every 50 ms (for at most 10 s, stopping when the server closes). Returns
+/// the status of the server's closing reply and whether the trickle was still going then.
+async fn trickle(server: &TestServer, name: &str, claimed: u32) -> (Option<Status>, bool) {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio_util::codec::Decoder;
+
+    let peer = RawPeer::register(server.addr, name).await;
+    let (mut read, mut write) = peer.framed.into_inner().into_split();
+    let trickling = Arc::new(AtomicBool::new(true));
+    let flag = trickling.clone();
+    tokio::spawn(async move {
+        let _ = write.write_all(&claimed.to_be_bytes()).await;
+        for _ in 0..200 {
+            if write.write_all(b"x").await.is_err() {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        flag.store(false, Ordering::SeqCst);
+        // Keep the socket open: the server must act, not see an end of stream.
+        std::future::pending::<()>().await;
+    });
+    let mut bytes = Vec::new();
+    within(read.read_to_end(&mut bytes)).await.unwrap();
+    let still_trickling = trickling.load(Ordering::SeqCst);
+    let mut codec = MessageCodec::new(relay_proto::DEFAULT_MAX_FRAME_LEN);
+    let mut buf = bytes::BytesMut::from(&bytes[..]);
+    let mut status = None;
+    while let Ok(Some(msg)) = codec.decode(&mut buf) {
+        if let Ok(ServerEvent::Reply { status: s, closing: true, .. }) = ServerEvent::parse(msg) {
+            status = Some(s);
+        }
+    }
+    (status, still_trickling)
+}
+
+#[tokio::test]
+async fn a_frame_trickled_too_slowly_is_cut_off() {
+    let server =
+        TestServer::with_config(Config { frame_timeout: Duration::from_millis(300), ..config() })
+            .await;
+    let (status, still_trickling) = trickle(&server, "trickler", 1000).await;
+    assert_eq!(status, Some(Status::FrameTimeout));
+    assert!(still_trickling, "closed only after the trickle stopped");
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn trickled_bytes_are_no_sign_of_life() {
+    let server = TestServer::with_config(Config {
+        ping_interval: Duration::from_millis(100),
+        idle_timeout: Duration::from_millis(400),
+        ..config()
+    })
+    .await;
+    let (status, still_trickling) = trickle(&server, "zombie", 1000).await;
+    assert_eq!(status, Some(Status::IdleTimeout));
+    assert!(still_trickling, "kept alive by bytes that never made a frame");
+    server.stop().await;
+}
