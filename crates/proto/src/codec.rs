@@ -207,7 +207,7 @@ mod tests {
             ("carol", "127.0.0.1:50003".to_string()),
         ];
         // A frame limit of 120 leaves 56 bytes of lines per frame: two frames.
-        let parts = Message::user_list(4, users.iter().map(|(n, a)| (*n, a.clone())), 120);
+        let parts = Message::user_list(4, users.iter().map(|(n, a)| (*n, a.clone())), 120, None);
         let contents: Vec<&[u8]> = parts.iter().map(|m| &m.content[..]).collect();
         assert_eq!(
             contents,

@@ -393,12 +393,13 @@ mod tests {
             Status::AuthRequired => 17,
             Status::Unavailable => 18,
             Status::FrameTimeout => 19,
+            Status::RateLimited => 20,
         }
     }
 
     #[test]
     fn every_status_is_read_at_the_index_it_is_written() {
-        let known = index(Status::FrameTimeout) + 1;
+        let known = index(Status::RateLimited) + 1;
         for i in 0..known + 2 {
             let status = Status::from_index(i as u32);
             assert_eq!(index(status), i);

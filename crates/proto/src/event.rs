@@ -46,6 +46,9 @@ pub enum ServerEvent {
         users: Vec<User>,
         /// True on the last part.
         complete: bool,
+        /// On the last part of one page of a longer listing: the name to list after for the
+        /// next page.
+        next: Option<String>,
     },
     /// A typed reply about the message with this id.
     Reply {
@@ -108,7 +111,8 @@ impl ServerEvent {
                         User { name: name.to_string(), addr: addr.to_string() }
                     })
                     .collect();
-                ServerEvent::Users { id: msg.id, users, complete }
+                let next = (complete && !msg.to.is_empty()).then_some(msg.to);
+                ServerEvent::Users { id: msg.id, users, complete, next }
             }
             Kind::Reply(status) => ServerEvent::Reply {
                 id: msg.id,
@@ -139,13 +143,14 @@ mod tests {
             4,
             names.iter().map(|n| (n.as_str(), "127.0.0.1:40000".to_string())),
             256,
+            None,
         );
         assert!(parts.len() > 1);
         let mut all = Vec::new();
         for (i, part) in parts.iter().enumerate() {
             assert!(crate::encoded_len(part) <= 256);
             match ServerEvent::parse(part.clone()).unwrap() {
-                ServerEvent::Users { id: 4, users, complete } => {
+                ServerEvent::Users { id: 4, users, complete, next: None } => {
                     assert_eq!(complete, i == parts.len() - 1);
                     all.extend(users);
                 }
@@ -158,10 +163,20 @@ mod tests {
 
     #[test]
     fn empty_user_list_is_complete() {
-        let part = Message::user_list(1, [], 1024).remove(0);
+        let part = Message::user_list(1, [], 1024, None).remove(0);
         assert_eq!(
             ServerEvent::parse(part).unwrap(),
-            ServerEvent::Users { id: 1, users: vec![], complete: true }
+            ServerEvent::Users { id: 1, users: vec![], complete: true, next: None }
+        );
+        let paged = Message::user_list(2, [("bo", "h:1".to_string())], 1024, Some("bo")).remove(0);
+        assert_eq!(
+            ServerEvent::parse(paged).unwrap(),
+            ServerEvent::Users {
+                id: 2,
+                users: vec![user("bo", "h:1")],
+                complete: true,
+                next: Some("bo".into())
+            }
         );
     }
 

@@ -227,6 +227,9 @@ pub enum Status {
     /// A frame that had started did not finish within the server's frame timeout (a client
     /// trickling bytes). The connection closes.
     FrameTimeout,
+    /// The request was refused because this connection sent too many of its kind lately
+    /// (user listings); try again in a moment. The connection stays open.
+    RateLimited,
     /// A status this version does not know, by its index (from a newer server). Treat it as
     /// a refusal of the message with the reply's id (closing, if the reply has `exit` set).
     /// Only ever made for an index past the known ones (see [`Status::from_index`]).
@@ -234,7 +237,7 @@ pub enum Status {
 }
 
 /// Every known [`Status`] at its index.
-const STATUSES: [Status; 20] = [
+const STATUSES: [Status; 21] = [
     Status::Registered,
     Status::NotFound,
     Status::NameTaken,
@@ -255,6 +258,7 @@ const STATUSES: [Status; 20] = [
     Status::AuthRequired,
     Status::Unavailable,
     Status::FrameTimeout,
+    Status::RateLimited,
 ];
 
 impl Status {
@@ -310,6 +314,7 @@ impl Status {
             Status::AuthRequired => "a key is required",
             Status::Unavailable => "server unavailable",
             Status::FrameTimeout => "frame not finished in time",
+            Status::RateLimited => "too many requests; try again in a moment",
             Status::Other(_) => "unknown status",
         }
     }
@@ -382,6 +387,12 @@ impl Message {
         Message::new(id, Kind::ListUsers)
     }
 
+    /// Client → server: ask for the next page of users online, those listed after `after`
+    /// (the name a paged listing gave as its next).
+    pub fn list_users_after(id: u64, after: impl Into<String>) -> Message {
+        Message { to: after.into(), ..Message::new(id, Kind::ListUsers) }
+    }
+
     /// Either direction: a liveness probe.
     pub fn ping(id: u64) -> Message {
         Message::new(id, Kind::Ping)
@@ -426,11 +437,14 @@ impl Message {
     /// [`Kind::Users`] messages as needed to keep each within `max_frame_len`.
     ///
     /// Each message holds one `name address` line per user; the last one ends with an empty
-    /// line, so a reader knows the listing is complete.
+    /// line, so a reader knows the listing is complete. If the listing is one page of a
+    /// longer one, `next` is the name to ask to list after for the next page: the last
+    /// message carries it in `to`.
     pub fn user_list<'a>(
         id: u64,
         users: impl IntoIterator<Item = (&'a str, String)>,
         max_frame_len: usize,
+        next: Option<&str>,
     ) -> Vec<Message> {
         // Room for the fixed fields and the final blank line, with margin.
         let budget = max_frame_len.saturating_sub(64).max(1);
@@ -448,13 +462,17 @@ impl Message {
         }
         content.push('\n');
         chunks.push(content);
-        chunks
+        let mut parts: Vec<Message> = chunks
             .into_iter()
             .map(|content| Message {
                 content: Bytes::from(content),
                 ..Message::new(id, Kind::Users)
             })
-            .collect()
+            .collect();
+        if let (Some(next), Some(last)) = (next, parts.last_mut()) {
+            last.to = next.to_string();
+        }
+        parts
     }
 
     /// Marks a server message as the last one before the server closes the connection.

@@ -45,6 +45,9 @@ pub enum Request<'a> {
     ListUsers {
         /// Message id, echoed in the reply.
         id: u64,
+        /// List only users after this name (the `to` of a paged listing's last part); empty
+        /// for the first page.
+        after: &'a str,
     },
     /// Go offline (`exit` set).
     Offline {
@@ -116,7 +119,7 @@ impl<'a> Request<'a> {
             Request::Register { id, .. }
             | Request::Hello { id, .. }
             | Request::Send { id, .. }
-            | Request::ListUsers { id }
+            | Request::ListUsers { id, .. }
             | Request::Offline { id }
             | Request::Ping { id }
             | Request::Pong { id } => *id,
@@ -148,7 +151,15 @@ impl<'a> Request<'a> {
                 }
                 return Ok(Request::Hello { id, version: msg.version });
             }
-            Kind::ListUsers => return Ok(Request::ListUsers { id }),
+            Kind::ListUsers => {
+                if !msg.to.is_empty()
+                    && let Err(e) = validate_name(msg.to)
+                {
+                    let detail = format!("bad name to list after: {e}");
+                    return Err(Rejection::about(id, Status::InvalidName, detail, msg.to));
+                }
+                return Ok(Request::ListUsers { id, after: msg.to });
+            }
             Kind::Ping => return Ok(Request::Ping { id }),
             Kind::Pong => return Ok(Request::Pong { id }),
         }
@@ -250,7 +261,7 @@ mod tests {
         assert_eq!(Request::parse(Message::offline(4).as_ref()), Ok(Request::Offline { id: 4 }));
         assert_eq!(
             Request::parse(Message::list_users(5).as_ref()),
-            Ok(Request::ListUsers { id: 5 })
+            Ok(Request::ListUsers { id: 5, after: "" })
         );
         assert_eq!(Request::parse(Message::ping(6).as_ref()), Ok(Request::Ping { id: 6 }));
         assert_eq!(Request::parse(Message::pong(7).as_ref()), Ok(Request::Pong { id: 7 }));
@@ -304,7 +315,8 @@ mod tests {
         assert_eq!(status(flagged_ping), Status::InvalidRequest);
 
         assert_eq!(status(Message::reply(1, Status::Registered, "", "")), Status::InvalidRequest);
-        assert_eq!(status(Message::user_list(1, [], 1024).remove(0)), Status::InvalidRequest);
+        assert_eq!(status(Message::user_list(1, [], 1024, None).remove(0)), Status::InvalidRequest);
+        assert_eq!(status(Message::list_users_after(1, "a b")), Status::InvalidName);
     }
 
     #[test]

@@ -81,7 +81,8 @@ fn status() -> impl Strategy<Value = Status> {
         Just(Status::AuthRequired),
         Just(Status::Unavailable),
         Just(Status::FrameTimeout),
-        (20u32..).prop_map(Status::Other),
+        Just(Status::RateLimited),
+        (21u32..).prop_map(Status::Other),
     ]
 }
 

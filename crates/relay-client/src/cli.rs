@@ -9,7 +9,7 @@ use relay_client::{Client, Event, Events};
 /// The help text for the interactive commands.
 pub const HELP: &str = "commands:
   send <name|ip:port> <message>   send a message (the rest of the line, spaces kept)
-  list                            show who is online, with addresses
+  list [NAME]                     show who is online, with addresses (after NAME: the next page)
   help                            show this help
   EXIT                            go offline and quit (so does end of input)";
 
@@ -23,8 +23,11 @@ pub enum Command<'a> {
         /// Everything after the destination and one space, spaces kept.
         message: &'a str,
     },
-    /// `list`
-    List,
+    /// `list [NAME]`: the users online, or the page after NAME.
+    List {
+        /// The name to list after, for the next page of a long listing.
+        after: Option<&'a str>,
+    },
     /// `help`
     Help,
     /// `EXIT`
@@ -48,7 +51,11 @@ pub fn parse_command(line: &str) -> Command<'_> {
                 _ => Command::Invalid("usage: send <name|ip:port> <message>".into()),
             }
         }
-        "list" if rest.trim().is_empty() => Command::List,
+        "list" => match rest.split_whitespace().collect::<Vec<_>>()[..] {
+            [] => Command::List { after: None },
+            [after] => Command::List { after: Some(after) },
+            _ => Command::Invalid("usage: list [NAME]".into()),
+        },
         "help" | "?" if rest.trim().is_empty() => Command::Help,
         w if w.eq_ignore_ascii_case("exit") && rest.trim().is_empty() => Command::Exit,
         other => Command::Invalid(format!("unknown command '{other}'; type help")),
@@ -87,10 +94,16 @@ where
                     Command::Empty => continue,
                     Command::Help => format!("{HELP}\n"),
                     Command::Invalid(message) => format!("{message}\n"),
-                    Command::List => match client.list_users().await {
-                        Ok(_) => continue,
-                        Err(e) => format!("{e}\n"),
-                    },
+                    Command::List { after } => {
+                        let asked = match after {
+                            None => client.list_users().await,
+                            Some(after) => client.list_users_after(after).await,
+                        };
+                        match asked {
+                            Ok(_) => continue,
+                            Err(e) => format!("{e}\n"),
+                        }
+                    }
                     Command::Send { to, message } => {
                         match client.send(to, message.as_bytes().to_vec()).await {
                             Ok(_) => continue,
@@ -107,10 +120,13 @@ where
                 Some(Event::Rejected { to, status, detail, .. }) => {
                     format!("! {}: {status} ({})\n", safe(&to), safe(&detail))
                 }
-                Some(Event::Users { users, .. }) => {
+                Some(Event::Users { users, next, .. }) => {
                     let mut text = String::new();
                     for user in users {
                         text.push_str(&format!("{} {}\n", safe(&user.name), safe(&user.addr)));
+                    }
+                    if let Some(next) = next {
+                        text.push_str(&format!("(more: list {} shows the next page)\n", safe(&next)));
                     }
                     text
                 }
@@ -174,7 +190,9 @@ mod tests {
         assert!(matches!(parse_command("send bob"), Command::Invalid(_)));
         assert!(matches!(parse_command("send bob "), Command::Invalid(_)));
         assert!(matches!(parse_command("send"), Command::Invalid(_)));
-        assert_eq!(parse_command("list"), Command::List);
+        assert_eq!(parse_command("list"), Command::List { after: None });
+        assert_eq!(parse_command("list  bob "), Command::List { after: Some("bob") });
+        assert!(matches!(parse_command("list a b"), Command::Invalid(_)));
         assert_eq!(parse_command("help"), Command::Help);
         assert_eq!(parse_command("EXIT"), Command::Exit);
         assert_eq!(parse_command("exit"), Command::Exit);

@@ -368,6 +368,22 @@ impl Client {
         self.submit(&Message::list_users(self.next_id()).as_ref()).await
     }
 
+    /// Asks for the next page of a long listing: the users after `after`, the `next` of the
+    /// page before ([`Event::Users`]). The answer arrives as [`Event::Users`] with the
+    /// returned id. A server limits how often a client may list (then the answer is
+    /// [`Event::Rejected`] with [`Status::RateLimited`]).
+    ///
+    /// # Errors
+    /// [`SendError::InvalidDestination`] if `after` is not a valid name;
+    /// [`SendError::Closed`] if the connection is closed.
+    pub async fn list_users_after(&self, after: &str) -> Result<u64, SendError> {
+        validate_name(after).map_err(|e| SendError::InvalidDestination {
+            to: after.to_string(),
+            reason: e.to_string(),
+        })?;
+        self.submit(&Message::list_users_after(self.next_id(), after).as_ref()).await
+    }
+
     /// Goes offline: tells the server, which frees the name and closes the connection. Returns
     /// once everything sent before was written and the server closed the session (or after
     /// [`ClientConfig::close_timeout`]). Events still arriving are dropped if the program is
@@ -671,7 +687,7 @@ impl Reader {
             }
             // Only sent during the handshake; later, a server bug, and harmless.
             ServerEvent::Greeting { .. } => return Continue(()),
-            ServerEvent::Users { id, users, complete } => {
+            ServerEvent::Users { id, users, complete, next } => {
                 self.pending_bytes +=
                     users.iter().map(|u| u.name.len() + u.addr.len()).sum::<usize>();
                 self.pending_users.extend(users);
@@ -690,7 +706,7 @@ impl Reader {
                     return Continue(());
                 }
                 self.pending_bytes = 0;
-                Event::Users { id, users: std::mem::take(&mut self.pending_users) }
+                Event::Users { id, users: std::mem::take(&mut self.pending_users), next }
             }
             ServerEvent::Reply { status, detail, closing: true, .. } => {
                 let event = if status == Status::ShuttingDown {

@@ -44,12 +44,16 @@ pub enum Event {
         /// The server's explanation.
         detail: String,
     },
-    /// The users online, answering [`Client::list_users`](crate::Client::list_users).
+    /// The users online, answering [`Client::list_users`](crate::Client::list_users): one page
+    /// of them, sorted by name.
     Users {
         /// Id returned by `list_users`.
         id: u64,
-        /// Everyone online, sorted by name.
+        /// The users on this page.
         users: Vec<User>,
+        /// More users follow (the server pages long listings): ask for them with
+        /// [`Client::list_users_after`](crate::Client::list_users_after) and this name.
+        next: Option<String>,
     },
     /// The server is shutting down. No more events follow.
     ServerShutdown {

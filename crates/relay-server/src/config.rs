@@ -43,6 +43,13 @@ pub struct Config {
     /// On shutdown, how long clients get to receive what is queued for them and the shutdown
     /// notice before their connections are dropped (default 5 s).
     pub shutdown_timeout: Duration,
+    /// Most users one listing gives (default 1,000); a longer one is paged (the client asks
+    /// for the next page after the last name it got).
+    pub list_page: usize,
+    /// User listings a connection may ask for in a burst (default 5)...
+    pub list_burst: u32,
+    /// ...and then one more each this often (default 1 s); over that, `RateLimited`.
+    pub list_interval: Duration,
     /// Whether names are bound to keys (default [`AuthMode::Optional`]: keys bind names,
     /// guests may use names no key holds). [`AuthMode::None`] stores nothing.
     pub auth: AuthMode,
@@ -65,6 +72,9 @@ impl Default for Config {
             frame_timeout: Duration::from_secs(10),
             max_clients: 10_000,
             shutdown_timeout: Duration::from_secs(5),
+            list_page: 1000,
+            list_burst: 5,
+            list_interval: Duration::from_secs(1),
             auth: AuthMode::Optional,
             data_dir: PathBuf::from("relay-data"),
         }
@@ -92,6 +102,9 @@ impl Config {
                 self.outbox_bytes,
                 self.max_frame_len + FRAME_HEADER_LEN
             ));
+        }
+        if self.list_page == 0 || self.list_burst == 0 {
+            return Err("the list page and the list burst must be at least 1".into());
         }
         if self.max_clients == 0 {
             return Err("max clients must be at least 1".into());

@@ -94,6 +94,37 @@ type Written = (WriteEnd, Vec<Unwritten>);
 /// A session ends with an optional last message for the client (already marked closing).
 type Farewell = Option<Message>;
 
+/// A token bucket for user listings: `list_burst` at once, then one per `list_interval`.
+struct Bucket {
+    tokens: u32,
+    /// When the last token was added (or the bucket last found full).
+    since: Instant,
+}
+
+impl Bucket {
+    fn full(config: &Config) -> Bucket {
+        Bucket { tokens: config.list_burst, since: Instant::now() }
+    }
+
+    /// Takes a token if there is one, adding those earned since the last take first.
+    fn take(&mut self, config: &Config) -> bool {
+        let now = Instant::now();
+        let interval = config.list_interval.max(std::time::Duration::from_micros(1));
+        let earned = now.saturating_duration_since(self.since).as_nanos() / interval.as_nanos();
+        if earned > 0 {
+            let earned = u32::try_from(earned).unwrap_or(u32::MAX);
+            self.tokens = self.tokens.saturating_add(earned).min(config.list_burst);
+            self.since =
+                if self.tokens == config.list_burst { now } else { self.since + interval * earned };
+        }
+        if self.tokens == 0 {
+            return false;
+        }
+        self.tokens -= 1;
+        true
+    }
+}
+
 /// Work a message leaves for the session that may wait (see `Connection::chat`).
 type Slow<'a> = std::pin::Pin<Box<dyn Future<Output = Result<(), Farewell>> + Send + 'a>>;
 
@@ -368,6 +399,7 @@ impl Connection {
         let mut ping_id: u64 = 0;
         let mut pinged = false;
         let mut routes = RouteCache::default();
+        let mut listings = Bucket::full(self.config());
         // The time stamped on messages: read once per socket read, not per message.
         let mut now = now_ms();
         // The timer is re-armed only when it fires, not on every message: a read costs just
@@ -480,7 +512,18 @@ impl Connection {
                             Err((why, to)) => Box::pin(self.undelivered(&name, id, why, to)),
                         }
                     }
-                    Ok(Request::ListUsers { id }) => Box::pin(self.list_users(id)),
+                    Ok(Request::ListUsers { id, after }) => {
+                        // A listing costs the server far more than the request costs the
+                        // client: a token bucket per connection.
+                        if listings.take(self.config()) {
+                            Box::pin(self.list_users(id, after.to_string()))
+                        } else {
+                            debug!(peer = %self.peer, %name, "user listing rate-limited");
+                            let detail = "too many user listings; try again in a moment";
+                            let reply = Message::reply(id, Status::RateLimited, "", detail);
+                            Box::pin(self.reply(reply))
+                        }
+                    }
                     Ok(Request::Ping { id }) => Box::pin(self.reply(Message::pong(id))),
                     Ok(Request::Pong { .. }) => continue,
                     Ok(Request::Offline { .. }) => {
@@ -556,12 +599,18 @@ impl Connection {
         self.reply(reply).await
     }
 
-    async fn list_users(&self, id: u64) -> Result<(), Farewell> {
+    /// One page of the users online, those after `after` (sorted by name).
+    async fn list_users(&self, id: u64, after: String) -> Result<(), Farewell> {
         let users = self.shared.router.users();
+        let page = self.config().list_page;
+        let start = users.partition_point(|(name, _)| **name <= *after);
+        let shown = &users[start..users.len().min(start + page)];
+        let next = (start + page < users.len()).then(|| shown.last().map(|(n, _)| n.clone()));
         let parts = Message::user_list(
             id,
-            users.iter().map(|(name, addr)| (&**name, addr.to_string())),
+            shown.iter().map(|(name, addr)| (&**name, addr.to_string())),
             self.config().max_frame_len,
+            next.flatten().as_deref(),
         );
         for part in parts {
             self.reply(part).await?;

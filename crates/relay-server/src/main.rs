@@ -58,6 +58,15 @@ struct Args {
     /// On shutdown, time clients get to receive what is queued and the shutdown notice.
     #[arg(long, default_value = "5s", value_parser = parse_duration)]
     shutdown_timeout: Duration,
+    /// Most users one listing gives; longer listings are paged.
+    #[arg(long, default_value_t = Config::default().list_page)]
+    list_page: usize,
+    /// User listings a client may ask for in a burst...
+    #[arg(long, default_value_t = Config::default().list_burst)]
+    list_burst: u32,
+    /// ...and then one more each this often (more are refused with RateLimited).
+    #[arg(long, default_value = "1s", value_parser = parse_duration)]
+    list_interval: Duration,
     /// Names and keys: `optional` binds a name to the key that first claims it and lets
     /// clients without a key (guests) use names no key holds; `required` refuses guests;
     /// `none` stores nothing and serves every name first come, first served.
@@ -81,6 +90,9 @@ impl Args {
             write_timeout: self.write_timeout,
             frame_timeout: self.frame_timeout,
             shutdown_timeout: self.shutdown_timeout,
+            list_page: self.list_page,
+            list_burst: self.list_burst,
+            list_interval: self.list_interval,
             auth: self.auth,
             data_dir: self.data_dir.clone(),
             ..Config::default()

@@ -300,3 +300,77 @@ async fn trickled_bytes_are_no_sign_of_life() {
     assert!(still_trickling, "kept alive by bytes that never made a frame");
     server.stop().await;
 }
+
+/// A listing gives at most a page of users; the client follows `next` for the rest, in name
+/// order, each user once.
+#[tokio::test]
+async fn long_listings_are_paged() {
+    let server =
+        TestServer::with_config(Config { list_page: 10, list_burst: 100, ..config() }).await;
+    let mut clients = Vec::new();
+    for i in 0..25 {
+        clients.push(server.connect(&format!("user{i:02}")).await);
+    }
+    let (lister, mut events) = server.connect("zz-lister").await;
+    let mut seen = Vec::new();
+    let mut pages = 0;
+    let mut next: Option<String> = None;
+    loop {
+        let id = match &next {
+            None => lister.list_users().await.unwrap(),
+            Some(after) => lister.list_users_after(after).await.unwrap(),
+        };
+        match next_event(&mut events).await {
+            Event::Users { id: got, users, next: more } => {
+                assert_eq!(got, id);
+                assert!(users.len() <= 10, "a page of {}", users.len());
+                seen.extend(users.into_iter().map(|u| u.name));
+                pages += 1;
+                match more {
+                    Some(after) => next = Some(after),
+                    None => break,
+                }
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+    let mut expected: Vec<String> = (0..25).map(|i| format!("user{i:02}")).collect();
+    expected.push("zz-lister".into());
+    assert_eq!((seen, pages), (expected, 3));
+    server.stop().await;
+}
+
+/// User listings cost the server far more than the client: past a burst, they are refused
+/// with a typed reply, the session goes on, and a token comes back after the interval.
+#[tokio::test]
+async fn user_listings_are_rate_limited_not_disconnected() {
+    let server = TestServer::with_config(Config {
+        list_burst: 3,
+        list_interval: Duration::from_millis(300),
+        ..config()
+    })
+    .await;
+    let (alice, mut events) = server.connect("alice").await;
+    let started = std::time::Instant::now();
+    for _ in 0..20 {
+        alice.list_users().await.unwrap();
+    }
+    let (mut listed, mut limited) = (0, 0);
+    while listed + limited < 20 {
+        match next_event(&mut events).await {
+            Event::Users { .. } => listed += 1,
+            Event::Rejected { status: Status::RateLimited, .. } => limited += 1,
+            other => panic!("{other:?}"),
+        }
+    }
+    // The burst of 3, plus one for each interval that passed meanwhile (none, unless this
+    // machine is very slow).
+    let earned = (started.elapsed().as_millis() / 300) as usize;
+    assert!((3..=3 + earned).contains(&listed), "{listed} listed, {limited} refused");
+    assert!(limited > 0);
+    // Still connected, and listing again once a token has come back.
+    tokio::time::sleep(Duration::from_millis(350)).await;
+    alice.list_users().await.unwrap();
+    assert!(matches!(next_event(&mut events).await, Event::Users { .. }));
+    server.stop().await;
+}

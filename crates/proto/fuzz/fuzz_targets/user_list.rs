@@ -27,7 +27,7 @@ fuzz_target!(|data: &[u8]| {
         .map(|(name, addr)| (name, addr.to_string()))
         .collect();
     let mut listed = Vec::new();
-    for part in Message::user_list(1, users.iter().map(|(n, a)| (*n, a.clone())), 256) {
+    for part in Message::user_list(1, users.iter().map(|(n, a)| (*n, a.clone())), 256, None) {
         match ServerEvent::parse(part) {
             Ok(ServerEvent::Users { users, .. }) => listed.extend(users),
             other => panic!("a server-built listing did not parse: {other:?}"),
