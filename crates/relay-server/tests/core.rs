@@ -203,7 +203,7 @@ async fn users_are_listed_with_addresses() {
     let (bob, _b) = server.connect("bob").await;
     let id = alice.list_users().await.unwrap();
     match next_event(&mut events).await {
-        Event::Users { id: got, users } => {
+        Event::Users { id: got, users, .. } => {
             assert_eq!(got, id);
             let listed: Vec<_> = users.iter().map(|u| (u.name.as_str(), u.addr.clone())).collect();
             assert_eq!(
