@@ -43,6 +43,14 @@ pub struct Config {
     /// On shutdown, how long clients get to receive what is queued for them and the shutdown
     /// notice before their connections are dropped (default 5 s).
     pub shutdown_timeout: Duration,
+    /// Most connections one address (an IPv4 address, or an IPv6 /64) may hold open
+    /// (default 64); beyond, `ServerFull` with the reason.
+    pub max_per_address: usize,
+    /// New connections one address may open per second, as a burst of that many refilled
+    /// over a second (default 20); faster ones get `ServerFull` with the reason.
+    pub connects_per_sec: u32,
+    /// Whether loopback addresses are exempt from the per-address limits (default yes).
+    pub loopback_exempt: bool,
     /// Most users one listing gives (default 1,000); a longer one is paged (the client asks
     /// for the next page after the last name it got).
     pub list_page: usize,
@@ -72,6 +80,9 @@ impl Default for Config {
             frame_timeout: Duration::from_secs(10),
             max_clients: 10_000,
             shutdown_timeout: Duration::from_secs(5),
+            max_per_address: 64,
+            connects_per_sec: 20,
+            loopback_exempt: true,
             list_page: 1000,
             list_burst: 5,
             list_interval: Duration::from_secs(1),
@@ -102,6 +113,9 @@ impl Config {
                 self.outbox_bytes,
                 self.max_frame_len + FRAME_HEADER_LEN
             ));
+        }
+        if self.max_per_address == 0 || self.connects_per_sec == 0 {
+            return Err("the per-address limits must be at least 1".into());
         }
         if self.list_page == 0 || self.list_burst == 0 {
             return Err("the list page and the list burst must be at least 1".into());

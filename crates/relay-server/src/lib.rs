@@ -22,6 +22,7 @@
 //! and signals to the shutdown token.
 #![deny(missing_docs)]
 
+mod admission;
 mod config;
 mod connection;
 mod console;

@@ -58,6 +58,15 @@ struct Args {
     /// On shutdown, time clients get to receive what is queued and the shutdown notice.
     #[arg(long, default_value = "5s", value_parser = parse_duration)]
     shutdown_timeout: Duration,
+    /// Most connections one address (IPv4, or IPv6 /64) may hold open.
+    #[arg(long, default_value_t = Config::default().max_per_address)]
+    max_per_address: usize,
+    /// New connections one address may open per second.
+    #[arg(long, default_value_t = Config::default().connects_per_sec)]
+    connects_per_sec: u32,
+    /// Apply the per-address limits to loopback too (exempt by default).
+    #[arg(long)]
+    limit_loopback: bool,
     /// Most users one listing gives; longer listings are paged.
     #[arg(long, default_value_t = Config::default().list_page)]
     list_page: usize,
@@ -90,6 +99,9 @@ impl Args {
             write_timeout: self.write_timeout,
             frame_timeout: self.frame_timeout,
             shutdown_timeout: self.shutdown_timeout,
+            max_per_address: self.max_per_address,
+            connects_per_sec: self.connects_per_sec,
+            loopback_exempt: !self.limit_loopback,
             list_page: self.list_page,
             list_burst: self.list_burst,
             list_interval: self.list_interval,

@@ -17,6 +17,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{debug, info, warn};
 
+use crate::admission::{self, Admission, Limits, LogNow, Refusal};
 use crate::config::Config;
 use crate::connection::{self, Shared};
 use crate::names::{NameRecord, NameStore, StoreError};
@@ -43,6 +44,7 @@ pub struct Server {
     listener: TcpListener,
     shared: Arc<Shared>,
     slots: Arc<Semaphore>,
+    admission: Arc<Admission>,
 }
 
 /// A cheap handle for looking at a running server (the console and tests use it).
@@ -105,13 +107,18 @@ impl Server {
             _ => Some(Arc::new(RedbStore::open(&config.data_dir)?)),
         };
         let slots = Arc::new(Semaphore::new(config.max_clients));
+        let admission = Admission::new(Limits {
+            per_address: config.max_per_address,
+            new_per_sec: config.connects_per_sec,
+            loopback_exempt: config.loopback_exempt,
+        });
         let router = LocalRouter::new(store, config.auth, config.max_frame_len, config.send_wait);
         let shared = Arc::new(Shared {
             router: Arc::new(router),
             config,
             hard_stop: CancellationToken::new(),
         });
-        Ok(Server { listener, shared, slots })
+        Ok(Server { listener, shared, slots, admission })
     }
 
     /// The address the server listens on.
@@ -185,18 +192,39 @@ impl Server {
         peer: SocketAddr,
         shutdown: &CancellationToken,
     ) {
+        let admitted = match self.admission.admit(peer.ip(), std::time::Instant::now()) {
+            Ok(admitted) => admitted,
+            Err((why, log)) => {
+                let (detail, max) = match why {
+                    Refusal::TooMany => (
+                        "too many connections from your address",
+                        self.shared.config.max_per_address,
+                    ),
+                    Refusal::TooFast => (
+                        "too many new connections from your address; slow down",
+                        self.shared.config.connects_per_sec as usize,
+                    ),
+                };
+                if let Some(LogNow(count)) = log {
+                    warn!(address = %admission::key_of(peer.ip()), max, refused = count,
+                        "{detail}; refusing (logged at most once every 10 s per address)");
+                }
+                tracker.spawn(refuse_full(stream, detail));
+                return;
+            }
+        };
         match self.slots.clone().try_acquire_owned() {
             Ok(slot) => {
                 let shared = self.shared.clone();
                 let shutdown = shutdown.clone();
                 tracker.spawn(async move {
                     connection::serve(stream, peer, shared, shutdown).await;
-                    drop(slot);
+                    drop((slot, admitted));
                 });
             }
             Err(_) => {
                 warn!(%peer, max = self.shared.config.max_clients, "server full; refusing connection");
-                tracker.spawn(refuse_full(stream));
+                tracker.spawn(refuse_full(stream, "the server is at its connection limit"));
             }
         }
     }
@@ -214,9 +242,8 @@ fn is_per_connection(e: &io::Error) -> bool {
 }
 
 /// Tells a connection over the cap why it is refused, briefly, and closes it.
-async fn refuse_full(mut stream: TcpStream) {
-    let msg = Message::reply(0, Status::ServerFull, "", "the server is at its connection limit")
-        .closing();
+async fn refuse_full(mut stream: TcpStream, detail: &'static str) {
+    let msg = Message::reply(0, Status::ServerFull, "", detail).closing();
     let mut buf = BytesMut::new();
     if MessageCodec::new(relay_proto::PRE_REGISTER_MAX_FRAME_LEN).encode(&msg, &mut buf).is_ok() {
         let _ = tokio::time::timeout(Duration::from_secs(1), async {

@@ -374,3 +374,93 @@ async fn user_listings_are_rate_limited_not_disconnected() {
     assert!(matches!(next_event(&mut events).await, Event::Users { .. }));
     server.stop().await;
 }
+
+/// The reason a fresh connection is refused with, or `None` if it is admitted (it can
+/// register).
+async fn refusal(server: &TestServer, name: &str) -> (Option<String>, Option<RawPeer>) {
+    let mut peer = RawPeer::connect(server.addr).await;
+    peer.send(Message::register(1, name)).await;
+    match peer.recv().await {
+        Some(ServerEvent::Reply { status: Status::Registered, .. }) => (None, Some(peer)),
+        Some(ServerEvent::Reply { status: Status::ServerFull, detail, closing: true, .. }) => {
+            (Some(detail), None)
+        }
+        other => panic!("{other:?}"),
+    }
+}
+
+#[tokio::test]
+async fn one_address_holds_at_most_its_share_of_connections() {
+    let server =
+        TestServer::with_config(Config { max_per_address: 3, loopback_exempt: false, ..config() })
+            .await;
+    let mut held = Vec::new();
+    for i in 0..3 {
+        let (refused, peer) = refusal(&server, &format!("p{i}")).await;
+        assert_eq!(refused, None);
+        held.push(peer);
+    }
+    let (refused, _) = refusal(&server, "p3").await;
+    assert!(refused.unwrap().contains("too many connections from your address"));
+    // A connection closing gives its place back.
+    held.pop();
+    wait_until(|| server.handle.connections() == 2).await;
+    assert_eq!(refusal(&server, "p4").await.0, None);
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn one_address_may_open_connections_only_so_fast() {
+    let server =
+        TestServer::with_config(Config { connects_per_sec: 5, loopback_exempt: false, ..config() })
+            .await;
+    let started = std::time::Instant::now();
+    let mut refused = 0;
+    let mut held = Vec::new();
+    for i in 0..12 {
+        match refusal(&server, &format!("c{i}")).await {
+            (None, peer) => held.push(peer),
+            (Some(detail), _) => {
+                assert!(detail.contains("slow down"), "{detail}");
+                refused += 1;
+            }
+        }
+    }
+    // A burst of 5, and one more for each fifth of a second that passed.
+    let earned = (started.elapsed().as_millis() / 200) as usize;
+    assert!(refused >= 12 - 5 - earned, "{refused} refused in {:?}", started.elapsed());
+    assert!(refused > 0 || earned >= 7);
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn loopback_is_exempt_from_the_per_address_limits_by_default() {
+    let server =
+        TestServer::with_config(Config { max_per_address: 1, connects_per_sec: 1, ..config() })
+            .await;
+    let mut held = Vec::new();
+    for i in 0..5 {
+        let (refused, peer) = refusal(&server, &format!("l{i}")).await;
+        assert_eq!(refused, None);
+        held.push(peer);
+    }
+    server.stop().await;
+}
+
+/// A flood of refused connections from one address costs one log line, not one each.
+#[tokio::test]
+async fn refusals_are_logged_once_per_address_not_per_attempt() {
+    use common::process::ServerProcess;
+    let mut server =
+        ServerProcess::spawn(&["--limit-loopback", "--max-per-address", "1"], None).await;
+    let url = server.addr.to_string();
+    let (holder, _events) = within(Client::connect(&url, "holder")).await.unwrap();
+    for _ in 0..30 {
+        let refused = within(Client::connect(&url, "flood")).await;
+        assert!(matches!(refused, Err(ConnectError::Refused { status: Status::ServerFull, .. })));
+    }
+    within(holder.offline()).await.unwrap();
+    let lines = server.log_until("offline").await;
+    let refusal_lines = lines.iter().filter(|l| l.contains("too many connections")).count();
+    assert_eq!(refusal_lines, 1, "{lines:#?}");
+}

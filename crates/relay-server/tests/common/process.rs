@@ -82,6 +82,22 @@ impl ServerProcess {
         .await
     }
 
+    /// Reads the log until a line contains `needle`; returns every line read, that one last.
+    pub async fn log_until(&mut self, needle: &str) -> Vec<String> {
+        within(async {
+            let mut lines = Vec::new();
+            loop {
+                let line = self.log.recv().await.expect("server log ended");
+                let found = line.contains(needle);
+                lines.push(line);
+                if found {
+                    return lines;
+                }
+            }
+        })
+        .await
+    }
+
     /// Resident memory now, in KiB.
     pub fn rss_kib(&self) -> u64 {
         proc_status_kib(self.pid, "VmRSS:")
