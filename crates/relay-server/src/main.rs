@@ -10,7 +10,10 @@ use std::path::PathBuf;
 
 use clap::Parser;
 use relay_server::{AuthMode, Config, Server, parse_duration, run_console};
+use std::io::Write;
 use tokio_util::sync::CancellationToken;
+
+use tracing_appender::non_blocking::{ErrorCounter, WorkerGuard};
 use tracing_subscriber::EnvFilter;
 
 /// Relay chat server: clients register a name and message each other through it.
@@ -114,16 +117,19 @@ impl Args {
 
 fn main() -> ExitCode {
     let args = Args::parse();
-    init_logging(args.verbose);
+    let (log_guard, dropped) = init_logging(args.verbose);
     keep_serving_in_the_background();
     raise_open_file_limit(args.max_clients);
     let runtime = match tokio::runtime::Runtime::new() {
         Ok(rt) => rt,
         Err(e) => return fail(&format!("cannot start the runtime: {e}")),
     };
+    runtime.spawn(report_dropped_log_lines(dropped));
     let result = runtime.block_on(serve(args));
     // The console's stdin read may still be blocked in a thread; do not wait for it.
     runtime.shutdown_background();
+    // Flush what is queued for stderr (bounded: the guard gives up after a moment).
+    drop(log_guard);
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(message) => fail(&message),
@@ -131,7 +137,8 @@ fn main() -> ExitCode {
 }
 
 fn fail(message: &str) -> ExitCode {
-    eprintln!("relay-server: {message}");
+    // Not `eprintln!`, which panics if stderr is gone.
+    let _ = writeln!(std::io::stderr(), "relay-server: {message}");
     ExitCode::FAILURE
 }
 
@@ -244,16 +251,43 @@ fn raise_open_file_limit(max_clients: usize) {
     let _ = max_clients;
 }
 
-fn init_logging(verbose: u8) {
+/// Sets up logging to stderr through a thread of its own: serving never waits for a log line
+/// to be written. If stderr is not being read (a full pipe, a reader that went away), lines
+/// are dropped, not queued without end, and counted in the returned counter. The guard
+/// flushes what is queued when dropped.
+fn init_logging(verbose: u8) -> (WorkerGuard, ErrorCounter) {
     let default = match verbose {
         0 => "info",
         1 => "debug",
         _ => "trace",
     };
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default));
+    let (writer, guard) = tracing_appender::non_blocking::NonBlockingBuilder::default()
+        .lossy(true)
+        .buffered_lines_limit(10_000)
+        .thread_name("relay-log")
+        .finish(std::io::stderr());
+    let dropped = writer.error_counter();
     tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr)
+        .with_writer(writer)
         .with_ansi(std::io::stderr().is_terminal())
         .init();
+    (guard, dropped)
+}
+
+/// Says, once logging flows again, how many lines were dropped while it did not.
+async fn report_dropped_log_lines(dropped: ErrorCounter) {
+    let mut reported = 0;
+    loop {
+        tokio::time::sleep(Duration::from_secs(10)).await;
+        let now = dropped.dropped_lines();
+        if now > reported {
+            tracing::warn!(
+                dropped = now - reported,
+                "log lines were dropped: standard error was not being read"
+            );
+            reported = now;
+        }
+    }
 }

@@ -175,3 +175,51 @@ async fn measure_rss_per_idle_client() {
         per_client / 1024.0
     );
 }
+
+/// Logging never stops the server: with its stderr a pipe nobody reads (full after 64 KiB),
+/// it keeps registering and routing, and SIGTERM still stops it.
+#[tokio::test]
+async fn a_stderr_nobody_reads_does_not_stop_the_server() {
+    use tokio::io::AsyncBufReadExt;
+    let data = tempfile::tempdir().unwrap();
+    let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_relay-server"))
+        .args(["--host", "127.0.0.1", "--port", "0", "--data-dir"])
+        .arg(data.path())
+        // Every message logged: the pipe fills within the first few hundred.
+        .env("RUST_LOG", "trace")
+        .stdin(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let mut stderr = tokio::io::BufReader::new(child.stderr.take().unwrap());
+    let addr = within(async {
+        let mut line = String::new();
+        loop {
+            line.clear();
+            stderr.read_line(&mut line).await.unwrap();
+            if let Some(addr) = line.split("listening on ").nth(1) {
+                return addr.trim().to_string();
+            }
+        }
+    })
+    .await;
+    // From here on nobody reads the server's stderr, and it is kept open.
+    let (alice, mut events) = within(Client::connect(&addr, "alice")).await.unwrap();
+    for i in 0..3000u32 {
+        alice.send("alice", i.to_string()).await.unwrap();
+    }
+    for _ in 0..3000 {
+        assert!(matches!(within(events.next()).await, Some(Event::Message { .. })));
+    }
+    // Still registering and serving.
+    let (bob, mut bob_events) = within(Client::connect(&addr, "bob")).await.unwrap();
+    bob.send("bob", "still here").await.unwrap();
+    assert!(matches!(within(bob_events.next()).await, Some(Event::Message { .. })));
+    // And SIGTERM still stops it.
+    let pid = child.id().unwrap().to_string();
+    assert!(std::process::Command::new("kill").args(["-TERM", &pid]).status().unwrap().success());
+    let status = within(child.wait()).await.unwrap();
+    assert!(status.success(), "{status:?}");
+    drop(stderr);
+}
