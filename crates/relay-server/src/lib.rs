@@ -5,6 +5,7 @@
 //!
 //! The pieces, one job each:
 //! - [`Server`] (`server.rs`): the accept loop, the connection cap, graceful shutdown;
+//! - `admission.rs`: per-address limits (connections held, connections opened per second);
 //! - `connection.rs`: one task per client, registration then its messages (read with
 //!   `relay_proto::FrameReader`: many frames per read, no buffer while idle);
 //! - `writer.rs`: the task that writes a client's outbox in batches;
