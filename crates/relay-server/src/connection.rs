@@ -263,6 +263,11 @@ impl Connection {
                     };
                     let welcome = Message::reply(id, Status::Registered, &**claim.name(), detail);
                     Box::pin(self.reply(welcome)).await?;
+                    // Only now may messages be routed here: none can overtake the welcome.
+                    if !self.shared.router.open(&claim) {
+                        // Displaced while registering; the outbox holds the reason.
+                        return Err(None);
+                    }
                     let max = self.config().max_frame_len;
                     self.frames.set_max_frame_len(max);
                     // Most clients now wait quietly; their connection holds no read buffer,

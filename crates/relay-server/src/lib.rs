@@ -72,7 +72,8 @@ pub mod bench_support {
             let key = relay_proto::name_key(name).ok()?;
             let entry =
                 Entry { key: &key, display: name, addr, outbox: Outbox::new(1024), guest: true };
-            self.registry.insert(entry).ok().map(|(_, token)| token)
+            let (_, token) = self.registry.insert(entry).ok()?;
+            self.registry.open(&key.canonical, token).then_some(token)
         }
 
         /// Unregisters `name` if `token` still owns it.

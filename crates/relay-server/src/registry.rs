@@ -58,6 +58,9 @@ struct Holder {
 #[derive(Debug, Default)]
 struct Claims {
     by_canonical: HashMap<Arc<str>, Holder>,
+    /// Names claimed and not yet open to routing (see [`Registry::open`]); empty but for
+    /// registrations in progress.
+    pending: HashMap<Arc<str>, Registered>,
     /// Skeleton → canonical name of its holder. The skeleton is that of the name as shown,
     /// so it can be computed again when the name leaves, rather than kept twice.
     by_skeleton: HashMap<Box<str>, Arc<str>>,
@@ -66,6 +69,15 @@ struct Claims {
 /// The skeleton a registration was indexed under: that of its name as shown.
 fn skeleton_of(display: &str) -> Option<String> {
     relay_proto::name_key(display).ok().map(|key| key.skeleton)
+}
+
+/// Removes `canonical`'s entry from the look-alike index, if it is still its own.
+fn forget_skeleton(claims: &mut Claims, canonical: &str, display: &str) {
+    if let Some(skeleton) = skeleton_of(display)
+        && claims.by_skeleton.get(skeleton.as_str()).is_some_and(|c| &**c == canonical)
+    {
+        claims.by_skeleton.remove(skeleton.as_str());
+    }
 }
 
 /// Registered names. Std locks, not Tokio's: no method holds one across an `.await`.
@@ -149,10 +161,13 @@ impl Registry {
         &self.addrs[self.shard(addr)]
     }
 
-    /// Registers a client under `entry.key`. Exactly one of any number of concurrent calls
-    /// for the same or look-alike names succeeds, except that a key holder (`guest: false`)
-    /// displaces a guest holding the name or a look-alike: the guest's connection is closed
-    /// with [`Status::NameOwned`]. Returns the name as shown and the registration's token.
+    /// Claims `entry.key` for a client. Exactly one of any number of concurrent calls for the
+    /// same or look-alike names succeeds, except that a key holder (`guest: false`) displaces
+    /// a guest holding the name or a look-alike: the guest's connection is closed with
+    /// [`Status::NameOwned`]. Returns the name as shown and the registration's token.
+    ///
+    /// The name is not yet routable: the caller queues the client's welcome first and then
+    /// calls [`Registry::open`], so nothing routed to it can overtake the welcome.
     pub(crate) fn insert(&self, entry: Entry<'_>) -> Result<(Arc<str>, u64), Conflict> {
         let addr = canonical_addr(entry.addr);
         let canonical: Arc<str> = Arc::from(entry.key.canonical.as_str());
@@ -172,7 +187,10 @@ impl Registry {
                 // A key holder displaces a look-alike guest.
                 Some(holder) if holder.guest && !entry.guest => self.evict(&mut claims, &other),
                 Some(_) => {
-                    let shown = self.with_name(&other, |e| e.display.clone()).unwrap_or(other);
+                    let pending = claims.pending.get(&other).map(|e| e.display.clone());
+                    let shown = pending
+                        .or_else(|| self.with_name(&other, |e| e.display.clone()))
+                        .unwrap_or(other);
                     return Err(Conflict::LooksLike(shown));
                 }
                 // A stale index entry: its holder is gone.
@@ -183,16 +201,28 @@ impl Registry {
         }
         claims.by_skeleton.insert(entry.key.skeleton.as_str().into(), canonical.clone());
         claims.by_canonical.insert(canonical.clone(), Holder { token, guest: entry.guest });
-        // Visible to routing only once the claim is settled.
-        write(self.name_shard(&canonical)).by_name.insert(
-            canonical.clone(),
-            Registered { token, display: display.clone(), addr, outbox: entry.outbox },
-        );
+        let registered = Registered { token, display: display.clone(), addr, outbox: entry.outbox };
+        claims.pending.insert(canonical, registered);
+        Ok((display, token))
+    }
+
+    /// Opens a claimed name to routing (by name and by address). Returns false if the claim
+    /// is gone (a key holder displaced the guest meanwhile).
+    pub(crate) fn open(&self, canonical: &str, token: u64) -> bool {
+        let mut claims = lock(&self.claims);
+        if claims.pending.get(canonical).is_none_or(|e| e.token != token) {
+            return false;
+        }
+        let Some((canonical, registered)) = claims.pending.remove_entry(canonical) else {
+            return false;
+        };
+        let addr = registered.addr;
+        write(self.name_shard(&canonical)).by_name.insert(canonical.clone(), registered);
         // A live connection's address is unique, so this never replaces a live entry; a stale
         // one (same port, earlier connection) is overwritten and its token no longer matches.
         write(self.addr_shard(&addr)).by_addr.insert(addr, (canonical, token));
         self.len.fetch_add(1, Ordering::Relaxed);
-        Ok((display, token))
+        true
     }
 
     /// Removes a guest holding `canonical` and closes its connection: a key holder takes the
@@ -206,8 +236,14 @@ impl Registry {
         gone.outbox.close(Some(&farewell));
     }
 
-    /// Takes registration `token` of `canonical` out of routing and the look-alike index.
+    /// Takes registration `token` of `canonical` out of routing (or out of the claims not
+    /// yet open) and out of the look-alike index.
     fn unroute(&self, claims: &mut Claims, canonical: &str, token: u64) -> Option<Registered> {
+        if claims.pending.get(canonical).is_some_and(|e| e.token == token) {
+            let gone = claims.pending.remove(canonical)?;
+            forget_skeleton(claims, canonical, &gone.display);
+            return Some(gone);
+        }
         let gone = {
             let mut shard = write(self.name_shard(canonical));
             if shard.by_name.get(canonical).is_none_or(|e| e.token != token) {
@@ -216,11 +252,7 @@ impl Registry {
             shard.by_name.remove(canonical)?
         };
         self.len.fetch_sub(1, Ordering::Relaxed);
-        if let Some(skeleton) = skeleton_of(&gone.display)
-            && claims.by_skeleton.get(skeleton.as_str()).is_some_and(|c| &**c == canonical)
-        {
-            claims.by_skeleton.remove(skeleton.as_str());
-        }
+        forget_skeleton(claims, canonical, &gone.display);
         let mut shard = write(self.addr_shard(&gone.addr));
         if shard.by_addr.get(&gone.addr).is_some_and(|(_, t)| *t == token) {
             shard.by_addr.remove(&gone.addr);
@@ -299,13 +331,15 @@ mod tests {
         guest: bool,
     ) -> Result<(Arc<str>, u64), Conflict> {
         let key = relay_proto::name_key(name).unwrap();
-        registry.insert(Entry {
+        let (shown, token) = registry.insert(Entry {
             key: &key,
             display: name,
             addr: addr(port),
             outbox: Outbox::new(1000),
             guest,
-        })
+        })?;
+        assert!(registry.open(&key.canonical, token));
+        Ok((shown, token))
     }
 
     #[test]
@@ -340,9 +374,11 @@ mod tests {
             outbox: outbox.clone(),
             guest,
         };
-        registry.insert(entry(&guest_outbox, true)).unwrap();
+        let (_, guest) = registry.insert(entry(&guest_outbox, true)).unwrap();
+        assert!(registry.open("bob", guest));
         let owner = Outbox::new(1000);
-        registry.insert(entry(&owner, false)).unwrap();
+        let (_, token) = registry.insert(entry(&owner, false)).unwrap();
+        assert!(registry.open("bob", token));
         assert!(guest_outbox.is_closed());
         assert!(!owner.is_closed());
         assert_eq!(registry.insert(entry(&Outbox::new(1000), true)), Err(Conflict::Taken));
@@ -360,7 +396,7 @@ mod tests {
         let registry = Registry::default();
         let mapped: SocketAddr = "[::ffff:10.1.2.3]:4000".parse().unwrap();
         let key = relay_proto::name_key("bob").unwrap();
-        registry
+        let (_, token) = registry
             .insert(Entry {
                 key: &key,
                 display: "bob",
@@ -369,6 +405,9 @@ mod tests {
                 guest: true,
             })
             .unwrap();
+        // Claimed, not routable until opened.
+        assert_eq!(registry.with_addr(mapped, |_| ()), None);
+        assert!(registry.open("bob", token));
         let plain: SocketAddr = "10.1.2.3:4000".parse().unwrap();
         assert_eq!(registry.list(), vec![(Arc::from("bob"), plain)]);
         assert_eq!(registry.with_addr(plain, |e| e.display.to_string()), Some("bob".into()));

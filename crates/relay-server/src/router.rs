@@ -109,6 +109,11 @@ pub(crate) trait Routing: Send + Sync + std::fmt::Debug + 'static {
     /// Forgets a claim in memory at once (the `Drop` net).
     fn forget(&self, canonical: &str, token: u64);
 
+    /// Opens a claimed name to routing. A connection claims, queues its client's welcome,
+    /// then opens, so nothing routed to the name overtakes the welcome. False if the claim
+    /// was lost meanwhile (a key holder displaced the guest).
+    fn open(&self, claim: &Claim) -> bool;
+
     /// Routes a message from the holder of `from` to `to` (a name or an `ip:port`), stamping
     /// its name and `time` on it; `routes` is the sender's [`RouteCache`]. Never waits. On
     /// failure, gives back the destination so the reply can name it.
@@ -366,6 +371,10 @@ impl Routing for LocalRouter {
 
     fn forget(&self, canonical: &str, token: u64) {
         self.registry.remove(canonical, token);
+    }
+
+    fn open(&self, claim: &Claim) -> bool {
+        self.registry.open(&claim.canonical, claim.token)
     }
 
     fn route(

@@ -392,3 +392,34 @@ async fn events_are_a_stream_that_ends_with_the_connection() {
     assert!(rest.is_empty(), "{rest:?}");
     server.stop().await;
 }
+
+/// A name becomes routable only once its welcome is queued: a client registering while
+/// messages for its name are already pouring in always gets `Registered` first.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nothing_overtakes_the_welcome() {
+    let server = TestServer::start().await;
+    let (flood, _flood_events) = server.connect("flood").await;
+    let stop = tokio_util::sync::CancellationToken::new();
+    let flooding = {
+        let stop = stop.clone();
+        tokio::spawn(async move {
+            let mut batch = flood.batch();
+            while !stop.is_cancelled() {
+                for _ in 0..64 {
+                    batch.add("late", "early bird").unwrap();
+                }
+                batch.send().await.unwrap();
+                tokio::task::yield_now().await;
+            }
+        })
+    };
+    for _ in 0..30 {
+        let (late, _events) = within(Client::connect(&server.url(), "late"))
+            .await
+            .expect("a message for the name arrived before the registration reply");
+        within(late.offline()).await.unwrap();
+    }
+    stop.cancel();
+    within(flooding).await.unwrap();
+    server.stop().await;
+}

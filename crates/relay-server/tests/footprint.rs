@@ -151,7 +151,9 @@ async fn the_accept_loop_survives_running_out_of_file_descriptors_and_recovers()
 async fn measure_rss_per_idle_client() {
     let count: usize =
         std::env::var("RELAY_IDLE_CLIENTS").ok().and_then(|v| v.parse().ok()).unwrap_or(1000);
-    let server = ServerProcess::spawn(&["--max-clients", "100000"], None).await;
+    // One listing shows everyone (the default page is 1,000 users).
+    let server =
+        ServerProcess::spawn(&["--max-clients", "100000", "--list-page", "1000000"], None).await;
     let url = server.addr.to_string();
     // One client first, so the runtime's threads and buffers are in the baseline.
     let (probe, mut probe_events) = within(Client::connect(&url, "probe")).await.unwrap();

@@ -190,7 +190,9 @@ async fn run_peer(
 async fn soak() {
     let clients = env_or("SOAK_CLIENTS", 1000) as usize;
     let secs = env_or("SOAK_SECS", 60);
-    let server = ServerProcess::spawn(&["--max-clients", "100000"], None).await;
+    // One listing shows everyone (the default page is 1,000 users).
+    let server =
+        ServerProcess::spawn(&["--max-clients", "100000", "--list-page", "1000000"], None).await;
     let url = server.addr.to_string();
     let rss_empty = server.rss_kib();
 
