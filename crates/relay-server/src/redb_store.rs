@@ -351,18 +351,12 @@ fn fail_all(batch: Vec<Request>, e: StoreError, done: &mut Vec<Done>) -> Result<
 }
 
 fn fail(request: Request, e: &StoreError, done: &mut Vec<Done>) {
-    let e = Err(e.clone());
     done.push(match request {
-        Request::Claim(_, tx) => Done::Claim(tx, e.clone().map(|()| unreachable_claimed())),
-        Request::CheckGuest(_, _, tx) => Done::CheckGuest(tx, e.map(|()| GuestCheck::Free)),
-        Request::Seen(_, _, tx) => Done::Seen(tx, e),
-        Request::Release(_, tx) | Request::Lookup(_, tx) => Done::Record(tx, e.map(|()| None)),
+        Request::Claim(_, tx) => Done::Claim(tx, Err(e.clone())),
+        Request::CheckGuest(_, _, tx) => Done::CheckGuest(tx, Err(e.clone())),
+        Request::Seen(_, _, tx) => Done::Seen(tx, Err(e.clone())),
+        Request::Release(_, tx) | Request::Lookup(_, tx) => Done::Record(tx, Err(e.clone())),
     });
-}
-
-/// Only used to give an `Err` its `Ok` type.
-fn unreachable_claimed() -> Claimed {
-    Claimed::Owned { display: String::new() }
 }
 
 type Names<'a> = redb::Table<'a, &'static str, &'static [u8]>;
