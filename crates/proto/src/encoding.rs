@@ -127,6 +127,8 @@ fn kind_index(kind: Kind) -> u32 {
         Kind::Reply(_) => 5,
         Kind::Hello => 6,
         Kind::Greeting => 7,
+        Kind::Ack => 8,
+        Kind::Delivered => 9,
     }
 }
 
@@ -138,6 +140,23 @@ impl bincode::enc::write::Writer for Append<'_> {
     fn write(&mut self, bytes: &[u8]) -> Result<(), bincode::error::EncodeError> {
         self.0.extend_from_slice(bytes);
         Ok(())
+    }
+}
+
+/// Sets the `seq` field of an encoded version 2 frame body in place (the server numbers a
+/// stored message when it delivers it, without decoding and encoding it again).
+///
+/// # Errors
+/// [`ProtoError::Malformed`] if `body` is not a version 2 body.
+pub fn set_seq_in_body(body: &mut [u8], seq: u64) -> Result<(), ProtoError> {
+    let version = body.get(..2).map(|v| u16::from_le_bytes([v[0], v[1]]));
+    let at = body.len().checked_sub(V2_EXTRA_LEN);
+    match (version, at) {
+        (Some(version), Some(at)) if has_v2_layout(version) && at >= 2 => {
+            body[at..at + 8].copy_from_slice(&seq.to_le_bytes());
+            Ok(())
+        }
+        _ => Err(ProtoError::Malformed("not a version 2 message body".into())),
     }
 }
 
@@ -234,8 +253,10 @@ impl<'de, Context> BorrowDecode<'de, Context> for Wire<'de> {
             }
             6 => (Kind::Hello, fixed(d)?),
             7 => (Kind::Greeting, fixed(d)?),
+            8 => (Kind::Ack, fixed(d)?),
+            9 => (Kind::Delivered, fixed(d)?),
             found => {
-                const ALL: AllowedEnumVariants = AllowedEnumVariants::Range { min: 0, max: 7 };
+                const ALL: AllowedEnumVariants = AllowedEnumVariants::Range { min: 0, max: 9 };
                 return Err(unexpected::<Kind>(found, &ALL));
             }
         };
@@ -394,12 +415,15 @@ mod tests {
             Status::Unavailable => 18,
             Status::FrameTimeout => 19,
             Status::RateLimited => 20,
+            Status::Stored => 21,
+            Status::InboxFull => 22,
+            Status::Expired => 23,
         }
     }
 
     #[test]
     fn every_status_is_read_at_the_index_it_is_written() {
-        let known = index(Status::RateLimited) + 1;
+        let known = index(Status::Expired) + 1;
         for i in 0..known + 2 {
             let status = Status::from_index(i as u32);
             assert_eq!(index(status), i);
@@ -411,6 +435,29 @@ mod tests {
             // The same bytes as serde writes for it.
             let derived = bincode::serde::encode_to_vec(Message::reply(1, status, "", ""), WIRE);
             assert_eq!(&body[..], &derived.unwrap()[..]);
+        }
+    }
+
+    #[test]
+    fn the_seq_of_an_encoded_version_2_body_is_set_in_place() {
+        let mut msg = Message::deliver(9, "alice", "bob", "hi");
+        msg.time = 77;
+        let mut body = encode(&msg);
+        set_seq_in_body(&mut body, 42).unwrap();
+        msg.seq = 42;
+        assert_eq!(decode_body(&body).unwrap(), msg);
+        let mut v1 = encode(&msg.clone().with_version(1));
+        assert!(set_seq_in_body(&mut v1, 1).is_err());
+        assert!(set_seq_in_body(&mut [2, 0, 1], 1).is_err());
+    }
+
+    #[test]
+    fn acks_and_receipts_round_trip() {
+        for msg in [Message::ack(1 << 40 | 5), Message::delivered("bob", &[3, u64::MAX], 9)] {
+            let body = encode(&msg);
+            assert_eq!(decode_body(&body).unwrap(), msg);
+            let derived = bincode::serde::encode_to_vec(&msg, WIRE).unwrap();
+            assert_eq!(&body[..], &derived[..]);
         }
     }
 

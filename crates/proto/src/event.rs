@@ -63,6 +63,19 @@ pub enum ServerEvent {
         /// The server closes the connection after this message.
         closing: bool,
     },
+    /// Version 2: a delivery receipt: the messages with `ids`, sent by this client to `to`,
+    /// were taken by `to`'s client.
+    Delivered {
+        /// The receiver.
+        to: String,
+        /// The ids of the messages, in the order they were sent.
+        ids: Vec<u64>,
+        /// When they were taken, in ms since the Unix epoch.
+        time: u64,
+        /// The receipt's own sequence number when it waited in this client's inbox (acknowledge
+        /// it like a message's); 0 otherwise.
+        seq: u64,
+    },
     /// The server checks that the client is alive; answer with a pong of the same id.
     Ping {
         /// Probe id.
@@ -123,7 +136,20 @@ impl ServerEvent {
             },
             Kind::Ping => ServerEvent::Ping { id: msg.id },
             Kind::Pong => ServerEvent::Pong { id: msg.id },
-            Kind::ListUsers | Kind::Hello => return Err("only clients send this kind".into()),
+            Kind::Delivered => {
+                if !msg.content.len().is_multiple_of(8) {
+                    return Err("a receipt's ids are not whole u64s".into());
+                }
+                let ids = msg
+                    .content
+                    .chunks_exact(8)
+                    .map(|id| u64::from_le_bytes(id.try_into().unwrap_or_default()))
+                    .collect();
+                ServerEvent::Delivered { to: msg.to, ids, time: msg.time, seq: msg.seq }
+            }
+            Kind::ListUsers | Kind::Hello | Kind::Ack => {
+                return Err("only clients send this kind".into());
+            }
         })
     }
 }
@@ -194,6 +220,14 @@ mod tests {
             }
         );
         assert!(ServerEvent::parse(Message::register(1, "x")).is_err());
+        assert!(ServerEvent::parse(Message::ack(1)).is_err());
+        assert_eq!(
+            ServerEvent::parse(Message::delivered("bob", &[4, 5], 6)).unwrap(),
+            ServerEvent::Delivered { to: "bob".into(), ids: vec![4, 5], time: 6, seq: 0 }
+        );
+        let mut ragged = Message::delivered("bob", &[4], 6);
+        ragged.content = ragged.content.slice(..7);
+        assert!(ServerEvent::parse(ragged).is_err());
         assert!(ServerEvent::parse(Message::list_users(1)).is_err());
         assert!(ServerEvent::parse(Message::ping(1).closing()).is_err());
     }

@@ -171,6 +171,14 @@ pub enum Kind {
     /// Version 2, server to client: the answer to [`Kind::Hello`]. `content` holds the
     /// [`Greeting`](crate::Greeting): versions, auth mode, limits, and the nonce a key signs.
     Greeting,
+    /// Version 2, client to server: "I have handed every message numbered up to `seq` to my
+    /// application". Cumulative; the server forgets those messages (moving nothing to the
+    /// inbox for them) and sends their senders [`Kind::Delivered`] receipts.
+    Ack,
+    /// Version 2, server to client: a delivery receipt. The messages whose ids `content`
+    /// holds (each a `u64`, little-endian, back to back), sent by this client to `to`, were
+    /// taken by `to`'s client; `time` is when, in ms since the Unix epoch.
+    Delivered,
 }
 
 /// The typed outcome in a server reply. Programs branch on this, never on the detail text.
@@ -230,6 +238,16 @@ pub enum Status {
     /// The request was refused because this connection sent too many of its kind lately
     /// (user listings); try again in a moment. The connection stays open.
     RateLimited,
+    /// The receiver in `to` is offline (a name bound to a key): the message is stored on the
+    /// server's disk, and delivered when the receiver logs in; a [`Kind::Delivered`] receipt
+    /// follows then. Sent only once the message is durable.
+    Stored,
+    /// The message was not stored: the receiver's inbox (or the server's store) is at its
+    /// limit; the detail says which. Nothing was stored; the sender may retry later.
+    InboxFull,
+    /// A stored message waited longer than the server keeps messages and was removed before
+    /// its receiver logged in. The reply's id is the message's.
+    Expired,
     /// A status this version does not know, by its index (from a newer server). Treat it as
     /// a refusal of the message with the reply's id (closing, if the reply has `exit` set).
     /// Only ever made for an index past the known ones (see [`Status::from_index`]).
@@ -237,7 +255,7 @@ pub enum Status {
 }
 
 /// Every known [`Status`] at its index.
-const STATUSES: [Status; 21] = [
+const STATUSES: [Status; 24] = [
     Status::Registered,
     Status::NotFound,
     Status::NameTaken,
@@ -259,6 +277,9 @@ const STATUSES: [Status; 21] = [
     Status::Unavailable,
     Status::FrameTimeout,
     Status::RateLimited,
+    Status::Stored,
+    Status::InboxFull,
+    Status::Expired,
 ];
 
 impl Status {
@@ -315,6 +336,9 @@ impl Status {
             Status::Unavailable => "server unavailable",
             Status::FrameTimeout => "frame not finished in time",
             Status::RateLimited => "too many requests; try again in a moment",
+            Status::Stored => "stored for an offline receiver",
+            Status::InboxFull => "not stored: inbox full",
+            Status::Expired => "expired before it was delivered",
             Status::Other(_) => "unknown status",
         }
     }
@@ -473,6 +497,26 @@ impl Message {
             last.to = next.to_string();
         }
         parts
+    }
+
+    /// Client → server: every message numbered up to `seq` was handed to the application.
+    pub fn ack(seq: u64) -> Message {
+        Message { seq, ..Message::new(0, Kind::Ack) }
+    }
+
+    /// Server → client: the messages with `ids`, sent to `to`, were taken by its client at
+    /// `time` (ms since the Unix epoch).
+    pub fn delivered(to: impl Into<String>, ids: &[u64], time: u64) -> Message {
+        let mut content = Vec::with_capacity(ids.len() * 8);
+        for id in ids {
+            content.extend_from_slice(&id.to_le_bytes());
+        }
+        Message {
+            to: to.into(),
+            content: Bytes::from(content),
+            time,
+            ..Message::new(0, Kind::Delivered)
+        }
     }
 
     /// Marks a server message as the last one before the server closes the connection.

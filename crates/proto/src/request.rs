@@ -64,6 +64,13 @@ pub enum Request<'a> {
         /// Message id.
         id: u64,
     },
+    /// Version 2: every message numbered up to `seq` was handed to the application.
+    Ack {
+        /// Message id (unused; 0 by convention).
+        id: u64,
+        /// The highest sequence number handed over.
+        seq: u64,
+    },
 }
 
 /// Why a client message was refused: the typed status and a detail for people.
@@ -122,7 +129,8 @@ impl<'a> Request<'a> {
             | Request::ListUsers { id, .. }
             | Request::Offline { id }
             | Request::Ping { id }
-            | Request::Pong { id } => *id,
+            | Request::Pong { id }
+            | Request::Ack { id, .. } => *id,
         }
     }
 
@@ -139,11 +147,22 @@ impl<'a> Request<'a> {
         let invalid = |detail: &str| Err(Rejection::new(id, Status::InvalidRequest, detail));
         match msg.kind {
             Kind::Chat => {}
-            Kind::Users | Kind::Reply(_) | Kind::Greeting => {
+            Kind::Users | Kind::Reply(_) | Kind::Greeting | Kind::Delivered => {
                 return invalid("only the server sends this kind");
             }
-            Kind::ListUsers | Kind::Ping | Kind::Pong | Kind::Hello if msg.register || msg.exit => {
+            Kind::ListUsers | Kind::Ping | Kind::Pong | Kind::Hello | Kind::Ack
+                if msg.register || msg.exit =>
+            {
                 return invalid("control messages take no register or exit flag");
+            }
+            Kind::Ack => {
+                if msg.version < 2 {
+                    return invalid("ack is a version 2 message");
+                }
+                if !msg.to.is_empty() || !msg.content.is_empty() {
+                    return invalid("an ack carries only its sequence number");
+                }
+                return Ok(Request::Ack { id, seq: msg.seq });
             }
             Kind::Hello => {
                 if msg.version < 2 {
@@ -265,6 +284,17 @@ mod tests {
         );
         assert_eq!(Request::parse(Message::ping(6).as_ref()), Ok(Request::Ping { id: 6 }));
         assert_eq!(Request::parse(Message::pong(7).as_ref()), Ok(Request::Pong { id: 7 }));
+        assert_eq!(Request::parse(Message::ack(9).as_ref()), Ok(Request::Ack { id: 0, seq: 9 }));
+    }
+
+    #[test]
+    fn acks_are_version_2_and_bare_and_receipts_come_only_from_servers() {
+        assert_eq!(status(Message::ack(1).with_version(1)), Status::InvalidRequest);
+        let mut addressed = Message::ack(1);
+        addressed.to = "bob".into();
+        assert_eq!(status(addressed), Status::InvalidRequest);
+        assert_eq!(status(Message::ack(1).closing()), Status::InvalidRequest);
+        assert_eq!(status(Message::delivered("bob", &[1], 2)), Status::InvalidRequest);
     }
 
     #[test]

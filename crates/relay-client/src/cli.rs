@@ -115,8 +115,17 @@ where
                 Ok(None) | Err(_) => break,
             },
             event = events.next() => match event {
-                Some(Event::Message { from, content, .. }) => message_line(&from, &content),
+                Some(Event::Message { from, content, time, .. }) => {
+                    message_line(&from, &content, time)
+                }
                 Some(Event::NotFound { to, .. }) => format!("! {}: not found\n", safe(&to)),
+                Some(Event::Stored { to, .. }) => {
+                    format!("~ stored for {} (offline; delivered when they log in)\n", safe(&to))
+                }
+                Some(Event::Delivered { to, ids, .. }) => match ids.len() {
+                    1 => format!("~ delivered to {}\n", safe(&to)),
+                    n => format!("~ delivered to {} ({n} messages)\n", safe(&to)),
+                },
                 Some(Event::Rejected { to, status, detail, .. }) => {
                     format!("! {}: {status} ({})\n", safe(&to), safe(&detail))
                 }
@@ -150,16 +159,55 @@ where
     client.offline().await.map_err(|e| format!("going offline failed: {e}"))?;
     // Print whatever arrived before the server closed the session.
     while let Some(event) = events.try_next() {
-        if let Event::Message { from, content, .. } = event {
-            write_line(&mut output, &message_line(&from, &content)).await;
+        if let Event::Message { from, content, time, .. } = event {
+            write_line(&mut output, &message_line(&from, &content, time)).await;
         }
     }
     Ok(())
 }
 
-/// How a received message is shown: `<from>: <content>`, both made safe for a terminal.
-fn message_line(from: &str, content: &[u8]) -> String {
+/// How a received message is shown: `<from>: <content>`, both made safe for a terminal; one
+/// sent a while ago (it waited in the inbox) shows when: `<from> (sent <UTC time>): <content>`.
+fn message_line(from: &str, content: &[u8], time: u64) -> String {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(0));
+    if time != 0 && now.saturating_sub(time) > 10_000 {
+        return format!("{} (sent {}): {}\n", safe(from), utc(time), printable(content));
+    }
     format!("{}: {}\n", safe(from), printable(content))
+}
+
+/// `YYYY-MM-DD HH:MM:SS UTC` for a time in ms since the Unix epoch.
+fn utc(ms: u64) -> String {
+    let secs = ms / 1000;
+    let (days, rest) = (secs / 86_400, secs % 86_400);
+    // Days to a civil date (Howard Hinnant's algorithm, for dates after 1970).
+    let z = days + 719_468;
+    let era = z / 146_097;
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + u64::from(month <= 2);
+    format!(
+        "{year:04}-{month:02}-{day:02} {:02}:{:02}:{:02} UTC",
+        rest / 3600,
+        rest % 3600 / 60,
+        rest % 60
+    )
+}
+
+#[cfg(test)]
+mod time_tests {
+    #[test]
+    fn utc_times_read_as_dates() {
+        assert_eq!(super::utc(0), "1970-01-01 00:00:00 UTC");
+        assert_eq!(super::utc(1_796_036_114_000), "2026-11-30 10:55:14 UTC");
+        assert_eq!(super::utc(951_782_400_000), "2000-02-29 00:00:00 UTC");
+    }
 }
 
 /// Text from the server made safe for a terminal (see [`printable`]).

@@ -51,6 +51,9 @@ pub struct ClientConfig {
     /// The first registration of a name with a key binds the name to it; later ones prove it.
     /// See [`crate::load_or_create_key`].
     pub identity: Option<Identity>,
+    /// Messages numbered at or below this were already handed to the program (by an earlier
+    /// run that saved [`Event::seq`]); they are dropped if delivered again (default 0).
+    pub resume_after: u64,
 }
 
 impl Default for ClientConfig {
@@ -65,6 +68,7 @@ impl Default for ClientConfig {
             ping_interval: Duration::from_secs(30),
             idle_timeout: Duration::from_secs(90),
             identity: None,
+            resume_after: 0,
         }
     }
 }
@@ -93,6 +97,14 @@ impl ClientBuilder {
     /// Registers with this key (see [`ClientConfig::identity`]).
     pub fn identity(mut self, identity: Identity) -> ClientBuilder {
         self.config.identity = Some(identity);
+        self
+    }
+
+    /// Drop messages numbered at or below `seq`: the last [`Event::seq`] an earlier run of
+    /// this program handed on, so a message it took but could not acknowledge before it
+    /// stopped is not shown twice.
+    pub fn resume_after(mut self, seq: u64) -> ClientBuilder {
+        self.config.resume_after = seq;
         self
     }
 
@@ -257,7 +269,9 @@ impl Client {
         let inner = Arc::new(Inner {
             outgoing: outgoing.clone(),
             // Ids 1 and 2 were the hello and the registration; 0 means "the connection".
-            next_id: AtomicU64::new(3),
+            // Later ones start from the clock, so receipts for an earlier session's messages
+            // (which can arrive in this one) never name this session's ids.
+            next_id: AtomicU64::new(first_id()),
             name: name.to_string(),
             local_addr,
             server_addr,
@@ -284,12 +298,16 @@ impl Client {
                 going_offline: inner.going_offline.clone(),
                 pending_users: Vec::new(),
                 pending_bytes: 0,
+                last_seq: config.resume_after,
                 ping_interval: config.ping_interval,
                 idle_timeout: config.idle_timeout.max(config.ping_interval),
             }
             .run(frames, inner.reader_done.clone()),
         );
-        Ok((Client { inner }, Events::new(incoming)))
+        // A keyed session acknowledges what the program took: the server then sends receipts
+        // and keeps nothing more for it (a guest's messages are never kept).
+        let acks = config.identity.is_some().then(|| inner.outgoing.clone());
+        Ok((Client { inner }, Events::new(incoming, acks)))
     }
 
     /// The registered name.
@@ -559,6 +577,15 @@ const MAX_LISTED_USERS: usize = 1_000_000;
 /// a user, so this is 160,000 users; a server sending endless huge "names" is stopped here.
 const MAX_LISTED_BYTES: usize = 16 * 1024 * 1024;
 
+/// The first id of a session's messages: the time in ms, shifted so a session can send
+/// 2^20 messages per millisecond it has lasted before its ids meet a later session's.
+fn first_id() -> u64 {
+    let ms = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(0));
+    (ms << 20).max(3)
+}
+
 /// The reader task's state.
 struct Reader {
     events: Arc<Incoming>,
@@ -569,6 +596,9 @@ struct Reader {
     /// For answering pings.
     outgoing: Arc<Outgoing>,
     going_offline: Arc<AtomicBool>,
+    /// The highest sequence number seen: anything numbered at or below it is a duplicate
+    /// (delivered again after a reconnect) and dropped.
+    last_seq: u64,
     /// A user listing arriving in parts.
     pending_users: Vec<User>,
     /// Bytes of names and addresses in `pending_users`.
@@ -670,6 +700,9 @@ impl Reader {
             _ => self.last_from.insert(Arc::from(msg.from)).clone(),
         };
         let (id, len, seq, time) = (msg.id, msg.content.len(), msg.seq, msg.time);
+        if self.duplicate(seq) {
+            return Ok(None);
+        }
         let offset = msg.content.as_ptr() as usize - frame.as_ptr() as usize;
         // Trimming the frame to the content, rather than slicing it, saves a reference count
         // increment and decrement per message.
@@ -679,11 +712,34 @@ impl Reader {
         Ok(None)
     }
 
+    /// Whether a message numbered `seq` was seen already (then it is acknowledged again, so
+    /// the server forgets it, and dropped).
+    fn duplicate(&mut self, seq: u64) -> bool {
+        if seq == 0 {
+            return false;
+        }
+        if seq <= self.last_seq {
+            let _ = self.outgoing.push_now(&Message::ack(self.last_seq).as_ref());
+            return true;
+        }
+        self.last_seq = seq;
+        false
+    }
+
     fn handle(&mut self, event: ServerEvent) -> std::ops::ControlFlow<()> {
         use std::ops::ControlFlow::{Break, Continue};
         let event = match event {
             ServerEvent::Message { id, from, content, seq, time } => {
+                if self.duplicate(seq) {
+                    return Continue(());
+                }
                 Event::Message { id, from: from.into(), content, seq, time }
+            }
+            ServerEvent::Delivered { to, ids, time, seq } => {
+                if self.duplicate(seq) {
+                    return Continue(());
+                }
+                Event::Delivered { to, ids, time, seq }
             }
             // Only sent during the handshake; later, a server bug, and harmless.
             ServerEvent::Greeting { .. } => return Continue(()),
@@ -720,6 +776,7 @@ impl Reader {
             ServerEvent::Reply { id, status: Status::NotFound, to, .. } => {
                 Event::NotFound { id, to }
             }
+            ServerEvent::Reply { id, status: Status::Stored, to, .. } => Event::Stored { id, to },
             ServerEvent::Reply { id, status, to, detail, .. } => {
                 Event::Rejected { id, status, to, detail }
             }

@@ -25,6 +25,26 @@ pub enum Event {
         /// When the server received it from its sender, in ms since the Unix epoch.
         time: u64,
     },
+    /// The message with this id is stored on the server (on disk) for `to`, who is offline;
+    /// it is delivered when they log in, and [`Event::Delivered`] follows then.
+    Stored {
+        /// Id returned by [`Client::send`](crate::Client::send).
+        id: u64,
+        /// The receiver.
+        to: String,
+    },
+    /// A receipt: `to`'s client took the messages with these ids (sent by this name, in
+    /// this session or an earlier one). Messages to names bound to a key get receipts.
+    Delivered {
+        /// The receiver.
+        to: String,
+        /// Ids returned by [`Client::send`](crate::Client::send), in the order sent.
+        ids: Vec<u64>,
+        /// When the receiver's client took them, in ms since the Unix epoch.
+        time: u64,
+        /// The receipt's sequence number if it waited in this name's inbox (0 otherwise).
+        seq: u64,
+    },
     /// The message with this id was not delivered: nobody by that name or address is online.
     NotFound {
         /// Id returned by [`Client::send`](crate::Client::send).
@@ -33,7 +53,9 @@ pub enum Event {
         to: String,
     },
     /// The server refused the message with this id for another reason, such as
-    /// [`Status::NotDelivered`] (the receiver is not keeping up) or [`Status::InvalidName`].
+    /// [`Status::NotDelivered`] (the receiver is not keeping up), [`Status::InboxFull`] (an
+    /// offline receiver's inbox is full), [`Status::Expired`] (a stored message grew too old
+    /// before its receiver logged in) or [`Status::InvalidName`].
     Rejected {
         /// Id of the refused message.
         id: u64,
@@ -73,4 +95,15 @@ pub enum Event {
         /// What went wrong.
         reason: String,
     },
+}
+
+impl Event {
+    /// The event's sequence number for this recipient (a message, or a stored receipt); 0
+    /// for everything else.
+    pub fn seq(&self) -> u64 {
+        match self {
+            Event::Message { seq, .. } | Event::Delivered { seq, .. } => *seq,
+            _ => 0,
+        }
+    }
 }

@@ -15,6 +15,8 @@ use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use tokio::sync::Notify;
 
 use crate::event::Event;
+use crate::outgoing::Outgoing;
+use relay_proto::Message;
 
 /// The shared half of the queue.
 #[derive(Debug)]
@@ -106,6 +108,11 @@ pub struct Events {
     taken: VecDeque<Event>,
     /// The wake-up [`Stream::poll_next`] waits on, kept between polls.
     waiting: Option<Pin<Box<dyn Future<Output = ()> + Send>>>,
+    /// Where acknowledgements go (a keyed session), and what was handed to the program and
+    /// acknowledged so far.
+    acks: Option<Arc<Outgoing>>,
+    handed: u64,
+    acked: u64,
 }
 
 impl std::fmt::Debug for Events {
@@ -152,8 +159,22 @@ impl Stream for Events {
 }
 
 impl Events {
-    pub(crate) fn new(shared: Arc<Incoming>) -> Events {
-        Events { shared, taken: VecDeque::new(), waiting: None }
+    pub(crate) fn new(shared: Arc<Incoming>, acks: Option<Arc<Outgoing>>) -> Events {
+        Events { shared, taken: VecDeque::new(), waiting: None, acks, handed: 0, acked: 0 }
+    }
+
+    /// Notes that `event` is handed to the program, and acknowledges what was handed once a
+    /// batch of events is used up (cumulatively: one acknowledgement per batch, not one per
+    /// message).
+    fn handing(&mut self, event: &Event) {
+        let Some(acks) = &self.acks else { return };
+        self.handed = self.handed.max(event.seq());
+        if self.taken.is_empty()
+            && self.handed > self.acked
+            && acks.push_now(&Message::ack(self.handed).as_ref()).is_ok()
+        {
+            self.acked = self.handed;
+        }
     }
 
     /// The next event, or `None` once the connection is closed and every event was taken.
@@ -181,6 +202,12 @@ impl Events {
 
     /// The next event if one is already waiting.
     pub fn try_next(&mut self) -> Option<Event> {
+        let event = self.take_one()?;
+        self.handing(&event);
+        Some(event)
+    }
+
+    fn take_one(&mut self) -> Option<Event> {
         if let Some(event) = self.taken.pop_front() {
             return Some(event);
         }
@@ -226,7 +253,7 @@ mod tests {
     #[tokio::test]
     async fn events_arrive_in_order_across_batches_then_none_after_the_end() {
         let shared = Incoming::new(100);
-        let mut events = Events::new(shared.clone());
+        let mut events = Events::new(shared.clone(), None);
         shared.deliver(&mut vec![message(1), message(2)], true).await;
         assert_eq!(events.next().await, Some(message(1)));
         shared.deliver(&mut vec![message(3)], true).await;
@@ -238,7 +265,7 @@ mod tests {
     #[tokio::test]
     async fn a_full_queue_makes_the_reader_wait_until_the_program_takes() {
         let shared = Incoming::new(2);
-        let mut events = Events::new(shared.clone());
+        let mut events = Events::new(shared.clone(), None);
         shared.deliver(&mut vec![message(1), message(2)], true).await;
         let reader = shared.clone();
         let third = tokio::spawn(async move { reader.deliver(&mut vec![message(3)], true).await });
@@ -252,7 +279,7 @@ mod tests {
     #[tokio::test]
     async fn without_waiting_what_does_not_fit_is_dropped() {
         let shared = Incoming::new(2);
-        let mut events = Events::new(shared.clone());
+        let mut events = Events::new(shared.clone(), None);
         shared.deliver(&mut vec![message(1), message(2), message(3)], false).await;
         assert_eq!(ids(&mut events), vec![1, 2]);
     }
@@ -260,7 +287,7 @@ mod tests {
     #[tokio::test]
     async fn a_program_that_drops_its_events_never_blocks_the_reader() {
         let shared = Incoming::new(1);
-        let events = Events::new(shared.clone());
+        let events = Events::new(shared.clone(), None);
         shared.deliver(&mut vec![message(1)], true).await;
         let reader = shared.clone();
         let blocked =
@@ -275,7 +302,7 @@ mod tests {
     #[tokio::test]
     async fn a_waiting_program_wakes_on_events_and_on_the_end() {
         let shared = Incoming::new(10);
-        let mut events = Events::new(shared.clone());
+        let mut events = Events::new(shared.clone(), None);
         let program = tokio::spawn(async move {
             let first = events.next().await;
             let second = events.next().await;

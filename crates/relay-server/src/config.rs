@@ -3,6 +3,7 @@
 use std::path::PathBuf;
 use std::time::Duration;
 
+use crate::inbox::InboxLimits;
 use relay_proto::{AuthMode, DEFAULT_MAX_FRAME_LEN, FRAME_HEADER_LEN, PRE_REGISTER_MAX_FRAME_LEN};
 
 /// Server limits. `Config::default()` gives the documented defaults; each has a command-line
@@ -64,6 +65,12 @@ pub struct Config {
     /// Where the name table lives (default `./relay-data`; created on start). Unused with
     /// [`AuthMode::None`].
     pub data_dir: PathBuf,
+    /// Limits on messages stored for offline users: per inbox (default 10,000 messages and
+    /// 64 MiB), for the whole store (default 1 GiB), and by age (default 7 days).
+    pub inbox: InboxLimits,
+    /// Bytes of messages delivered to a keyed client and not yet acknowledged (default
+    /// 2 MiB); past it, messages for it wait for acknowledgements as for room in its outbox.
+    pub unacked_window: usize,
 }
 
 impl Default for Config {
@@ -88,6 +95,8 @@ impl Default for Config {
             list_interval: Duration::from_secs(1),
             auth: AuthMode::Optional,
             data_dir: PathBuf::from("relay-data"),
+            inbox: InboxLimits::default(),
+            unacked_window: 2 * 1024 * 1024,
         }
     }
 }
@@ -113,6 +122,15 @@ impl Config {
                 self.outbox_bytes,
                 self.max_frame_len + FRAME_HEADER_LEN
             ));
+        }
+        if self.unacked_window < self.max_frame_len + FRAME_HEADER_LEN {
+            return Err(format!(
+                "the unacknowledged window ({} bytes) must hold at least one largest frame",
+                self.unacked_window
+            ));
+        }
+        if self.inbox.messages == 0 || self.inbox.bytes == 0 || self.inbox.store_bytes == 0 {
+            return Err("the inbox limits must be at least 1".into());
         }
         if self.max_per_address == 0 || self.connects_per_sec == 0 {
             return Err("the per-address limits must be at least 1".into());

@@ -125,6 +125,9 @@ impl Bucket {
     }
 }
 
+/// Most of one connection's messages that may wait for the store's answer at once.
+const MAX_STORING: usize = 4096;
+
 /// Work a message leaves for the session that may wait (see `Connection::chat`).
 type Slow<'a> = std::pin::Pin<Box<dyn Future<Output = Result<(), Farewell>> + Send + 'a>>;
 
@@ -511,6 +514,17 @@ impl Connection {
                         trace!(from = %name, %to, id, len = content.len(), "message");
                         match self.shared.router.route(claim, id, to, content, now, &mut routes) {
                             Ok(Routed::Queued) => continue,
+                            Ok(Routed::Stored) => {
+                                // The store answers each stored message; a sender may have
+                                // only so many waiting, so storing is paced by the disk.
+                                if self.outbox.stored_backlog() < MAX_STORING {
+                                    continue;
+                                }
+                                Box::pin(async {
+                                    self.outbox.wait_for_store(MAX_STORING / 2).await;
+                                    Ok(())
+                                })
+                            }
                             Ok(Routed::Full(pending)) => {
                                 Box::pin(self.wait_for_receiver(pending, shutdown, &name, id))
                             }
@@ -531,6 +545,10 @@ impl Connection {
                     }
                     Ok(Request::Ping { id }) => Box::pin(self.reply(Message::pong(id))),
                     Ok(Request::Pong { .. }) => continue,
+                    Ok(Request::Ack { seq, .. }) => {
+                        self.shared.router.acked(claim, seq);
+                        continue;
+                    }
                     Ok(Request::Offline { .. }) => {
                         info!(peer = %self.peer, %name, "offline");
                         return None;

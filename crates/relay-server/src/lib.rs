@@ -27,6 +27,7 @@ mod admission;
 mod config;
 mod connection;
 mod console;
+mod inbox;
 mod names;
 mod outbox;
 mod redb_store;
@@ -37,6 +38,10 @@ mod writer;
 
 pub use config::{Config, parse_duration};
 pub use console::run_console;
+pub use inbox::{
+    AppendDone, Appended, Envelope, ExpiredMessage, Full, InboxLimits, InboxStore, Page, SenderRef,
+    Stored, Totals,
+};
 pub use names::{Claimed, GuestCheck, KeyClaim, NameRecord, NameStore, StoreError};
 pub use redb_store::{DB_FILE, OpenError, RedbStore};
 pub use relay_proto::AuthMode;

@@ -12,15 +12,18 @@
 //! to it fail at once until it writes again, so a stuck receiver costs its senders one wait,
 //! not one per message.
 
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::collections::VecDeque;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
 
-use bytes::{Buf, BytesMut};
+use bytes::{Buf, Bytes, BytesMut};
 use relay_proto::{
     FRAME_HEADER_LEN, Kind, Message, MessageRef, decode_body, encode_body_ref, encoded_len_ref,
 };
 use tokio::sync::Notify;
+
+use crate::inbox::{SenderRef, Stored};
 
 /// Why a message could not be queued.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -58,6 +61,80 @@ struct Shared {
     /// Set (under the state lock) when the outbox closes. Readable without the lock, for
     /// routing's cheap check that a remembered receiver is still there.
     closed: AtomicBool,
+    /// This connection's messages sent to the store and not yet answered (see
+    /// [`Outbox::stored_reply`]).
+    storing: AtomicUsize,
+}
+
+/// A keyed session's delivery state: what was delivered and not yet acknowledged (moved to
+/// its inbox if the session ends), and whether its messages go to the store instead.
+struct Tracked {
+    /// The recipient's canonical name.
+    recipient: Arc<str>,
+    /// Messages for this session go to its inbox (it is reading what was stored, and nothing
+    /// may overtake that), not to the queue.
+    storing: bool,
+    /// Messages sent to the store while `storing`: the drain goes live only if none came
+    /// after its last read.
+    submitted: u64,
+    /// Unacknowledged frames (length prefix and body), back to back, in `entries`' order.
+    frames: BytesMut,
+    entries: VecDeque<Unacked>,
+    /// Most bytes in `frames`: past it, pushes wait for acknowledgements like for room.
+    window: usize,
+    /// Called once, under the lock, when the session ends ([`Outbox::seal`] or a close), with
+    /// what was never acknowledged, so it is stored before anything routed after.
+    on_close: Option<OnClose>,
+    /// The session has ended: routed messages are refused as if the outbox were closed
+    /// (they go to the inbox, after what was handed over), though the writer may still be
+    /// writing the farewell.
+    sealed: bool,
+}
+
+impl std::fmt::Debug for Tracked {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Tracked")
+            .field("recipient", &self.recipient)
+            .field("storing", &self.storing)
+            .field("unacked", &self.entries.len())
+            .finish_non_exhaustive()
+    }
+}
+
+/// What a closing tracked outbox hands over: every unacknowledged message.
+pub(crate) type OnClose = Box<dyn FnOnce(&str, Vec<Unacked>) + Send>;
+
+/// A delivered message the client has not acknowledged.
+#[derive(Debug)]
+pub(crate) struct Unacked {
+    pub(crate) seq: u64,
+    /// The sender's id for it.
+    pub(crate) id: u64,
+    /// The frame body as delivered (filled in when handed over by [`Outbox::close`]).
+    pub(crate) body: Bytes,
+    len: usize,
+    /// Who to send the receipt; `None` for what needs none (a receipt).
+    pub(crate) sender: Option<Arc<SenderRef>>,
+    /// It came from the inbox: acknowledging it removes it there.
+    pub(crate) stored: bool,
+}
+
+/// What an acknowledgement released.
+#[derive(Debug, Default)]
+pub(crate) struct Acked {
+    /// Receipts due, per sender: the ids, in order.
+    pub(crate) receipts: Vec<(Arc<SenderRef>, Vec<u64>)>,
+    /// The highest number acknowledged that came from the inbox.
+    pub(crate) stored_upto: Option<u64>,
+}
+
+/// Where a routed message went.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Delivery {
+    /// Into the queue.
+    Queued,
+    /// To the receiver's inbox (it is reading what was stored before).
+    Storing,
 }
 
 #[derive(Debug, Default)]
@@ -85,6 +162,8 @@ struct State {
     taken_runs: Vec<(usize, u64)>,
     /// Free the buffers once what is queued now is written (see [`Outbox::release_when_written`]).
     release: bool,
+    /// For a keyed session: its unacknowledged messages. Boxed: most sessions have none.
+    tracked: Option<Box<Tracked>>,
 }
 
 /// A chat message that was queued and never written, and the registration (token) of the
@@ -95,6 +174,27 @@ pub(crate) type Unwritten = (Message, u64);
 /// limit counts.
 pub(crate) fn wire_size(encoded_len: usize) -> usize {
     FRAME_HEADER_LEN + encoded_len
+}
+
+/// Hands a tracked session's unacknowledged messages to its `on_close`, once, and seals it.
+fn hand_over(state: &mut State) {
+    let Some(tracked) = state.tracked.as_mut() else { return };
+    tracked.sealed = true;
+    let Some(on_close) = tracked.on_close.take() else { return };
+    let mut frames = std::mem::take(&mut tracked.frames).freeze();
+    let mut entries: Vec<Unacked> = tracked.entries.drain(..).collect();
+    for entry in &mut entries {
+        let mut frame = frames.split_to(entry.len.min(frames.len()));
+        frame.advance(FRAME_HEADER_LEN.min(frame.len()));
+        entry.body = frame;
+    }
+    on_close(&tracked.recipient, entries);
+}
+
+/// Whether a message gets a sequence number: a chat message delivered from a sender, or a
+/// receipt.
+fn is_sequenced(msg: &MessageRef<'_>) -> bool {
+    (msg.kind == Kind::Chat && !msg.from.is_empty()) || msg.kind == Kind::Delivered
 }
 
 /// Appends `msg`'s frame (length prefix and body) to `dst`. The frame limit was checked by
@@ -154,6 +254,7 @@ impl Outbox {
                 room: Notify::new(),
                 limit,
                 closed: AtomicBool::new(false),
+                storing: AtomicUsize::new(0),
             }),
         }
     }
@@ -190,18 +291,52 @@ impl Outbox {
     /// [`Outbox::push`] for a chat message routed from the connection registered with
     /// `sender` (its claim's token), remembered in case the message is never written.
     pub(crate) fn push_from(&self, msg: &MessageRef<'_>, sender: u64) -> Result<(), PushError> {
+        self.push_routed(msg, sender, None, |_, _| {}).map(drop)
+    }
+
+    /// [`Outbox::push_from`] for a routed message, which gets a receipt from `origin` once
+    /// acknowledged, if this is a keyed session. If the session is reading its inbox, the
+    /// message goes there instead: `store` is called with it (in the version 2 layout) and
+    /// the recipient's canonical name, under the lock, so it is stored before the session
+    /// can go live.
+    pub(crate) fn push_routed(
+        &self,
+        msg: &MessageRef<'_>,
+        sender: u64,
+        origin: Option<&Arc<SenderRef>>,
+        store: impl FnOnce(&MessageRef<'_>, &str),
+    ) -> Result<Delivery, PushError> {
         let was_empty = {
             let mut state = self.state();
             if self.is_closed() {
                 return Err(PushError::Closed);
             }
+            let sequenced = is_sequenced(msg);
+            if sequenced && state.tracked.as_ref().is_some_and(|t| t.sealed) {
+                return Err(PushError::Closed);
+            }
+            if sequenced
+                && let Some(tracked) = state.tracked.as_mut()
+                && tracked.storing
+            {
+                tracked.submitted += 1;
+                store(
+                    &MessageRef { version: relay_proto::PROTOCOL_VERSION, ..*msg },
+                    &tracked.recipient,
+                );
+                return Ok(Delivery::Storing);
+            }
             let mut msg = MessageRef { version: state.version, ..*msg };
-            let sequenced = msg.kind == Kind::Chat && !msg.from.is_empty();
             if sequenced {
                 msg.seq = state.next_seq;
             }
             let size = wire_size(encoded_len_ref(&msg));
-            if state.queue.len() + state.taken + size > self.shared.limit {
+            if state.queue.len() + state.taken + size > self.shared.limit
+                || state
+                    .tracked
+                    .as_ref()
+                    .is_some_and(|t| sequenced && t.frames.len() + size > t.window)
+            {
                 return Err(if state.stalled { PushError::Stalled } else { PushError::Full });
             }
             let was_empty = state.queue.is_empty();
@@ -209,9 +344,23 @@ impl Outbox {
                 let at = state.queue.len();
                 state.runs.push((at, sender));
             }
+            let start = state.queue.len();
             put_frame(&mut state.queue, &msg, size);
             if sequenced {
+                let seq = state.next_seq;
                 state.next_seq += 1;
+                let state = &mut *state;
+                if let Some(tracked) = state.tracked.as_mut() {
+                    tracked.frames.extend_from_slice(&state.queue[start..]);
+                    tracked.entries.push_back(Unacked {
+                        seq,
+                        id: msg.id,
+                        body: Bytes::new(),
+                        len: size,
+                        sender: origin.cloned(),
+                        stored: false,
+                    });
+                }
             }
             was_empty
         };
@@ -220,7 +369,185 @@ impl Outbox {
         if was_empty {
             self.shared.ready.notify_one();
         }
-        Ok(())
+        Ok(Delivery::Queued)
+    }
+
+    /// Makes this a keyed session's outbox: delivered messages are kept until acknowledged
+    /// (at most `window` bytes of them), and until [`Outbox::go_live`] everything routed here
+    /// goes to the inbox of `recipient`. Called during registration, before anyone can route
+    /// here.
+    pub(crate) fn track(&self, recipient: Arc<str>, window: usize, on_close: OnClose) {
+        self.state().tracked = Some(Box::new(Tracked {
+            recipient,
+            storing: true,
+            submitted: 0,
+            frames: BytesMut::new(),
+            entries: VecDeque::new(),
+            window,
+            on_close: Some(on_close),
+            sealed: false,
+        }));
+    }
+
+    /// Ends a keyed session's delivery: what it was not acknowledged is handed over (to be
+    /// stored), and from now on routed messages are refused as closed, so they are stored
+    /// after it. The queue stays open for the session's last words. Nothing for other
+    /// sessions.
+    pub(crate) fn seal(&self) {
+        hand_over(&mut self.state());
+    }
+
+    /// How many messages were sent to the store since this session started reading its inbox.
+    pub(crate) fn submitted(&self) -> u64 {
+        self.state().tracked.as_ref().map_or(0, |t| t.submitted)
+    }
+
+    /// Ends the inbox reading: from now on routed messages are queued, numbered from
+    /// `first_seq`, unless more went to the store since the read that found the inbox empty
+    /// (`submitted` then differs), in which case nothing changes and false is returned.
+    pub(crate) fn go_live(&self, submitted: u64, first_seq: u64) -> bool {
+        let mut state = self.state();
+        let state = &mut *state;
+        match state.tracked.as_mut() {
+            Some(tracked) if tracked.storing && tracked.submitted == submitted => {
+                tracked.storing = false;
+                state.next_seq = first_seq;
+                true
+            }
+            _ => false,
+        }
+    }
+
+    /// Queues a message read from this session's inbox, as it was stored (numbered), waiting
+    /// for room in the queue and the unacknowledged window. Fails only if the outbox closes.
+    pub(crate) async fn push_stored(&self, item: Stored) -> Result<(), PushError> {
+        let size = wire_size(item.body.len());
+        loop {
+            let room = self.shared.room.notified();
+            tokio::pin!(room);
+            room.as_mut().enable();
+            let was_empty = {
+                let mut state = self.state();
+                if self.is_closed() {
+                    return Err(PushError::Closed);
+                }
+                let state = &mut *state;
+                let Some(tracked) = state.tracked.as_mut() else { return Err(PushError::Closed) };
+                // An empty queue and window always take one message, however large.
+                let fits = (state.queue.len() + state.taken + size <= self.shared.limit
+                    || state.queue.is_empty() && state.taken == 0)
+                    && (tracked.frames.len() + size <= tracked.window || tracked.frames.is_empty());
+                if fits {
+                    let was_empty = state.queue.is_empty();
+                    let start = state.queue.len();
+                    let len = u32::try_from(item.body.len()).unwrap_or(u32::MAX);
+                    state.queue.extend_from_slice(&len.to_be_bytes());
+                    state.queue.extend_from_slice(&item.body);
+                    tracked.frames.extend_from_slice(&state.queue[start..]);
+                    tracked.entries.push_back(Unacked {
+                        seq: item.seq,
+                        id: item.id,
+                        body: Bytes::new(),
+                        len: size,
+                        sender: item.sender.receipt.then(|| Arc::new(item.sender.clone())),
+                        stored: true,
+                    });
+                    Some(was_empty)
+                } else {
+                    None
+                }
+            };
+            match was_empty {
+                Some(true) => {
+                    self.shared.ready.notify_one();
+                    return Ok(());
+                }
+                Some(false) => return Ok(()),
+                None => room.await,
+            }
+        }
+    }
+
+    /// The client acknowledged every message numbered up to `upto`: forget them, and say
+    /// which receipts are due.
+    pub(crate) fn ack(&self, upto: u64) -> Acked {
+        let mut acked = Acked::default();
+        {
+            let mut state = self.state();
+            let Some(tracked) = state.tracked.as_mut() else { return acked };
+            let mut release = 0;
+            while tracked.entries.front().is_some_and(|e| e.seq <= upto) {
+                let Some(entry) = tracked.entries.pop_front() else { break };
+                release += entry.len;
+                if entry.stored {
+                    acked.stored_upto = Some(entry.seq);
+                }
+                if let Some(sender) = entry.sender {
+                    match acked.receipts.last_mut() {
+                        Some((last, ids)) if Arc::ptr_eq(last, &sender) || **last == *sender => {
+                            ids.push(entry.id)
+                        }
+                        _ => acked.receipts.push((sender, vec![entry.id])),
+                    }
+                }
+            }
+            if release == 0 {
+                return acked;
+            }
+            tracked.frames.advance(release.min(tracked.frames.len()));
+            if tracked.frames.is_empty() && tracked.frames.capacity() > MAX_KEPT_BUFFER {
+                tracked.frames = BytesMut::new();
+            }
+        }
+        self.shared.room.notify_waiters();
+        acked
+    }
+
+    /// A message from this connection went to the store: its reply is owed.
+    pub(crate) fn storing(&self) {
+        self.shared.storing.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// How many of this connection's messages wait for the store's answer.
+    pub(crate) fn stored_backlog(&self) -> usize {
+        self.shared.storing.load(Ordering::Relaxed)
+    }
+
+    /// Queues the store's answer about one of this connection's messages, whatever the limit
+    /// (there are at most as many as the connection may have waiting; see
+    /// [`Outbox::wait_for_store`]), and wakes the connection if it waits for the store.
+    pub(crate) fn stored_reply(&self, reply: Option<&Message>) {
+        if let Some(reply) = reply {
+            let was_empty = {
+                let mut state = self.state();
+                if self.is_closed() {
+                    None
+                } else {
+                    let msg = MessageRef { version: state.version, ..reply.as_ref() };
+                    let was_empty = state.queue.is_empty();
+                    put_frame(&mut state.queue, &msg, wire_size(encoded_len_ref(&msg)));
+                    Some(was_empty)
+                }
+            };
+            if was_empty == Some(true) {
+                self.shared.ready.notify_one();
+            }
+        }
+        self.shared.storing.fetch_sub(1, Ordering::Relaxed);
+        self.shared.room.notify_waiters();
+    }
+
+    /// Waits until fewer than `max` of this connection's messages wait for the store.
+    pub(crate) async fn wait_for_store(&self, max: usize) {
+        loop {
+            let room = self.shared.room.notified();
+            tokio::pin!(room);
+            room.as_mut().enable();
+            if self.stored_backlog() < max || self.is_closed() {
+                return;
+            }
+            room.await;
+        }
     }
 
     /// Waits for room for `msg`, then queues it. Waiting goes on while the receiver makes
@@ -232,8 +559,9 @@ impl Outbox {
         msg: &MessageRef<'_>,
         wait: Duration,
         sender: u64,
+        origin: Option<&Arc<SenderRef>>,
     ) -> Result<(), PushError> {
-        self.wait_for_room_as(msg, wait, sender, false).await
+        self.wait_for_room_as(msg, wait, sender, origin, false).await
     }
 
     /// [`Outbox::wait_for_room`] for the server's own replies to this client: a stall mark
@@ -244,7 +572,7 @@ impl Outbox {
         msg: &MessageRef<'_>,
         wait: Duration,
     ) -> Result<(), PushError> {
-        self.wait_for_room_as(msg, wait, 0, true).await
+        self.wait_for_room_as(msg, wait, 0, None, true).await
     }
 
     async fn wait_for_room_as(
@@ -252,8 +580,13 @@ impl Outbox {
         msg: &MessageRef<'_>,
         wait: Duration,
         sender: u64,
+        origin: Option<&Arc<SenderRef>>,
         own: bool,
     ) -> Result<(), PushError> {
+        // Only a live session's outbox is ever full (one reading its inbox stores instead),
+        // so nothing is stored from here.
+        let push =
+            |msg: &MessageRef<'_>| self.push_routed(msg, sender, origin, |_, _| {}).map(drop);
         let mut seen = self.state().written;
         let mut deadline = tokio::time::Instant::now() + wait;
         loop {
@@ -261,7 +594,7 @@ impl Outbox {
             tokio::pin!(room);
             // Registered before checking, so room made in between is not missed.
             room.as_mut().enable();
-            match self.push_from(msg, sender) {
+            match push(msg) {
                 Err(PushError::Full) => {}
                 Err(PushError::Stalled) if own => {}
                 done => return done,
@@ -274,7 +607,7 @@ impl Outbox {
                     }
                     state.stalled = true;
                     drop(state);
-                    return self.push_from(msg, sender);
+                    return push(msg);
                 }
                 // The receiver did write; other senders took the room. Keep waiting.
                 seen = state.written;
@@ -297,6 +630,7 @@ impl Outbox {
                 let msg = MessageRef { version: state.version, ..msg.as_ref() };
                 put_frame(&mut state.queue, &msg, wire_size(encoded_len_ref(&msg)));
             }
+            hand_over(&mut state);
         }
         self.shared.ready.notify_one();
         // Senders waiting for room must learn that none will come.
@@ -372,6 +706,12 @@ impl Outbox {
     pub(crate) fn drain(&self, into: &mut Vec<Unwritten>) {
         let (queued, runs) = {
             let mut state = self.state();
+            if state.tracked.is_some() {
+                // Moved to the inbox when the outbox closed.
+                state.queue = BytesMut::new();
+                state.taken = 0;
+                return;
+            }
             state.taken = 0;
             state.spare = BytesMut::new();
             (std::mem::take(&mut state.queue), std::mem::take(&mut state.runs))
@@ -383,7 +723,13 @@ impl Outbox {
     /// The chat frames of the writer's current `batch` from byte `from` on, with their
     /// senders: what a failed write left unwritten.
     pub(crate) fn unwritten(&self, batch: &[u8], from: usize, into: &mut Vec<Unwritten>) {
-        let runs = std::mem::take(&mut self.state().taken_runs);
+        let runs = {
+            let mut state = self.state();
+            if state.tracked.is_some() {
+                return;
+            }
+            std::mem::take(&mut state.taken_runs)
+        };
         unpack(batch, from, &runs, into);
     }
 
@@ -411,7 +757,7 @@ mod tests {
     /// What routing does: try, and wait for room if the outbox is full.
     async fn push_within(outbox: &Outbox, msg: &Message, wait: Duration) -> Result<(), PushError> {
         match outbox.push(&msg.as_ref()) {
-            Err(PushError::Full) => outbox.wait_for_room(&msg.as_ref(), wait, 0).await,
+            Err(PushError::Full) => outbox.wait_for_room(&msg.as_ref(), wait, 0, None).await,
             done => done,
         }
     }

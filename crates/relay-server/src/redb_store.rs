@@ -7,7 +7,8 @@
 //! (group commit) and none is answered before its commit returned.
 //!
 //! Tables: `names` (canonical name → record) and `skeletons` (skeleton → canonical name), kept
-//! in step in the same transactions.
+//! in step in the same transactions; `inbox` ((recipient, sequence number) → stored message)
+//! and `inbox_meta` (recipient → its counts and offline numbering), also kept in step.
 
 use std::path::{Path, PathBuf};
 use std::sync::{Mutex, mpsc};
@@ -18,10 +19,19 @@ use redb::{Database, DatabaseError, ReadableDatabase, ReadableTable, TableDefini
 use relay_proto::{PUBLIC_KEY_LEN, PublicKey};
 use tokio::sync::oneshot;
 
+use crate::inbox::{
+    AppendDone, Appended, Envelope, ExpiredMessage, Full, InboxLimits, InboxStore, Page, SenderRef,
+    Stored, Totals,
+};
 use crate::names::{Claimed, GuestCheck, KeyClaim, NameRecord, NameStore, StoreError};
 
 const NAMES: TableDefinition<&str, &[u8]> = TableDefinition::new("names");
 const SKELETONS: TableDefinition<&str, &str> = TableDefinition::new("skeletons");
+const INBOX: TableDefinition<(&str, u64), &[u8]> = TableDefinition::new("inbox");
+const INBOX_META: TableDefinition<&str, &[u8]> = TableDefinition::new("inbox_meta");
+
+/// Bits of a sequence number below its epoch (see [`crate::inbox`]).
+pub(crate) const SEQ_EPOCH_SHIFT: u32 = 40;
 
 /// The database file in the data directory.
 pub const DB_FILE: &str = "names.redb";
@@ -75,6 +85,12 @@ enum Request {
     Seen(String, u64, Reply<()>),
     Release(String, Reply<Option<NameRecord>>),
     Lookup(String, Reply<Option<NameRecord>>),
+    Append(Envelope, AppendDone),
+    Read { recipient: String, after: u64, max_bytes: usize, live: bool, reply: Reply<Page> },
+    Remove(String, u64),
+    Purge(String, Reply<u64>),
+    Totals(Reply<Totals>),
+    Expire(u64, Reply<Vec<ExpiredMessage>>),
 }
 
 impl RedbStore {
@@ -84,6 +100,14 @@ impl RedbStore {
     /// [`OpenError`]: a directory that cannot be used, a database locked by another server,
     /// or a damaged file. A damaged file is never replaced.
     pub fn open(dir: &Path) -> Result<RedbStore, OpenError> {
+        RedbStore::open_with(dir, InboxLimits::default())
+    }
+
+    /// [`RedbStore::open`] with these inbox limits.
+    ///
+    /// # Errors
+    /// As [`RedbStore::open`].
+    pub fn open_with(dir: &Path, limits: InboxLimits) -> Result<RedbStore, OpenError> {
         let dir_error = |source| OpenError::Dir { dir: dir.to_path_buf(), source };
         std::fs::create_dir_all(dir).map_err(dir_error)?;
         let path = dir.join(DB_FILE);
@@ -104,6 +128,7 @@ impl RedbStore {
             detail: e.to_string(),
         };
         let tx = db.begin_write().map_err(|e| corrupt(&e))?;
+        let mut totals = Totals::default();
         {
             let names = tx.open_table(NAMES).map_err(|e| corrupt(&e))?;
             // Every record must decode: a table we cannot read is not silently ignored.
@@ -113,6 +138,18 @@ impl RedbStore {
                     .ok_or_else(|| corrupt(&format!("bad record for {:?}", key.value())))?;
             }
             tx.open_table(SKELETONS).map_err(|e| corrupt(&e))?;
+            tx.open_table(INBOX).map_err(|e| corrupt(&e))?;
+            let meta = tx.open_table(INBOX_META).map_err(|e| corrupt(&e))?;
+            for entry in meta.iter().map_err(|e| corrupt(&e))? {
+                let (key, value) = entry.map_err(|e| corrupt(&e))?;
+                let meta = Meta::decode(value.value())
+                    .ok_or_else(|| corrupt(&format!("bad inbox counts for {:?}", key.value())))?;
+                if meta.count > 0 {
+                    totals.recipients += 1;
+                    totals.messages += meta.count;
+                    totals.bytes += meta.bytes;
+                }
+            }
         }
         tx.commit().map_err(|e| match e {
             redb::CommitError::Storage(redb::StorageError::Io(io)) => dir_error(io),
@@ -123,7 +160,7 @@ impl RedbStore {
         thread::Builder::new()
             .name("relay-names".into())
             .spawn(move || {
-                worker(db, queue);
+                worker(db, queue, Inboxes { limits, totals, failing: None });
                 // The database is dropped (and its file unlocked) before this is told.
                 let _ = stopped_tx.send(());
             })
@@ -197,9 +234,58 @@ impl NameStore for RedbStore {
     }
 }
 
+impl InboxStore for RedbStore {
+    fn append(&self, envelope: Envelope, done: AppendDone) {
+        let failed = match &*lock(&self.requests) {
+            Some(requests) => match requests.send(Request::Append(envelope, done)) {
+                Ok(()) => return,
+                Err(mpsc::SendError(request)) => request,
+            },
+            None => Request::Append(envelope, done),
+        };
+        if let Request::Append(_, done) = failed {
+            done(Err(StoreError("the store is closed".into())));
+        }
+    }
+
+    fn read(
+        &self,
+        recipient: String,
+        after: u64,
+        max_bytes: usize,
+        live: bool,
+    ) -> BoxFuture<'static, Result<Page, StoreError>> {
+        self.ask(|reply| Request::Read { recipient, after, max_bytes, live, reply })
+    }
+
+    fn remove(&self, recipient: String, upto: u64) {
+        if let Some(requests) = &*lock(&self.requests) {
+            let _ = requests.send(Request::Remove(recipient, upto));
+        }
+    }
+
+    fn purge(&self, recipient: String) -> BoxFuture<'static, Result<u64, StoreError>> {
+        self.ask(|tx| Request::Purge(recipient, tx))
+    }
+
+    fn totals(&self) -> BoxFuture<'static, Result<Totals, StoreError>> {
+        self.ask(Request::Totals)
+    }
+
+    fn expire(&self, now: u64) -> BoxFuture<'static, Result<Vec<ExpiredMessage>, StoreError>> {
+        self.ask(|tx| Request::Expire(now, tx))
+    }
+}
+
 impl Request {
     fn reads_only(&self) -> bool {
-        matches!(self, Request::CheckGuest(..) | Request::Lookup(..))
+        matches!(
+            self,
+            Request::CheckGuest(..)
+                | Request::Lookup(..)
+                | Request::Totals(..)
+                | Request::Read { live: false, .. }
+        )
     }
 }
 
@@ -207,15 +293,17 @@ impl Request {
 fn answer_reads(
     db: &Database,
     batch: Vec<Request>,
+    inboxes: &Inboxes,
     done: &mut Vec<Done>,
 ) -> Result<(), StoreError> {
     let tables = db.begin_read().map_err(store_error).and_then(|tx| {
         Ok((
             tx.open_table(NAMES).map_err(store_error)?,
             tx.open_table(SKELETONS).map_err(store_error)?,
+            tx.open_table(INBOX).map_err(store_error)?,
         ))
     });
-    let (names, skeletons) = match tables {
+    let (names, skeletons, inbox) = match tables {
         Ok(tables) => tables,
         Err(e) => return fail_all(batch, e, done),
     };
@@ -226,6 +314,11 @@ fn answer_reads(
                 done.push(Done::CheckGuest(tx, r));
             }
             Request::Lookup(canonical, tx) => done.push(Done::Record(tx, get(&names, &canonical))),
+            Request::Totals(tx) => done.push(Done::Totals(tx, Ok(inboxes.totals))),
+            Request::Read { recipient, after, max_bytes, reply, .. } => {
+                let page = read_page(&inbox, &recipient, after, max_bytes);
+                done.push(Done::Page(reply, page));
+            }
             // Not sent here: the caller checked `reads_only`.
             other => fail(other, &StoreError("not a lookup".into()), done),
         }
@@ -239,6 +332,11 @@ enum Done {
     CheckGuest(Reply<GuestCheck>, Result<GuestCheck, StoreError>),
     Seen(Reply<()>, Result<(), StoreError>),
     Record(Reply<Option<NameRecord>>, Result<Option<NameRecord>, StoreError>),
+    Append(AppendDone, Result<Appended, StoreError>),
+    Page(Reply<Page>, Result<Page, StoreError>),
+    Count(Reply<u64>, Result<u64, StoreError>),
+    Totals(Reply<Totals>, Result<Totals, StoreError>),
+    Expired(Reply<Vec<ExpiredMessage>>, Result<Vec<ExpiredMessage>, StoreError>),
 }
 
 impl Done {
@@ -256,11 +354,29 @@ impl Done {
             Done::CheckGuest(tx, r) => tx.send(pick(r, failed)).map_err(drop),
             Done::Seen(tx, r) => tx.send(pick(r, failed)).map_err(drop),
             Done::Record(tx, r) => tx.send(pick(r, failed)).map_err(drop),
+            Done::Append(done, r) => {
+                done(pick(r, failed));
+                Ok(())
+            }
+            Done::Page(tx, r) => tx.send(pick(r, failed)).map_err(drop),
+            Done::Count(tx, r) => tx.send(pick(r, failed)).map_err(drop),
+            Done::Totals(tx, r) => tx.send(pick(r, failed)).map_err(drop),
+            Done::Expired(tx, r) => tx.send(pick(r, failed)).map_err(drop),
         };
     }
 }
 
-fn worker(db: Database, queue: mpsc::Receiver<Request>) {
+/// The worker's view of the inboxes: their limits and totals (kept in memory, so a limit check
+/// reads no table), and the failure it last logged.
+struct Inboxes {
+    limits: InboxLimits,
+    totals: Totals,
+    /// The last commit error logged, so a failing disk is logged once per cause, not once per
+    /// message; cleared (and the recovery logged) when a commit succeeds again.
+    failing: Option<String>,
+}
+
+fn worker(db: Database, queue: mpsc::Receiver<Request>, mut inboxes: Inboxes) {
     while let Ok(first) = queue.recv() {
         let mut batch = vec![first];
         while batch.len() < MAX_BATCH {
@@ -273,12 +389,27 @@ fn worker(db: Database, queue: mpsc::Receiver<Request>) {
         // A batch of lookups alone (guests logging in) needs no write transaction and no
         // disk sync; one with any change is applied and committed as a whole.
         let committed = if batch.iter().all(Request::reads_only) {
-            answer_reads(&db, batch, &mut done)
+            answer_reads(&db, batch, &inboxes, &mut done)
         } else {
-            apply(&db, batch, &mut done)
+            // The totals change with the transaction; they are put back if it fails.
+            let before = inboxes.totals;
+            let applied = apply(&db, batch, &mut inboxes, &mut done);
+            if applied.is_err() {
+                inboxes.totals = before;
+            }
+            applied
         };
-        if let Err(e) = &committed {
-            tracing::error!(error = %e, "name table update failed");
+        match (&committed, &inboxes.failing) {
+            (Err(e), Some(last)) if e.0 == *last => {}
+            (Err(e), _) => {
+                tracing::error!(error = %e, "store update failed (logged once until it changes)");
+                inboxes.failing = Some(e.0.clone());
+            }
+            (Ok(()), Some(_)) => {
+                tracing::warn!("store updates work again");
+                inboxes.failing = None;
+            }
+            (Ok(()), None) => {}
         }
         for answer in done {
             answer.send(committed.as_ref().err());
@@ -292,41 +423,49 @@ fn store_error(e: impl std::fmt::Display) -> StoreError {
 
 /// Applies a batch in one write transaction and commits it. Each answer goes into `done`;
 /// they are sent only once the commit returned (or fails, all together).
-fn apply(db: &Database, batch: Vec<Request>, done: &mut Vec<Done>) -> Result<(), StoreError> {
+fn apply(
+    db: &Database,
+    batch: Vec<Request>,
+    inboxes: &mut Inboxes,
+    done: &mut Vec<Done>,
+) -> Result<(), StoreError> {
     let tx = match db.begin_write() {
         Ok(tx) => tx,
         Err(e) => return fail_all(batch, store_error(e), done),
     };
     {
-        let tables = tx.open_table(NAMES).and_then(|n| Ok((n, tx.open_table(SKELETONS)?)));
-        let (mut names, mut skeletons) = match tables {
+        let tables = tx.open_table(NAMES).and_then(|n| {
+            Ok((n, tx.open_table(SKELETONS)?, tx.open_table(INBOX)?, tx.open_table(INBOX_META)?))
+        });
+        let (mut names, mut skeletons, mut inbox, mut meta) = match tables {
             Ok(tables) => tables,
             Err(e) => return fail_all(batch, store_error(e), done),
         };
+        let mut t = InboxTables { names: &mut names, inbox: &mut inbox, meta: &mut meta };
         for request in batch {
             match request {
                 Request::Claim(claim, tx) => {
-                    let r = claim_one(&mut names, &mut skeletons, claim);
+                    let r = claim_one(t.names, &mut skeletons, claim);
                     done.push(Done::Claim(tx, r));
                 }
                 Request::CheckGuest(canonical, skeleton, tx) => {
-                    let r = check_guest(&names, &skeletons, &canonical, &skeleton);
+                    let r = check_guest(&*t.names, &skeletons, &canonical, &skeleton);
                     done.push(Done::CheckGuest(tx, r));
                 }
                 Request::Seen(canonical, now, tx) => {
-                    let r = get(&names, &canonical).and_then(|record| match record {
+                    let r = get(&*t.names, &canonical).and_then(|record| match record {
                         Some(mut record) => {
                             record.last_seen = record.last_seen.max(now);
-                            put(&mut names, &record)
+                            put(t.names, &record)
                         }
                         None => Ok(()),
                     });
                     done.push(Done::Seen(tx, r));
                 }
                 Request::Release(canonical, tx) => {
-                    let r = get(&names, &canonical).and_then(|record| {
+                    let r = get(&*t.names, &canonical).and_then(|record| {
                         if let Some(record) = &record {
-                            names.remove(canonical.as_str()).map_err(store_error)?;
+                            t.names.remove(canonical.as_str()).map_err(store_error)?;
                             skeletons.remove(record.skeleton.as_str()).map_err(store_error)?;
                         }
                         Ok(record)
@@ -334,7 +473,35 @@ fn apply(db: &Database, batch: Vec<Request>, done: &mut Vec<Done>) -> Result<(),
                     done.push(Done::Record(tx, r));
                 }
                 Request::Lookup(canonical, tx) => {
-                    done.push(Done::Record(tx, get(&names, &canonical)));
+                    done.push(Done::Record(tx, get(t.names, &canonical)));
+                }
+                Request::Append(envelope, then) => {
+                    let r = append_one(&mut t, inboxes, envelope);
+                    done.push(Done::Append(then, r));
+                }
+                Request::Read { recipient, after, max_bytes, live, reply } => {
+                    let page = read_page(t.inbox, &recipient, after, max_bytes).and_then(|page| {
+                        if live && !page.more {
+                            go_live(&mut t, &recipient, page)
+                        } else {
+                            Ok(page)
+                        }
+                    });
+                    done.push(Done::Page(reply, page));
+                }
+                Request::Remove(recipient, upto) => {
+                    if let Err(e) = remove_upto(&mut t, inboxes, &recipient, upto) {
+                        tracing::warn!(%recipient, error = %e, "could not remove acknowledged messages");
+                    }
+                }
+                Request::Purge(recipient, tx) => {
+                    let r = remove_upto(&mut t, inboxes, &recipient, u64::MAX);
+                    done.push(Done::Count(tx, r));
+                }
+                Request::Totals(tx) => done.push(Done::Totals(tx, Ok(inboxes.totals))),
+                Request::Expire(now, tx) => {
+                    let r = expire(&mut t, inboxes, now);
+                    done.push(Done::Expired(tx, r));
                 }
             }
         }
@@ -356,11 +523,289 @@ fn fail(request: Request, e: &StoreError, done: &mut Vec<Done>) {
         Request::CheckGuest(_, _, tx) => Done::CheckGuest(tx, Err(e.clone())),
         Request::Seen(_, _, tx) => Done::Seen(tx, Err(e.clone())),
         Request::Release(_, tx) | Request::Lookup(_, tx) => Done::Record(tx, Err(e.clone())),
+        Request::Append(_, then) => Done::Append(then, Err(e.clone())),
+        Request::Read { reply, .. } => Done::Page(reply, Err(e.clone())),
+        Request::Remove(..) => return,
+        Request::Purge(_, tx) => Done::Count(tx, Err(e.clone())),
+        Request::Totals(tx) => Done::Totals(tx, Err(e.clone())),
+        Request::Expire(_, tx) => Done::Expired(tx, Err(e.clone())),
     });
 }
 
 type Names<'a> = redb::Table<'a, &'static str, &'static [u8]>;
 type Skeletons<'a> = redb::Table<'a, &'static str, &'static str>;
+type Inbox<'a> = redb::Table<'a, (&'static str, u64), &'static [u8]>;
+type InboxMeta<'a> = redb::Table<'a, &'static str, &'static [u8]>;
+
+/// The tables an inbox change touches, open in one write transaction.
+struct InboxTables<'t, 'a> {
+    names: &'t mut Names<'a>,
+    inbox: &'t mut Inbox<'a>,
+    meta: &'t mut InboxMeta<'a>,
+}
+
+/// One recipient's inbox counts and offline numbering.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+struct Meta {
+    count: u64,
+    bytes: u64,
+    /// The epoch messages stored for an offline recipient are numbered in; 0 until one is
+    /// needed (after the recipient last went live).
+    offline_epoch: u64,
+    /// The next number in `offline_epoch`.
+    next: u64,
+}
+
+impl Meta {
+    fn encode(&self) -> [u8; 32] {
+        let mut out = [0u8; 32];
+        for (i, v) in [self.count, self.bytes, self.offline_epoch, self.next].iter().enumerate() {
+            out[i * 8..i * 8 + 8].copy_from_slice(&v.to_le_bytes());
+        }
+        out
+    }
+
+    fn decode(bytes: &[u8]) -> Option<Meta> {
+        let bytes: &[u8; 32] = bytes.try_into().ok()?;
+        let at =
+            |i: usize| u64::from_le_bytes(bytes[i * 8..i * 8 + 8].try_into().unwrap_or([0; 8]));
+        Some(Meta { count: at(0), bytes: at(1), offline_epoch: at(2), next: at(3) })
+    }
+}
+
+fn get_meta(
+    meta: &impl ReadableTable<&'static str, &'static [u8]>,
+    recipient: &str,
+) -> Result<Meta, StoreError> {
+    match meta.get(recipient).map_err(store_error)? {
+        None => Ok(Meta::default()),
+        Some(value) => Meta::decode(value.value())
+            .ok_or_else(|| StoreError(format!("the inbox counts of {recipient:?} are damaged"))),
+    }
+}
+
+fn put_meta(meta: &mut InboxMeta<'_>, recipient: &str, m: &Meta) -> Result<(), StoreError> {
+    meta.insert(recipient, m.encode().as_slice()).map_err(store_error)?;
+    Ok(())
+}
+
+/// Stored message layout, version 1: `1`, flags (1: the sender wants a receipt, 2: the sender
+/// is keyed), the sender's token, the message id and its time (u64 LE each), the sender's
+/// canonical name (a length byte, then the name), then the frame body to deliver.
+fn encode_stored(envelope: &Envelope, seq: u64) -> Vec<u8> {
+    let sender = &envelope.sender;
+    let name = &sender.canonical.as_bytes()[..sender.canonical.len().min(255)];
+    let mut out = Vec::with_capacity(27 + 1 + name.len() + envelope.body.len());
+    out.push(1);
+    out.push(u8::from(sender.receipt) | u8::from(sender.keyed) << 1);
+    out.extend_from_slice(&sender.token.to_le_bytes());
+    out.extend_from_slice(&envelope.id.to_le_bytes());
+    out.extend_from_slice(&envelope.time.to_le_bytes());
+    out.push(name.len() as u8);
+    out.extend_from_slice(name);
+    let start = out.len();
+    out.extend_from_slice(&envelope.body);
+    // The body carries its number, so it is delivered as it is.
+    let _ = relay_proto::set_seq_in_body(&mut out[start..], seq);
+    out
+}
+
+/// A stored message: its sender, id, time, and the body.
+fn decode_stored(bytes: &[u8]) -> Option<(SenderRef, u64, u64, &[u8])> {
+    let (&format, rest) = bytes.split_first()?;
+    if format != 1 {
+        return None;
+    }
+    let (&flags, rest) = rest.split_first()?;
+    let (fixed, rest) = rest.split_at_checked(24)?;
+    let u64_at = |i: usize| fixed.get(i..i + 8)?.try_into().ok().map(u64::from_le_bytes);
+    let (&len, rest) = rest.split_first()?;
+    let (name, body) = rest.split_at_checked(usize::from(len))?;
+    let sender = SenderRef {
+        canonical: std::str::from_utf8(name).ok()?.to_string(),
+        token: u64_at(0)?,
+        keyed: flags & 2 != 0,
+        receipt: flags & 1 != 0,
+    };
+    Some((sender, u64_at(8)?, u64_at(16)?, body))
+}
+
+fn damaged(recipient: &str, seq: u64) -> StoreError {
+    StoreError(format!("a stored message for {recipient:?} (number {seq}) is damaged"))
+}
+
+/// Stores one message, if its recipient is bound and its inbox and the store have room.
+fn append_one(
+    t: &mut InboxTables<'_, '_>,
+    inboxes: &mut Inboxes,
+    envelope: Envelope,
+) -> Result<Appended, StoreError> {
+    let recipient = envelope.recipient.as_str();
+    let Some(mut record) = get(&*t.names, recipient)? else {
+        return Ok(Appended::NotBound);
+    };
+    let mut m = get_meta(&*t.meta, recipient)?;
+    let limits = inboxes.limits;
+    let size = envelope.body.len() as u64;
+    if m.count >= limits.messages {
+        return Ok(Appended::Full(Full::Messages(limits.messages)));
+    }
+    if m.bytes + size > limits.bytes {
+        return Ok(Appended::Full(Full::Bytes(limits.bytes)));
+    }
+    if inboxes.totals.bytes + size > limits.store_bytes {
+        return Ok(Appended::Full(Full::Store(limits.store_bytes)));
+    }
+    let seq = match envelope.seq {
+        Some(seq) => seq,
+        None => {
+            if m.offline_epoch == 0 {
+                record.epoch += 1;
+                put(t.names, &record)?;
+                m.offline_epoch = record.epoch;
+                m.next = 1;
+            }
+            let seq = m.offline_epoch << SEQ_EPOCH_SHIFT | m.next;
+            m.next += 1;
+            seq
+        }
+    };
+    let value = encode_stored(&envelope, seq);
+    let replaced = t.inbox.insert((recipient, seq), value.as_slice()).map_err(store_error)?;
+    if replaced.is_some() {
+        // Only a message moved twice with the same number could do this; keep one copy.
+        return Ok(Appended::Stored(seq));
+    }
+    if m.count == 0 {
+        inboxes.totals.recipients += 1;
+    }
+    m.count += 1;
+    m.bytes += size;
+    inboxes.totals.messages += 1;
+    inboxes.totals.bytes += size;
+    put_meta(t.meta, recipient, &m)?;
+    Ok(Appended::Stored(seq))
+}
+
+/// Messages for `recipient` after `after`, about `max_bytes` of them.
+fn read_page(
+    inbox: &impl ReadableTable<(&'static str, u64), &'static [u8]>,
+    recipient: &str,
+    after: u64,
+    max_bytes: usize,
+) -> Result<Page, StoreError> {
+    let mut page = Page::default();
+    if after == u64::MAX {
+        return Ok(page);
+    }
+    let mut bytes = 0;
+    for entry in inbox.range((recipient, after + 1)..=(recipient, u64::MAX)).map_err(store_error)? {
+        let (key, value) = entry.map_err(store_error)?;
+        let seq = key.value().1;
+        if bytes >= max_bytes {
+            page.more = true;
+            break;
+        }
+        let (sender, id, _, body) =
+            decode_stored(value.value()).ok_or_else(|| damaged(recipient, seq))?;
+        bytes += body.len();
+        page.items.push(Stored { seq, body: bytes::Bytes::copy_from_slice(body), id, sender });
+    }
+    Ok(page)
+}
+
+/// The recipient has read its whole inbox: reserve its live session's epoch, after every
+/// number stored so far, and end the offline epoch.
+fn go_live(
+    t: &mut InboxTables<'_, '_>,
+    recipient: &str,
+    mut page: Page,
+) -> Result<Page, StoreError> {
+    let Some(mut record) = get(&*t.names, recipient)? else {
+        return Err(StoreError(format!("{recipient:?} is no longer bound")));
+    };
+    record.epoch += 1;
+    put(t.names, &record)?;
+    let mut m = get_meta(&*t.meta, recipient)?;
+    if m.offline_epoch != 0 {
+        m.offline_epoch = 0;
+        m.next = 0;
+        put_meta(t.meta, recipient, &m)?;
+    }
+    page.live_epoch = Some(record.epoch);
+    Ok(page)
+}
+
+/// Removes `recipient`'s messages numbered up to `upto`; returns how many.
+fn remove_upto(
+    t: &mut InboxTables<'_, '_>,
+    inboxes: &mut Inboxes,
+    recipient: &str,
+    upto: u64,
+) -> Result<u64, StoreError> {
+    let mut m = get_meta(&*t.meta, recipient)?;
+    if m.count == 0 {
+        return Ok(0);
+    }
+    let (mut count, mut bytes) = (0u64, 0u64);
+    t.inbox
+        .retain_in((recipient, 0)..=(recipient, upto), |_, value| {
+            count += 1;
+            bytes += decode_stored(value).map_or(0, |(_, _, _, body)| body.len() as u64);
+            false
+        })
+        .map_err(store_error)?;
+    forget(inboxes, &mut m, count, bytes);
+    put_meta(t.meta, recipient, &m)?;
+    Ok(count)
+}
+
+/// Takes `count` messages of `bytes` off a recipient's counts and the totals.
+fn forget(inboxes: &mut Inboxes, m: &mut Meta, count: u64, bytes: u64) {
+    let had = m.count > 0;
+    m.count = m.count.saturating_sub(count);
+    m.bytes = m.bytes.saturating_sub(bytes);
+    let totals = &mut inboxes.totals;
+    totals.messages = totals.messages.saturating_sub(count);
+    totals.bytes = totals.bytes.saturating_sub(bytes);
+    if had && m.count == 0 {
+        totals.recipients = totals.recipients.saturating_sub(1);
+    }
+}
+
+/// Removes every message older than the age limit.
+fn expire(
+    t: &mut InboxTables<'_, '_>,
+    inboxes: &mut Inboxes,
+    now: u64,
+) -> Result<Vec<ExpiredMessage>, StoreError> {
+    let cutoff = now.saturating_sub(inboxes.limits.max_age_ms);
+    let mut expired: Vec<(ExpiredMessage, u64)> = Vec::new();
+    t.inbox
+        .retain(|(recipient, _), value| match decode_stored(value) {
+            Some((sender, id, time, body)) if time < cutoff => {
+                let recipient = recipient.to_string();
+                expired.push((ExpiredMessage { recipient, id, sender }, body.len() as u64));
+                false
+            }
+            _ => true,
+        })
+        .map_err(store_error)?;
+    let mut i = 0;
+    while i < expired.len() {
+        let recipient = expired[i].0.recipient.clone();
+        let (mut count, mut bytes) = (0, 0);
+        while expired.get(i).is_some_and(|(e, _)| e.recipient == recipient) {
+            count += 1;
+            bytes += expired[i].1;
+            i += 1;
+        }
+        let mut m = get_meta(&*t.meta, &recipient)?;
+        forget(inboxes, &mut m, count, bytes);
+        put_meta(t.meta, &recipient, &m)?;
+    }
+    Ok(expired.into_iter().map(|(e, _)| e).collect())
+}
 
 fn claim_one(
     names: &mut Names<'_>,

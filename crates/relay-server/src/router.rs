@@ -10,13 +10,18 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use futures_util::future::BoxFuture;
+use std::sync::Weak;
+
+use bytes::BytesMut;
 use relay_proto::{
     AuthMode, Destination, Message, MessageRef, NameKey, PublicKey, Status, canonical_name,
-    encoded_len_ref, parse_destination,
+    encode_body_ref, encoded_len_ref, parse_destination,
 };
 
+use crate::inbox::{Appended, Envelope, InboxStore, SenderRef};
 use crate::names::{Claimed, GuestCheck, KeyClaim, NameRecord, NameStore, StoreError};
-use crate::outbox::{Outbox, PushError, Unwritten};
+use crate::outbox::{Delivery, Outbox, PushError, Unacked, Unwritten};
+use crate::redb_store::SEQ_EPOCH_SHIFT;
 use crate::registry::{Conflict, Entry, Registry};
 
 /// Why a message was not delivered.
@@ -36,6 +41,8 @@ pub(crate) enum Undelivered {
 pub(crate) enum Routed {
     /// Queued for the receiver.
     Queued,
+    /// Sent to the receiver's inbox; the store answers the sender when it is durable.
+    Stored,
     /// The receiver cannot take it now; await this (it waits a bounded time for room) to
     /// learn its fate.
     Full(Pending),
@@ -74,9 +81,6 @@ pub(crate) struct ClaimRequest<'a> {
     /// The client's protocol version: its outbox encodes in that layout.
     pub(crate) version: u16,
 }
-
-/// Bits of a sequence number below the session's epoch: 2^40 messages per session.
-const SEQ_EPOCH_SHIFT: u32 = 40;
 
 /// Epochs that fit above the session's count: 2^24 logins of one name.
 const MAX_EPOCH: u64 = (1 << (64 - SEQ_EPOCH_SHIFT)) - 1;
@@ -126,6 +130,10 @@ pub(crate) trait Routing: Send + Sync + std::fmt::Debug + 'static {
         time: u64,
         routes: &mut RouteCache,
     ) -> Result<Routed, (Undelivered, String)>;
+
+    /// The holder of `claim` acknowledged everything numbered up to `upto`: receipts go to
+    /// the senders, and what came from its inbox is removed there.
+    fn acked(&self, claim: &Claim, upto: u64);
 
     /// Tells the senders of `undelivered` messages (chat messages that were queued for a
     /// receiver whose connection then failed) that they were not delivered.
@@ -187,6 +195,12 @@ pub(crate) struct LocalRouter {
     max_frame_len: usize,
     /// How long a message waits for room in a full receiver's outbox.
     send_wait: Duration,
+    /// The inboxes; `None` with `--auth none`.
+    inbox: Option<Arc<dyn InboxStore>>,
+    /// Most bytes a keyed session may have delivered and not acknowledged.
+    unacked_window: usize,
+    /// Itself, for what outlives a call (a closing session's hand-over, store answers).
+    me: Weak<LocalRouter>,
 }
 
 /// A guest's sessions have no stored epoch: its sequence numbers are ordered within a session.
@@ -206,6 +220,14 @@ pub(crate) struct Claim {
     /// The name was bound to the key by this claim.
     first: bool,
     released: bool,
+    /// The connection's outbox.
+    outbox: Outbox,
+    /// Who this is as a sender (for receipts and store answers).
+    origin: Arc<SenderRef>,
+    /// The client's protocol version.
+    version: u16,
+    /// A keyed session: acknowledgements, receipts, and an inbox to read.
+    tracked: bool,
 }
 
 impl Claim {
@@ -228,9 +250,18 @@ impl Claim {
 impl Drop for Claim {
     fn drop(&mut self) {
         if !self.released {
+            self.outbox.seal();
             self.router.forget(&self.canonical, self.token);
         }
     }
+}
+
+/// The most bytes of a stored inbox queued for a client in one read.
+const DRAIN_PAGE: usize = 256 * 1024;
+
+/// The sender of what the server itself stores (a receipt): nobody to tell.
+fn nobody() -> SenderRef {
+    SenderRef { canonical: String::new(), token: 0, keyed: false, receipt: false }
 }
 
 /// Now, in milliseconds since the Unix epoch.
@@ -242,12 +273,235 @@ pub(crate) fn now_ms() -> u64 {
 
 impl LocalRouter {
     pub(crate) fn new(
-        store: Option<Arc<dyn NameStore>>,
+        store: Option<(Arc<dyn NameStore>, Arc<dyn InboxStore>)>,
         auth: AuthMode,
         max_frame_len: usize,
         send_wait: Duration,
-    ) -> LocalRouter {
-        LocalRouter { registry: Registry::default(), store, auth, max_frame_len, send_wait }
+        unacked_window: usize,
+    ) -> Arc<LocalRouter> {
+        let (store, inbox) = store.unzip();
+        Arc::new_cyclic(|me| LocalRouter {
+            registry: Registry::default(),
+            store,
+            auth,
+            max_frame_len,
+            send_wait,
+            inbox,
+            unacked_window,
+            me: me.clone(),
+        })
+    }
+
+    /// Stores `msg` from `from` for `recipient` (a canonical name); the store answers the
+    /// sender. `Err` if nothing can be stored for it (a version 1 sender, which cannot be
+    /// told, or no store).
+    fn store_for(
+        &self,
+        from: &Claim,
+        msg: &MessageRef<'_>,
+        recipient: String,
+        told: bool,
+    ) -> Result<(), ()> {
+        let Some(inbox) = &self.inbox else { return Err(()) };
+        let msg = MessageRef { version: relay_proto::PROTOCOL_VERSION, seq: 0, ..*msg };
+        let mut body = BytesMut::with_capacity(encoded_len_ref(&msg));
+        if encode_body_ref(&msg, &mut body).is_err() {
+            return Err(());
+        }
+        let envelope = Envelope {
+            recipient,
+            body: body.freeze(),
+            seq: None,
+            id: msg.id,
+            time: msg.time,
+            sender: (*from.origin).clone(),
+        };
+        let outbox = from.outbox.clone();
+        let (id, to) = (msg.id, msg.to.to_owned());
+        // A version 1 sender knows none of the store's answers: it is told only of failure,
+        // as it would be of a receiver not keeping up.
+        let v2 = from.version >= 2;
+        outbox.storing();
+        inbox.append(
+            envelope,
+            Box::new(move |appended| {
+                let reply = match appended {
+                    Ok(Appended::Stored(_)) if !told || !v2 => None,
+                    Ok(Appended::Stored(_)) => {
+                        let detail =
+                            format!("{to} is offline; stored, to be delivered when they log in");
+                        Some(Message::reply(id, Status::Stored, to, detail))
+                    }
+                    Ok(Appended::NotBound) => {
+                        let detail = format!("{to} is not online");
+                        Some(Message::reply(id, Status::NotFound, to, detail))
+                    }
+                    Ok(Appended::Full(full)) => {
+                        let status = if v2 { Status::InboxFull } else { Status::NotDelivered };
+                        let detail = format!("not stored for {to}: {full}");
+                        Some(Message::reply(id, status, to, detail))
+                    }
+                    Err(e) => {
+                        let detail = format!("not stored for {to}: {e}");
+                        Some(Message::reply(id, Status::NotDelivered, to, detail))
+                    }
+                };
+                outbox.stored_reply(reply.as_ref());
+            }),
+        );
+        Ok(())
+    }
+
+    /// A message for someone not online: stored if `to` is a name (the store knows whether
+    /// it is bound) and the sender can be told.
+    fn store_offline(
+        &self,
+        from: &Claim,
+        msg: &MessageRef<'_>,
+        to: &str,
+    ) -> Result<Routed, (Undelivered, String)> {
+        let not_online = || Err((Undelivered::NotOnline, to.to_owned()));
+        if from.version < 2 {
+            return not_online();
+        }
+        let Ok(Destination::Name(name)) = parse_destination(to) else { return not_online() };
+        match self.store_for(from, msg, canonical_name(name).into_owned(), true) {
+            Ok(()) => Ok(Routed::Stored),
+            Err(()) => not_online(),
+        }
+    }
+
+    /// The hand-over of a keyed session that ended: its unacknowledged messages go to its
+    /// inbox with the numbers they were delivered with. A sender whose message cannot be
+    /// stored is told it was not delivered.
+    fn move_to_inbox(&self, recipient: &str, entries: Vec<Unacked>) {
+        let Some(inbox) = &self.inbox else { return };
+        for entry in entries {
+            let time = relay_proto::decode_ref(&entry.body).map_or(0, |m| m.time);
+            let sender = entry.sender.as_deref().cloned().unwrap_or_else(nobody);
+            let envelope = Envelope {
+                recipient: recipient.to_owned(),
+                body: entry.body,
+                seq: Some(entry.seq),
+                id: entry.id,
+                time,
+                sender: sender.clone(),
+            };
+            let me = self.me.clone();
+            let recipient = recipient.to_owned();
+            inbox.append(
+                envelope,
+                Box::new(move |appended| {
+                    let why = match appended {
+                        Ok(Appended::Stored(_)) => return,
+                        Ok(Appended::NotBound) => format!("{recipient} is no longer bound"),
+                        Ok(Appended::Full(full)) => full.to_string(),
+                        Err(e) => e.to_string(),
+                    };
+                    tracing::warn!(%recipient, id = entry.id, reason = %why,
+                        "an unacknowledged message could not be kept");
+                    if let Some(router) = me.upgrade() && sender.receipt {
+                        let detail = format!(
+                            "{recipient} disconnected before taking the message, and it could not be stored: {why}"
+                        );
+                        let reply = Message::reply(entry.id, Status::NotDelivered, recipient, detail);
+                        router.tell(&sender, &reply);
+                    }
+                }),
+            );
+        }
+    }
+
+    /// Pushes `msg` to `sender` if that registration (or, for a keyed sender, its name) is
+    /// online; false if not.
+    fn tell(&self, sender: &SenderRef, msg: &Message) -> bool {
+        let outbox = self
+            .registry
+            .with_name(&sender.canonical, |e| {
+                (sender.keyed || e.token == sender.token).then(|| e.outbox.clone())
+            })
+            .flatten();
+        match outbox {
+            Some(outbox) => outbox
+                .push_routed(&msg.as_ref(), 0, None, |m, recipient| {
+                    self.store_receipt(m, recipient);
+                })
+                .is_ok(),
+            None => false,
+        }
+    }
+
+    /// Stores a receipt (or another notice) in a keyed sender's inbox.
+    fn store_receipt(&self, msg: &MessageRef<'_>, recipient: &str) {
+        let Some(inbox) = &self.inbox else { return };
+        let msg = MessageRef { version: relay_proto::PROTOCOL_VERSION, seq: 0, ..*msg };
+        let mut body = BytesMut::with_capacity(encoded_len_ref(&msg));
+        if encode_body_ref(&msg, &mut body).is_err() {
+            return;
+        }
+        let envelope = Envelope {
+            recipient: recipient.to_owned(),
+            body: body.freeze(),
+            seq: None,
+            id: 0,
+            time: msg.time,
+            sender: nobody(),
+        };
+        let recipient = recipient.to_owned();
+        inbox.append(
+            envelope,
+            Box::new(move |appended| match appended {
+                Ok(Appended::Stored(_)) => {}
+                other => {
+                    tracing::warn!(%recipient, result = ?other, "a receipt could not be stored")
+                }
+            }),
+        );
+    }
+
+    /// Sends receipts for `ids` (messages `sender` sent to `recipient`).
+    fn receipt(&self, sender: &SenderRef, recipient: &str, ids: &[u64]) {
+        // One frame holds this many ids with room to spare.
+        let per_frame = (self.max_frame_len.saturating_sub(256) / 8).max(1);
+        let now = now_ms();
+        for ids in ids.chunks(per_frame) {
+            let msg = Message::delivered(recipient, ids, now);
+            if !self.tell(sender, &msg) && sender.keyed {
+                self.store_receipt(&msg.as_ref(), &sender.canonical);
+            }
+        }
+    }
+
+    /// Reads a keyed session's inbox into its outbox, then opens it to live traffic.
+    fn spawn_drain(&self, outbox: Outbox, recipient: String) {
+        let Some(inbox) = self.inbox.clone() else { return };
+        tokio::spawn(async move {
+            let mut after = 0;
+            let mut pause = Duration::from_millis(100);
+            while !outbox.is_closed() {
+                let submitted = outbox.submitted();
+                match inbox.read(recipient.clone(), after, DRAIN_PAGE, true).await {
+                    Ok(page) => {
+                        for item in page.items {
+                            after = item.seq;
+                            if outbox.push_stored(item).await.is_err() {
+                                return;
+                            }
+                        }
+                        if let Some(epoch) = page.live_epoch
+                            && outbox.go_live(submitted, first_seq(epoch))
+                        {
+                            return;
+                        }
+                    }
+                    Err(e) => {
+                        tracing::warn!(%recipient, error = %e, "could not read the inbox; retrying");
+                        tokio::time::sleep(pause).await;
+                        pause = (pause * 2).min(Duration::from_secs(5));
+                    }
+                }
+            }
+        });
     }
 
     /// The outbox of whoever is registered under the name or address `to`.
@@ -289,18 +543,42 @@ impl LocalRouter {
             outbox: request.outbox.clone(),
             guest: key.is_none(),
         };
+        let tracked = key.is_some() && request.version >= 2 && self.inbox.is_some();
+        let canonical: Arc<str> = Arc::from(request.key.canonical.as_str());
+        if tracked {
+            let me = self.me.clone();
+            request.outbox.track(
+                canonical.clone(),
+                self.unacked_window,
+                Box::new(move |recipient, entries| {
+                    if let Some(router) = me.upgrade() {
+                        router.move_to_inbox(recipient, entries);
+                    }
+                }),
+            );
+        }
         let (display, token) = self.registry.insert(entry).map_err(|conflict| match conflict {
             Conflict::Taken => Refused::Taken,
             Conflict::LooksLike(other) => Refused::LooksLike(other.to_string()),
         })?;
+        let origin = Arc::new(SenderRef {
+            canonical: canonical.to_string(),
+            token,
+            keyed: key.is_some(),
+            receipt: request.version >= 2,
+        });
         Ok(Claim {
             router: self.clone(),
             display,
-            canonical: Arc::from(request.key.canonical.as_str()),
+            canonical,
             token,
             key,
             first: false,
             released: false,
+            outbox: request.outbox.clone(),
+            origin,
+            version: request.version,
+            tracked,
         })
     }
 }
@@ -358,6 +636,8 @@ impl Routing for LocalRouter {
 
     fn release(&self, mut claim: Claim) -> BoxFuture<'_, ()> {
         claim.released = true;
+        // What it was not acknowledged is stored before anything routed after it leaves.
+        claim.outbox.seal();
         self.registry.remove(&claim.canonical, claim.token);
         Box::pin(async move {
             if let (Some(store), Some(_)) = (&self.store, claim.key) {
@@ -374,7 +654,23 @@ impl Routing for LocalRouter {
     }
 
     fn open(&self, claim: &Claim) -> bool {
-        self.registry.open(&claim.canonical, claim.token)
+        if !self.registry.open(&claim.canonical, claim.token) {
+            return false;
+        }
+        if claim.tracked {
+            self.spawn_drain(claim.outbox.clone(), claim.canonical.to_string());
+        }
+        true
+    }
+
+    fn acked(&self, claim: &Claim, upto: u64) {
+        let acked = claim.outbox.ack(upto);
+        if let (Some(upto), Some(inbox)) = (acked.stored_upto, &self.inbox) {
+            inbox.remove(claim.canonical.to_string(), upto);
+        }
+        for (sender, ids) in acked.receipts {
+            self.receipt(&sender, &claim.display, &ids);
+        }
     }
 
     fn route(
@@ -395,18 +691,27 @@ impl Routing for LocalRouter {
             return Err((Undelivered::TooLarge, to.to_owned()));
         }
         let Some(outbox) = routes.resolve(to, |to| self.lookup(to)) else {
-            return Err((Undelivered::NotOnline, to.to_owned()));
+            return self.store_offline(from, &msg, to);
         };
-        match outbox.push_from(&msg, sender) {
-            Ok(()) => Ok(Routed::Queued),
+        let mut stored = Ok(());
+        let pushed = outbox.push_routed(&msg, sender, Some(&from.origin), |m, recipient| {
+            // Reading its inbox: the sender learns nothing new (it is as good as delivered).
+            stored = self.store_for(from, m, recipient.to_owned(), false);
+        });
+        match pushed {
+            Ok(Delivery::Queued) => Ok(Routed::Queued),
+            Ok(Delivery::Storing) if stored.is_ok() => Ok(Routed::Stored),
+            Ok(Delivery::Storing) => Err((Undelivered::ReceiverFull, to.to_owned())),
             Err(PushError::Full) if !self.send_wait.is_zero() => {
                 let (outbox, msg, wait) = (outbox.clone(), msg.to_message(), self.send_wait);
+                let origin = from.origin.clone();
                 Ok(Routed::Full(Box::pin(async move {
-                    match outbox.wait_for_room(&msg.as_ref(), wait, sender).await {
+                    match outbox.wait_for_room(&msg.as_ref(), wait, sender, Some(&origin)).await {
                         Ok(()) => Ok(()),
                         Err(PushError::Full | PushError::Stalled) => {
                             Err((Undelivered::ReceiverFull, msg.to))
                         }
+                        // Gone meanwhile: as far as the sender knows, it was not online.
                         Err(PushError::Closed) => Err((Undelivered::NotOnline, msg.to)),
                     }
                 })))
@@ -415,7 +720,7 @@ impl Routing for LocalRouter {
                 Err((Undelivered::ReceiverFull, to.to_owned()))
             }
             // The receiver is closing: as far as the sender is concerned it is gone.
-            Err(PushError::Closed) => Err((Undelivered::NotOnline, to.to_owned())),
+            Err(PushError::Closed) => self.store_offline(from, &msg, to),
         }
     }
 

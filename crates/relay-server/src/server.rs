@@ -20,6 +20,7 @@ use tracing::{debug, info, warn};
 use crate::admission::{self, Admission, Limits, LogNow, Refusal};
 use crate::config::Config;
 use crate::connection::{self, Shared};
+use crate::inbox::InboxStore;
 use crate::names::{NameRecord, NameStore, StoreError};
 use crate::redb_store::{OpenError, RedbStore};
 use crate::router::LocalRouter;
@@ -102,9 +103,12 @@ impl Server {
     /// the data directory cannot be used, its store is locked by another server, or damaged.
     pub fn new(listener: TcpListener, config: Config) -> Result<Server, StartError> {
         config.validate().map_err(StartError::Config)?;
-        let store: Option<Arc<dyn NameStore>> = match config.auth {
+        let store: Option<(Arc<dyn NameStore>, Arc<dyn InboxStore>)> = match config.auth {
             AuthMode::None => None,
-            _ => Some(Arc::new(RedbStore::open(&config.data_dir)?)),
+            _ => {
+                let store = Arc::new(RedbStore::open_with(&config.data_dir, config.inbox)?);
+                Some((store.clone(), store))
+            }
         };
         let slots = Arc::new(Semaphore::new(config.max_clients));
         let admission = Admission::new(Limits {
@@ -112,12 +116,14 @@ impl Server {
             new_per_sec: config.connects_per_sec,
             loopback_exempt: config.loopback_exempt,
         });
-        let router = LocalRouter::new(store, config.auth, config.max_frame_len, config.send_wait);
-        let shared = Arc::new(Shared {
-            router: Arc::new(router),
-            config,
-            hard_stop: CancellationToken::new(),
-        });
+        let router = LocalRouter::new(
+            store,
+            config.auth,
+            config.max_frame_len,
+            config.send_wait,
+            config.unacked_window,
+        );
+        let shared = Arc::new(Shared { router, config, hard_stop: CancellationToken::new() });
         Ok(Server { listener, shared, slots, admission })
     }
 
