@@ -71,6 +71,8 @@ pub struct Config {
     /// Bytes of messages delivered to a keyed client and not yet acknowledged (default
     /// 2 MiB); past it, messages for it wait for acknowledgements as for room in its outbox.
     pub unacked_window: usize,
+    /// How often stored messages past the age limit are removed (default 1 min).
+    pub inbox_sweep: Duration,
 }
 
 impl Default for Config {
@@ -97,6 +99,7 @@ impl Default for Config {
             data_dir: PathBuf::from("relay-data"),
             inbox: InboxLimits::default(),
             unacked_window: 2 * 1024 * 1024,
+            inbox_sweep: Duration::from_secs(60),
         }
     }
 }
@@ -146,6 +149,7 @@ impl Config {
             ("ping interval", self.ping_interval),
             ("idle timeout", self.idle_timeout),
             ("write timeout", self.write_timeout),
+            ("inbox sweep", self.inbox_sweep),
             ("frame timeout", self.frame_timeout),
         ] {
             if d.is_zero() {
@@ -174,7 +178,9 @@ pub fn parse_duration(text: &str) -> Result<Duration, String> {
         "ms" => value / 1000.0,
         "" | "s" => value,
         "m" => value * 60.0,
-        _ => return Err(format!("'{text}' has an unknown unit; use ms, s or m")),
+        "h" => value * 3600.0,
+        "d" => value * 86_400.0,
+        _ => return Err(format!("'{text}' has an unknown unit; use ms, s, m, h or d")),
     };
     Duration::try_from_secs_f64(seconds).map_err(|e| format!("'{text}': {e}"))
 }
@@ -217,7 +223,9 @@ mod tests {
         assert_eq!(parse_duration("2m"), Ok(Duration::from_secs(120)));
         assert_eq!(parse_duration("0.25s"), Ok(Duration::from_millis(250)));
         assert!(parse_duration("soon").is_err());
-        assert!(parse_duration("5h").is_err());
+        assert_eq!(parse_duration("7d"), Ok(Duration::from_secs(7 * 86_400)));
+        assert_eq!(parse_duration("2h"), Ok(Duration::from_secs(7200)));
+        assert!(parse_duration("5y").is_err());
         assert!(parse_duration("").is_err());
     }
 }

@@ -7,7 +7,15 @@ use crate::server::ServerHandle;
 
 const HELP: &str = "commands: EXIT (tell every client to shut down, then stop), \
                     list (users online), release NAME (unbind a name from its key, for a \
-                    user who lost it), help";
+                    user who lost it), inboxes (messages stored for offline users), \
+                    purge NAME (delete the messages stored for NAME), help";
+
+/// The argument of `cmd` if it is `command` followed by whitespace and a name.
+fn argument<'a>(cmd: &'a str, command: &str) -> Option<&'a str> {
+    let rest = cmd.strip_prefix(command)?;
+    let name = rest.trim();
+    (rest.starts_with(char::is_whitespace) && !name.is_empty()).then_some(name)
+}
 
 /// Reads operator commands from `input` until `EXIT`, the end of input, or shutdown.
 ///
@@ -69,13 +77,25 @@ where
                 text
             }
             "help" | "?" => format!("{HELP}\n"),
+            "inboxes" => match server.inboxes().await {
+                Ok(t) => format!(
+                    "{} recipients, {} messages, {} bytes stored\n",
+                    t.recipients, t.messages, t.bytes
+                ),
+                Err(e) => format!("cannot read the inboxes: {e}\n"),
+            },
+            cmd if cmd.starts_with("purge") => match argument(cmd, "purge") {
+                None => format!("usage: purge NAME; {HELP}\n"),
+                Some(name) => match server.purge(name).await {
+                    Ok(count) => {
+                        tracing::info!(%name, count, "operator purged the inbox");
+                        format!("purged {count} messages stored for {name}\n")
+                    }
+                    Err(e) => format!("cannot purge {name}: {e}\n"),
+                },
+            },
             cmd if cmd.starts_with("release") => {
-                let name = cmd["release".len()..].trim();
-                if name.is_empty()
-                    || cmd.as_bytes().get(7).is_some_and(|b| !b.is_ascii_whitespace())
-                {
-                    format!("usage: release NAME; {HELP}\n")
-                } else {
+                if let Some(name) = argument(cmd, "release") {
                     match server.release(name).await {
                         Ok(Some(record)) => {
                             tracing::info!(name = %record.display, key = %record.key.fingerprint(),
@@ -85,6 +105,8 @@ where
                         Ok(None) => format!("{name} is not bound to a key\n"),
                         Err(e) => format!("cannot release {name}: {e}\n"),
                     }
+                } else {
+                    format!("usage: release NAME; {HELP}\n")
                 }
             }
             other => format!("unknown command '{other}'; {HELP}\n"),

@@ -9,7 +9,7 @@ use std::time::Duration;
 use std::path::PathBuf;
 
 use clap::Parser;
-use relay_server::{AuthMode, Config, Server, parse_duration, run_console};
+use relay_server::{AuthMode, Config, InboxLimits, Server, parse_duration, run_console};
 use std::io::Write;
 use tokio_util::sync::CancellationToken;
 
@@ -87,6 +87,23 @@ struct Args {
     /// Directory of the name table (created on start; unused with --auth none).
     #[arg(long, default_value = "relay-data")]
     data_dir: PathBuf,
+    /// Most messages stored for one offline user; over it, senders get InboxFull.
+    #[arg(long, default_value_t = InboxLimits::default().messages)]
+    inbox_messages: u64,
+    /// Most bytes stored for one offline user.
+    #[arg(long, default_value_t = InboxLimits::default().bytes)]
+    inbox_bytes: u64,
+    /// Most bytes stored for all offline users together.
+    #[arg(long, default_value_t = InboxLimits::default().store_bytes)]
+    store_bytes: u64,
+    /// How long a stored message is kept for a user who does not log in (senders online
+    /// are told when it expires).
+    #[arg(long, default_value = "7d", value_parser = parse_duration)]
+    inbox_max_age: Duration,
+    /// Bytes of messages delivered to a keyed client and not yet acknowledged; past it,
+    /// messages for it wait as for a full outbox.
+    #[arg(long, default_value_t = Config::default().unacked_window)]
+    unacked_window: usize,
 }
 
 impl Args {
@@ -110,6 +127,13 @@ impl Args {
             list_interval: self.list_interval,
             auth: self.auth,
             data_dir: self.data_dir.clone(),
+            inbox: InboxLimits {
+                messages: self.inbox_messages,
+                bytes: self.inbox_bytes,
+                store_bytes: self.store_bytes,
+                max_age_ms: u64::try_from(self.inbox_max_age.as_millis()).unwrap_or(u64::MAX),
+            },
+            unacked_window: self.unacked_window,
             ..Config::default()
         }
     }

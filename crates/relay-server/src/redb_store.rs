@@ -160,7 +160,7 @@ impl RedbStore {
         thread::Builder::new()
             .name("relay-names".into())
             .spawn(move || {
-                worker(db, queue, Inboxes { limits, totals, failing: None });
+                worker(path, db, queue, Inboxes { limits, totals, failing: None });
                 // The database is dropped (and its file unlocked) before this is told.
                 let _ = stopped_tx.send(());
             })
@@ -376,7 +376,12 @@ struct Inboxes {
     failing: Option<String>,
 }
 
-fn worker(db: Database, queue: mpsc::Receiver<Request>, mut inboxes: Inboxes) {
+fn worker(path: PathBuf, db: Database, queue: mpsc::Receiver<Request>, mut inboxes: Inboxes) {
+    // redb latches an I/O failure (a full disk, say): every later call fails until the
+    // database is opened again. So a failed batch closes it, and the next batch opens it
+    // afresh (recovering to the last commit), which is how the store comes back once there
+    // is space again.
+    let mut db = Some(db);
     while let Ok(first) = queue.recv() {
         let mut batch = vec![first];
         while batch.len() < MAX_BATCH {
@@ -388,14 +393,37 @@ fn worker(db: Database, queue: mpsc::Receiver<Request>, mut inboxes: Inboxes) {
         let mut done = Vec::with_capacity(batch.len());
         // A batch of lookups alone (guests logging in) needs no write transaction and no
         // disk sync; one with any change is applied and committed as a whole.
+        if db.is_none() {
+            match Database::create(&path) {
+                Ok(reopened) => {
+                    tracing::info!(path = %path.display(), "store reopened");
+                    db = Some(reopened);
+                }
+                Err(e) => {
+                    let e = StoreError(format!("the store cannot be opened: {e}"));
+                    let _ = fail_all(batch, e.clone(), &mut done);
+                    if inboxes.failing.as_deref() != Some(e.0.as_str()) {
+                        tracing::error!(error = %e, "store unavailable (logged once until it changes)");
+                        inboxes.failing = Some(e.0);
+                    }
+                    for answer in done {
+                        answer.send(None);
+                    }
+                    continue;
+                }
+            }
+        }
+        let Some(open) = &db else { continue };
         let committed = if batch.iter().all(Request::reads_only) {
-            answer_reads(&db, batch, &inboxes, &mut done)
+            answer_reads(open, batch, &inboxes, &mut done)
         } else {
             // The totals change with the transaction; they are put back if it fails.
             let before = inboxes.totals;
-            let applied = apply(&db, batch, &mut inboxes, &mut done);
+            let applied = apply(open, batch, &mut inboxes, &mut done);
             if applied.is_err() {
                 inboxes.totals = before;
+                // Closed now (its file lock released), opened again by the next batch.
+                db = None;
             }
             applied
         };

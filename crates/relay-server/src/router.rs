@@ -18,7 +18,7 @@ use relay_proto::{
     encode_body_ref, encoded_len_ref, parse_destination,
 };
 
-use crate::inbox::{Appended, Envelope, InboxStore, SenderRef};
+use crate::inbox::{Appended, Envelope, InboxStore, SenderRef, Totals};
 use crate::names::{Claimed, GuestCheck, KeyClaim, NameRecord, NameStore, StoreError};
 use crate::outbox::{Delivery, Outbox, PushError, Unacked, Unwritten};
 use crate::redb_store::SEQ_EPOCH_SHIFT;
@@ -149,6 +149,15 @@ pub(crate) trait Routing: Send + Sync + std::fmt::Debug + 'static {
     /// online; returns what was bound.
     fn unbind<'a>(&'a self, name: &'a str)
     -> BoxFuture<'a, Result<Option<NameRecord>, StoreError>>;
+
+    /// What the inboxes hold (the console's `inboxes`).
+    fn inbox_totals(&self) -> BoxFuture<'_, Result<Totals, StoreError>>;
+
+    /// Empties `name`'s inbox (the console's `purge`); how many messages it held.
+    fn purge<'a>(&'a self, name: &'a str) -> BoxFuture<'a, Result<u64, StoreError>>;
+
+    /// Removes stored messages past the age limit, telling their senders if online.
+    fn expire(&self) -> BoxFuture<'_, ()>;
 
     /// The server has stopped: finish pending store writes and let go of the store.
     fn close(&self) -> BoxFuture<'_, ()>;
@@ -771,6 +780,52 @@ impl Routing for LocalRouter {
                 }
             }
             Ok(released)
+        })
+    }
+
+    fn inbox_totals(&self) -> BoxFuture<'_, Result<Totals, StoreError>> {
+        Box::pin(async move {
+            match &self.inbox {
+                Some(inbox) => inbox.totals().await,
+                None => Ok(Totals::default()),
+            }
+        })
+    }
+
+    fn purge<'a>(&'a self, name: &'a str) -> BoxFuture<'a, Result<u64, StoreError>> {
+        Box::pin(async move {
+            let Some(inbox) = &self.inbox else {
+                return Err(StoreError(
+                    "the server runs with --auth none: nothing is stored".into(),
+                ));
+            };
+            inbox.purge(canonical_name(name).into_owned()).await
+        })
+    }
+
+    fn expire(&self) -> BoxFuture<'_, ()> {
+        Box::pin(async move {
+            let Some(inbox) = &self.inbox else { return };
+            match inbox.expire(now_ms()).await {
+                Ok(expired) if !expired.is_empty() => {
+                    tracing::info!(count = expired.len(), "stored messages expired");
+                    for gone in expired {
+                        if gone.sender.receipt {
+                            let to = gone.recipient;
+                            let detail = format!(
+                                "{to} did not log in before the message expired; it was removed"
+                            );
+                            let reply = Message::reply(gone.id, Status::Expired, to, detail);
+                            // A sender who is offline is not told later: the notice is not
+                            // kept (a receipt-like notice for every expired message would
+                            // itself fill inboxes).
+                            self.tell(&gone.sender, &reply);
+                        }
+                    }
+                }
+                Ok(_) => {}
+                Err(e) => tracing::warn!(error = %e, "could not expire stored messages"),
+            }
         })
     }
 

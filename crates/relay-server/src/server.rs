@@ -20,7 +20,7 @@ use tracing::{debug, info, warn};
 use crate::admission::{self, Admission, Limits, LogNow, Refusal};
 use crate::config::Config;
 use crate::connection::{self, Shared};
-use crate::inbox::InboxStore;
+use crate::inbox::{InboxStore, Totals};
 use crate::names::{NameRecord, NameStore, StoreError};
 use crate::redb_store::{OpenError, RedbStore};
 use crate::router::LocalRouter;
@@ -79,6 +79,22 @@ impl ServerHandle {
     /// If the name table fails, or the server stores no names (`--auth none`).
     pub async fn release(&self, name: &str) -> Result<Option<NameRecord>, StoreError> {
         self.shared.router.unbind(name).await
+    }
+
+    /// What the inboxes hold: recipients, messages, bytes (the console's `inboxes`).
+    ///
+    /// # Errors
+    /// If the store fails.
+    pub async fn inboxes(&self) -> Result<Totals, StoreError> {
+        self.shared.router.inbox_totals().await
+    }
+
+    /// Empties `name`'s inbox (the console's `purge`); returns how many messages it held.
+    ///
+    /// # Errors
+    /// If the store fails, or the server stores nothing (`--auth none`).
+    pub async fn purge(&self, name: &str) -> Result<u64, StoreError> {
+        self.shared.router.purge(name).await
     }
 }
 
@@ -146,6 +162,21 @@ impl Server {
     pub async fn run(self, shutdown: CancellationToken) {
         let tracker = TaskTracker::new();
         let mut backoff = Duration::from_millis(10);
+        // Stored messages past the age limit are removed (and their senders told) this often.
+        let sweeper = {
+            let (router, every, stop) =
+                (self.shared.router.clone(), self.shared.config.inbox_sweep, shutdown.clone());
+            tokio::spawn(async move {
+                let mut tick = tokio::time::interval(every);
+                tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+                loop {
+                    tokio::select! {
+                        () = stop.cancelled() => return,
+                        _ = tick.tick() => router.expire().await,
+                    }
+                }
+            })
+        };
         loop {
             let accepted = tokio::select! {
                 () = shutdown.cancelled() => break,
@@ -186,6 +217,7 @@ impl Server {
             self.shared.hard_stop.cancel();
             tracker.wait().await;
         }
+        let _ = sweeper.await;
         // Every connection has released its name; the store can let go of the data dir.
         self.shared.router.close().await;
         info!("shut down");

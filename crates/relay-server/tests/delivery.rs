@@ -311,3 +311,146 @@ async fn nothing_new_overtakes_what_was_stored() {
     assert!(got.windows(2).all(|w| w[0].2 < w[1].2));
     server.stop().await;
 }
+
+#[tokio::test]
+async fn a_message_that_waits_too_long_expires_and_its_sender_is_told() {
+    let limits = InboxLimits { max_age_ms: 50, ..InboxLimits::default() };
+    let config = Config {
+        inbox: limits,
+        inbox_sweep: std::time::Duration::from_millis(100),
+        ..Config::default()
+    };
+    let server = TestServer::with_config(config).await;
+    bind(&server, "bob", 2).await;
+    let (alice, mut alice_events) = keyed(&server, "alice", 1).await;
+    let id = alice.send("bob", "soon stale").await.unwrap();
+    stored(&mut alice_events, 1).await;
+    match next_event(&mut alice_events).await {
+        Event::Rejected { id: got, status: Status::Expired, to, .. } => {
+            assert_eq!((got, to.as_str()), (id, "bob"));
+        }
+        other => panic!("expected Expired, got {other:?}"),
+    }
+    assert_eq!(within(server.handle.inboxes()).await.unwrap().messages, 0);
+    // bob logs in to nothing: a message sent now arrives first.
+    let (_bob, mut bob_events) = keyed(&server, "bob", 2).await;
+    alice.send("bob", "fresh").await.unwrap();
+    assert_eq!(messages(&mut bob_events, 1).await[0].1, "fresh");
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn the_operator_sees_inbox_totals_and_can_purge_one() {
+    let server = TestServer::start().await;
+    bind(&server, "bob", 2).await;
+    bind(&server, "carol", 3).await;
+    let (alice, mut alice_events) = keyed(&server, "alice", 1).await;
+    for to in ["bob", "bob", "carol"] {
+        alice.send(to, "12345").await.unwrap();
+    }
+    stored(&mut alice_events, 3).await;
+    let totals = within(server.handle.inboxes()).await.unwrap();
+    assert_eq!((totals.recipients, totals.messages), (2, 3));
+    assert!(totals.bytes > 15, "{totals:?}");
+    assert_eq!(within(server.handle.purge("Bob")).await.unwrap(), 2);
+    let totals = within(server.handle.inboxes()).await.unwrap();
+    assert_eq!((totals.recipients, totals.messages), (1, 1));
+    // Through the console too.
+    let (input, output) = (b"inboxes\npurge carol\ninboxes\npurge\n".as_slice(), Vec::new());
+    let mut output = std::io::Cursor::new(output);
+    let shutdown = tokio_util::sync::CancellationToken::new();
+    within(relay_server::run_console(input, &mut output, server.handle.clone(), shutdown))
+        .await
+        .unwrap();
+    let text = String::from_utf8(output.into_inner()).unwrap();
+    assert!(text.contains("1 recipients, 1 messages"), "{text}");
+    assert!(text.contains("purged 1 messages stored for carol"), "{text}");
+    assert!(text.contains("0 recipients, 0 messages, 0 bytes"), "{text}");
+    assert!(text.contains("usage: purge NAME"), "{text}");
+    let (_bob, mut bob_events) = keyed(&server, "bob", 2).await;
+    alice.send("bob", "after").await.unwrap();
+    assert_eq!(messages(&mut bob_events, 1).await[0].1, "after");
+    server.stop().await;
+}
+
+/// A tmpfs of `size` mounted on `dir` for as long as it lives (the tests run as root, as CI
+/// does; a machine that cannot mount fails this test loudly rather than skipping it).
+struct TinyFs {
+    dir: tempfile::TempDir,
+}
+
+impl TinyFs {
+    fn mount(size: &str) -> TinyFs {
+        let dir = tempfile::tempdir().unwrap();
+        let status = std::process::Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
+            .arg(dir.path())
+            .status()
+            .expect("cannot run mount");
+        assert!(status.success(), "mounting a tmpfs needs root (CI runs as root)");
+        TinyFs { dir }
+    }
+
+    fn resize(&self, size: &str) {
+        let status = std::process::Command::new("mount")
+            .args(["-o", &format!("remount,size={size}")])
+            .arg(self.dir.path())
+            .status()
+            .unwrap();
+        assert!(status.success());
+    }
+}
+
+impl Drop for TinyFs {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount").arg("-l").arg(self.dir.path()).status();
+    }
+}
+
+#[tokio::test]
+async fn a_full_disk_refuses_with_the_reason_keeps_online_traffic_and_recovers() {
+    let fs = TinyFs::mount("3m");
+    let server = TestServer::with_config(on(fs.dir.path())).await;
+    bind(&server, "bob", 2).await;
+    let (alice, mut alice_events) = keyed(&server, "alice", 1).await;
+    let big = vec![b'x'; 60_000];
+    // Store until the disk is full: every message gets an answer, the last a refusal.
+    let detail = loop {
+        let id = alice.send("bob", big.clone()).await.unwrap();
+        match next_event(&mut alice_events).await {
+            Event::Stored { id: got, .. } => assert_eq!(got, id),
+            Event::Rejected { id: got, status: Status::NotDelivered, detail, .. } => {
+                assert_eq!(got, id);
+                break detail;
+            }
+            other => panic!("expected Stored or NotDelivered, got {other:?}"),
+        }
+    };
+    assert!(detail.contains("not stored for bob"), "{detail}");
+    // Online traffic goes on, for guests and key holders alike.
+    let (carol, _c) = server.connect("carol").await;
+    let (_dave, mut dave_events) = server.connect("dave").await;
+    carol.send("dave", "still here").await.unwrap();
+    assert_eq!(common::next_message(&mut dave_events).await.1, "still here");
+    let (_erin, mut erin_events) = {
+        let (erin, events) = server.connect("erin").await;
+        (erin, events)
+    };
+    alice.send("erin", "and here").await.unwrap();
+    assert_eq!(common::next_message(&mut erin_events).await.1, "and here");
+
+    // Space comes back: storing works again.
+    fs.resize("64m");
+    let id = alice.send("bob", "after").await.unwrap();
+    match next_event(&mut alice_events).await {
+        Event::Stored { id: got, .. } => assert_eq!(got, id),
+        other => panic!("expected Stored, got {other:?}"),
+    }
+    // Everything stored before the disk filled is still there, then the new one.
+    let (_bob, mut bob_events) = keyed(&server, "bob", 2).await;
+    let totals = within(server.handle.inboxes()).await.unwrap();
+    let got = messages(&mut bob_events, totals.messages as usize).await;
+    assert_eq!(got.last().unwrap().1, "after");
+    assert!(got[..got.len() - 1].iter().all(|m| m.1.len() == 60_000));
+    server.stop().await;
+}
