@@ -4,6 +4,8 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand};
+
+use crate::store::StoreOptions;
 use relay_server::parse_duration;
 
 use crate::compare;
@@ -97,6 +99,29 @@ pub enum Workload {
         #[arg(required = true)]
         files: Vec<std::path::PathBuf>,
     },
+    /// Relay only: S senders store N messages for R offline recipients (each acknowledged as
+    /// stored, at most a window unacknowledged per sender), then the recipients log in and
+    /// drain: store rate, store-ack latency, drain rate, lost, duplicated, out of order.
+    Store {
+        /// Senders.
+        #[arg(long, default_value_t = 16)]
+        senders: usize,
+        /// Offline recipients.
+        #[arg(long, default_value_t = 16)]
+        recipients: usize,
+        /// Messages in all.
+        #[arg(long, default_value_t = 200_000)]
+        messages: u64,
+        /// Payload bytes per message (at least 20).
+        #[arg(long, default_value_t = 64)]
+        size: usize,
+        /// Messages a sender may have waiting for `Stored`.
+        #[arg(long, default_value_t = 1000)]
+        window: usize,
+        /// Messages per second, all senders together (0: as fast as the server stores).
+        #[arg(long, default_value_t = 0)]
+        rate: u64,
+    },
     /// C idle registered clients: time to connect them, and the server's memory per client.
     Connections {
         /// Clients to open (raise `ulimit -n` for many).
@@ -182,6 +207,19 @@ pub async fn run(cli: Cli) -> Result<String, String> {
                 }
             }
             return Ok(compare::report(&runs));
+        }
+        Workload::Store { senders, recipients, messages, size, window, rate } => {
+            let options = StoreOptions {
+                senders,
+                recipients,
+                messages,
+                size,
+                window,
+                rate,
+                stall: cli.stall,
+            };
+            let report = crate::store::store(target, &options).await?;
+            (report.table(), serde_json::to_string(&report))
         }
         Workload::Connections { clients, server_pid, keys } => {
             let options = ConnectionsOptions { clients, server_pid, keys };

@@ -10,5 +10,6 @@ pub mod compare;
 pub mod nats;
 pub mod payload;
 pub mod progress;
+pub mod store;
 pub mod target;
 pub mod workloads;

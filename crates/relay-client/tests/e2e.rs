@@ -445,3 +445,34 @@ async fn a_data_dir_that_cannot_be_used_stops_the_server_with_one_line() {
     first.type_line("EXIT").await;
     assert!(first.exit_status().await.success());
 }
+
+#[tokio::test]
+async fn a_message_for_an_offline_key_holder_waits_and_its_sender_hears_it_was_delivered() {
+    let (mut server, mut log, addr) = start_server_with(&[]).await;
+    // bob binds his name (the client makes his key) and leaves.
+    let (mut bob, _bob_out) = start_client(&addr, "bob").await;
+    bob.type_line("EXIT").await;
+    assert!(bob.exit_status().await.success());
+    log.expect("name=bob").await;
+    log.expect("offline").await;
+
+    let (mut alice, mut alice_out) = start_client(&addr, "alice").await;
+    alice.type_line("send bob are you there?").await;
+    let line = alice_out.expect("bob").await;
+    assert!(line.contains("stored for bob"), "{line}");
+
+    // bob logs in with his key: the message is waiting, and alice hears it was delivered.
+    let (mut bob, mut bob_out) = start_client(&addr, "bob").await;
+    assert_eq!(bob_out.expect("alice").await, "alice: are you there?");
+    assert_eq!(alice_out.expect("delivered").await, "~ delivered to bob");
+
+    server.type_line("inboxes").await;
+    let mut server_out = Output::new(server.child.stdout.take().unwrap());
+    server_out.expect("0 messages").await;
+    bob.type_line("EXIT").await;
+    alice.type_line("EXIT").await;
+    assert!(bob.exit_status().await.success());
+    assert!(alice.exit_status().await.success());
+    server.type_line("EXIT").await;
+    assert!(server.exit_status().await.success());
+}

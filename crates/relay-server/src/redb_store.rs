@@ -470,7 +470,15 @@ fn apply(
             Err(e) => return fail_all(batch, store_error(e), done),
         };
         let mut t = InboxTables { names: &mut names, inbox: &mut inbox, meta: &mut meta };
+        // Appends in a row keep their recipients' records and counts here, written once at the
+        // end of the run rather than once per message.
+        let mut cache = AppendCache::default();
         for request in batch {
+            if !matches!(request, Request::Append(..))
+                && let Err(e) = cache.flush(&mut t)
+            {
+                return Err(e);
+            }
             match request {
                 Request::Claim(claim, tx) => {
                     let r = claim_one(t.names, &mut skeletons, claim);
@@ -504,7 +512,7 @@ fn apply(
                     done.push(Done::Record(tx, get(t.names, &canonical)));
                 }
                 Request::Append(envelope, then) => {
-                    let r = append_one(&mut t, inboxes, envelope);
+                    let r = append_one(&mut t, inboxes, &mut cache, envelope);
                     done.push(Done::Append(then, r));
                 }
                 Request::Read { recipient, after, max_bytes, live, reply } => {
@@ -533,8 +541,56 @@ fn apply(
                 }
             }
         }
+        cache.flush(&mut t)?;
     }
     tx.commit().map_err(store_error)
+}
+
+/// A run of appends' view of their recipients: the name record (for its epoch) and the inbox
+/// counts, read once and written back once.
+#[derive(Default)]
+struct AppendCache {
+    slots: std::collections::HashMap<String, Slot>,
+}
+
+struct Slot {
+    /// `None`: the name is not bound.
+    record: Option<NameRecord>,
+    meta: Meta,
+    record_changed: bool,
+    meta_changed: bool,
+}
+
+impl AppendCache {
+    fn slot(&mut self, t: &InboxTables<'_, '_>, recipient: &str) -> Result<&mut Slot, StoreError> {
+        if !self.slots.contains_key(recipient) {
+            let slot = Slot {
+                record: get(&*t.names, recipient)?,
+                meta: get_meta(&*t.meta, recipient)?,
+                record_changed: false,
+                meta_changed: false,
+            };
+            self.slots.insert(recipient.to_string(), slot);
+        }
+        self.slots
+            .get_mut(recipient)
+            .ok_or_else(|| StoreError("append cache lost an entry".into()))
+    }
+
+    /// Writes back what changed, and forgets everything (other requests read the tables).
+    fn flush(&mut self, t: &mut InboxTables<'_, '_>) -> Result<(), StoreError> {
+        for (recipient, slot) in self.slots.drain() {
+            if slot.record_changed
+                && let Some(record) = &slot.record
+            {
+                put(t.names, record)?;
+            }
+            if slot.meta_changed {
+                put_meta(t.meta, &recipient, &slot.meta)?;
+            }
+        }
+        Ok(())
+    }
 }
 
 /// Answers every request of a batch that could not be applied with the error.
@@ -666,15 +722,17 @@ fn damaged(recipient: &str, seq: u64) -> StoreError {
 fn append_one(
     t: &mut InboxTables<'_, '_>,
     inboxes: &mut Inboxes,
+    cache: &mut AppendCache,
     envelope: Envelope,
 ) -> Result<Appended, StoreError> {
     let recipient = envelope.recipient.as_str();
-    let Some(mut record) = get(&*t.names, recipient)? else {
-        return Ok(Appended::NotBound);
-    };
-    let mut m = get_meta(&*t.meta, recipient)?;
     let limits = inboxes.limits;
     let size = envelope.body.len() as u64;
+    let slot = cache.slot(t, recipient)?;
+    let Some(record) = slot.record.as_mut() else {
+        return Ok(Appended::NotBound);
+    };
+    let m = &mut slot.meta;
     if m.count >= limits.messages {
         return Ok(Appended::Full(Full::Messages(limits.messages)));
     }
@@ -689,7 +747,7 @@ fn append_one(
         None => {
             if m.offline_epoch == 0 {
                 record.epoch += 1;
-                put(t.names, &record)?;
+                slot.record_changed = true;
                 m.offline_epoch = record.epoch;
                 m.next = 1;
             }
@@ -698,6 +756,7 @@ fn append_one(
             seq
         }
     };
+    slot.meta_changed = true;
     let value = encode_stored(&envelope, seq);
     let replaced = t.inbox.insert((recipient, seq), value.as_slice()).map_err(store_error)?;
     if replaced.is_some() {
@@ -711,7 +770,6 @@ fn append_one(
     m.bytes += size;
     inboxes.totals.messages += 1;
     inboxes.totals.bytes += size;
-    put_meta(t.meta, recipient, &m)?;
     Ok(Appended::Stored(seq))
 }
 
