@@ -123,9 +123,8 @@ pub async fn store(target: &Target, options: &StoreOptions) -> Result<StoreRepor
     let mut sending = JoinSet::new();
     let mut connected = Vec::new();
     for i in 0..senders {
-        let (client, events) = Client::connect(addr, &format!("{run}.s{i}"))
-            .await
-            .map_err(|e| e.to_string())?;
+        let (client, events) =
+            Client::connect(addr, &format!("{run}.s{i}")).await.map_err(|e| e.to_string())?;
         connected.push((client, events));
     }
     let start = Instant::now();
@@ -157,8 +156,7 @@ pub async fn store(target: &Target, options: &StoreOptions) -> Result<StoreRepor
                     waiting.insert(id, now);
                     sent += 1;
                 }
-                let event = if per_sender_rate > 0.0 && sent < per_sender && !waiting.is_empty()
-                {
+                let event = if per_sender_rate > 0.0 && sent < per_sender && !waiting.is_empty() {
                     let due = start + Duration::from_secs_f64(sent as f64 / per_sender_rate);
                     match tokio::time::timeout_at(due.into(), events.next()).await {
                         Ok(event) => event,

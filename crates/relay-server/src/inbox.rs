@@ -27,6 +27,7 @@
 //! order each sender sent in.
 
 use std::fmt;
+use std::sync::Arc;
 
 use bytes::Bytes;
 use futures_util::future::BoxFuture;
@@ -61,8 +62,8 @@ pub struct Envelope {
     pub id: u64,
     /// When the server received it, in ms since the Unix epoch (what age limits count from).
     pub time: u64,
-    /// Who sent it.
-    pub sender: SenderRef,
+    /// Who sent it (shared: a sender's messages all carry the same).
+    pub sender: Arc<SenderRef>,
 }
 
 /// Why a message was not stored.
@@ -110,8 +111,8 @@ pub struct Stored {
     pub body: Bytes,
     /// The sender's id for it.
     pub id: u64,
-    /// Who sent it.
-    pub sender: SenderRef,
+    /// Who sent it (consecutive messages from one sender share it).
+    pub sender: Arc<SenderRef>,
 }
 
 /// A page of an inbox.

@@ -30,6 +30,7 @@ mod console;
 mod inbox;
 mod names;
 mod outbox;
+mod redb_inbox;
 mod redb_store;
 mod registry;
 mod router;

@@ -449,7 +449,7 @@ impl Outbox {
                         id: item.id,
                         body: Bytes::new(),
                         len: size,
-                        sender: item.sender.receipt.then(|| Arc::new(item.sender.clone())),
+                        sender: item.sender.receipt.then(|| item.sender.clone()),
                         stored: true,
                     });
                     Some(was_empty)
@@ -516,14 +516,14 @@ impl Outbox {
     /// Queues the store's answer about one of this connection's messages, whatever the limit
     /// (there are at most as many as the connection may have waiting; see
     /// [`Outbox::wait_for_store`]), and wakes the connection if it waits for the store.
-    pub(crate) fn stored_reply(&self, reply: Option<&Message>) {
+    pub(crate) fn stored_reply(&self, reply: Option<&MessageRef<'_>>) {
         if let Some(reply) = reply {
             let was_empty = {
                 let mut state = self.state();
                 if self.is_closed() {
                     None
                 } else {
-                    let msg = MessageRef { version: state.version, ..reply.as_ref() };
+                    let msg = MessageRef { version: state.version, ..*reply };
                     let was_empty = state.queue.is_empty();
                     put_frame(&mut state.queue, &msg, wire_size(encoded_len_ref(&msg)));
                     Some(was_empty)

@@ -7,8 +7,7 @@
 //! (group commit) and none is answered before its commit returned.
 //!
 //! Tables: `names` (canonical name → record) and `skeletons` (skeleton → canonical name), kept
-//! in step in the same transactions; `inbox` ((recipient, sequence number) → stored message)
-//! and `inbox_meta` (recipient → its counts and offline numbering), also kept in step.
+//! in step in the same transactions; and the inboxes' tables (see [`crate::redb_inbox`]).
 
 use std::path::{Path, PathBuf};
 use std::sync::{Mutex, mpsc};
@@ -20,15 +19,16 @@ use relay_proto::{PUBLIC_KEY_LEN, PublicKey};
 use tokio::sync::oneshot;
 
 use crate::inbox::{
-    AppendDone, Appended, Envelope, ExpiredMessage, Full, InboxLimits, InboxStore, Page, SenderRef,
-    Stored, Totals,
+    AppendDone, Appended, Envelope, ExpiredMessage, InboxLimits, InboxStore, Page, Totals,
 };
 use crate::names::{Claimed, GuestCheck, KeyClaim, NameRecord, NameStore, StoreError};
+use crate::redb_inbox::{
+    AppendCache, INBOX, INBOX_META, INBOX_TIMES, InboxTables, append_one, expire, go_live,
+    read_page, remove_upto,
+};
 
 const NAMES: TableDefinition<&str, &[u8]> = TableDefinition::new("names");
 const SKELETONS: TableDefinition<&str, &str> = TableDefinition::new("skeletons");
-const INBOX: TableDefinition<(&str, u64), &[u8]> = TableDefinition::new("inbox");
-const INBOX_META: TableDefinition<&str, &[u8]> = TableDefinition::new("inbox_meta");
 
 /// Bits of a sequence number below its epoch (see [`crate::inbox`]).
 pub(crate) const SEQ_EPOCH_SHIFT: u32 = 40;
@@ -128,7 +128,7 @@ impl RedbStore {
             detail: e.to_string(),
         };
         let tx = db.begin_write().map_err(|e| corrupt(&e))?;
-        let mut totals = Totals::default();
+        let totals;
         {
             let names = tx.open_table(NAMES).map_err(|e| corrupt(&e))?;
             // Every record must decode: a table we cannot read is not silently ignored.
@@ -139,17 +139,9 @@ impl RedbStore {
             }
             tx.open_table(SKELETONS).map_err(|e| corrupt(&e))?;
             tx.open_table(INBOX).map_err(|e| corrupt(&e))?;
+            tx.open_table(INBOX_TIMES).map_err(|e| corrupt(&e))?;
             let meta = tx.open_table(INBOX_META).map_err(|e| corrupt(&e))?;
-            for entry in meta.iter().map_err(|e| corrupt(&e))? {
-                let (key, value) = entry.map_err(|e| corrupt(&e))?;
-                let meta = Meta::decode(value.value())
-                    .ok_or_else(|| corrupt(&format!("bad inbox counts for {:?}", key.value())))?;
-                if meta.count > 0 {
-                    totals.recipients += 1;
-                    totals.messages += meta.count;
-                    totals.bytes += meta.bytes;
-                }
-            }
+            totals = crate::redb_inbox::totals(&meta).map_err(|e| corrupt(&e))?;
         }
         tx.commit().map_err(|e| match e {
             redb::CommitError::Storage(redb::StorageError::Io(io)) => dir_error(io),
@@ -301,9 +293,10 @@ fn answer_reads(
             tx.open_table(NAMES).map_err(store_error)?,
             tx.open_table(SKELETONS).map_err(store_error)?,
             tx.open_table(INBOX).map_err(store_error)?,
+            tx.open_table(INBOX_META).map_err(store_error)?,
         ))
     });
-    let (names, skeletons, inbox) = match tables {
+    let (names, skeletons, inbox, meta) = match tables {
         Ok(tables) => tables,
         Err(e) => return fail_all(batch, e, done),
     };
@@ -316,7 +309,7 @@ fn answer_reads(
             Request::Lookup(canonical, tx) => done.push(Done::Record(tx, get(&names, &canonical))),
             Request::Totals(tx) => done.push(Done::Totals(tx, Ok(inboxes.totals))),
             Request::Read { recipient, after, max_bytes, reply, .. } => {
-                let page = read_page(&inbox, &recipient, after, max_bytes);
+                let page = read_page(&inbox, &meta, &recipient, after, max_bytes);
                 done.push(Done::Page(reply, page));
             }
             // Not sent here: the caller checked `reads_only`.
@@ -368,9 +361,9 @@ impl Done {
 
 /// The worker's view of the inboxes: their limits and totals (kept in memory, so a limit check
 /// reads no table), and the failure it last logged.
-struct Inboxes {
-    limits: InboxLimits,
-    totals: Totals,
+pub(crate) struct Inboxes {
+    pub(crate) limits: InboxLimits,
+    pub(crate) totals: Totals,
     /// The last commit error logged, so a failing disk is logged once per cause, not once per
     /// message; cleared (and the recovery logged) when a commit succeeds again.
     failing: Option<String>,
@@ -445,7 +438,7 @@ fn worker(path: PathBuf, db: Database, queue: mpsc::Receiver<Request>, mut inbox
     }
 }
 
-fn store_error(e: impl std::fmt::Display) -> StoreError {
+pub(crate) fn store_error(e: impl std::fmt::Display) -> StoreError {
     StoreError(e.to_string())
 }
 
@@ -463,13 +456,24 @@ fn apply(
     };
     {
         let tables = tx.open_table(NAMES).and_then(|n| {
-            Ok((n, tx.open_table(SKELETONS)?, tx.open_table(INBOX)?, tx.open_table(INBOX_META)?))
+            Ok((
+                n,
+                tx.open_table(SKELETONS)?,
+                tx.open_table(INBOX)?,
+                tx.open_table(INBOX_META)?,
+                tx.open_table(INBOX_TIMES)?,
+            ))
         });
-        let (mut names, mut skeletons, mut inbox, mut meta) = match tables {
+        let (mut names, mut skeletons, mut inbox, mut meta, mut times) = match tables {
             Ok(tables) => tables,
             Err(e) => return fail_all(batch, store_error(e), done),
         };
-        let mut t = InboxTables { names: &mut names, inbox: &mut inbox, meta: &mut meta };
+        let mut t = InboxTables {
+            names: &mut names,
+            inbox: &mut inbox,
+            meta: &mut meta,
+            times: &mut times,
+        };
         // Appends in a row keep their recipients' records and counts here, written once at the
         // end of the run rather than once per message.
         let mut cache = AppendCache::default();
@@ -516,13 +520,14 @@ fn apply(
                     done.push(Done::Append(then, r));
                 }
                 Request::Read { recipient, after, max_bytes, live, reply } => {
-                    let page = read_page(t.inbox, &recipient, after, max_bytes).and_then(|page| {
-                        if live && !page.more {
-                            go_live(&mut t, &recipient, page)
-                        } else {
-                            Ok(page)
-                        }
-                    });
+                    let page = read_page(&*t.inbox, &*t.meta, &recipient, after, max_bytes)
+                        .and_then(|page| {
+                            if live && !page.more {
+                                go_live(&mut t, &recipient, page)
+                            } else {
+                                Ok(page)
+                            }
+                        });
                     done.push(Done::Page(reply, page));
                 }
                 Request::Remove(recipient, upto) => {
@@ -544,53 +549,6 @@ fn apply(
         cache.flush(&mut t)?;
     }
     tx.commit().map_err(store_error)
-}
-
-/// A run of appends' view of their recipients: the name record (for its epoch) and the inbox
-/// counts, read once and written back once.
-#[derive(Default)]
-struct AppendCache {
-    slots: std::collections::HashMap<String, Slot>,
-}
-
-struct Slot {
-    /// `None`: the name is not bound.
-    record: Option<NameRecord>,
-    meta: Meta,
-    record_changed: bool,
-    meta_changed: bool,
-}
-
-impl AppendCache {
-    fn slot(&mut self, t: &InboxTables<'_, '_>, recipient: &str) -> Result<&mut Slot, StoreError> {
-        if !self.slots.contains_key(recipient) {
-            let slot = Slot {
-                record: get(&*t.names, recipient)?,
-                meta: get_meta(&*t.meta, recipient)?,
-                record_changed: false,
-                meta_changed: false,
-            };
-            self.slots.insert(recipient.to_string(), slot);
-        }
-        self.slots
-            .get_mut(recipient)
-            .ok_or_else(|| StoreError("append cache lost an entry".into()))
-    }
-
-    /// Writes back what changed, and forgets everything (other requests read the tables).
-    fn flush(&mut self, t: &mut InboxTables<'_, '_>) -> Result<(), StoreError> {
-        for (recipient, slot) in self.slots.drain() {
-            if slot.record_changed
-                && let Some(record) = &slot.record
-            {
-                put(t.names, record)?;
-            }
-            if slot.meta_changed {
-                put_meta(t.meta, &recipient, &slot.meta)?;
-            }
-        }
-        Ok(())
-    }
 }
 
 /// Answers every request of a batch that could not be applied with the error.
@@ -616,283 +574,8 @@ fn fail(request: Request, e: &StoreError, done: &mut Vec<Done>) {
     });
 }
 
-type Names<'a> = redb::Table<'a, &'static str, &'static [u8]>;
+pub(crate) type Names<'a> = redb::Table<'a, &'static str, &'static [u8]>;
 type Skeletons<'a> = redb::Table<'a, &'static str, &'static str>;
-type Inbox<'a> = redb::Table<'a, (&'static str, u64), &'static [u8]>;
-type InboxMeta<'a> = redb::Table<'a, &'static str, &'static [u8]>;
-
-/// The tables an inbox change touches, open in one write transaction.
-struct InboxTables<'t, 'a> {
-    names: &'t mut Names<'a>,
-    inbox: &'t mut Inbox<'a>,
-    meta: &'t mut InboxMeta<'a>,
-}
-
-/// One recipient's inbox counts and offline numbering.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-struct Meta {
-    count: u64,
-    bytes: u64,
-    /// The epoch messages stored for an offline recipient are numbered in; 0 until one is
-    /// needed (after the recipient last went live).
-    offline_epoch: u64,
-    /// The next number in `offline_epoch`.
-    next: u64,
-}
-
-impl Meta {
-    fn encode(&self) -> [u8; 32] {
-        let mut out = [0u8; 32];
-        for (i, v) in [self.count, self.bytes, self.offline_epoch, self.next].iter().enumerate() {
-            out[i * 8..i * 8 + 8].copy_from_slice(&v.to_le_bytes());
-        }
-        out
-    }
-
-    fn decode(bytes: &[u8]) -> Option<Meta> {
-        let bytes: &[u8; 32] = bytes.try_into().ok()?;
-        let at =
-            |i: usize| u64::from_le_bytes(bytes[i * 8..i * 8 + 8].try_into().unwrap_or([0; 8]));
-        Some(Meta { count: at(0), bytes: at(1), offline_epoch: at(2), next: at(3) })
-    }
-}
-
-fn get_meta(
-    meta: &impl ReadableTable<&'static str, &'static [u8]>,
-    recipient: &str,
-) -> Result<Meta, StoreError> {
-    match meta.get(recipient).map_err(store_error)? {
-        None => Ok(Meta::default()),
-        Some(value) => Meta::decode(value.value())
-            .ok_or_else(|| StoreError(format!("the inbox counts of {recipient:?} are damaged"))),
-    }
-}
-
-fn put_meta(meta: &mut InboxMeta<'_>, recipient: &str, m: &Meta) -> Result<(), StoreError> {
-    meta.insert(recipient, m.encode().as_slice()).map_err(store_error)?;
-    Ok(())
-}
-
-/// Stored message layout, version 1: `1`, flags (1: the sender wants a receipt, 2: the sender
-/// is keyed), the sender's token, the message id and its time (u64 LE each), the sender's
-/// canonical name (a length byte, then the name), then the frame body to deliver.
-fn encode_stored(envelope: &Envelope, seq: u64) -> Vec<u8> {
-    let sender = &envelope.sender;
-    let name = &sender.canonical.as_bytes()[..sender.canonical.len().min(255)];
-    let mut out = Vec::with_capacity(27 + 1 + name.len() + envelope.body.len());
-    out.push(1);
-    out.push(u8::from(sender.receipt) | u8::from(sender.keyed) << 1);
-    out.extend_from_slice(&sender.token.to_le_bytes());
-    out.extend_from_slice(&envelope.id.to_le_bytes());
-    out.extend_from_slice(&envelope.time.to_le_bytes());
-    out.push(name.len() as u8);
-    out.extend_from_slice(name);
-    let start = out.len();
-    out.extend_from_slice(&envelope.body);
-    // The body carries its number, so it is delivered as it is.
-    let _ = relay_proto::set_seq_in_body(&mut out[start..], seq);
-    out
-}
-
-/// A stored message: its sender, id, time, and the body.
-fn decode_stored(bytes: &[u8]) -> Option<(SenderRef, u64, u64, &[u8])> {
-    let (&format, rest) = bytes.split_first()?;
-    if format != 1 {
-        return None;
-    }
-    let (&flags, rest) = rest.split_first()?;
-    let (fixed, rest) = rest.split_at_checked(24)?;
-    let u64_at = |i: usize| fixed.get(i..i + 8)?.try_into().ok().map(u64::from_le_bytes);
-    let (&len, rest) = rest.split_first()?;
-    let (name, body) = rest.split_at_checked(usize::from(len))?;
-    let sender = SenderRef {
-        canonical: std::str::from_utf8(name).ok()?.to_string(),
-        token: u64_at(0)?,
-        keyed: flags & 2 != 0,
-        receipt: flags & 1 != 0,
-    };
-    Some((sender, u64_at(8)?, u64_at(16)?, body))
-}
-
-fn damaged(recipient: &str, seq: u64) -> StoreError {
-    StoreError(format!("a stored message for {recipient:?} (number {seq}) is damaged"))
-}
-
-/// Stores one message, if its recipient is bound and its inbox and the store have room.
-fn append_one(
-    t: &mut InboxTables<'_, '_>,
-    inboxes: &mut Inboxes,
-    cache: &mut AppendCache,
-    envelope: Envelope,
-) -> Result<Appended, StoreError> {
-    let recipient = envelope.recipient.as_str();
-    let limits = inboxes.limits;
-    let size = envelope.body.len() as u64;
-    let slot = cache.slot(t, recipient)?;
-    let Some(record) = slot.record.as_mut() else {
-        return Ok(Appended::NotBound);
-    };
-    let m = &mut slot.meta;
-    if m.count >= limits.messages {
-        return Ok(Appended::Full(Full::Messages(limits.messages)));
-    }
-    if m.bytes + size > limits.bytes {
-        return Ok(Appended::Full(Full::Bytes(limits.bytes)));
-    }
-    if inboxes.totals.bytes + size > limits.store_bytes {
-        return Ok(Appended::Full(Full::Store(limits.store_bytes)));
-    }
-    let seq = match envelope.seq {
-        Some(seq) => seq,
-        None => {
-            if m.offline_epoch == 0 {
-                record.epoch += 1;
-                slot.record_changed = true;
-                m.offline_epoch = record.epoch;
-                m.next = 1;
-            }
-            let seq = m.offline_epoch << SEQ_EPOCH_SHIFT | m.next;
-            m.next += 1;
-            seq
-        }
-    };
-    slot.meta_changed = true;
-    let value = encode_stored(&envelope, seq);
-    let replaced = t.inbox.insert((recipient, seq), value.as_slice()).map_err(store_error)?;
-    if replaced.is_some() {
-        // Only a message moved twice with the same number could do this; keep one copy.
-        return Ok(Appended::Stored(seq));
-    }
-    if m.count == 0 {
-        inboxes.totals.recipients += 1;
-    }
-    m.count += 1;
-    m.bytes += size;
-    inboxes.totals.messages += 1;
-    inboxes.totals.bytes += size;
-    Ok(Appended::Stored(seq))
-}
-
-/// Messages for `recipient` after `after`, about `max_bytes` of them.
-fn read_page(
-    inbox: &impl ReadableTable<(&'static str, u64), &'static [u8]>,
-    recipient: &str,
-    after: u64,
-    max_bytes: usize,
-) -> Result<Page, StoreError> {
-    let mut page = Page::default();
-    if after == u64::MAX {
-        return Ok(page);
-    }
-    let mut bytes = 0;
-    for entry in inbox.range((recipient, after + 1)..=(recipient, u64::MAX)).map_err(store_error)? {
-        let (key, value) = entry.map_err(store_error)?;
-        let seq = key.value().1;
-        if bytes >= max_bytes {
-            page.more = true;
-            break;
-        }
-        let (sender, id, _, body) =
-            decode_stored(value.value()).ok_or_else(|| damaged(recipient, seq))?;
-        bytes += body.len();
-        page.items.push(Stored { seq, body: bytes::Bytes::copy_from_slice(body), id, sender });
-    }
-    Ok(page)
-}
-
-/// The recipient has read its whole inbox: reserve its live session's epoch, after every
-/// number stored so far, and end the offline epoch.
-fn go_live(
-    t: &mut InboxTables<'_, '_>,
-    recipient: &str,
-    mut page: Page,
-) -> Result<Page, StoreError> {
-    let Some(mut record) = get(&*t.names, recipient)? else {
-        return Err(StoreError(format!("{recipient:?} is no longer bound")));
-    };
-    record.epoch += 1;
-    put(t.names, &record)?;
-    let mut m = get_meta(&*t.meta, recipient)?;
-    if m.offline_epoch != 0 {
-        m.offline_epoch = 0;
-        m.next = 0;
-        put_meta(t.meta, recipient, &m)?;
-    }
-    page.live_epoch = Some(record.epoch);
-    Ok(page)
-}
-
-/// Removes `recipient`'s messages numbered up to `upto`; returns how many.
-fn remove_upto(
-    t: &mut InboxTables<'_, '_>,
-    inboxes: &mut Inboxes,
-    recipient: &str,
-    upto: u64,
-) -> Result<u64, StoreError> {
-    let mut m = get_meta(&*t.meta, recipient)?;
-    if m.count == 0 {
-        return Ok(0);
-    }
-    let (mut count, mut bytes) = (0u64, 0u64);
-    t.inbox
-        .retain_in((recipient, 0)..=(recipient, upto), |_, value| {
-            count += 1;
-            bytes += decode_stored(value).map_or(0, |(_, _, _, body)| body.len() as u64);
-            false
-        })
-        .map_err(store_error)?;
-    forget(inboxes, &mut m, count, bytes);
-    put_meta(t.meta, recipient, &m)?;
-    Ok(count)
-}
-
-/// Takes `count` messages of `bytes` off a recipient's counts and the totals.
-fn forget(inboxes: &mut Inboxes, m: &mut Meta, count: u64, bytes: u64) {
-    let had = m.count > 0;
-    m.count = m.count.saturating_sub(count);
-    m.bytes = m.bytes.saturating_sub(bytes);
-    let totals = &mut inboxes.totals;
-    totals.messages = totals.messages.saturating_sub(count);
-    totals.bytes = totals.bytes.saturating_sub(bytes);
-    if had && m.count == 0 {
-        totals.recipients = totals.recipients.saturating_sub(1);
-    }
-}
-
-/// Removes every message older than the age limit.
-fn expire(
-    t: &mut InboxTables<'_, '_>,
-    inboxes: &mut Inboxes,
-    now: u64,
-) -> Result<Vec<ExpiredMessage>, StoreError> {
-    let cutoff = now.saturating_sub(inboxes.limits.max_age_ms);
-    let mut expired: Vec<(ExpiredMessage, u64)> = Vec::new();
-    t.inbox
-        .retain(|(recipient, _), value| match decode_stored(value) {
-            Some((sender, id, time, body)) if time < cutoff => {
-                let recipient = recipient.to_string();
-                expired.push((ExpiredMessage { recipient, id, sender }, body.len() as u64));
-                false
-            }
-            _ => true,
-        })
-        .map_err(store_error)?;
-    let mut i = 0;
-    while i < expired.len() {
-        let recipient = expired[i].0.recipient.clone();
-        let (mut count, mut bytes) = (0, 0);
-        while expired.get(i).is_some_and(|(e, _)| e.recipient == recipient) {
-            count += 1;
-            bytes += expired[i].1;
-            i += 1;
-        }
-        let mut m = get_meta(&*t.meta, &recipient)?;
-        forget(inboxes, &mut m, count, bytes);
-        put_meta(t.meta, &recipient, &m)?;
-    }
-    Ok(expired.into_iter().map(|(e, _)| e).collect())
-}
-
 fn claim_one(
     names: &mut Names<'_>,
     skeletons: &mut Skeletons<'_>,
@@ -943,7 +626,7 @@ fn check_guest(
     Ok(GuestCheck::Free)
 }
 
-fn get(
+pub(crate) fn get(
     names: &impl ReadableTable<&'static str, &'static [u8]>,
     canonical: &str,
 ) -> Result<Option<NameRecord>, StoreError> {
@@ -955,7 +638,7 @@ fn get(
     }
 }
 
-fn put(names: &mut Names<'_>, record: &NameRecord) -> Result<(), StoreError> {
+pub(crate) fn put(names: &mut Names<'_>, record: &NameRecord) -> Result<(), StoreError> {
     names.insert(record.canonical.as_str(), encode(record).as_slice()).map_err(store_error)?;
     Ok(())
 }

@@ -269,9 +269,12 @@ impl Drop for Claim {
 const DRAIN_PAGE: usize = 256 * 1024;
 
 /// The sender of what the server itself stores (a receipt): nobody to tell.
-fn nobody() -> SenderRef {
-    SenderRef { canonical: String::new(), token: 0, keyed: false, receipt: false }
+fn nobody() -> Arc<SenderRef> {
+    Arc::new(SenderRef { canonical: String::new(), token: 0, keyed: false, receipt: false })
 }
+
+/// The detail of a `Stored` reply.
+const STORED_DETAIL: &str = "offline; stored on the server, delivered when they log in";
 
 /// Now, in milliseconds since the Unix epoch.
 pub(crate) fn now_ms() -> u64 {
@@ -323,7 +326,7 @@ impl LocalRouter {
             seq: None,
             id: msg.id,
             time: msg.time,
-            sender: (*from.origin).clone(),
+            sender: from.origin.clone(),
         };
         let outbox = from.outbox.clone();
         let (id, to) = (msg.id, msg.to.to_owned());
@@ -334,28 +337,29 @@ impl LocalRouter {
         inbox.append(
             envelope,
             Box::new(move |appended| {
-                let reply = match appended {
-                    Ok(Appended::Stored(_)) if !told || !v2 => None,
+                let (status, detail) = match appended {
+                    Ok(Appended::Stored(_)) if !told || !v2 => {
+                        outbox.stored_reply(None);
+                        return;
+                    }
+                    // The common answer is built without allocating: there is one per message.
                     Ok(Appended::Stored(_)) => {
-                        let detail =
-                            format!("{to} is offline; stored, to be delivered when they log in");
-                        Some(Message::reply(id, Status::Stored, to, detail))
+                        let reply = MessageRef {
+                            kind: relay_proto::Kind::Reply(Status::Stored),
+                            ..MessageRef::send(id, &to, STORED_DETAIL.as_bytes())
+                        };
+                        outbox.stored_reply(Some(&reply));
+                        return;
                     }
-                    Ok(Appended::NotBound) => {
-                        let detail = format!("{to} is not online");
-                        Some(Message::reply(id, Status::NotFound, to, detail))
-                    }
+                    Ok(Appended::NotBound) => (Status::NotFound, format!("{to} is not online")),
                     Ok(Appended::Full(full)) => {
                         let status = if v2 { Status::InboxFull } else { Status::NotDelivered };
-                        let detail = format!("not stored for {to}: {full}");
-                        Some(Message::reply(id, status, to, detail))
+                        (status, format!("not stored for {to}: {full}"))
                     }
-                    Err(e) => {
-                        let detail = format!("not stored for {to}: {e}");
-                        Some(Message::reply(id, Status::NotDelivered, to, detail))
-                    }
+                    Err(e) => (Status::NotDelivered, format!("not stored for {to}: {e}")),
                 };
-                outbox.stored_reply(reply.as_ref());
+                let reply = Message::reply(id, status, to, detail);
+                outbox.stored_reply(Some(&reply.as_ref()));
             }),
         );
         Ok(())
@@ -385,9 +389,10 @@ impl LocalRouter {
     /// stored is told it was not delivered.
     fn move_to_inbox(&self, recipient: &str, entries: Vec<Unacked>) {
         let Some(inbox) = &self.inbox else { return };
-        for entry in entries {
+        // What came from the inbox is still there (only acknowledged messages are removed).
+        for entry in entries.into_iter().filter(|e| !e.stored) {
             let time = relay_proto::decode_ref(&entry.body).map_or(0, |m| m.time);
-            let sender = entry.sender.as_deref().cloned().unwrap_or_else(nobody);
+            let sender = entry.sender.clone().unwrap_or_else(nobody);
             let envelope = Envelope {
                 recipient: recipient.to_owned(),
                 body: entry.body,
