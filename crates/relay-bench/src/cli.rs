@@ -146,6 +146,10 @@ pub struct FlowArgs {
     /// Payload bytes per message (at least 20).
     #[arg(long, default_value_t = 64)]
     pub size: usize,
+    /// Relay only: every client registers with a new key, so receivers acknowledge what they
+    /// take and senders get delivery receipts.
+    #[arg(long)]
+    pub keys: bool,
 }
 
 /// Runs the workload the arguments name and prints its report.
@@ -159,6 +163,7 @@ pub async fn run(cli: Cli) -> Result<String, String> {
                 messages: flow.messages,
                 size: flow.size,
                 stall: cli.stall,
+                keys: flow.keys,
             };
             let report = workloads::flow(target, "pairs", &options).await?;
             (report.table(), serde_json::to_string(&report))
@@ -170,6 +175,7 @@ pub async fn run(cli: Cli) -> Result<String, String> {
                 messages: flow.messages,
                 size: flow.size,
                 stall: cli.stall,
+                keys: flow.keys,
             };
             let report = workloads::flow(target, "fan-in", &options).await?;
             (report.table(), serde_json::to_string(&report))

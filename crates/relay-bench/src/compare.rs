@@ -110,7 +110,8 @@ pub async fn run(options: &CompareOptions) -> Result<Vec<Row>, String> {
     ];
     let pids = [options.relay_pid, options.nats_pid];
     for (metric, workload, senders, receivers, messages, size) in flows {
-        let flow = FlowOptions { senders, receivers, messages, size, stall: options.stall };
+        let flow =
+            FlowOptions { senders, receivers, messages, size, stall: options.stall, keys: false };
         let mut reports = Vec::new();
         // The server's own CPU time per message: on a machine the load generator shares, the
         // throughput of either server is bounded by both, and this separates them.

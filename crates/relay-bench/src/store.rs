@@ -134,7 +134,8 @@ pub async fn store(target: &Target, options: &StoreOptions) -> Result<StoreRepor
         sending.spawn(async move {
             let mut histogram = Histogram::<u64>::new_with_bounds(1, 600_000_000_000, 3)
                 .map_err(|e| e.to_string())?;
-            let mut waiting: HashMap<u64, u64> = HashMap::with_capacity(window);
+            let mut waiting: HashMap<u64, (u64, usize)> = HashMap::with_capacity(window);
+            let mut per_recipient = vec![0u64; names.len()];
             let (mut sent, mut stored, mut refused) = (0u64, 0u64, 0u64);
             let mut buf = vec![b'x'; size];
             let mut last = start;
@@ -151,9 +152,9 @@ pub async fn store(target: &Target, options: &StoreOptions) -> Result<StoreRepor
                     }
                     let now = nanos_since(origin);
                     Header { sender: i as u32, seq: sent, sent_ns: now }.write(&mut buf);
-                    let to = &names[(i + sent as usize) % names.len()];
-                    let id = client.send(to, &buf[..]).await.map_err(|e| e.to_string())?;
-                    waiting.insert(id, now);
+                    let j = (i + sent as usize) % names.len();
+                    let id = client.send(&names[j], &buf[..]).await.map_err(|e| e.to_string())?;
+                    waiting.insert(id, (now, j));
                     sent += 1;
                 }
                 let event = if per_sender_rate > 0.0 && sent < per_sender && !waiting.is_empty() {
@@ -167,8 +168,9 @@ pub async fn store(target: &Target, options: &StoreOptions) -> Result<StoreRepor
                 };
                 match event {
                     Some(Event::Stored { id, .. }) => {
-                        if let Some(at) = waiting.remove(&id) {
+                        if let Some((at, j)) = waiting.remove(&id) {
                             stored += 1;
+                            per_recipient[j] += 1;
                             let _ = histogram.record(nanos_since(origin).saturating_sub(at).max(1));
                             last = Instant::now();
                         }
@@ -182,7 +184,7 @@ pub async fn store(target: &Target, options: &StoreOptions) -> Result<StoreRepor
                     None => return Err("a sender's connection ended".to_string()),
                 }
             }
-            Ok::<_, String>((sent, stored, refused, histogram, last, client, events))
+            Ok::<_, String>((sent, stored, refused, histogram, last, per_recipient, client, events))
         });
     }
     let mut histogram =
@@ -190,8 +192,12 @@ pub async fn store(target: &Target, options: &StoreOptions) -> Result<StoreRepor
     let (mut sent, mut stored, mut refused) = (0, 0, 0);
     let mut last = start;
     let mut keep = Vec::new();
+    let mut expected_by = vec![0u64; recipients];
     while let Some(done) = sending.join_next().await {
-        let (s, st, r, h, l, client, events) = done.map_err(|e| e.to_string())??;
+        let (s, st, r, h, l, per, client, events) = done.map_err(|e| e.to_string())??;
+        for (j, n) in per.into_iter().enumerate() {
+            expected_by[j] += n;
+        }
         sent += s;
         stored += st;
         refused += r;
@@ -207,7 +213,7 @@ pub async fn store(target: &Target, options: &StoreOptions) -> Result<StoreRepor
     let mut draining = JoinSet::new();
     let expected = stored;
     for (j, key) in keys.into_iter().enumerate() {
-        let (addr, name) = (addr.clone(), name(j));
+        let (addr, name, expect) = (addr.clone(), name(j), expected_by[j]);
         draining.spawn(async move {
             let config = ClientConfig { identity: Some(key), ..ClientConfig::default() };
             let (_client, mut events) =
@@ -216,7 +222,9 @@ pub async fn store(target: &Target, options: &StoreOptions) -> Result<StoreRepor
             let mut seen = std::collections::HashSet::new();
             let (mut got, mut duplicated, mut out_of_order) = (0u64, 0u64, 0u64);
             let mut last = Instant::now();
-            loop {
+            // Until everything its senders were told was stored has come; a stall ends it
+            // early, and what did not come counts as lost.
+            while got - duplicated < expect {
                 let event = match tokio::time::timeout(stall, events.next()).await {
                     Ok(Some(event)) => event,
                     Ok(None) | Err(_) => break,

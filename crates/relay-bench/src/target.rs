@@ -73,21 +73,25 @@ impl Target {
         }
     }
 
-    /// Connects sender number `index`, which will address receivers of the same `run`.
-    /// `refused` counts messages the server reported as not delivered.
+    /// Connects sender number `index`, which will address receivers of the same `run`, with
+    /// a new key if `keys` (relay only). `refused` counts messages the server reported as not
+    /// delivered.
     pub async fn sender(
         &self,
         run: &str,
         index: usize,
         refused: Arc<AtomicU64>,
+        keys: bool,
     ) -> Result<Sender, String> {
         match self {
             Target::Relay(addr) => {
                 let name = format!("{run}.s{index}");
+                let mut config = ClientConfig::default();
+                if keys {
+                    config.identity = Some(Identity::generate().map_err(|e| e.to_string())?);
+                }
                 let (client, mut events) =
-                    Client::connect_with(addr, &name, ClientConfig::default())
-                        .await
-                        .map_err(|e| e.to_string())?;
+                    Client::connect_with(addr, &name, config).await.map_err(|e| e.to_string())?;
                 // A sender hears only about refused messages; count them.
                 tokio::spawn(async move {
                     while let Some(event) = events.next().await {
@@ -192,7 +196,11 @@ impl Receiver {
 fn relay_payload(event: Event) -> Result<Option<Bytes>, String> {
     match event {
         Event::Message { content, .. } => Ok(Some(content)),
-        Event::NotFound { .. } | Event::Rejected { .. } | Event::Users { .. } => Ok(None),
+        Event::NotFound { .. }
+        | Event::Rejected { .. }
+        | Event::Users { .. }
+        | Event::Stored { .. }
+        | Event::Delivered { .. } => Ok(None),
         other => Err(format!("connection ended: {other:?}")),
     }
 }

@@ -83,6 +83,9 @@ pub struct FlowOptions {
     pub size: usize,
     /// A receiver that hears nothing for this long gives up and counts the rest as lost.
     pub stall: Duration,
+    /// Relay only: every client registers with a new key, so receivers acknowledge what they
+    /// take and senders get delivery receipts.
+    pub keys: bool,
 }
 
 /// What a flow run measured.
@@ -129,7 +132,7 @@ pub async fn flow(
     workload: &str,
     options: &FlowOptions,
 ) -> Result<FlowReport, String> {
-    let FlowOptions { senders, receivers: receiver_count, messages, size, stall } = *options;
+    let FlowOptions { senders, receivers: receiver_count, messages, size, stall, keys } = *options;
     if senders == 0 || receiver_count == 0 {
         return Err("need at least one sender and one receiver".into());
     }
@@ -143,11 +146,11 @@ pub async fn flow(
     for i in 0..senders {
         expected[i % receiver_count] += share(i);
     }
-    let receivers = connect_receivers(target, &run, receiver_count, None, false).await?;
+    let receivers = connect_receivers(target, &run, receiver_count, None, keys).await?;
     let refused = Arc::new(AtomicU64::new(0));
     let mut sender_conns = Vec::with_capacity(senders);
     for i in 0..senders {
-        sender_conns.push(target.sender(&run, i, refused.clone()).await?);
+        sender_conns.push(target.sender(&run, i, refused.clone(), keys).await?);
     }
 
     let progress = Progress::new();
@@ -334,7 +337,7 @@ pub async fn latency(target: &Target, options: &LatencyOptions) -> Result<Latenc
     let refused = Arc::new(AtomicU64::new(0));
     let mut senders = Vec::with_capacity(pairs);
     for i in 0..pairs {
-        senders.push(target.sender(&run, i, refused.clone()).await?);
+        senders.push(target.sender(&run, i, refused.clone(), false).await?);
     }
     let warm_up_ns = if duration > 2 * WARM_UP { WARM_UP.as_nanos() as u64 } else { 0 };
     let progress = Progress::new();

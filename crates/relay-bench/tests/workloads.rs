@@ -28,10 +28,12 @@ async fn server_with(config: Config) -> (Target, CancellationToken) {
 async fn flows_deliver_everything_in_order() {
     let (target, shutdown) = server().await;
     let stall = Duration::from_secs(20);
-    let pairs = FlowOptions { senders: 4, receivers: 4, messages: 4_001, size: 64, stall };
+    let pairs =
+        FlowOptions { senders: 4, receivers: 4, messages: 4_001, size: 64, stall, keys: false };
     let report = workloads::flow(&target, "pairs", &pairs).await.unwrap();
     assert_eq!((report.delivered, report.lost, report.out_of_order), (4_001, 0, 0));
-    let fan_in = FlowOptions { senders: 8, receivers: 1, messages: 4_000, size: 1024, stall };
+    let fan_in =
+        FlowOptions { senders: 8, receivers: 1, messages: 4_000, size: 1024, stall, keys: false };
     let report = workloads::flow(&target, "fan-in", &fan_in).await.unwrap();
     assert_eq!((report.delivered, report.lost, report.out_of_order), (4_000, 0, 0));
     shutdown.cancel();
@@ -68,6 +70,36 @@ async fn connections_with_keys_bind_every_name() {
     let options = ConnectionsOptions { clients: 40, server_pid: None, keys: true };
     let report = workloads::connections(&target, &options).await.unwrap();
     assert_eq!((report.clients, report.keys), (40, true));
+    shutdown.cancel();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn keyed_flows_with_receipts_and_the_store_workload_count_everything() {
+    let data = tempfile::tempdir().unwrap();
+    let config = Config {
+        data_dir: data.path().to_path_buf(),
+        inbox: relay_server::InboxLimits { messages: 100_000, ..Default::default() },
+        ..Config::default()
+    };
+    let (target, shutdown) = server_with(config).await;
+    let stall = Duration::from_secs(20);
+    let pairs =
+        FlowOptions { senders: 4, receivers: 4, messages: 4_000, size: 64, stall, keys: true };
+    let report = workloads::flow(&target, "pairs", &pairs).await.unwrap();
+    assert_eq!((report.delivered, report.lost, report.out_of_order), (4_000, 0, 0));
+    let options = relay_bench::store::StoreOptions {
+        senders: 4,
+        recipients: 3,
+        messages: 3_000,
+        size: 64,
+        window: 100,
+        rate: 0,
+        stall,
+    };
+    let report = relay_bench::store::store(&target, &options).await.unwrap();
+    assert_eq!((report.stored, report.delivered, report.refused), (3_000, 3_000, 0));
+    assert_eq!((report.lost, report.duplicated, report.out_of_order), (0, 0, 0));
+    assert!(report.ack_p50_us > 0.0 && report.ack_p50_us <= report.ack_p99_us);
     shutdown.cancel();
 }
 

@@ -77,8 +77,8 @@ struct Tracked {
     /// Messages sent to the store while `storing`: the drain goes live only if none came
     /// after its last read.
     submitted: u64,
-    /// Unacknowledged frames (length prefix and body), back to back, in `entries`' order.
-    frames: BytesMut,
+    /// Unacknowledged frames (length prefix and body), in `entries`' order.
+    frames: FrameLog,
     entries: VecDeque<Unacked>,
     /// Most bytes in `frames`: past it, pushes wait for acknowledgements like for room.
     window: usize,
@@ -176,18 +176,97 @@ pub(crate) fn wire_size(encoded_len: usize) -> usize {
     FRAME_HEADER_LEN + encoded_len
 }
 
+/// Frames kept until acknowledged, in chunks: appended at the back, forgotten at the front,
+/// and never moved (one growing buffer would be shifted back to its start, every frame still
+/// in it copied, each time it ran out of room).
+#[derive(Debug, Default)]
+struct FrameLog {
+    chunks: VecDeque<BytesMut>,
+    /// An emptied chunk, kept for the next one.
+    spare: Option<BytesMut>,
+    len: usize,
+}
+
+/// Bytes per chunk (a larger frame gets a chunk of its own size).
+const LOG_CHUNK: usize = 64 * 1024;
+
+impl FrameLog {
+    fn len(&self) -> usize {
+        self.len
+    }
+
+    fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// Appends one frame; a frame never spans two chunks.
+    fn push(&mut self, frame: &[u8]) {
+        let fits = self.chunks.back().is_some_and(|c| c.capacity() - c.len() >= frame.len());
+        if !fits {
+            let chunk = match self.spare.take() {
+                Some(spare) if spare.capacity() >= frame.len() => spare,
+                _ => BytesMut::with_capacity(frame.len().max(LOG_CHUNK)),
+            };
+            self.chunks.push_back(chunk);
+        }
+        if let Some(chunk) = self.chunks.back_mut() {
+            chunk.extend_from_slice(frame);
+        }
+        self.len += frame.len();
+    }
+
+    /// Forgets the first `len` bytes (whole frames).
+    fn forget(&mut self, mut len: usize) {
+        while len > 0 {
+            let many = self.chunks.len() > 1;
+            let Some(front) = self.chunks.front_mut() else { break };
+            let n = len.min(front.len());
+            front.advance(n);
+            len -= n;
+            self.len -= n;
+            if front.is_empty() {
+                // Emptied: its whole allocation is reclaimed (nothing else refers to it, so
+                // `reserve` rewinds it rather than allocating), and it is kept for reuse.
+                if many {
+                    if let Some(mut done) = self.chunks.pop_front() {
+                        done.clear();
+                        done.reserve(LOG_CHUNK);
+                        if self.spare.is_none() && done.capacity() <= 2 * LOG_CHUNK {
+                            self.spare = Some(done);
+                        }
+                    }
+                } else {
+                    front.clear();
+                    front.reserve(LOG_CHUNK);
+                }
+            }
+        }
+    }
+
+    /// Takes the next frame of `len` bytes off the front.
+    fn pop(&mut self, len: usize) -> Bytes {
+        let Some(front) = self.chunks.front_mut() else { return Bytes::new() };
+        let frame = front.split_to(len.min(front.len())).freeze();
+        self.len -= frame.len();
+        if front.is_empty() && self.chunks.len() > 1 {
+            self.chunks.pop_front();
+        }
+        frame
+    }
+}
+
 /// Hands a tracked session's unacknowledged messages to its `on_close`, once, and seals it.
 fn hand_over(state: &mut State) {
     let Some(tracked) = state.tracked.as_mut() else { return };
     tracked.sealed = true;
     let Some(on_close) = tracked.on_close.take() else { return };
-    let mut frames = std::mem::take(&mut tracked.frames).freeze();
     let mut entries: Vec<Unacked> = tracked.entries.drain(..).collect();
     for entry in &mut entries {
-        let mut frame = frames.split_to(entry.len.min(frames.len()));
+        let mut frame = tracked.frames.pop(entry.len);
         frame.advance(FRAME_HEADER_LEN.min(frame.len()));
         entry.body = frame;
     }
+    tracked.frames = FrameLog::default();
     on_close(&tracked.recipient, entries);
 }
 
@@ -351,7 +430,7 @@ impl Outbox {
                 state.next_seq += 1;
                 let state = &mut *state;
                 if let Some(tracked) = state.tracked.as_mut() {
-                    tracked.frames.extend_from_slice(&state.queue[start..]);
+                    tracked.frames.push(&state.queue[start..]);
                     tracked.entries.push_back(Unacked {
                         seq,
                         id: msg.id,
@@ -381,7 +460,7 @@ impl Outbox {
             recipient,
             storing: true,
             submitted: 0,
-            frames: BytesMut::new(),
+            frames: FrameLog::default(),
             entries: VecDeque::new(),
             window,
             on_close: Some(on_close),
@@ -443,7 +522,7 @@ impl Outbox {
                     let len = u32::try_from(item.body.len()).unwrap_or(u32::MAX);
                     state.queue.extend_from_slice(&len.to_be_bytes());
                     state.queue.extend_from_slice(&item.body);
-                    tracked.frames.extend_from_slice(&state.queue[start..]);
+                    tracked.frames.push(&state.queue[start..]);
                     tracked.entries.push_back(Unacked {
                         seq: item.seq,
                         id: item.id,
@@ -494,10 +573,7 @@ impl Outbox {
             if release == 0 {
                 return acked;
             }
-            tracked.frames.advance(release.min(tracked.frames.len()));
-            if tracked.frames.is_empty() && tracked.frames.capacity() > MAX_KEPT_BUFFER {
-                tracked.frames = BytesMut::new();
-            }
+            tracked.frames.forget(release);
         }
         self.shared.room.notify_waiters();
         acked
