@@ -692,6 +692,23 @@ impl Reader {
         mut frame: BytesMut,
     ) -> Result<Option<Result<ServerEvent, String>>, relay_proto::ProtoError> {
         let msg = decode_ref(&frame)?;
+        if msg.kind == Kind::Delivered && !msg.register && !msg.exit {
+            // A receipt per batch of messages sent: read in place, without an owned copy of
+            // the frame first.
+            if !msg.content.len().is_multiple_of(8) {
+                return Ok(Some(Err("a receipt's ids are not whole u64s".into())));
+            }
+            if !self.duplicate(msg.seq) {
+                let ids = msg
+                    .content
+                    .chunks_exact(8)
+                    .map(|id| u64::from_le_bytes(id.try_into().unwrap_or_default()))
+                    .collect();
+                let (to, time, seq) = (msg.to.to_owned(), msg.time, msg.seq);
+                self.emit(Event::Delivered { to, ids, time, seq });
+            }
+            return Ok(None);
+        }
         if msg.kind != Kind::Chat || msg.register || msg.exit {
             return Ok(Some(ServerEvent::parse(msg.to_message())));
         }

@@ -113,7 +113,13 @@ pub struct Events {
     acks: Option<Arc<Outgoing>>,
     handed: u64,
     acked: u64,
+    /// About how many bytes were handed over since the last acknowledgement.
+    pending_bytes: usize,
 }
+
+/// Handed-over bytes after which an acknowledgement goes out even while more is waiting: well
+/// under the server's window of unacknowledged messages (2 MiB by default).
+const ACK_EVERY_BYTES: usize = 256 * 1024;
 
 impl std::fmt::Debug for Events {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -160,7 +166,15 @@ impl Stream for Events {
 
 impl Events {
     pub(crate) fn new(shared: Arc<Incoming>, acks: Option<Arc<Outgoing>>) -> Events {
-        Events { shared, taken: VecDeque::new(), waiting: None, acks, handed: 0, acked: 0 }
+        Events {
+            shared,
+            taken: VecDeque::new(),
+            waiting: None,
+            acks,
+            handed: 0,
+            acked: 0,
+            pending_bytes: 0,
+        }
     }
 
     /// Notes that `event` is handed to the program, and acknowledges what was handed once a
@@ -168,12 +182,26 @@ impl Events {
     /// message).
     fn handing(&mut self, event: &Event) {
         let Some(acks) = &self.acks else { return };
-        self.handed = self.handed.max(event.seq());
-        if self.taken.is_empty()
+        let seq = event.seq();
+        if seq == 0 {
+            return;
+        }
+        self.handed = self.handed.max(seq);
+        self.pending_bytes += match event {
+            Event::Message { content, .. } => content.len() + 64,
+            _ => 64,
+        };
+        // Acknowledged when the program has taken everything that arrived (it is about to
+        // wait), or once enough is pending that the server's window should not fill first:
+        // under load, one acknowledgement covers many reads.
+        let due = self.pending_bytes >= ACK_EVERY_BYTES
+            || self.taken.is_empty() && self.shared.state().queue.is_empty();
+        if due
             && self.handed > self.acked
             && acks.push_now(&Message::ack(self.handed).as_ref()).is_ok()
         {
             self.acked = self.handed;
+            self.pending_bytes = 0;
         }
     }
 

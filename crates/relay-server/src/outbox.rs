@@ -101,18 +101,19 @@ impl std::fmt::Debug for Tracked {
     }
 }
 
-/// What a closing tracked outbox hands over: every unacknowledged message.
-pub(crate) type OnClose = Box<dyn FnOnce(&str, Vec<Unacked>) + Send>;
+/// What a closing tracked outbox hands over: every unacknowledged message, with its frame
+/// body as delivered.
+pub(crate) type OnClose = Box<dyn FnOnce(&str, Vec<(Unacked, Bytes)>) + Send>;
 
-/// A delivered message the client has not acknowledged.
+/// A delivered message the client has not acknowledged. Kept small: a busy keyed session
+/// has one per message in flight.
 #[derive(Debug)]
 pub(crate) struct Unacked {
     pub(crate) seq: u64,
     /// The sender's id for it.
     pub(crate) id: u64,
-    /// The frame body as delivered (filled in when handed over by [`Outbox::close`]).
-    pub(crate) body: Bytes,
-    len: usize,
+    /// Its frame's length in the log.
+    len: u32,
     /// Who to send the receipt; `None` for what needs none (a receipt).
     pub(crate) sender: Option<Arc<SenderRef>>,
     /// It came from the inbox: acknowledging it removes it there.
@@ -260,11 +261,11 @@ fn hand_over(state: &mut State) {
     let Some(tracked) = state.tracked.as_mut() else { return };
     tracked.sealed = true;
     let Some(on_close) = tracked.on_close.take() else { return };
-    let mut entries: Vec<Unacked> = tracked.entries.drain(..).collect();
-    for entry in &mut entries {
-        let mut frame = tracked.frames.pop(entry.len);
+    let mut entries = Vec::with_capacity(tracked.entries.len());
+    for entry in tracked.entries.drain(..) {
+        let mut frame = tracked.frames.pop(entry.len as usize);
         frame.advance(FRAME_HEADER_LEN.min(frame.len()));
-        entry.body = frame;
+        entries.push((entry, frame));
     }
     tracked.frames = FrameLog::default();
     on_close(&tracked.recipient, entries);
@@ -434,8 +435,7 @@ impl Outbox {
                     tracked.entries.push_back(Unacked {
                         seq,
                         id: msg.id,
-                        body: Bytes::new(),
-                        len: size,
+                        len: u32::try_from(size).unwrap_or(u32::MAX),
                         sender: origin.cloned(),
                         stored: false,
                     });
@@ -526,8 +526,7 @@ impl Outbox {
                     tracked.entries.push_back(Unacked {
                         seq: item.seq,
                         id: item.id,
-                        body: Bytes::new(),
-                        len: size,
+                        len: u32::try_from(size).unwrap_or(u32::MAX),
                         sender: item.sender.receipt.then(|| item.sender.clone()),
                         stored: true,
                     });
@@ -551,31 +550,33 @@ impl Outbox {
     /// which receipts are due.
     pub(crate) fn ack(&self, upto: u64) -> Acked {
         let mut acked = Acked::default();
-        {
+        // Under the lock (which every sender to this client takes), only cut the acknowledged
+        // entries off; the receipts are sorted out after.
+        let done: Vec<Unacked> = {
             let mut state = self.state();
             let Some(tracked) = state.tracked.as_mut() else { return acked };
-            let mut release = 0;
-            while tracked.entries.front().is_some_and(|e| e.seq <= upto) {
-                let Some(entry) = tracked.entries.pop_front() else { break };
-                release += entry.len;
-                if entry.stored {
-                    acked.stored_upto = Some(entry.seq);
-                }
-                if let Some(sender) = entry.sender {
-                    match acked.receipts.last_mut() {
-                        Some((last, ids)) if Arc::ptr_eq(last, &sender) || **last == *sender => {
-                            ids.push(entry.id)
-                        }
-                        _ => acked.receipts.push((sender, vec![entry.id])),
-                    }
-                }
-            }
-            if release == 0 {
+            let n = tracked.entries.partition_point(|e| e.seq <= upto);
+            if n == 0 {
                 return acked;
             }
-            tracked.frames.forget(release);
-        }
+            let done: Vec<Unacked> = tracked.entries.drain(..n).collect();
+            tracked.frames.forget(done.iter().map(|e| e.len as usize).sum());
+            done
+        };
         self.shared.room.notify_waiters();
+        for entry in done {
+            if entry.stored {
+                acked.stored_upto = Some(entry.seq);
+            }
+            if let Some(sender) = entry.sender {
+                match acked.receipts.last_mut() {
+                    Some((last, ids)) if Arc::ptr_eq(last, &sender) || **last == *sender => {
+                        ids.push(entry.id)
+                    }
+                    _ => acked.receipts.push((sender, vec![entry.id])),
+                }
+            }
+        }
         acked
     }
 

@@ -12,7 +12,7 @@ use std::time::Duration;
 use futures_util::future::BoxFuture;
 use std::sync::Weak;
 
-use bytes::BytesMut;
+use bytes::{Bytes, BytesMut};
 use relay_proto::{
     AuthMode, Destination, Message, MessageRef, NameKey, PublicKey, Status, canonical_name,
     encode_body_ref, encoded_len_ref, parse_destination,
@@ -387,15 +387,15 @@ impl LocalRouter {
     /// The hand-over of a keyed session that ended: its unacknowledged messages go to its
     /// inbox with the numbers they were delivered with. A sender whose message cannot be
     /// stored is told it was not delivered.
-    fn move_to_inbox(&self, recipient: &str, entries: Vec<Unacked>) {
+    fn move_to_inbox(&self, recipient: &str, entries: Vec<(Unacked, Bytes)>) {
         let Some(inbox) = &self.inbox else { return };
         // What came from the inbox is still there (only acknowledged messages are removed).
-        for entry in entries.into_iter().filter(|e| !e.stored) {
-            let time = relay_proto::decode_ref(&entry.body).map_or(0, |m| m.time);
+        for (entry, body) in entries.into_iter().filter(|(e, _)| !e.stored) {
+            let time = relay_proto::decode_ref(&body).map_or(0, |m| m.time);
             let sender = entry.sender.clone().unwrap_or_else(nobody);
             let envelope = Envelope {
                 recipient: recipient.to_owned(),
-                body: entry.body,
+                body,
                 seq: Some(entry.seq),
                 id: entry.id,
                 time,
@@ -419,7 +419,7 @@ impl LocalRouter {
                             "{recipient} disconnected before taking the message, and it could not be stored: {why}"
                         );
                         let reply = Message::reply(entry.id, Status::NotDelivered, recipient, detail);
-                        router.tell(&sender, &reply);
+                        router.tell(&sender, &reply.as_ref());
                     }
                 }),
             );
@@ -428,7 +428,7 @@ impl LocalRouter {
 
     /// Pushes `msg` to `sender` if that registration (or, for a keyed sender, its name) is
     /// online; false if not.
-    fn tell(&self, sender: &SenderRef, msg: &Message) -> bool {
+    fn tell(&self, sender: &SenderRef, msg: &MessageRef<'_>) -> bool {
         let outbox = self
             .registry
             .with_name(&sender.canonical, |e| {
@@ -437,7 +437,7 @@ impl LocalRouter {
             .flatten();
         match outbox {
             Some(outbox) => outbox
-                .push_routed(&msg.as_ref(), 0, None, |m, recipient| {
+                .push_routed(msg, 0, None, |m, recipient| {
                     self.store_receipt(m, recipient);
                 })
                 .is_ok(),
@@ -478,10 +478,21 @@ impl LocalRouter {
         // One frame holds this many ids with room to spare.
         let per_frame = (self.max_frame_len.saturating_sub(256) / 8).max(1);
         let now = now_ms();
+        let mut content = Vec::with_capacity(ids.len().min(per_frame) * 8);
         for ids in ids.chunks(per_frame) {
-            let msg = Message::delivered(recipient, ids, now);
+            content.clear();
+            for id in ids {
+                content.extend_from_slice(&id.to_le_bytes());
+            }
+            // The layout `Message::delivered` gives, borrowed: one buffer for the ids is all
+            // a receipt allocates.
+            let msg = MessageRef {
+                kind: relay_proto::Kind::Delivered,
+                time: now,
+                ..MessageRef::send(0, recipient, &content)
+            };
             if !self.tell(sender, &msg) && sender.keyed {
-                self.store_receipt(&msg.as_ref(), &sender.canonical);
+                self.store_receipt(&msg, &sender.canonical);
             }
         }
     }
@@ -824,7 +835,7 @@ impl Routing for LocalRouter {
                             // A sender who is offline is not told later: the notice is not
                             // kept (a receipt-like notice for every expired message would
                             // itself fill inboxes).
-                            self.tell(&gone.sender, &reply);
+                            self.tell(&gone.sender, &reply.as_ref());
                         }
                     }
                 }
