@@ -521,8 +521,10 @@ impl Connection {
                                     continue;
                                 }
                                 Box::pin(async {
-                                    self.outbox.wait_for_store(MAX_STORING / 2).await;
-                                    Ok(())
+                                    tokio::select! {
+                                        () = self.outbox.wait_for_store(MAX_STORING / 2) => Ok(()),
+                                        () = shutdown.cancelled() => Err(shutting_down()),
+                                    }
                                 })
                             }
                             Ok(Routed::Full(pending)) => {

@@ -446,6 +446,28 @@ pub(crate) fn remove_upto(
     Ok(count)
 }
 
+/// Deletes everything stored for `recipient` and its counts (the name was released: a later
+/// owner starts with an empty inbox).
+pub(crate) fn forget_inbox(
+    t: &mut InboxTables<'_, '_>,
+    inboxes: &mut Inboxes,
+    recipient: &str,
+) -> Result<(), StoreError> {
+    remove_upto(t, inboxes, recipient, u64::MAX)?;
+    // Segments left whole because they were already acknowledged in part.
+    let mut left = Vec::new();
+    for entry in t.inbox.range((recipient, 0)..=(recipient, u64::MAX)).map_err(store_error)? {
+        let (key, value) = entry.map_err(store_error)?;
+        let oldest = records(value.value()).filter_map(Result::ok).map(|r| r.time).min();
+        left.push((key.value().1, oldest.unwrap_or(u64::MAX)));
+    }
+    for (first, oldest) in left {
+        delete_segment(t, recipient, first, oldest)?;
+    }
+    t.meta.remove(recipient).map_err(store_error)?;
+    Ok(())
+}
+
 /// Takes `count` messages of `bytes` off a recipient's counts and the totals.
 fn forget(inboxes: &mut Inboxes, m: &mut Meta, count: u64, bytes: u64) {
     let had = m.count > 0;

@@ -23,8 +23,8 @@ use crate::inbox::{
 };
 use crate::names::{Claimed, GuestCheck, KeyClaim, NameRecord, NameStore, StoreError};
 use crate::redb_inbox::{
-    AppendCache, INBOX, INBOX_META, INBOX_TIMES, InboxTables, append_one, expire, go_live,
-    read_page, remove_upto,
+    AppendCache, INBOX, INBOX_META, INBOX_TIMES, InboxTables, append_one, expire, forget_inbox,
+    go_live, read_page, remove_upto,
 };
 
 const NAMES: TableDefinition<&str, &[u8]> = TableDefinition::new("names");
@@ -507,6 +507,8 @@ fn apply(
                         if let Some(record) = &record {
                             t.names.remove(canonical.as_str()).map_err(store_error)?;
                             skeletons.remove(record.skeleton.as_str()).map_err(store_error)?;
+                            // What waited for the old owner is not the next owner's to read.
+                            forget_inbox(&mut t, inboxes, &canonical)?;
                         }
                         Ok(record)
                     });

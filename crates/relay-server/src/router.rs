@@ -231,8 +231,9 @@ pub(crate) struct Claim {
     released: bool,
     /// The connection's outbox.
     outbox: Outbox,
-    /// Who this is as a sender (for receipts and store answers).
-    origin: Arc<SenderRef>,
+    /// Who this is as a sender (for receipts and store answers); made when first needed, so
+    /// an idle client holds no copy of its name for it.
+    origin: std::sync::OnceLock<Arc<SenderRef>>,
     /// The client's protocol version.
     version: u16,
     /// A keyed session: acknowledgements, receipts, and an inbox to read.
@@ -253,6 +254,18 @@ impl Claim {
     /// Whether this claim bound the name for the first time.
     pub(crate) fn first(&self) -> bool {
         self.first
+    }
+
+    /// Who this is as a sender.
+    fn origin(&self) -> &Arc<SenderRef> {
+        self.origin.get_or_init(|| {
+            Arc::new(SenderRef {
+                canonical: self.canonical.to_string(),
+                token: self.token,
+                keyed: self.key.is_some(),
+                receipt: self.version >= 2,
+            })
+        })
     }
 }
 
@@ -326,7 +339,7 @@ impl LocalRouter {
             seq: None,
             id: msg.id,
             time: msg.time,
-            sender: from.origin.clone(),
+            sender: from.origin().clone(),
         };
         let outbox = from.outbox.clone();
         let (id, to) = (msg.id, msg.to.to_owned());
@@ -586,12 +599,6 @@ impl LocalRouter {
             Conflict::Taken => Refused::Taken,
             Conflict::LooksLike(other) => Refused::LooksLike(other.to_string()),
         })?;
-        let origin = Arc::new(SenderRef {
-            canonical: canonical.to_string(),
-            token,
-            keyed: key.is_some(),
-            receipt: request.version >= 2,
-        });
         Ok(Claim {
             router: self.clone(),
             display,
@@ -601,7 +608,7 @@ impl LocalRouter {
             first: false,
             released: false,
             outbox: request.outbox.clone(),
-            origin,
+            origin: std::sync::OnceLock::new(),
             version: request.version,
             tracked,
         })
@@ -719,7 +726,7 @@ impl Routing for LocalRouter {
             return self.store_offline(from, &msg, to);
         };
         let mut stored = Ok(());
-        let pushed = outbox.push_routed(&msg, sender, Some(&from.origin), |m, recipient| {
+        let pushed = outbox.push_routed(&msg, sender, Some(from.origin()), |m, recipient| {
             // Reading its inbox: the sender learns nothing new (it is as good as delivered).
             stored = self.store_for(from, m, recipient.to_owned(), false);
         });
@@ -729,7 +736,7 @@ impl Routing for LocalRouter {
             Ok(Delivery::Storing) => Err((Undelivered::ReceiverFull, to.to_owned())),
             Err(PushError::Full) if !self.send_wait.is_zero() => {
                 let (outbox, msg, wait) = (outbox.clone(), msg.to_message(), self.send_wait);
-                let origin = from.origin.clone();
+                let origin = from.origin().clone();
                 Ok(Routed::Full(Box::pin(async move {
                     match outbox.wait_for_room(&msg.as_ref(), wait, sender, Some(&origin)).await {
                         Ok(()) => Ok(()),

@@ -454,3 +454,19 @@ async fn a_full_disk_refuses_with_the_reason_keeps_online_traffic_and_recovers()
     assert!(got[..got.len() - 1].iter().all(|m| m.1.len() == 60_000));
     server.stop().await;
 }
+
+#[tokio::test]
+async fn a_released_name_takes_its_inbox_with_it() {
+    let server = TestServer::start().await;
+    bind(&server, "bob", 2).await;
+    let (alice, mut alice_events) = keyed(&server, "alice", 1).await;
+    alice.send("bob", "for the old bob").await.unwrap();
+    stored(&mut alice_events, 1).await;
+    assert!(within(server.handle.release("bob")).await.unwrap().is_some());
+    assert_eq!(within(server.handle.inboxes()).await.unwrap().messages, 0);
+    // Whoever binds the name next starts with an empty inbox.
+    let (_new_bob, mut new_bob_events) = keyed(&server, "bob", 9).await;
+    alice.send("bob", "hello, new bob").await.unwrap();
+    assert_eq!(messages(&mut new_bob_events, 1).await[0].1, "hello, new bob");
+    server.stop().await;
+}
