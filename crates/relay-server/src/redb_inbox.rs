@@ -8,12 +8,14 @@
 //!
 //! Acknowledged messages are not cut out of a segment: the recipient's counts record the
 //! highest number acknowledged (`acked`), reads skip what is at or below it, and a segment is
-//! deleted once all of it is. A time index (oldest message time, recipient, segment key) lets
-//! the age sweep visit only segments that hold something old.
+//! deleted once all of it is. A recipient's counts also hold the time of its oldest waiting
+//! message (a lower bound), so the age sweep reads only the counts, and the segments of the
+//! recipients that hold something old.
 //!
 //! Tables: `inbox` ((recipient, first seq) → segment), `inbox_meta` (recipient → counts,
-//! acknowledged floor and offline numbering), `inbox_times` ((oldest time, recipient, first
-//! seq) → ()).
+//! oldest time, acknowledged floor and offline numbering). An append run writes one segment
+//! and one counts record per recipient: the fewer pages a commit dirties, the sooner its sync
+//! returns.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -27,23 +29,19 @@ use crate::redb_store::{Inboxes, Names, SEQ_EPOCH_SHIFT, get, put, store_error};
 
 pub(crate) const INBOX: TableDefinition<(&str, u64), &[u8]> = TableDefinition::new("inbox");
 pub(crate) const INBOX_META: TableDefinition<&str, &[u8]> = TableDefinition::new("inbox_meta");
-pub(crate) const INBOX_TIMES: TableDefinition<(u64, &str, u64), ()> =
-    TableDefinition::new("inbox_times");
 
 pub(crate) type Inbox<'a> = redb::Table<'a, (&'static str, u64), &'static [u8]>;
 pub(crate) type InboxMeta<'a> = redb::Table<'a, &'static str, &'static [u8]>;
-pub(crate) type InboxTimes<'a> = redb::Table<'a, (u64, &'static str, u64), ()>;
 
 /// The tables an inbox change touches, open in one write transaction.
 pub(crate) struct InboxTables<'t, 'a> {
     pub(crate) names: &'t mut Names<'a>,
     pub(crate) inbox: &'t mut Inbox<'a>,
     pub(crate) meta: &'t mut InboxMeta<'a>,
-    pub(crate) times: &'t mut InboxTimes<'a>,
 }
 
 /// One recipient's inbox counts, acknowledged floor and offline numbering.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) struct Meta {
     /// Messages waiting (not acknowledged).
     pub(crate) count: u64,
@@ -57,14 +55,24 @@ pub(crate) struct Meta {
     /// Everything numbered at or below this was acknowledged (or purged): skipped by reads,
     /// and its segments deleted once wholly below it.
     acked: u64,
+    /// No waiting message is older than this (ms since the Unix epoch; `u64::MAX` when none
+    /// waits). A lower bound: made exact by the age sweep.
+    oldest: u64,
+}
+
+impl Default for Meta {
+    fn default() -> Meta {
+        Meta { count: 0, bytes: 0, offline_epoch: 0, next: 0, acked: 0, oldest: u64::MAX }
+    }
 }
 
 impl Meta {
-    const LEN: usize = 40;
+    const LEN: usize = 48;
 
     fn encode(&self) -> [u8; Meta::LEN] {
         let mut out = [0u8; Meta::LEN];
-        let fields = [self.count, self.bytes, self.offline_epoch, self.next, self.acked];
+        let fields =
+            [self.count, self.bytes, self.offline_epoch, self.next, self.acked, self.oldest];
         for (i, v) in fields.iter().enumerate() {
             out[i * 8..i * 8 + 8].copy_from_slice(&v.to_le_bytes());
         }
@@ -84,6 +92,7 @@ impl Meta {
             offline_epoch: at(2)?,
             next: at(3)?,
             acked: at(4)?,
+            oldest: at(5)?,
         })
     }
 }
@@ -188,10 +197,18 @@ fn damaged(recipient: &str, first: u64) -> StoreError {
 
 /// A run of appends' view of their recipients: the name record (for its epoch), the inbox
 /// counts, and the segment being built, read once and written once at the end of the run.
+/// Kept by the worker from one transaction to the next, so segment buffers are reused rather
+/// than grown from nothing for every recipient of every transaction.
 #[derive(Default)]
 pub(crate) struct AppendCache {
     slots: HashMap<String, Slot>,
+    /// Emptied segment buffers.
+    pool: Vec<Vec<u8>>,
 }
+
+/// Segment buffers kept for reuse, and the largest kept.
+const POOLED_SEGMENTS: usize = 64;
+const POOLED_SEGMENT_BYTES: usize = 1 << 20;
 
 struct Slot {
     /// `None`: the name is not bound.
@@ -199,10 +216,9 @@ struct Slot {
     meta: Meta,
     record_changed: bool,
     meta_changed: bool,
-    /// Records appended in this run, and the number of the first and oldest time.
+    /// Records appended in this run, and the number of the first.
     segment: Vec<u8>,
     first: u64,
-    oldest: u64,
 }
 
 impl AppendCache {
@@ -213,9 +229,8 @@ impl AppendCache {
                 meta: get_meta(&*t.meta, recipient)?,
                 record_changed: false,
                 meta_changed: false,
-                segment: Vec::new(),
+                segment: self.pool.pop().unwrap_or_default(),
                 first: 0,
-                oldest: u64::MAX,
             };
             self.slots.insert(recipient.to_string(), slot);
         }
@@ -225,7 +240,7 @@ impl AppendCache {
     /// Writes the run's segments and what changed, and forgets everything (other requests
     /// read the tables).
     pub(crate) fn flush(&mut self, t: &mut InboxTables<'_, '_>) -> Result<(), StoreError> {
-        for (recipient, slot) in self.slots.drain() {
+        for (recipient, mut slot) in self.slots.drain() {
             if slot.record_changed
                 && let Some(record) = &slot.record
             {
@@ -236,18 +251,22 @@ impl AppendCache {
             }
             if !slot.segment.is_empty() {
                 let key = (recipient.as_str(), slot.first);
-                let mut value = slot.segment;
                 // A segment cannot start where another does (numbers are never reused); if
                 // one somehow does, keep both, the old records first.
-                if let Some(old) = t.inbox.get(key).map_err(store_error)? {
-                    let mut both = old.value().to_vec();
-                    both.extend_from_slice(&value);
-                    value = both;
+                let replaced = t
+                    .inbox
+                    .insert(key, slot.segment.as_slice())
+                    .map_err(store_error)?
+                    .map(|old| old.value().to_vec());
+                if let Some(mut both) = replaced {
+                    both.extend_from_slice(&slot.segment);
+                    t.inbox.insert(key, both.as_slice()).map_err(store_error)?;
                 }
-                t.inbox.insert(key, value.as_slice()).map_err(store_error)?;
-                t.times
-                    .insert((slot.oldest, recipient.as_str(), slot.first), ())
-                    .map_err(store_error)?;
+            }
+            if self.pool.len() < POOLED_SEGMENTS && slot.segment.capacity() <= POOLED_SEGMENT_BYTES
+            {
+                slot.segment.clear();
+                self.pool.push(slot.segment);
             }
         }
         Ok(())
@@ -300,7 +319,7 @@ pub(crate) fn append_one(
     if slot.segment.is_empty() {
         slot.first = seq;
     }
-    slot.oldest = slot.oldest.min(envelope.time);
+    m.oldest = m.oldest.min(envelope.time);
     put_record(&mut slot.segment, &envelope, seq);
     if m.count == 0 {
         inboxes.totals.recipients += 1;
@@ -386,15 +405,13 @@ pub(crate) fn go_live(
     Ok(page)
 }
 
-/// Deletes a segment and its time index entry.
+/// Deletes a segment.
 fn delete_segment(
     t: &mut InboxTables<'_, '_>,
     recipient: &str,
     first: u64,
-    oldest: u64,
 ) -> Result<(), StoreError> {
     t.inbox.remove((recipient, first)).map_err(store_error)?;
-    t.times.remove((oldest, recipient, first)).map_err(store_error)?;
     Ok(())
 }
 
@@ -417,10 +434,9 @@ pub(crate) fn remove_upto(
     for entry in t.inbox.range((recipient, 0)..=(recipient, upto)).map_err(store_error)? {
         let (key, value) = entry.map_err(store_error)?;
         let first = key.value().1;
-        let (mut whole, mut oldest) = (true, u64::MAX);
+        let mut whole = true;
         for record in records(value.value()) {
             let record = record.map_err(|()| damaged(recipient, first))?;
-            oldest = oldest.min(record.time);
             if record.seq > upto {
                 whole = false;
                 continue;
@@ -432,16 +448,19 @@ pub(crate) fn remove_upto(
             }
         }
         if whole {
-            gone.push((first, oldest));
+            gone.push(first);
         }
     }
-    for (first, oldest) in gone {
-        delete_segment(t, recipient, first, oldest)?;
+    for first in gone {
+        delete_segment(t, recipient, first)?;
     }
     // The floor never passes a number not yet stored: a purge (`upto` = MAX) stops at the
     // highest number it removed, so later messages are not hidden.
     m.acked = if upto == u64::MAX { highest } else { upto };
     forget(inboxes, &mut m, count, bytes);
+    if m.count == 0 {
+        m.oldest = u64::MAX;
+    }
     put_meta(t.meta, recipient, &m)?;
     Ok(count)
 }
@@ -457,12 +476,10 @@ pub(crate) fn forget_inbox(
     // Segments left whole because they were already acknowledged in part.
     let mut left = Vec::new();
     for entry in t.inbox.range((recipient, 0)..=(recipient, u64::MAX)).map_err(store_error)? {
-        let (key, value) = entry.map_err(store_error)?;
-        let oldest = records(value.value()).filter_map(Result::ok).map(|r| r.time).min();
-        left.push((key.value().1, oldest.unwrap_or(u64::MAX)));
+        left.push(entry.map_err(store_error)?.0.value().1);
     }
-    for (first, oldest) in left {
-        delete_segment(t, recipient, first, oldest)?;
+    for first in left {
+        delete_segment(t, recipient, first)?;
     }
     t.meta.remove(recipient).map_err(store_error)?;
     Ok(())
@@ -481,65 +498,71 @@ fn forget(inboxes: &mut Inboxes, m: &mut Meta, count: u64, bytes: u64) {
     }
 }
 
-/// Removes every waiting message older than the age limit, visiting only segments the time
-/// index says hold one.
+/// Removes every waiting message older than the age limit: reads every recipient's counts,
+/// and the segments of those whose oldest message is past it.
 pub(crate) fn expire(
     t: &mut InboxTables<'_, '_>,
     inboxes: &mut Inboxes,
     now: u64,
 ) -> Result<Vec<ExpiredMessage>, StoreError> {
     let cutoff = now.saturating_sub(inboxes.limits.max_age_ms);
-    let mut old_segments = Vec::new();
-    for entry in t.times.range((0, "", 0)..(cutoff, "", 0)).map_err(store_error)? {
-        let (key, _) = entry.map_err(store_error)?;
-        let (oldest, recipient, first) = key.value();
-        old_segments.push((oldest, recipient.to_string(), first));
+    let mut due = Vec::new();
+    for entry in t.meta.iter().map_err(store_error)? {
+        let (key, value) = entry.map_err(store_error)?;
+        let recipient = key.value();
+        let m = Meta::decode(value.value())
+            .ok_or_else(|| StoreError(format!("the inbox counts of {recipient:?} are damaged")))?;
+        if m.count > 0 && m.oldest < cutoff {
+            due.push((recipient.to_string(), m));
+        }
     }
     let mut expired = Vec::new();
-    let mut metas: HashMap<String, Meta> = HashMap::new();
-    for (oldest, recipient, first) in old_segments {
-        let m = match metas.get_mut(&recipient) {
-            Some(m) => m,
-            None => {
-                let m = get_meta(&*t.meta, &recipient)?;
-                metas.entry(recipient.clone()).or_insert(m)
+    for (recipient, mut m) in due {
+        let mut segments = Vec::new();
+        for entry in t
+            .inbox
+            .range((recipient.as_str(), 0)..=(recipient.as_str(), u64::MAX))
+            .map_err(store_error)?
+        {
+            let (key, value) = entry.map_err(store_error)?;
+            segments.push((key.value().1, value.value().to_vec()));
+        }
+        let (mut count, mut bytes, mut oldest) = (0u64, 0u64, u64::MAX);
+        for (first, segment) in segments {
+            let (mut kept, mut changed) = (Vec::new(), false);
+            for record in records(&segment) {
+                let record = record.map_err(|()| damaged(&recipient, first))?;
+                if record.seq <= m.acked {
+                    changed = true;
+                    continue;
+                }
+                if record.time < cutoff {
+                    changed = true;
+                    count += 1;
+                    bytes += record.body.len() as u64;
+                    expired.push(ExpiredMessage {
+                        recipient: recipient.clone(),
+                        id: record.id,
+                        sender: record.sender,
+                    });
+                } else {
+                    kept.extend_from_slice(record.raw);
+                    oldest = oldest.min(record.time);
+                }
             }
-        };
-        let Some(value) = t.inbox.get((recipient.as_str(), first)).map_err(store_error)? else {
-            t.times.remove((oldest, recipient.as_str(), first)).map_err(store_error)?;
-            continue;
-        };
-        let (mut kept, mut kept_oldest) = (Vec::new(), u64::MAX);
-        let (mut count, mut bytes) = (0u64, 0u64);
-        for record in records(value.value()) {
-            let record = record.map_err(|()| damaged(&recipient, first))?;
-            if record.seq <= m.acked {
+            if !changed {
                 continue;
             }
-            if record.time < cutoff {
-                count += 1;
-                bytes += record.body.len() as u64;
-                expired.push(ExpiredMessage {
-                    recipient: recipient.clone(),
-                    id: record.id,
-                    sender: record.sender,
-                });
+            if kept.is_empty() {
+                delete_segment(t, &recipient, first)?;
             } else {
-                kept.extend_from_slice(record.raw);
-                kept_oldest = kept_oldest.min(record.time);
+                t.inbox
+                    .insert((recipient.as_str(), first), kept.as_slice())
+                    .map_err(store_error)?;
             }
         }
-        drop(value);
-        forget(inboxes, m, count, bytes);
-        t.times.remove((oldest, recipient.as_str(), first)).map_err(store_error)?;
-        if kept.is_empty() {
-            t.inbox.remove((recipient.as_str(), first)).map_err(store_error)?;
-        } else {
-            t.inbox.insert((recipient.as_str(), first), kept.as_slice()).map_err(store_error)?;
-            t.times.insert((kept_oldest, recipient.as_str(), first), ()).map_err(store_error)?;
-        }
-    }
-    for (recipient, m) in metas {
+        forget(inboxes, &mut m, count, bytes);
+        m.oldest = if m.count == 0 { u64::MAX } else { oldest };
         put_meta(t.meta, &recipient, &m)?;
     }
     Ok(expired)
@@ -603,8 +626,8 @@ mod tests {
 
     #[test]
     fn counts_round_trip() {
-        let m = Meta { count: 1, bytes: 2, offline_epoch: 3, next: 4, acked: 5 };
+        let m = Meta { count: 1, bytes: 2, offline_epoch: 3, next: 4, acked: 5, oldest: 6 };
         assert_eq!(Meta::decode(&m.encode()), Some(m));
-        assert_eq!(Meta::decode(&m.encode()[..39]), None);
+        assert_eq!(Meta::decode(&m.encode()[..47]), None);
     }
 }

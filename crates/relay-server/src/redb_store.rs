@@ -23,8 +23,8 @@ use crate::inbox::{
 };
 use crate::names::{Claimed, GuestCheck, KeyClaim, NameRecord, NameStore, StoreError};
 use crate::redb_inbox::{
-    AppendCache, INBOX, INBOX_META, INBOX_TIMES, InboxTables, append_one, expire, forget_inbox,
-    go_live, read_page, remove_upto,
+    AppendCache, INBOX, INBOX_META, InboxTables, append_one, expire, forget_inbox, go_live,
+    read_page, remove_upto,
 };
 
 const NAMES: TableDefinition<&str, &[u8]> = TableDefinition::new("names");
@@ -139,7 +139,6 @@ impl RedbStore {
             }
             tx.open_table(SKELETONS).map_err(|e| corrupt(&e))?;
             tx.open_table(INBOX).map_err(|e| corrupt(&e))?;
-            tx.open_table(INBOX_TIMES).map_err(|e| corrupt(&e))?;
             let meta = tx.open_table(INBOX_META).map_err(|e| corrupt(&e))?;
             totals = crate::redb_inbox::totals(&meta).map_err(|e| corrupt(&e))?;
         }
@@ -152,7 +151,12 @@ impl RedbStore {
         thread::Builder::new()
             .name("relay-names".into())
             .spawn(move || {
-                worker(path, db, queue, Inboxes { limits, totals, failing: None });
+                worker(
+                    path,
+                    db,
+                    queue,
+                    Inboxes { limits, totals, failing: None, cache: AppendCache::default() },
+                );
                 // The database is dropped (and its file unlocked) before this is told.
                 let _ = stopped_tx.send(());
             })
@@ -367,6 +371,8 @@ pub(crate) struct Inboxes {
     /// The last commit error logged, so a failing disk is logged once per cause, not once per
     /// message; cleared (and the recovery logged) when a commit succeeds again.
     failing: Option<String>,
+    /// Appends' working state, kept between transactions for its buffers.
+    cache: AppendCache,
 }
 
 fn worker(path: PathBuf, db: Database, queue: mpsc::Receiver<Request>, mut inboxes: Inboxes) {
@@ -456,27 +462,17 @@ fn apply(
     };
     {
         let tables = tx.open_table(NAMES).and_then(|n| {
-            Ok((
-                n,
-                tx.open_table(SKELETONS)?,
-                tx.open_table(INBOX)?,
-                tx.open_table(INBOX_META)?,
-                tx.open_table(INBOX_TIMES)?,
-            ))
+            Ok((n, tx.open_table(SKELETONS)?, tx.open_table(INBOX)?, tx.open_table(INBOX_META)?))
         });
-        let (mut names, mut skeletons, mut inbox, mut meta, mut times) = match tables {
+        let (mut names, mut skeletons, mut inbox, mut meta) = match tables {
             Ok(tables) => tables,
             Err(e) => return fail_all(batch, store_error(e), done),
         };
-        let mut t = InboxTables {
-            names: &mut names,
-            inbox: &mut inbox,
-            meta: &mut meta,
-            times: &mut times,
-        };
+        let mut t = InboxTables { names: &mut names, inbox: &mut inbox, meta: &mut meta };
         // Appends in a row keep their recipients' records and counts here, written once at the
         // end of the run rather than once per message.
-        let mut cache = AppendCache::default();
+        // Taken out for the transaction (the tables borrow the rest of `inboxes`).
+        let mut cache = std::mem::take(&mut inboxes.cache);
         for request in batch {
             if !matches!(request, Request::Append(..))
                 && let Err(e) = cache.flush(&mut t)
@@ -549,6 +545,7 @@ fn apply(
             }
         }
         cache.flush(&mut t)?;
+        inboxes.cache = cache;
     }
     tx.commit().map_err(store_error)
 }
