@@ -733,6 +733,12 @@ impl Outbox {
                     return Some(batch);
                 }
                 if self.is_closed() {
+                    // Done for good: give back the buffers now, not when the last handle goes
+                    // (a sender's route cache may hold one until it sends elsewhere).
+                    state.spare = BytesMut::new();
+                    state.queue = BytesMut::new();
+                    state.runs = Vec::new();
+                    state.taken_runs = Vec::new();
                     return None;
                 }
             }
