@@ -39,6 +39,7 @@ pub(crate) async fn serve(
 ) {
     // Frames are batched by the writer, so Nagle's algorithm would only add latency.
     let _ = stream.set_nodelay(true);
+    bound_kernel_unsent(&stream, shared.config.kernel_unsent, peer);
     let (read, write) = stream.into_split();
     let config = &shared.config;
     let outbox = Outbox::new(config.outbox_bytes);
@@ -76,6 +77,22 @@ pub(crate) async fn serve(
         WriteEnd::Aborted => debug!(%peer, "connection dropped at shutdown"),
         WriteEnd::Failed(e) => debug!(%peer, error = %e, "connection lost while writing"),
     }
+}
+
+/// Bounds what the kernel holds unsent for this client (see `Config::kernel_unsent`).
+fn bound_kernel_unsent(stream: &TcpStream, bytes: usize, peer: SocketAddr) {
+    if bytes == 0 {
+        return;
+    }
+    #[cfg(any(target_os = "linux", target_os = "android"))]
+    {
+        let lowat = u32::try_from(bytes).unwrap_or(u32::MAX);
+        if let Err(e) = socket2::SockRef::from(stream).set_tcp_notsent_lowat(lowat) {
+            debug!(%peer, error = %e, "could not bound the kernel's unsent bytes");
+        }
+    }
+    #[cfg(not(any(target_os = "linux", target_os = "android")))]
+    let _ = (stream, peer);
 }
 
 struct Connection {

@@ -104,6 +104,9 @@ struct Args {
     /// messages for it wait as for a full outbox.
     #[arg(long, default_value_t = Config::default().unacked_window)]
     unacked_window: usize,
+    /// Bytes the kernel may hold unsent for one client (TCP_NOTSENT_LOWAT; 0: no bound).
+    #[arg(long, default_value_t = Config::default().kernel_unsent)]
+    kernel_unsent: usize,
 }
 
 impl Args {
@@ -134,6 +137,7 @@ impl Args {
                 max_age_ms: u64::try_from(self.inbox_max_age.as_millis()).unwrap_or(u64::MAX),
             },
             unacked_window: self.unacked_window,
+            kernel_unsent: self.kernel_unsent,
             ..Config::default()
         }
     }

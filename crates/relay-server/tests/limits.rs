@@ -464,3 +464,67 @@ async fn refusals_are_logged_once_per_address_not_per_attempt() {
     let refusal_lines = lines.iter().filter(|l| l.contains("too many connections")).count();
     assert_eq!(refusal_lines, 1, "{lines:#?}");
 }
+
+/// Bytes the kernel holds in the send queue of the server's side of the connection from
+/// `peer` (sent and not acknowledged, or not sent), read from /proc/net/tcp.
+fn server_send_queue(server: std::net::SocketAddr, peer: std::net::SocketAddr) -> u64 {
+    let hex = |a: std::net::SocketAddr| format!("0100007F:{:04X}", a.port());
+    let (local, remote) = (hex(server), hex(peer));
+    let table = std::fs::read_to_string("/proc/net/tcp").unwrap();
+    for line in table.lines().skip(1) {
+        let fields: Vec<&str> = line.split_whitespace().collect();
+        if fields.get(1) == Some(&local.as_str()) && fields.get(2) == Some(&remote.as_str()) {
+            let tx = fields[4].split(':').next().unwrap();
+            return u64::from_str_radix(tx, 16).unwrap();
+        }
+    }
+    panic!("no connection {local} -> {remote} in /proc/net/tcp");
+}
+
+/// What the kernel holds for a client that reads nothing, after 3 MiB were sent to it.
+async fn kernel_bytes_for_a_client_that_never_reads(kernel_unsent: usize) -> u64 {
+    let config = Config { kernel_unsent, send_wait: Duration::from_millis(200), ..config() };
+    let server = TestServer::with_config(config).await;
+    let sink = RawPeer::connect_small_buffer(server.addr).await.register_as("sink").await;
+    let sink_addr = sink.framed.get_ref().local_addr().unwrap();
+    let (alice, mut events) = server.connect("alice").await;
+    let mut sent = Vec::new();
+    for _ in 0..192 {
+        sent.push(alice.send("sink", vec![b'x'; 16 * 1024]).await.unwrap());
+    }
+    // Every message either went out or was refused: once the last is accounted for (a
+    // refusal, or the ping answered after it), what the kernel holds has settled.
+    let probe = alice.send("alice", "after").await.unwrap();
+    loop {
+        match next_event(&mut events).await {
+            Event::Message { id, .. } if id == probe => break,
+            _ => {}
+        }
+    }
+    let held = server_send_queue(server.addr, sink_addr);
+    drop(sink);
+    server.stop().await;
+    held
+}
+
+#[tokio::test]
+async fn the_kernel_holds_a_bounded_backlog_for_a_client_that_never_reads() {
+    let bounded = kernel_bytes_for_a_client_that_never_reads(128 * 1024).await;
+    // The bound, plus what one write may take past it.
+    assert!(
+        bounded <= 384 * 1024,
+        "the kernel holds {bounded} bytes for a client that reads nothing"
+    );
+    // Without the bound (the kernel's own sizing), the same client costs the server far more
+    // kernel memory, none of it counted against the outbox.
+    let unbounded = kernel_bytes_for_a_client_that_never_reads(0).await;
+    assert!(unbounded > 2 * bounded, "unbounded {unbounded} vs bounded {bounded}");
+    // The default bound.
+    let default = Config::default().kernel_unsent;
+    let by_default = kernel_bytes_for_a_client_that_never_reads(default).await;
+    assert!(by_default <= default as u64 + 256 * 1024, "{by_default} bytes by default");
+    println!(
+        "kernel send queue for a client that reads nothing: {unbounded} bytes unbounded, \
+         {by_default} with the default bound, {bounded} with 128 KiB"
+    );
+}
