@@ -627,9 +627,10 @@ impl Outbox {
         }
     }
 
-    /// Waits for room for `msg`, then queues it. Waiting goes on while the receiver makes
-    /// progress, however many senders compete for the room it frees; if it writes nothing for
-    /// `wait`, the outbox is marked stalled (so later pushes fail at once with
+    /// Waits for room for `msg`, then queues it: for `wait` at most, however many senders
+    /// compete for the room the receiver frees, so one busy receiver never holds a sender's
+    /// session longer than that ([`PushError::Full`] then). If the receiver wrote nothing in
+    /// that time, the outbox is marked stalled (so later pushes fail at once with
     /// [`PushError::Stalled`]) and the message is refused.
     pub(crate) async fn wait_for_room(
         &self,
@@ -686,7 +687,12 @@ impl Outbox {
                     drop(state);
                     return push(msg);
                 }
-                // The receiver did write; other senders took the room. Keep waiting.
+                // The receiver did write; other senders took the room. Its own replies keep
+                // waiting (the client reads; the write timeout judges it); a sender does not:
+                // one busy receiver holds a sender at most the send wait, however many compete.
+                if !own {
+                    return Err(PushError::Full);
+                }
                 seen = state.written;
                 deadline = tokio::time::Instant::now() + wait;
             }
