@@ -20,8 +20,10 @@ use relay_server::Config;
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_busy_receiver_holds_a_sender_no_longer_than_the_send_wait() {
     let send_wait = Duration::from_millis(500);
+    // An outbox that holds one message: each message the receiver takes makes room for one
+    // more, which all the waiting senders compete for.
     let config = Config {
-        outbox_bytes: 64 * 1024,
+        outbox_bytes: 17 * 1024,
         max_frame_len: 16 * 1024,
         send_wait,
         ..Config::default()
