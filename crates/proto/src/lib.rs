@@ -33,6 +33,7 @@ mod encoding;
 mod error;
 mod event;
 mod greeting;
+mod handoff;
 mod limits;
 mod message;
 mod name;
@@ -52,6 +53,7 @@ pub use encoding::{
 pub use error::ProtoError;
 pub use event::{ServerEvent, User};
 pub use greeting::{AuthMode, Greeting};
+pub use handoff::Handoff;
 pub use limits::{
     DEFAULT_MAX_FRAME_LEN, FRAME_HEADER_LEN, MAX_FRAME_LEN_CEILING, MAX_NAME_LEN,
     MIN_FRAME_LEN_FLOOR, MIN_PROTOCOL_VERSION, PRE_REGISTER_MAX_FRAME_LEN, PROTOCOL_VERSION,

@@ -10,9 +10,9 @@ use std::task::{Context, Poll};
 
 use futures_core::Stream;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::sync::{Arc, MutexGuard};
 
-use tokio::sync::Notify;
+use relay_proto::Handoff;
 
 use crate::event::Event;
 use crate::outgoing::Outgoing;
@@ -21,14 +21,12 @@ use relay_proto::Message;
 /// The shared half of the queue.
 #[derive(Debug)]
 pub(crate) struct Incoming {
-    // A std mutex: held only to append or swap, never across an await.
-    state: Mutex<State>,
+    /// The events, behind the shared queue primitive: its lock is held only to append or
+    /// swap; the program is its consumer (woken when events arrive or the reader ends), the
+    /// reader its producer (woken when the program takes the queue or drops its [`Events`]).
+    handoff: Handoff<State>,
     /// Events that may wait for the program before the reader waits for it.
     max_queued: usize,
-    /// Wakes the program when events arrive or the reader ends.
-    ready: Notify,
-    /// Wakes the reader when the program takes the queue or drops its [`Events`].
-    room: Notify,
     /// Set when the program dropped its [`Events`]: nobody will take events any more.
     abandoned: AtomicBool,
 }
@@ -43,17 +41,23 @@ struct State {
 impl Incoming {
     pub(crate) fn new(max_queued: usize) -> Arc<Incoming> {
         Arc::new(Incoming {
-            state: Mutex::new(State::default()),
+            handoff: Handoff::new(State::default()),
             max_queued: max_queued.max(1),
-            ready: Notify::new(),
-            room: Notify::new(),
             abandoned: AtomicBool::new(false),
         })
     }
 
     fn state(&self) -> MutexGuard<'_, State> {
-        // Nothing panics under the lock; a poisoned queue still holds whole events.
-        self.state.lock().unwrap_or_else(PoisonError::into_inner)
+        self.handoff.lock()
+    }
+
+    /// Takes the whole queue if it holds events: `Some(Some(queue))`; `Some(None)` once the
+    /// reader has ended and nothing is left; `None` while there is nothing yet.
+    fn take_all(state: &mut State) -> Option<Option<VecDeque<Event>>> {
+        if !state.queue.is_empty() {
+            return Some(Some(std::mem::take(&mut state.queue)));
+        }
+        state.ended.then_some(None)
     }
 
     /// Hands `batch` to the program, emptying it. Waits while the program has `max_queued`
@@ -65,49 +69,47 @@ impl Incoming {
         if batch.is_empty() {
             return;
         }
-        loop {
-            let room = self.room.notified();
-            tokio::pin!(room);
-            // Registered before checking, so the program taking the queue in between is seen.
-            room.as_mut().enable();
-            if self.abandoned.load(Ordering::Relaxed) {
-                batch.clear();
-                return;
-            }
-            {
-                let mut state = self.state();
+        let was_empty = self
+            .handoff
+            .produce(|state| {
+                if self.abandoned.load(Ordering::Relaxed) {
+                    batch.clear();
+                    return Some(false);
+                }
                 let waiting = state.queue.len();
                 if !wait {
                     batch.truncate(self.max_queued.saturating_sub(waiting));
                 }
-                if waiting < self.max_queued || !wait {
+                (waiting < self.max_queued || !wait).then(|| {
                     state.queue.extend(batch.drain(..));
-                    drop(state);
-                    // The program only waits on an empty queue.
-                    if waiting == 0 {
-                        self.ready.notify_one();
-                    }
-                    return;
-                }
-            }
-            room.await;
+                    waiting == 0
+                })
+            })
+            .await;
+        // The program only waits on an empty queue.
+        if was_empty {
+            self.handoff.wake_consumer();
         }
     }
 
     /// The reader has ended: once the program has taken what is queued, it gets `None`.
     pub(crate) fn end(&self) {
         self.state().ended = true;
-        self.ready.notify_one();
+        self.handoff.wake_consumer();
     }
 }
+
+/// A wait for the next batch of events (`None` at the end).
+type Wait = Pin<Box<dyn Future<Output = Option<VecDeque<Event>>> + Send>>;
 
 /// The stream of [`Event`]s for one connection.
 pub struct Events {
     shared: Arc<Incoming>,
     /// Events taken from the shared queue and not yet handed out.
     taken: VecDeque<Event>,
-    /// The wake-up [`Stream::poll_next`] waits on, kept between polls.
-    waiting: Option<Pin<Box<dyn Future<Output = ()> + Send>>>,
+    /// The wait [`Stream::poll_next`] is in, kept between polls: it ends with the next
+    /// batch of events, or `None` at the end.
+    waiting: Option<Wait>,
     /// Where acknowledgements go (a keyed session), and what was handed to the program and
     /// acknowledged so far.
     acks: Option<Arc<Outgoing>>,
@@ -135,30 +137,24 @@ impl Stream for Events {
     fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Event>> {
         let this = &mut *self;
         loop {
-            if let Some(event) = this.try_next() {
-                this.waiting = None;
+            if this.waiting.is_none()
+                && let Some(event) = this.try_next()
+            {
                 return Poll::Ready(Some(event));
             }
-            if this.shared.state().ended {
-                this.waiting = None;
-                return Poll::Ready(this.try_next());
-            }
             let shared = this.shared.clone();
-            let wait = this
-                .waiting
-                .get_or_insert_with(|| Box::pin(async move { shared.ready.notified().await }));
+            let wait = this.waiting.get_or_insert_with(|| {
+                Box::pin(async move { shared.handoff.consume(Incoming::take_all).await })
+            });
             match wait.as_mut().poll(cx) {
-                // Woken (or a wake-up was stored): look again.
-                Poll::Ready(()) => this.waiting = None,
-                Poll::Pending => {
-                    // Now registered: events that arrived before are seen here, later ones
-                    // wake this task.
-                    if let Some(event) = this.try_next() {
-                        this.waiting = None;
-                        return Poll::Ready(Some(event));
+                Poll::Ready(batch) => {
+                    this.waiting = None;
+                    match batch {
+                        Some(batch) => this.took(batch),
+                        None => return Poll::Ready(None),
                     }
-                    return Poll::Pending;
                 }
+                Poll::Pending => return Poll::Pending,
             }
         }
     }
@@ -211,21 +207,20 @@ impl Events {
             if let Some(event) = self.try_next() {
                 return Some(event);
             }
-            // A handle of its own, so the registered waiter does not borrow `self`.
+            // A handle of its own, so the wait does not borrow `self`.
             let shared = self.shared.clone();
-            let ready = shared.ready.notified();
-            tokio::pin!(ready);
-            ready.as_mut().enable();
-            if let Some(event) = self.try_next() {
-                return Some(event);
+            match shared.handoff.consume(Incoming::take_all).await {
+                Some(batch) => self.took(batch),
+                None => return None,
             }
-            if shared.state().ended {
-                // Checked after the queue was found empty; the reader queues nothing after
-                // it ends, but take anything that raced in before the flag.
-                return self.try_next();
-            }
-            ready.await;
         }
+    }
+
+    /// A batch just taken from the reader: handed out from here, and the reader may go on.
+    fn took(&mut self, batch: VecDeque<Event>) {
+        // `taken` is empty here: its buffer goes back to the reader with the next swap.
+        self.taken = batch;
+        self.shared.handoff.wake_producers();
     }
 
     /// The next event if one is already waiting.
@@ -247,7 +242,7 @@ impl Events {
             // Swap the queues: the reader gets an empty one with room, the program the lot.
             std::mem::swap(&mut state.queue, &mut self.taken);
         }
-        self.shared.room.notify_one();
+        self.shared.handoff.wake_producers();
         self.taken.pop_front()
     }
 }
@@ -256,7 +251,7 @@ impl Drop for Events {
     fn drop(&mut self) {
         // The reader keeps reading (to answer pings) but must not wait for this program.
         self.shared.abandoned.store(true, Ordering::Relaxed);
-        self.shared.room.notify_one();
+        self.shared.handoff.wake_producers();
     }
 }
 

@@ -3,11 +3,10 @@
 //! a lock, not an allocation and a channel hop, and a busy client sends many frames per
 //! syscall.
 
-use std::sync::{Mutex, MutexGuard, PoisonError};
+use std::sync::MutexGuard;
 
 use bytes::BytesMut;
-use relay_proto::{MessageCodec, MessageRef, ProtoError};
-use tokio::sync::Notify;
+use relay_proto::{Handoff, MessageCodec, MessageRef, ProtoError};
 
 /// The connection is closed for sending.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -25,15 +24,13 @@ pub(crate) enum NowError {
 /// Frames waiting for the writer task.
 #[derive(Debug)]
 pub(crate) struct Outgoing {
-    // A std mutex: held only to encode one message or swap the buffer, never across an await.
-    state: Mutex<State>,
+    /// The frames, behind the shared queue primitive: its lock is held only to encode one
+    /// message or swap the buffer; the writer is its consumer, senders its producers (woken
+    /// when the writer takes the queue or the outbox closes).
+    handoff: Handoff<State>,
     codec: MessageCodec,
     /// Messages that may wait before senders wait.
     max_queued: usize,
-    /// Wakes the writer when frames are queued or the outbox closes.
-    ready: Notify,
-    /// Wakes senders when the writer takes the queue or the outbox closes.
-    room: Notify,
 }
 
 #[derive(Debug, Default)]
@@ -45,18 +42,11 @@ struct State {
 
 impl Outgoing {
     pub(crate) fn new(codec: MessageCodec, max_queued: usize) -> Outgoing {
-        Outgoing {
-            state: Mutex::new(State::default()),
-            codec,
-            max_queued: max_queued.max(1),
-            ready: Notify::new(),
-            room: Notify::new(),
-        }
+        Outgoing { handoff: Handoff::new(State::default()), codec, max_queued: max_queued.max(1) }
     }
 
     fn state(&self) -> MutexGuard<'_, State> {
-        // Nothing panics under the lock; a poisoned buffer still holds whole frames.
-        self.state.lock().unwrap_or_else(PoisonError::into_inner)
+        self.handoff.lock()
     }
 
     /// Queues `msg`, waiting while `max_queued` messages are already waiting for the writer.
@@ -74,30 +64,14 @@ impl Outgoing {
     /// Runs `add` under the lock once fewer than `max_queued` messages are waiting, waiting
     /// for the writer to take the queue if need be.
     async fn when_room<T>(&self, mut add: impl FnMut(&mut State) -> T) -> Result<T, Closed> {
-        loop {
-            // Most of the time there is room: take it without registering as a waiter.
-            if let Some(done) = self.try_add(&mut add) {
-                return done;
-            }
-            let room = self.room.notified();
-            tokio::pin!(room);
-            // Registered before checking again, so the writer taking the queue in between is
-            // seen.
-            room.as_mut().enable();
-            if let Some(done) = self.try_add(&mut add) {
-                return done;
-            }
-            room.await;
-        }
-    }
-
-    /// Runs `add` under the lock if there is room; `None` if the queue is full.
-    fn try_add<T>(&self, add: &mut impl FnMut(&mut State) -> T) -> Option<Result<T, Closed>> {
-        let mut state = self.state();
-        if state.closed {
-            return Some(Err(Closed));
-        }
-        (state.queued < self.max_queued).then(|| Ok(add(&mut state)))
+        self.handoff
+            .produce(|state| {
+                if state.closed {
+                    return Some(Err(Closed));
+                }
+                (state.queued < self.max_queued).then(|| Ok(add(state)))
+            })
+            .await
     }
 
     /// Queues `msg` without waiting, over the limit if need be (pongs and pings, which are
@@ -166,7 +140,7 @@ impl Outgoing {
         let was_idle = state.queued == 0;
         state.queued += count;
         if was_idle {
-            self.ready.notify_one();
+            self.handoff.wake_consumer();
         }
     }
 
@@ -183,32 +157,28 @@ impl Outgoing {
             }
             state.closed = true;
         }
-        self.ready.notify_one();
-        self.room.notify_waiters();
+        self.handoff.wake_consumer();
+        self.handoff.wake_producers();
     }
 
     /// For the writer: waits until frames are queued and swaps them into `spare` (which must
     /// be empty). Returns `false` once the outbox is closed and everything was taken.
     pub(crate) async fn take(&self, spare: &mut BytesMut) -> bool {
-        loop {
-            let ready = self.ready.notified();
-            tokio::pin!(ready);
-            ready.as_mut().enable();
-            {
-                let mut state = self.state();
+        let took = self
+            .handoff
+            .consume(|state| {
                 if !state.buf.is_empty() {
                     std::mem::swap(&mut state.buf, spare);
                     state.queued = 0;
-                    drop(state);
-                    self.room.notify_waiters();
-                    return true;
+                    return Some(true);
                 }
-                if state.closed {
-                    return false;
-                }
-            }
-            ready.await;
+                state.closed.then_some(false)
+            })
+            .await;
+        if took {
+            self.handoff.wake_producers();
         }
+        took
     }
 }
 

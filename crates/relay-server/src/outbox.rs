@@ -14,14 +14,14 @@
 
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::sync::{Arc, MutexGuard};
 use std::time::Duration;
 
 use bytes::{Buf, Bytes, BytesMut};
 use relay_proto::{
-    FRAME_HEADER_LEN, Kind, Message, MessageRef, decode_body, encode_body_ref, encoded_len_ref,
+    FRAME_HEADER_LEN, Handoff, Kind, Message, MessageRef, decode_body, encode_body_ref,
+    encoded_len_ref,
 };
-use tokio::sync::Notify;
 
 use crate::inbox::{SenderRef, Stored};
 
@@ -50,13 +50,11 @@ pub(crate) struct Outbox {
 
 #[derive(Debug)]
 struct Shared {
-    // A std mutex: it is held only to encode one message or swap buffers, never across an
-    // `.await`.
-    state: Mutex<State>,
-    /// Wakes the writer when the queue goes from empty to not empty.
-    ready: Notify,
-    /// Wakes senders waiting for room when bytes are written or the outbox closes.
-    room: Notify,
+    /// The state, behind the shared queue primitive: its lock is held only to encode one
+    /// message or swap buffers; the writer is its consumer (woken when the queue goes from
+    /// empty to not empty), senders its producers (woken when bytes are written, acknowledged,
+    /// or the outbox closes).
+    handoff: Handoff<State>,
     limit: usize,
     /// Set (under the state lock) when the outbox closes. Readable without the lock, for
     /// routing's cheap check that a remembered receiver is still there.
@@ -329,9 +327,7 @@ impl Outbox {
         Outbox {
             shared: Arc::new(Shared {
                 // Version 1 until the client says otherwise: a version 1 client never does.
-                state: Mutex::new(State { version: 1, next_seq: 1, ..State::default() }),
-                ready: Notify::new(),
-                room: Notify::new(),
+                handoff: Handoff::new(State { version: 1, next_seq: 1, ..State::default() }),
                 limit,
                 closed: AtomicBool::new(false),
                 storing: AtomicUsize::new(0),
@@ -340,9 +336,7 @@ impl Outbox {
     }
 
     fn state(&self) -> MutexGuard<'_, State> {
-        // Nothing panics while holding the lock, so poisoning cannot happen; if it somehow
-        // did, the queue itself is still consistent.
-        self.shared.state.lock().unwrap_or_else(PoisonError::into_inner)
+        self.shared.handoff.lock()
     }
 
     /// True once the outbox is closed. Exact under the state lock (where it is set);
@@ -386,8 +380,26 @@ impl Outbox {
         origin: Option<&Arc<SenderRef>>,
         store: impl FnOnce(&MessageRef<'_>, &str),
     ) -> Result<Delivery, PushError> {
-        let was_empty = {
-            let mut state = self.state();
+        let pushed = self.push_locked(&mut self.state(), msg, sender, origin, store);
+        // A writer only waits on an empty queue, so only the first frame needs to wake it
+        // (the wake-up keeps a permit if the writer is not waiting yet).
+        if let Ok((_, true)) = pushed {
+            self.shared.handoff.wake_consumer();
+        }
+        pushed.map(|(delivery, _)| delivery)
+    }
+
+    /// [`Outbox::push_routed`] on the locked state; also says whether the queue was empty
+    /// (then the writer must be woken).
+    fn push_locked(
+        &self,
+        state: &mut State,
+        msg: &MessageRef<'_>,
+        sender: u64,
+        origin: Option<&Arc<SenderRef>>,
+        store: impl FnOnce(&MessageRef<'_>, &str),
+    ) -> Result<(Delivery, bool), PushError> {
+        {
             if self.is_closed() {
                 return Err(PushError::Closed);
             }
@@ -404,7 +416,7 @@ impl Outbox {
                     &MessageRef { version: relay_proto::PROTOCOL_VERSION, ..*msg },
                     &tracked.recipient,
                 );
-                return Ok(Delivery::Storing);
+                return Ok((Delivery::Storing, false));
             }
             let mut msg = MessageRef { version: state.version, ..*msg };
             if sequenced {
@@ -429,7 +441,6 @@ impl Outbox {
             if sequenced {
                 let seq = state.next_seq;
                 state.next_seq += 1;
-                let state = &mut *state;
                 if let Some(tracked) = state.tracked.as_mut() {
                     tracked.frames.push(&state.queue[start..]);
                     tracked.entries.push_back(Unacked {
@@ -441,14 +452,8 @@ impl Outbox {
                     });
                 }
             }
-            was_empty
-        };
-        // A writer only waits on an empty queue, so only the first frame needs to wake it;
-        // `notify_one` keeps a permit if the writer is not waiting yet.
-        if was_empty {
-            self.shared.ready.notify_one();
+            Ok((Delivery::Queued, was_empty))
         }
-        Ok(Delivery::Queued)
     }
 
     /// Makes this a keyed session's outbox: delivered messages are kept until acknowledged
@@ -501,49 +506,43 @@ impl Outbox {
     /// for room in the queue and the unacknowledged window. Fails only if the outbox closes.
     pub(crate) async fn push_stored(&self, item: Stored) -> Result<(), PushError> {
         let size = wire_size(item.body.len());
-        loop {
-            let room = self.shared.room.notified();
-            tokio::pin!(room);
-            room.as_mut().enable();
-            let was_empty = {
-                let mut state = self.state();
+        let pushed = self
+            .shared
+            .handoff
+            .produce(|state| {
                 if self.is_closed() {
-                    return Err(PushError::Closed);
+                    return Some(Err(PushError::Closed));
                 }
-                let state = &mut *state;
-                let Some(tracked) = state.tracked.as_mut() else { return Err(PushError::Closed) };
+                let Some(tracked) = state.tracked.as_mut() else {
+                    return Some(Err(PushError::Closed));
+                };
                 // An empty queue and window always take one message, however large.
                 let fits = (state.queue.len() + state.taken + size <= self.shared.limit
                     || state.queue.is_empty() && state.taken == 0)
                     && (tracked.frames.len() + size <= tracked.window || tracked.frames.is_empty());
-                if fits {
-                    let was_empty = state.queue.is_empty();
-                    let start = state.queue.len();
-                    let len = u32::try_from(item.body.len()).unwrap_or(u32::MAX);
-                    state.queue.extend_from_slice(&len.to_be_bytes());
-                    state.queue.extend_from_slice(&item.body);
-                    tracked.frames.push(&state.queue[start..]);
-                    tracked.entries.push_back(Unacked {
-                        seq: item.seq,
-                        id: item.id,
-                        len: u32::try_from(size).unwrap_or(u32::MAX),
-                        sender: item.sender.receipt.then(|| item.sender.clone()),
-                        stored: true,
-                    });
-                    Some(was_empty)
-                } else {
-                    None
+                if !fits {
+                    return None;
                 }
-            };
-            match was_empty {
-                Some(true) => {
-                    self.shared.ready.notify_one();
-                    return Ok(());
-                }
-                Some(false) => return Ok(()),
-                None => room.await,
-            }
+                let was_empty = state.queue.is_empty();
+                let start = state.queue.len();
+                let len = u32::try_from(item.body.len()).unwrap_or(u32::MAX);
+                state.queue.extend_from_slice(&len.to_be_bytes());
+                state.queue.extend_from_slice(&item.body);
+                tracked.frames.push(&state.queue[start..]);
+                tracked.entries.push_back(Unacked {
+                    seq: item.seq,
+                    id: item.id,
+                    len: u32::try_from(size).unwrap_or(u32::MAX),
+                    sender: item.sender.receipt.then(|| item.sender.clone()),
+                    stored: true,
+                });
+                Some(Ok(was_empty))
+            })
+            .await?;
+        if pushed {
+            self.shared.handoff.wake_consumer();
         }
+        Ok(())
     }
 
     /// The client acknowledged every message numbered up to `upto`: forget them, and say
@@ -563,7 +562,7 @@ impl Outbox {
             tracked.frames.forget(done.iter().map(|e| e.len as usize).sum());
             done
         };
-        self.shared.room.notify_waiters();
+        self.shared.handoff.wake_producers();
         for entry in done {
             if entry.stored {
                 acked.stored_upto = Some(entry.seq);
@@ -607,24 +606,19 @@ impl Outbox {
                 }
             };
             if was_empty == Some(true) {
-                self.shared.ready.notify_one();
+                self.shared.handoff.wake_consumer();
             }
         }
         self.shared.storing.fetch_sub(1, Ordering::Relaxed);
-        self.shared.room.notify_waiters();
+        self.shared.handoff.wake_producers();
     }
 
     /// Waits until fewer than `max` of this connection's messages wait for the store.
     pub(crate) async fn wait_for_store(&self, max: usize) {
-        loop {
-            let room = self.shared.room.notified();
-            tokio::pin!(room);
-            room.as_mut().enable();
-            if self.stored_backlog() < max || self.is_closed() {
-                return;
-            }
-            room.await;
-        }
+        self.shared
+            .handoff
+            .produce(|_| (self.stored_backlog() < max || self.is_closed()).then_some(()))
+            .await;
     }
 
     /// Waits for room for `msg`, then queues it: for `wait` at most, however many senders
@@ -663,39 +657,43 @@ impl Outbox {
     ) -> Result<(), PushError> {
         // Only a live session's outbox is ever full (one reading its inbox stores instead),
         // so nothing is stored from here.
-        let push =
-            |msg: &MessageRef<'_>| self.push_routed(msg, sender, origin, |_, _| {}).map(drop);
         let mut seen = self.state().written;
         let mut deadline = tokio::time::Instant::now() + wait;
         loop {
-            let room = self.shared.room.notified();
-            tokio::pin!(room);
-            // Registered before checking, so room made in between is not missed.
-            room.as_mut().enable();
-            match push(msg) {
-                Err(PushError::Full) => {}
-                Err(PushError::Stalled) if own => {}
-                done => return done,
-            }
-            if tokio::time::timeout_at(deadline, room).await.is_err() {
-                let mut state = self.state();
-                if state.written == seen {
-                    if own {
-                        return Err(PushError::Stalled);
+            let pushed = self
+                .shared
+                .handoff
+                .produce_until(deadline, |state| {
+                    match self.push_locked(state, msg, sender, origin, |_, _| {}) {
+                        Err(PushError::Full) => None,
+                        Err(PushError::Stalled) if own => None,
+                        done => Some(done),
                     }
-                    state.stalled = true;
-                    drop(state);
-                    return push(msg);
+                })
+                .await;
+            if let Some(done) = pushed {
+                if let Ok((_, true)) = done {
+                    self.shared.handoff.wake_consumer();
                 }
-                // The receiver did write; other senders took the room. Its own replies keep
-                // waiting (the client reads; the write timeout judges it); a sender does not:
-                // one busy receiver holds a sender at most the send wait, however many compete.
-                if !own {
-                    return Err(PushError::Full);
-                }
-                seen = state.written;
-                deadline = tokio::time::Instant::now() + wait;
+                return done.map(drop);
             }
+            let mut state = self.state();
+            if state.written == seen {
+                if own {
+                    return Err(PushError::Stalled);
+                }
+                state.stalled = true;
+                drop(state);
+                return self.push_routed(msg, sender, origin, |_, _| {}).map(drop);
+            }
+            // The receiver did write; other senders took the room. Its own replies keep
+            // waiting (the client reads; the write timeout judges it); a sender does not:
+            // one busy receiver holds a sender at most the send wait, however many compete.
+            if !own {
+                return Err(PushError::Full);
+            }
+            seen = state.written;
+            deadline = tokio::time::Instant::now() + wait;
         }
     }
 
@@ -715,9 +713,9 @@ impl Outbox {
             }
             hand_over(&mut state);
         }
-        self.shared.ready.notify_one();
+        self.shared.handoff.wake_consumer();
         // Senders waiting for room must learn that none will come.
-        self.shared.room.notify_waiters();
+        self.shared.handoff.wake_producers();
     }
 
     /// Waits until something is queued, then takes all of it: the frames, back to back.
@@ -726,32 +724,29 @@ impl Outbox {
     /// The bytes stay counted against the limit until the buffer comes back through
     /// [`Outbox::written`], so a batch the socket is still chewing on keeps holding its share.
     pub(crate) async fn take(&self) -> Option<BytesMut> {
-        loop {
-            {
-                let mut state = self.state();
+        self.shared
+            .handoff
+            .consume(|state| {
                 if !state.queue.is_empty() {
                     let spare = std::mem::take(&mut state.spare);
                     let batch = std::mem::replace(&mut state.queue, spare);
                     // The writer's runs were cleared when its last batch came back.
-                    let state = &mut *state;
                     std::mem::swap(&mut state.runs, &mut state.taken_runs);
                     state.taken = batch.len();
-                    return Some(batch);
+                    return Some(Some(batch));
                 }
                 if self.is_closed() {
-                    // Done for good: give back the buffers now, not when the last handle goes
-                    // (a sender's route cache may hold one until it sends elsewhere).
+                    // Done for good: give back the buffers now, not when the last handle
+                    // goes (a sender's route cache may hold one until it sends elsewhere).
                     state.spare = BytesMut::new();
                     state.queue = BytesMut::new();
                     state.runs = Vec::new();
                     state.taken_runs = Vec::new();
-                    return None;
+                    return Some(None);
                 }
-            }
-            // `notify_one` stores a permit when nobody is waiting, so a push between the
-            // check above and this await is not missed.
-            self.shared.ready.notified().await;
-        }
+                None
+            })
+            .await
     }
 
     /// Hands back a batch from [`Outbox::take`] once it has been written, releasing its bytes
@@ -774,7 +769,7 @@ impl Outbox {
                 state.spare = batch;
             }
         }
-        self.shared.room.notify_waiters();
+        self.shared.handoff.wake_producers();
     }
 
     /// Frees the buffers as soon as everything queued now has been written, unless more is
@@ -805,7 +800,7 @@ impl Outbox {
             state.spare = BytesMut::new();
             (std::mem::take(&mut state.queue), std::mem::take(&mut state.runs))
         };
-        self.shared.room.notify_waiters();
+        self.shared.handoff.wake_producers();
         unpack(&queued, 0, &runs, into);
     }
 
