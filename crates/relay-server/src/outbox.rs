@@ -838,6 +838,12 @@ mod tests {
         wire_size(encoded_len_ref(&MessageRef { version: 1, ..msg.as_ref() }))
     }
 
+    /// Fails the test, rather than hanging it, if `fut` takes longer than 20 s (a lost
+    /// wake-up, say).
+    async fn within<F: std::future::Future>(fut: F) -> F::Output {
+        tokio::time::timeout(Duration::from_secs(20), fut).await.expect("a wait did not end")
+    }
+
     /// What routing does: try, and wait for room if the outbox is full.
     async fn push_within(outbox: &Outbox, msg: &Message, wait: Duration) -> Result<(), PushError> {
         match outbox.push(&msg.as_ref()) {
@@ -865,7 +871,7 @@ mod tests {
             (Message::send(1, "bob", "one").with_version(1), Message::ping(2).with_version(1));
         outbox.push(&a.as_ref()).unwrap();
         outbox.push(&b.as_ref()).unwrap();
-        let batch = outbox.take().await.unwrap();
+        let batch = within(outbox.take()).await.unwrap();
         let mut expected = BytesMut::new();
         let mut codec = relay_proto::MessageCodec::new(relay_proto::DEFAULT_MAX_FRAME_LEN);
         codec.encode(&a, &mut expected).unwrap();
@@ -884,7 +890,7 @@ mod tests {
         outbox.push(&chat.as_ref()).unwrap();
         outbox.push(&Message::ping(3).as_ref()).unwrap();
         outbox.push(&chat.as_ref()).unwrap();
-        let got = messages(&outbox.take().await.unwrap());
+        let got = messages(&within(outbox.take()).await.unwrap());
         let seqs: Vec<(u16, u64)> = got.iter().map(|m| (m.version, m.seq)).collect();
         assert_eq!(seqs, vec![(2, 5 << 40 | 1), (2, 0), (2, 5 << 40 | 2)]);
     }
@@ -919,7 +925,7 @@ mod tests {
         outbox.push_from(&chat(2, "a").as_ref(), 10).unwrap();
         outbox.push(&Message::ping(3).as_ref()).unwrap();
         outbox.push_from(&chat(4, "c").as_ref(), 30).unwrap();
-        let batch = outbox.take().await.unwrap();
+        let batch = within(outbox.take()).await.unwrap();
         outbox.push_from(&chat(5, "a").as_ref(), 11).unwrap();
         let mut got = Vec::new();
         outbox.unwritten(&batch, 0, &mut got);
@@ -936,7 +942,7 @@ mod tests {
         outbox.push(&msg.as_ref()).unwrap();
         assert_eq!(outbox.push(&msg.as_ref()), Err(PushError::Full));
 
-        let batch = outbox.take().await.unwrap();
+        let batch = within(outbox.take()).await.unwrap();
         assert_eq!((messages(&batch).len(), batch.len()), (2, size_of(&msg) * 2));
         // Taken but not written: still counted.
         assert_eq!(outbox.push(&msg.as_ref()), Err(PushError::Full));
@@ -950,9 +956,9 @@ mod tests {
         outbox.push(&Message::send(1, "bob", vec![0u8; 100]).as_ref()).unwrap();
         outbox.close(Some(&Message::send(2, "bob", vec![0u8; 500])));
         assert_eq!(outbox.push(&Message::ping(3).as_ref()), Err(PushError::Closed));
-        let batch = outbox.take().await.unwrap();
+        let batch = within(outbox.take()).await.unwrap();
         assert_eq!(messages(&batch).iter().map(|m| m.id).collect::<Vec<_>>(), vec![1, 2]);
-        assert_eq!(outbox.take().await, None);
+        assert_eq!(within(outbox.take()).await, None);
     }
 
     #[tokio::test]
@@ -968,21 +974,21 @@ mod tests {
             tokio::spawn(
                 async move { push_within(&sender, &second, Duration::from_secs(60)).await },
             );
-        let batch = outbox.take().await.unwrap();
+        let batch = within(outbox.take()).await.unwrap();
         outbox.written(batch);
-        assert_eq!(waiting.await.unwrap(), Ok(()));
+        assert_eq!(within(waiting).await.unwrap(), Ok(()));
 
         // Nobody writes now: the wait runs out, the outbox is marked stalled, and the next
-        // push fails without waiting (a 60 s wait would time the test out).
+        // push fails without waiting (a 60 s wait would fail `within`).
         let wait = Duration::from_millis(20);
-        assert_eq!(push_within(&outbox, &msg, wait).await, Err(PushError::Stalled));
+        assert_eq!(within(push_within(&outbox, &msg, wait)).await, Err(PushError::Stalled));
         let long = Duration::from_secs(60);
-        assert_eq!(push_within(&outbox, &msg, long).await, Err(PushError::Stalled));
+        assert_eq!(within(push_within(&outbox, &msg, long)).await, Err(PushError::Stalled));
 
         // Writing again clears the stall.
-        let batch = outbox.take().await.unwrap();
+        let batch = within(outbox.take()).await.unwrap();
         outbox.written(batch);
-        push_within(&outbox, &msg, long).await.unwrap();
+        within(push_within(&outbox, &msg, long)).await.unwrap();
     }
 
     #[tokio::test]
@@ -1008,7 +1014,7 @@ mod tests {
         let task = tokio::spawn(async move {
             let mut ids = Vec::new();
             while ids.len() < 3 {
-                let batch = outbox.take().await.unwrap();
+                let batch = within(outbox.take()).await.unwrap();
                 ids.extend(messages(&batch).iter().map(|m| m.id));
                 outbox.written(batch);
             }
@@ -1027,7 +1033,7 @@ mod tests {
         let outbox = Outbox::new(10_000);
         outbox.push(&Message::ping(1).as_ref()).unwrap();
         outbox.release_when_written();
-        let batch = outbox.take().await.unwrap();
+        let batch = within(outbox.take()).await.unwrap();
         outbox.written(batch);
         let state = outbox.state();
         assert_eq!((state.queue.capacity(), state.spare.capacity()), (0, 0));
@@ -1037,7 +1043,7 @@ mod tests {
     async fn buffers_are_reused_while_busy_and_freed_when_idle() {
         let outbox = Outbox::new(10_000);
         outbox.push(&Message::ping(1).as_ref()).unwrap();
-        let batch = outbox.take().await.unwrap();
+        let batch = within(outbox.take()).await.unwrap();
         outbox.written(batch);
         assert!(outbox.state().spare.capacity() > 0, "the written buffer is kept");
         outbox.release_if_idle();
