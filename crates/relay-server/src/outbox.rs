@@ -77,7 +77,11 @@ struct Tracked {
     submitted: u64,
     /// Unacknowledged frames (length prefix and body), in `entries`' order.
     frames: FrameLog,
-    entries: VecDeque<Unacked>,
+    entries: VecDeque<Entry>,
+    /// Who sent the entries: `(number of the first, sender)` wherever the sender changes, so
+    /// a message costs no reference count of its sender (an atomic on a line the receiver's
+    /// acknowledgements would bounce between cores), only a run of them does.
+    senders: VecDeque<(u64, Option<Arc<SenderRef>>)>,
     /// Most bytes in `frames`: past it, pushes wait for acknowledgements like for room.
     window: usize,
     /// Called once, under the lock, when the session ends ([`Outbox::seal`] or a close), with
@@ -103,19 +107,58 @@ impl std::fmt::Debug for Tracked {
 /// body as delivered.
 pub(crate) type OnClose = Box<dyn FnOnce(&str, Vec<(Unacked, Bytes)>) + Send>;
 
-/// A delivered message the client has not acknowledged. Kept small: a busy keyed session
-/// has one per message in flight.
+/// A delivered message the client did not acknowledge, as handed over when its session ends.
 #[derive(Debug)]
 pub(crate) struct Unacked {
     pub(crate) seq: u64,
     /// The sender's id for it.
     pub(crate) id: u64,
-    /// Its frame's length in the log.
-    len: u32,
     /// Who to send the receipt; `None` for what needs none (a receipt).
     pub(crate) sender: Option<Arc<SenderRef>>,
-    /// It came from the inbox: acknowledging it removes it there.
+    /// It came from the inbox (and is still there).
     pub(crate) stored: bool,
+}
+
+/// One unacknowledged message, as kept: small, as a busy keyed session has one per message
+/// in flight (its sender is in the runs of [`Tracked::senders`]).
+#[derive(Clone, Copy, Debug)]
+struct Entry {
+    seq: u64,
+    id: u64,
+    /// Its frame's length in the log.
+    len: u32,
+    /// It came from the inbox: acknowledging it removes it there.
+    stored: bool,
+}
+
+impl Tracked {
+    /// Keeps `entry`, sent by `sender`.
+    fn keep(&mut self, entry: Entry, sender: Option<&Arc<SenderRef>>) {
+        let same = match (self.senders.back(), sender) {
+            (Some((_, Some(last))), Some(sender)) => Arc::ptr_eq(last, sender),
+            (Some((_, None)), None) => true,
+            _ => false,
+        };
+        if !same {
+            self.senders.push_back((entry.seq, sender.cloned()));
+        }
+        self.entries.push_back(entry);
+    }
+
+    /// Takes the entries numbered up to `upto` off the front, each with its sender.
+    fn pop_upto(&mut self, upto: u64, mut each: impl FnMut(Entry, &Option<Arc<SenderRef>>)) {
+        while let Some(&entry) = self.entries.front() {
+            if entry.seq > upto {
+                break;
+            }
+            self.entries.pop_front();
+            while self.senders.get(1).is_some_and(|&(first, _)| first <= entry.seq) {
+                self.senders.pop_front();
+            }
+            let sender = self.senders.front().map(|(_, s)| s);
+            each(entry, sender.unwrap_or(&None));
+        }
+    }
 }
 
 /// What an acknowledgement released.
@@ -260,11 +303,14 @@ fn hand_over(state: &mut State) {
     tracked.sealed = true;
     let Some(on_close) = tracked.on_close.take() else { return };
     let mut entries = Vec::with_capacity(tracked.entries.len());
-    for entry in tracked.entries.drain(..) {
-        let mut frame = tracked.frames.pop(entry.len as usize);
+    let mut frames = std::mem::take(&mut tracked.frames);
+    tracked.pop_upto(u64::MAX, |entry, sender| {
+        let mut frame = frames.pop(entry.len as usize);
         frame.advance(FRAME_HEADER_LEN.min(frame.len()));
-        entries.push((entry, frame));
-    }
+        let unacked =
+            Unacked { seq: entry.seq, id: entry.id, sender: sender.clone(), stored: entry.stored };
+        entries.push((unacked, frame));
+    });
     tracked.frames = FrameLog::default();
     on_close(&tracked.recipient, entries);
 }
@@ -443,13 +489,8 @@ impl Outbox {
                 state.next_seq += 1;
                 if let Some(tracked) = state.tracked.as_mut() {
                     tracked.frames.push(&state.queue[start..]);
-                    tracked.entries.push_back(Unacked {
-                        seq,
-                        id: msg.id,
-                        len: u32::try_from(size).unwrap_or(u32::MAX),
-                        sender: origin.cloned(),
-                        stored: false,
-                    });
+                    let len = u32::try_from(size).unwrap_or(u32::MAX);
+                    tracked.keep(Entry { seq, id: msg.id, len, stored: false }, origin);
                 }
             }
             Ok((Delivery::Queued, was_empty))
@@ -467,6 +508,7 @@ impl Outbox {
             submitted: 0,
             frames: FrameLog::default(),
             entries: VecDeque::new(),
+            senders: VecDeque::new(),
             window,
             on_close: Some(on_close),
             sealed: false,
@@ -529,13 +571,9 @@ impl Outbox {
                 state.queue.extend_from_slice(&len.to_be_bytes());
                 state.queue.extend_from_slice(&item.body);
                 tracked.frames.push(&state.queue[start..]);
-                tracked.entries.push_back(Unacked {
-                    seq: item.seq,
-                    id: item.id,
-                    len: u32::try_from(size).unwrap_or(u32::MAX),
-                    sender: item.sender.receipt.then(|| item.sender.clone()),
-                    stored: true,
-                });
+                let len = u32::try_from(size).unwrap_or(u32::MAX);
+                let entry = Entry { seq: item.seq, id: item.id, len, stored: true };
+                tracked.keep(entry, item.sender.receipt.then_some(&item.sender));
                 Some(Ok(was_empty))
             })
             .await?;
@@ -549,33 +587,30 @@ impl Outbox {
     /// which receipts are due.
     pub(crate) fn ack(&self, upto: u64) -> Acked {
         let mut acked = Acked::default();
-        // Under the lock (which every sender to this client takes), only cut the acknowledged
-        // entries off; the receipts are sorted out after.
-        let done: Vec<Unacked> = {
+        {
             let mut state = self.state();
             let Some(tracked) = state.tracked.as_mut() else { return acked };
-            let n = tracked.entries.partition_point(|e| e.seq <= upto);
-            if n == 0 {
+            let mut release = 0;
+            tracked.pop_upto(upto, |entry, sender| {
+                release += entry.len as usize;
+                if entry.stored {
+                    acked.stored_upto = Some(entry.seq);
+                }
+                if let Some(sender) = sender {
+                    match acked.receipts.last_mut() {
+                        Some((last, ids)) if Arc::ptr_eq(last, sender) || **last == **sender => {
+                            ids.push(entry.id)
+                        }
+                        _ => acked.receipts.push((sender.clone(), vec![entry.id])),
+                    }
+                }
+            });
+            if release == 0 {
                 return acked;
             }
-            let done: Vec<Unacked> = tracked.entries.drain(..n).collect();
-            tracked.frames.forget(done.iter().map(|e| e.len as usize).sum());
-            done
-        };
-        self.shared.handoff.wake_producers();
-        for entry in done {
-            if entry.stored {
-                acked.stored_upto = Some(entry.seq);
-            }
-            if let Some(sender) = entry.sender {
-                match acked.receipts.last_mut() {
-                    Some((last, ids)) if Arc::ptr_eq(last, &sender) || **last == *sender => {
-                        ids.push(entry.id)
-                    }
-                    _ => acked.receipts.push((sender, vec![entry.id])),
-                }
-            }
+            tracked.frames.forget(release);
         }
+        self.shared.handoff.wake_producers();
         acked
     }
 
