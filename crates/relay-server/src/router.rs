@@ -425,7 +425,8 @@ impl LocalRouter {
                         Ok(Appended::Full(full)) => full.to_string(),
                         Err(e) => e.to_string(),
                     };
-                    tracing::warn!(%recipient, id = entry.id, reason = %why,
+                    // Debug, not warn: a failing store is logged once per cause by the store.
+                    tracing::debug!(%recipient, id = entry.id, reason = %why,
                         "an unacknowledged message could not be kept");
                     if let Some(router) = me.upgrade() && sender.receipt {
                         let detail = format!(
@@ -480,7 +481,8 @@ impl LocalRouter {
             Box::new(move |appended| match appended {
                 Ok(Appended::Stored(_)) => {}
                 other => {
-                    tracing::warn!(%recipient, result = ?other, "a receipt could not be stored")
+                    // Debug: a failing store is logged once per cause by the store.
+                    tracing::debug!(%recipient, result = ?other, "a receipt could not be stored")
                 }
             }),
         );
