@@ -736,7 +736,8 @@ impl Reader {
             return false;
         }
         if seq <= self.last_seq {
-            let _ = self.outgoing.push_now(&Message::ack(self.last_seq).as_ref());
+            // Acknowledged up to itself only: what came after it may not be handed over yet.
+            let _ = self.outgoing.push_now(&Message::ack(seq).as_ref());
             return true;
         }
         self.last_seq = seq;

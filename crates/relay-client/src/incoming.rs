@@ -51,13 +51,9 @@ impl Incoming {
         self.handoff.lock()
     }
 
-    /// Takes the whole queue if it holds events: `Some(Some(queue))`; `Some(None)` once the
-    /// reader has ended and nothing is left; `None` while there is nothing yet.
-    fn take_all(state: &mut State) -> Option<Option<VecDeque<Event>>> {
-        if !state.queue.is_empty() {
-            return Some(Some(std::mem::take(&mut state.queue)));
-        }
-        state.ended.then_some(None)
+    /// Whether the program has something to take (events, or the end): what it waits for.
+    fn takeable(state: &mut State) -> Option<()> {
+        (!state.queue.is_empty() || state.ended).then_some(())
     }
 
     /// Hands `batch` to the program, emptying it. Waits while the program has `max_queued`
@@ -99,16 +95,15 @@ impl Incoming {
     }
 }
 
-/// A wait for the next batch of events (`None` at the end).
-type Wait = Pin<Box<dyn Future<Output = Option<VecDeque<Event>>> + Send>>;
+/// A wait until there are events to take, or the end.
+type Wait = Pin<Box<dyn Future<Output = ()> + Send>>;
 
 /// The stream of [`Event`]s for one connection.
 pub struct Events {
     shared: Arc<Incoming>,
     /// Events taken from the shared queue and not yet handed out.
     taken: VecDeque<Event>,
-    /// The wait [`Stream::poll_next`] is in, kept between polls: it ends with the next
-    /// batch of events, or `None` at the end.
+    /// The wait [`Stream::poll_next`] is in, kept between polls.
     waiting: Option<Wait>,
     /// Where acknowledgements go (a keyed session), and what was handed to the program and
     /// acknowledged so far.
@@ -137,23 +132,21 @@ impl Stream for Events {
     fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Event>> {
         let this = &mut *self;
         loop {
-            if this.waiting.is_none()
-                && let Some(event) = this.try_next()
-            {
+            if let Some(event) = this.try_next() {
+                this.waiting = None;
                 return Poll::Ready(Some(event));
+            }
+            if this.shared.state().ended {
+                this.waiting = None;
+                return Poll::Ready(this.try_next());
             }
             let shared = this.shared.clone();
             let wait = this.waiting.get_or_insert_with(|| {
-                Box::pin(async move { shared.handoff.consume(Incoming::take_all).await })
+                Box::pin(async move { shared.handoff.consume(Incoming::takeable).await })
             });
             match wait.as_mut().poll(cx) {
-                Poll::Ready(batch) => {
-                    this.waiting = None;
-                    match batch {
-                        Some(batch) => this.took(batch),
-                        None => return Poll::Ready(None),
-                    }
-                }
+                // Something to take (or the end): look again.
+                Poll::Ready(()) => this.waiting = None,
                 Poll::Pending => return Poll::Pending,
             }
         }
@@ -207,20 +200,15 @@ impl Events {
             if let Some(event) = self.try_next() {
                 return Some(event);
             }
+            if self.shared.state().ended {
+                // The reader queues nothing after it ends, but take anything that raced in
+                // before the flag.
+                return self.try_next();
+            }
             // A handle of its own, so the wait does not borrow `self`.
             let shared = self.shared.clone();
-            match shared.handoff.consume(Incoming::take_all).await {
-                Some(batch) => self.took(batch),
-                None => return None,
-            }
+            shared.handoff.consume(Incoming::takeable).await;
         }
-    }
-
-    /// A batch just taken from the reader: handed out from here, and the reader may go on.
-    fn took(&mut self, batch: VecDeque<Event>) {
-        // `taken` is empty here: its buffer goes back to the reader with the next swap.
-        self.taken = batch;
-        self.shared.handoff.wake_producers();
     }
 
     /// The next event if one is already waiting.

@@ -519,12 +519,11 @@ async fn the_kernel_holds_a_bounded_backlog_for_a_client_that_never_reads() {
     // kernel memory, none of it counted against the outbox.
     let unbounded = kernel_bytes_for_a_client_that_never_reads(0).await;
     assert!(unbounded > 2 * bounded, "unbounded {unbounded} vs bounded {bounded}");
-    // The default bound.
-    let default = Config::default().kernel_unsent;
-    let by_default = kernel_bytes_for_a_client_that_never_reads(default).await;
-    assert!(by_default <= default as u64 + 256 * 1024, "{by_default} bytes by default");
+    // A bound of the outbox's size.
+    let mib = kernel_bytes_for_a_client_that_never_reads(1 << 20).await;
+    assert!(mib <= (1 << 20) + 256 * 1024, "{mib} bytes with a 1 MiB bound");
     println!(
         "kernel send queue for a client that reads nothing: {unbounded} bytes unbounded, \
-         {by_default} with the default bound, {bounded} with 128 KiB"
+         {mib} with a 1 MiB bound, {bounded} with 128 KiB"
     );
 }
