@@ -286,6 +286,14 @@ fn nobody() -> Arc<SenderRef> {
     Arc::new(SenderRef { canonical: String::new(), token: 0, keyed: false, receipt: false })
 }
 
+/// `msg` as a stored frame body: the version 2 layout, its number left for the store to set.
+fn stored_body(msg: &MessageRef<'_>) -> Option<Bytes> {
+    let msg = MessageRef { version: relay_proto::PROTOCOL_VERSION, seq: 0, ..*msg };
+    let mut body = BytesMut::with_capacity(encoded_len_ref(&msg));
+    encode_body_ref(&msg, &mut body).ok()?;
+    Some(body.freeze())
+}
+
 /// The detail of a `Stored` reply.
 const STORED_DETAIL: &str = "offline; stored on the server, delivered when they log in";
 
@@ -328,14 +336,10 @@ impl LocalRouter {
         told: bool,
     ) -> Result<(), ()> {
         let Some(inbox) = &self.inbox else { return Err(()) };
-        let msg = MessageRef { version: relay_proto::PROTOCOL_VERSION, seq: 0, ..*msg };
-        let mut body = BytesMut::with_capacity(encoded_len_ref(&msg));
-        if encode_body_ref(&msg, &mut body).is_err() {
-            return Err(());
-        }
+        let Some(body) = stored_body(msg) else { return Err(()) };
         let envelope = Envelope {
             recipient,
-            body: body.freeze(),
+            body,
             seq: None,
             id: msg.id,
             time: msg.time,
@@ -462,14 +466,10 @@ impl LocalRouter {
     /// Stores a receipt (or another notice) in a keyed sender's inbox.
     fn store_receipt(&self, msg: &MessageRef<'_>, recipient: &str) {
         let Some(inbox) = &self.inbox else { return };
-        let msg = MessageRef { version: relay_proto::PROTOCOL_VERSION, seq: 0, ..*msg };
-        let mut body = BytesMut::with_capacity(encoded_len_ref(&msg));
-        if encode_body_ref(&msg, &mut body).is_err() {
-            return;
-        }
+        let Some(body) = stored_body(msg) else { return };
         let envelope = Envelope {
             recipient: recipient.to_owned(),
-            body: body.freeze(),
+            body,
             seq: None,
             id: 0,
             time: msg.time,
