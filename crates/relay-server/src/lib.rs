@@ -15,7 +15,8 @@
 //!   per-connection cache of the last destination) and its local implementation, over
 //!   `registry.rs` (who is online) and the name table;
 //! - [`NameStore`] (`names.rs`): the name table seam (name → key, durable), with
-//!   [`RedbStore`] (`redb_store.rs`) as the embedded implementation;
+//!   [`RedbStore`] (`redb_store.rs`) as the embedded implementation, its inboxes in
+//!   `redb_inbox.rs` and its write-ahead log in `journal.rs`;
 //! - [`Config`] (`config.rs`): every limit, with its default;
 //! - [`run_console`] (`console.rs`): the operator's commands on stdin.
 //!
@@ -28,6 +29,7 @@ mod config;
 mod connection;
 mod console;
 mod inbox;
+mod journal;
 mod names;
 mod outbox;
 mod redb_inbox;
@@ -43,6 +45,7 @@ pub use inbox::{
     AppendDone, Appended, Envelope, ExpiredMessage, Full, InboxLimits, InboxStore, Page, SenderRef,
     Stored, Totals,
 };
+pub use journal::JOURNAL_FILES;
 pub use names::{Claimed, GuestCheck, KeyClaim, NameRecord, NameStore, StoreError};
 pub use redb_store::{DB_FILE, OpenError, RedbStore};
 pub use relay_proto::AuthMode;

@@ -24,8 +24,9 @@ use bytes::Bytes;
 use redb::{ReadableTable, TableDefinition};
 
 use crate::inbox::{Appended, Envelope, ExpiredMessage, Full, Page, SenderRef, Stored, Totals};
+use crate::journal::Redo;
 use crate::names::{NameRecord, StoreError};
-use crate::redb_store::{Inboxes, Names, SEQ_EPOCH_SHIFT, get, put, store_error};
+use crate::redb_store::{Frozen, Inboxes, Names, SEQ_EPOCH_SHIFT, encode, get, store_error};
 
 pub(crate) const INBOX: TableDefinition<(&str, u64), &[u8]> = TableDefinition::new("inbox");
 pub(crate) const INBOX_META: TableDefinition<&str, &[u8]> = TableDefinition::new("inbox_meta");
@@ -33,11 +34,48 @@ pub(crate) const INBOX_META: TableDefinition<&str, &[u8]> = TableDefinition::new
 pub(crate) type Inbox<'a> = redb::Table<'a, (&'static str, u64), &'static [u8]>;
 pub(crate) type InboxMeta<'a> = redb::Table<'a, &'static str, &'static [u8]>;
 
-/// The tables an inbox change touches, open in one write transaction.
+/// The tables an inbox change touches, open in one write transaction, and the record of what
+/// it changed for the journal ([`crate::journal`]). Every change goes through the methods
+/// here, which make it and record it.
 pub(crate) struct InboxTables<'t, 'a> {
     pub(crate) names: &'t mut Names<'a>,
     pub(crate) inbox: &'t mut Inbox<'a>,
     pub(crate) meta: &'t mut InboxMeta<'a>,
+    pub(crate) redo: &'t mut Redo,
+}
+
+impl InboxTables<'_, '_> {
+    fn put_name(&mut self, record: &NameRecord) -> Result<(), StoreError> {
+        let value = encode(record);
+        self.names.insert(record.canonical.as_str(), value.as_slice()).map_err(store_error)?;
+        self.redo.name(&record.canonical, &value);
+        Ok(())
+    }
+
+    fn put_meta(&mut self, recipient: &str, m: &Meta) -> Result<(), StoreError> {
+        let value = m.encode();
+        self.meta.insert(recipient, value.as_slice()).map_err(store_error)?;
+        self.redo.meta(recipient, &value);
+        Ok(())
+    }
+
+    fn remove_meta(&mut self, recipient: &str) -> Result<(), StoreError> {
+        self.meta.remove(recipient).map_err(store_error)?;
+        self.redo.meta_gone(recipient);
+        Ok(())
+    }
+
+    fn put_segment(&mut self, recipient: &str, first: u64, value: &[u8]) -> Result<(), StoreError> {
+        self.inbox.insert((recipient, first), value).map_err(store_error)?;
+        self.redo.segment(recipient, first, value);
+        Ok(())
+    }
+
+    fn delete_segment(&mut self, recipient: &str, first: u64) -> Result<(), StoreError> {
+        self.inbox.remove((recipient, first)).map_err(store_error)?;
+        self.redo.segment_gone(recipient, first);
+        Ok(())
+    }
 }
 
 /// One recipient's inbox counts, acknowledged floor and offline numbering.
@@ -106,11 +144,6 @@ pub(crate) fn get_meta(
         Some(value) => Meta::decode(value.value())
             .ok_or_else(|| StoreError(format!("the inbox counts of {recipient:?} are damaged"))),
     }
-}
-
-fn put_meta(meta: &mut InboxMeta<'_>, recipient: &str, m: &Meta) -> Result<(), StoreError> {
-    meta.insert(recipient, m.encode().as_slice()).map_err(store_error)?;
-    Ok(())
 }
 
 /// Appends one record to a segment. Record layout, version 1: its length (u32 LE, what
@@ -195,87 +228,170 @@ fn damaged(recipient: &str, first: u64) -> StoreError {
     StoreError(format!("a stored segment for {recipient:?} (from number {first}) is damaged"))
 }
 
-/// A run of appends' view of their recipients: the name record (for its epoch), the inbox
-/// counts, and the segment being built, read once and written once at the end of the run.
-/// Kept by the worker from one transaction to the next, so segment buffers are reused rather
-/// than grown from nothing for every recipient of every transaction.
+/// Appends not yet in the tables: for each recipient stored to since the last flush, its name
+/// record (for its epoch), its inbox counts, and the segment being built. Appends change only
+/// this and the journal ([`crate::journal`]); the tables get it all in one go when it is
+/// flushed, at the next checkpoint or before any other request (which reads the tables). So a
+/// stream of stores costs one B-tree insert per recipient per checkpoint rather than per
+/// transaction, and far fewer pages to write at the checkpoint.
 #[derive(Default)]
 pub(crate) struct AppendCache {
     slots: HashMap<String, Slot>,
+    /// Recipients changed since the changes were last put into a journal record.
+    touched: Vec<String>,
     /// Emptied segment buffers.
     pool: Vec<Vec<u8>>,
 }
 
-/// Segment buffers kept for reuse, and the largest kept.
-const POOLED_SEGMENTS: usize = 64;
-const POOLED_SEGMENT_BYTES: usize = 1 << 20;
+/// Segment buffers kept for reuse.
+const POOLED_SEGMENTS: usize = 256;
+
+/// A segment past this many bytes is closed and the next record starts a new one, so no
+/// value in the table is huge (a recipient's whole inbox can be 64 MiB).
+const SEGMENT_MAX: usize = 256 << 10;
 
 struct Slot {
     /// `None`: the name is not bound.
     record: Option<NameRecord>,
     meta: Meta,
-    record_changed: bool,
-    meta_changed: bool,
-    /// Records appended in this run, and the number of the first.
-    segment: Vec<u8>,
+    /// Changed since the last flush (to write into the tables).
+    record_dirty: bool,
+    meta_dirty: bool,
+    /// Changed since the last journal record (to put into the next one).
+    record_new: bool,
+    meta_new: bool,
+    /// Segments of the records appended since the last flush; the last one is being filled.
+    segments: Vec<Segment>,
+}
+
+/// A segment being built.
+struct Segment {
+    /// The number of its first record.
     first: u64,
+    bytes: Vec<u8>,
+    /// Bytes already in a journal record.
+    journaled: usize,
+}
+
+/// `recipient`'s slot; if it is not in `slots` yet, read from `frozen` (a running
+/// checkpoint's) or else the tables.
+fn slot<'s>(
+    slots: &'s mut HashMap<String, Slot>,
+    names: &impl ReadableTable<&'static str, &'static [u8]>,
+    meta: &impl ReadableTable<&'static str, &'static [u8]>,
+    frozen: Option<&Frozen>,
+    recipient: &str,
+) -> Result<&'s mut Slot, StoreError> {
+    if !slots.contains_key(recipient) {
+        let (record, meta) = match frozen.and_then(|f| f.get(recipient)) {
+            Some((record, m)) => (record.clone(), *m),
+            None => (get(names, recipient)?, get_meta(meta, recipient)?),
+        };
+        let slot = Slot {
+            record,
+            meta,
+            record_dirty: false,
+            meta_dirty: false,
+            record_new: false,
+            meta_new: false,
+            segments: Vec::new(),
+        };
+        slots.insert(recipient.to_string(), slot);
+    }
+    slots.get_mut(recipient).ok_or_else(|| StoreError("append cache lost an entry".into()))
 }
 
 impl AppendCache {
-    fn slot(&mut self, t: &InboxTables<'_, '_>, recipient: &str) -> Result<&mut Slot, StoreError> {
-        if !self.slots.contains_key(recipient) {
-            let slot = Slot {
-                record: get(&*t.names, recipient)?,
-                meta: get_meta(&*t.meta, recipient)?,
-                record_changed: false,
-                meta_changed: false,
-                segment: self.pool.pop().unwrap_or_default(),
-                first: 0,
-            };
-            self.slots.insert(recipient.to_string(), slot);
-        }
-        self.slots.get_mut(recipient).ok_or_else(|| StoreError("append cache lost an entry".into()))
+    /// Nothing waits to be flushed.
+    pub(crate) fn is_empty(&self) -> bool {
+        self.slots.is_empty()
     }
 
-    /// Writes the run's segments and what changed, and forgets everything (other requests
-    /// read the tables).
-    pub(crate) fn flush(&mut self, t: &mut InboxTables<'_, '_>) -> Result<(), StoreError> {
-        for (recipient, mut slot) in self.slots.drain() {
-            if slot.record_changed
+    /// Each recipient's name record and counts as they stand here (what the tables will hold
+    /// once this is flushed).
+    pub(crate) fn frozen(&self) -> Frozen {
+        self.slots.iter().map(|(k, slot)| (k.clone(), (slot.record.clone(), slot.meta))).collect()
+    }
+
+    /// Puts what changed since the last call into `redo`: each changed name record and counts
+    /// as its value, and each segment's new records as an append to it.
+    pub(crate) fn journal(&mut self, redo: &mut Redo) {
+        for recipient in self.touched.drain(..) {
+            let Some(slot) = self.slots.get_mut(&recipient) else { continue };
+            if std::mem::take(&mut slot.record_new)
                 && let Some(record) = &slot.record
             {
-                put(t.names, record)?;
+                redo.name(&record.canonical, &encode(record));
             }
-            if slot.meta_changed {
-                put_meta(t.meta, &recipient, &slot.meta)?;
+            if std::mem::take(&mut slot.meta_new) {
+                redo.meta(&recipient, &slot.meta.encode());
             }
-            if !slot.segment.is_empty() {
-                let key = (recipient.as_str(), slot.first);
-                // A segment cannot start where another does (numbers are never reused); if
-                // one somehow does, keep both, the old records first.
-                let replaced = t
-                    .inbox
-                    .insert(key, slot.segment.as_slice())
-                    .map_err(store_error)?
-                    .map(|old| old.value().to_vec());
-                if let Some(mut both) = replaced {
-                    both.extend_from_slice(&slot.segment);
-                    t.inbox.insert(key, both.as_slice()).map_err(store_error)?;
+            for segment in &mut slot.segments {
+                if let Some(new) = segment.bytes.get(segment.journaled..)
+                    && !new.is_empty()
+                {
+                    redo.segment_append(&recipient, segment.first, new);
+                    segment.journaled = segment.bytes.len();
                 }
             }
-            if self.pool.len() < POOLED_SEGMENTS && slot.segment.capacity() <= POOLED_SEGMENT_BYTES
+        }
+    }
+
+    /// Writes everything into the tables and forgets it (other requests read the tables).
+    /// What was not in a journal record yet goes into `t.redo` first; the writes themselves
+    /// are not recorded again.
+    pub(crate) fn flush(&mut self, t: &mut InboxTables<'_, '_>) -> Result<(), StoreError> {
+        self.journal(t.redo);
+        for (recipient, slot) in self.slots.drain() {
+            if slot.record_dirty
+                && let Some(record) = &slot.record
             {
-                slot.segment.clear();
-                self.pool.push(slot.segment);
+                let value = encode(record);
+                t.names.insert(record.canonical.as_str(), value.as_slice()).map_err(store_error)?;
+            }
+            if slot.meta_dirty {
+                t.meta
+                    .insert(recipient.as_str(), slot.meta.encode().as_slice())
+                    .map_err(store_error)?;
+            }
+            for mut segment in slot.segments {
+                // A segment cannot start where another does (numbers are never reused); if
+                // one somehow does, keep both, the old records first (as a replay of the
+                // journal's append would).
+                append_segment(t.inbox, &recipient, segment.first, &segment.bytes)?;
+                if self.pool.len() < POOLED_SEGMENTS {
+                    segment.bytes.clear();
+                    self.pool.push(segment.bytes);
+                }
             }
         }
         Ok(())
     }
 }
 
+/// Adds `records` at the end of the segment at (`recipient`, `first`), creating it if need be.
+pub(crate) fn append_segment(
+    inbox: &mut Inbox<'_>,
+    recipient: &str,
+    first: u64,
+    records: &[u8],
+) -> Result<(), StoreError> {
+    let key = (recipient, first);
+    let replaced = inbox.insert(key, records).map_err(store_error)?.map(|old| old.value().to_vec());
+    if let Some(mut both) = replaced {
+        both.extend_from_slice(records);
+        inbox.insert(key, both.as_slice()).map_err(store_error)?;
+    }
+    Ok(())
+}
+
 /// Stores one message, if its recipient is bound and its inbox and the store have room.
+/// Changes only `cache`: the caller puts the changes in a journal record
+/// ([`AppendCache::journal`]). `names` and `meta` are read for a recipient not in the cache.
 pub(crate) fn append_one(
-    t: &mut InboxTables<'_, '_>,
+    names: &impl ReadableTable<&'static str, &'static [u8]>,
+    meta: &impl ReadableTable<&'static str, &'static [u8]>,
+    frozen: Option<&Frozen>,
     inboxes: &mut Inboxes,
     cache: &mut AppendCache,
     envelope: Envelope,
@@ -283,7 +399,8 @@ pub(crate) fn append_one(
     let recipient = envelope.recipient.as_str();
     let limits = inboxes.limits;
     let size = envelope.body.len() as u64;
-    let slot = cache.slot(t, recipient)?;
+    let AppendCache { slots, touched, pool } = cache;
+    let slot = slot(slots, names, meta, frozen, recipient)?;
     let Some(record) = slot.record.as_mut() else {
         return Ok(Appended::NotBound);
     };
@@ -302,7 +419,8 @@ pub(crate) fn append_one(
         None => {
             if m.offline_epoch == 0 {
                 record.epoch += 1;
-                slot.record_changed = true;
+                slot.record_dirty = true;
+                slot.record_new = true;
                 m.offline_epoch = record.epoch;
                 m.next = 1;
             }
@@ -315,12 +433,21 @@ pub(crate) fn append_one(
         // Already acknowledged (a message moved from a session after its ack was counted).
         return Ok(Appended::Stored(seq));
     }
-    slot.meta_changed = true;
-    if slot.segment.is_empty() {
-        slot.first = seq;
-    }
+    slot.meta_dirty = true;
+    let first_touch = !std::mem::replace(&mut slot.meta_new, true);
+    let segment = match slot.segments.last_mut() {
+        Some(last) if last.bytes.len() < SEGMENT_MAX => last,
+        _ => {
+            let bytes = pool.pop().unwrap_or_default();
+            slot.segments.push(Segment { first: seq, bytes, journaled: 0 });
+            let Some(last) = slot.segments.last_mut() else {
+                return Err(StoreError("segment lost".into()));
+            };
+            last
+        }
+    };
     m.oldest = m.oldest.min(envelope.time);
-    put_record(&mut slot.segment, &envelope, seq);
+    put_record(&mut segment.bytes, &envelope, seq);
     if m.count == 0 {
         inboxes.totals.recipients += 1;
     }
@@ -328,6 +455,9 @@ pub(crate) fn append_one(
     m.bytes += size;
     inboxes.totals.messages += 1;
     inboxes.totals.bytes += size;
+    if first_touch {
+        touched.push(envelope.recipient.clone());
+    }
     Ok(Appended::Stored(seq))
 }
 
@@ -394,25 +524,15 @@ pub(crate) fn go_live(
         return Err(StoreError(format!("{recipient:?} is no longer bound")));
     };
     record.epoch += 1;
-    put(t.names, &record)?;
+    t.put_name(&record)?;
     let mut m = get_meta(&*t.meta, recipient)?;
     if m.offline_epoch != 0 {
         m.offline_epoch = 0;
         m.next = 0;
-        put_meta(t.meta, recipient, &m)?;
+        t.put_meta(recipient, &m)?;
     }
     page.live_epoch = Some(record.epoch);
     Ok(page)
-}
-
-/// Deletes a segment.
-fn delete_segment(
-    t: &mut InboxTables<'_, '_>,
-    recipient: &str,
-    first: u64,
-) -> Result<(), StoreError> {
-    t.inbox.remove((recipient, first)).map_err(store_error)?;
-    Ok(())
 }
 
 /// Forgets `recipient`'s messages numbered up to `upto` (acknowledged, or all of them for a
@@ -452,7 +572,7 @@ pub(crate) fn remove_upto(
         }
     }
     for first in gone {
-        delete_segment(t, recipient, first)?;
+        t.delete_segment(recipient, first)?;
     }
     // The floor never passes a number not yet stored: a purge (`upto` = MAX) stops at the
     // highest number it removed, so later messages are not hidden.
@@ -461,7 +581,7 @@ pub(crate) fn remove_upto(
     if m.count == 0 {
         m.oldest = u64::MAX;
     }
-    put_meta(t.meta, recipient, &m)?;
+    t.put_meta(recipient, &m)?;
     Ok(count)
 }
 
@@ -479,9 +599,9 @@ pub(crate) fn forget_inbox(
         left.push(entry.map_err(store_error)?.0.value().1);
     }
     for first in left {
-        delete_segment(t, recipient, first)?;
+        t.delete_segment(recipient, first)?;
     }
-    t.meta.remove(recipient).map_err(store_error)?;
+    t.remove_meta(recipient)?;
     Ok(())
 }
 
@@ -554,16 +674,14 @@ pub(crate) fn expire(
                 continue;
             }
             if kept.is_empty() {
-                delete_segment(t, &recipient, first)?;
+                t.delete_segment(&recipient, first)?;
             } else {
-                t.inbox
-                    .insert((recipient.as_str(), first), kept.as_slice())
-                    .map_err(store_error)?;
+                t.put_segment(&recipient, first, &kept)?;
             }
         }
         forget(inboxes, &mut m, count, bytes);
         m.oldest = if m.count == 0 { u64::MAX } else { oldest };
-        put_meta(t.meta, &recipient, &m)?;
+        t.put_meta(&recipient, &m)?;
     }
     Ok(expired)
 }

@@ -9,25 +9,31 @@
 //! Tables: `names` (canonical name → record) and `skeletons` (skeleton → canonical name), kept
 //! in step in the same transactions; and the inboxes' tables (see [`crate::redb_inbox`]).
 
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
-use std::sync::{Mutex, mpsc};
+use std::sync::{Arc, Mutex, mpsc};
 use std::thread;
+use std::time::{Duration, Instant};
 
 use futures_util::future::BoxFuture;
-use redb::{Database, DatabaseError, ReadableDatabase, ReadableTable, TableDefinition};
+use redb::{Database, DatabaseError, Durability, ReadableDatabase, ReadableTable, TableDefinition};
 use relay_proto::{PUBLIC_KEY_LEN, PublicKey};
 use tokio::sync::oneshot;
 
 use crate::inbox::{
     AppendDone, Appended, Envelope, ExpiredMessage, InboxLimits, InboxStore, Page, Totals,
 };
+use crate::journal::{Change, Journal, Redo, changes};
 use crate::names::{Claimed, GuestCheck, KeyClaim, NameRecord, NameStore, StoreError};
 use crate::redb_inbox::{
-    AppendCache, INBOX, INBOX_META, InboxTables, append_one, expire, forget_inbox, go_live,
-    read_page, remove_upto,
+    AppendCache, INBOX, INBOX_META, InboxTables, append_one, append_segment, expire, forget_inbox,
+    go_live, read_page, remove_upto,
 };
 
 const NAMES: TableDefinition<&str, &[u8]> = TableDefinition::new("names");
+/// The number of the last journal record the tables hold (key [`APPLIED`]).
+const JOURNAL: TableDefinition<&str, u64> = TableDefinition::new("journal");
+const APPLIED: &str = "applied";
 const SKELETONS: TableDefinition<&str, &str> = TableDefinition::new("skeletons");
 
 /// Bits of a sequence number below its epoch (see [`crate::inbox`]).
@@ -111,52 +117,19 @@ impl RedbStore {
         let dir_error = |source| OpenError::Dir { dir: dir.to_path_buf(), source };
         std::fs::create_dir_all(dir).map_err(dir_error)?;
         let path = dir.join(DB_FILE);
-        let db = Database::create(&path).map_err(|e| match e {
-            DatabaseError::DatabaseAlreadyOpen => OpenError::Locked { path: path.clone() },
-            // redb reports a file that is not a database as invalid data.
-            DatabaseError::Storage(redb::StorageError::Io(io))
-                if io.kind() != std::io::ErrorKind::InvalidData =>
-            {
-                dir_error(io)
-            }
-            other => OpenError::Corrupt { path: path.clone(), detail: other.to_string() },
-        })?;
-        // Create the tables now, so a read-only or full disk shows at start, not at the
-        // first registration.
-        let corrupt = |e: &dyn std::fmt::Display| OpenError::Corrupt {
-            path: path.clone(),
-            detail: e.to_string(),
-        };
-        let tx = db.begin_write().map_err(|e| corrupt(&e))?;
-        let totals;
-        {
-            let names = tx.open_table(NAMES).map_err(|e| corrupt(&e))?;
-            // Every record must decode: a table we cannot read is not silently ignored.
-            for entry in names.iter().map_err(|e| corrupt(&e))? {
-                let (key, value) = entry.map_err(|e| corrupt(&e))?;
-                decode(key.value(), value.value())
-                    .ok_or_else(|| corrupt(&format!("bad record for {:?}", key.value())))?;
-            }
-            tx.open_table(SKELETONS).map_err(|e| corrupt(&e))?;
-            tx.open_table(INBOX).map_err(|e| corrupt(&e))?;
-            let meta = tx.open_table(INBOX_META).map_err(|e| corrupt(&e))?;
-            totals = crate::redb_inbox::totals(&meta).map_err(|e| corrupt(&e))?;
-        }
-        tx.commit().map_err(|e| match e {
-            redb::CommitError::Storage(redb::StorageError::Io(io)) => dir_error(io),
-            other => corrupt(&other),
-        })?;
+        let db = create(&path, dir)?;
+        // Opened only once the database's lock is held: one server per data directory.
+        let mut journal = Journal::open(dir).map_err(dir_error)?;
+        let totals = recover(&db, &mut journal, &path, dir, true)?;
         let (requests, queue) = mpsc::channel();
         let (stopped_tx, stopped) = oneshot::channel();
+        let place = Place { dir: dir.to_path_buf(), path };
         thread::Builder::new()
             .name("relay-names".into())
             .spawn(move || {
-                worker(
-                    path,
-                    db,
-                    queue,
-                    Inboxes { limits, totals, failing: None, cache: AppendCache::default() },
-                );
+                let inboxes =
+                    Inboxes { limits, totals, failing: None, cache: AppendCache::default() };
+                worker(place, db, journal, queue, inboxes);
                 // The database is dropped (and its file unlocked) before this is told.
                 let _ = stopped_tx.send(());
             })
@@ -180,6 +153,118 @@ impl RedbStore {
             rx.await.map_err(|_| StoreError("the name table is closed".into()))?
         })
     }
+}
+
+/// Where the store lives: its directory and database file.
+struct Place {
+    dir: PathBuf,
+    path: PathBuf,
+}
+
+/// Opens (creating if need be) the database file, each failure as the [`OpenError`] a person
+/// can act on.
+fn create(path: &Path, dir: &Path) -> Result<Database, OpenError> {
+    Database::create(path).map_err(|e| match e {
+        DatabaseError::DatabaseAlreadyOpen => OpenError::Locked { path: path.to_path_buf() },
+        // redb reports a file that is not a database as invalid data.
+        DatabaseError::Storage(redb::StorageError::Io(io))
+            if io.kind() != std::io::ErrorKind::InvalidData =>
+        {
+            OpenError::Dir { dir: dir.to_path_buf(), source: io }
+        }
+        other => OpenError::Corrupt { path: path.to_path_buf(), detail: other.to_string() },
+    })
+}
+
+/// Brings the tables up to date after an open: replays the journal's records the tables do
+/// not hold yet (those after the number in the `journal` table). Returns the inboxes' totals.
+///
+/// At start (`at_start`): also checks every name record decodes, creates missing tables (so a
+/// read-only or full disk shows at start, not at the first registration), commits durably
+/// and starts the journal over. After a failure closed the database: commits without a sync
+/// (a full disk may not take one) and leaves the journal as it is; the next checkpoint makes
+/// it durable.
+fn recover(
+    db: &Database,
+    journal: &mut Journal,
+    path: &Path,
+    dir: &Path,
+    at_start: bool,
+) -> Result<Totals, OpenError> {
+    let corrupt = |e: &dyn std::fmt::Display| OpenError::Corrupt {
+        path: path.to_path_buf(),
+        detail: e.to_string(),
+    };
+    let records =
+        journal.records().map_err(|source| OpenError::Dir { dir: dir.to_path_buf(), source })?;
+    let mut tx = db.begin_write().map_err(|e| corrupt(&e))?;
+    if !at_start {
+        tx.set_durability(Durability::None).map_err(|e| corrupt(&e))?;
+    }
+    let totals;
+    let last;
+    {
+        let mut applied_table = tx.open_table(JOURNAL).map_err(|e| corrupt(&e))?;
+        let applied = applied_table.get(APPLIED).map_err(|e| corrupt(&e))?.map_or(0, |v| v.value());
+        let mut names = tx.open_table(NAMES).map_err(|e| corrupt(&e))?;
+        let mut inbox = tx.open_table(INBOX).map_err(|e| corrupt(&e))?;
+        let mut meta = tx.open_table(INBOX_META).map_err(|e| corrupt(&e))?;
+        let mut pending = records.iter().filter(|(lsn, _)| *lsn > applied).peekable();
+        if let Some((first, _)) = pending.peek()
+            && *first != applied + 1
+        {
+            return Err(corrupt(&format!(
+                "the inbox journal lacks records {} to {}",
+                applied + 1,
+                first - 1
+            )));
+        }
+        let mut replayed = applied;
+        for (lsn, payload) in pending {
+            for change in changes(payload) {
+                let change = change
+                    .ok_or_else(|| corrupt(&format!("inbox journal record {lsn} is damaged")))?;
+                let done = match change {
+                    Change::Name(name, value) => names.insert(name, value).map(drop),
+                    Change::Meta(name, value) => meta.insert(name, value).map(drop),
+                    Change::MetaGone(name) => meta.remove(name).map(drop),
+                    Change::Segment(name, first, value) => {
+                        inbox.insert((name, first), value).map(drop)
+                    }
+                    Change::SegmentGone(name, first) => inbox.remove((name, first)).map(drop),
+                    Change::SegmentAppend(name, first, records) => {
+                        append_segment(&mut inbox, name, first, records)
+                            .map_err(|e| corrupt(&e))?;
+                        Ok(())
+                    }
+                };
+                done.map_err(|e| corrupt(&e))?;
+            }
+            replayed = *lsn;
+        }
+        last = replayed;
+        applied_table.insert(APPLIED, last).map_err(|e| corrupt(&e))?;
+        // Every record must decode: a table we cannot read is not silently ignored.
+        for entry in names.iter().map_err(|e| corrupt(&e))?.take_while(|_| at_start) {
+            let (key, value) = entry.map_err(|e| corrupt(&e))?;
+            decode(key.value(), value.value())
+                .ok_or_else(|| corrupt(&format!("bad record for {:?}", key.value())))?;
+        }
+        tx.open_table(SKELETONS).map_err(|e| corrupt(&e))?;
+        totals = crate::redb_inbox::totals(&meta).map_err(|e| corrupt(&e))?;
+    }
+    tx.commit().map_err(|e| match e {
+        redb::CommitError::Storage(redb::StorageError::Io(io)) => {
+            OpenError::Dir { dir: dir.to_path_buf(), source: io }
+        }
+        other => corrupt(&other),
+    })?;
+    if at_start {
+        journal
+            .restart(last)
+            .map_err(|source| OpenError::Dir { dir: dir.to_path_buf(), source })?;
+    }
+    Ok(totals)
 }
 
 fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -274,6 +359,11 @@ impl InboxStore for RedbStore {
 }
 
 impl Request {
+    /// Changes the name table (not through the inboxes' journaled changes): committed durably.
+    fn changes_names(&self) -> bool {
+        matches!(self, Request::Claim(..) | Request::Seen(..) | Request::Release(..))
+    }
+
     fn reads_only(&self) -> bool {
         matches!(
             self,
@@ -375,13 +465,104 @@ pub(crate) struct Inboxes {
     cache: AppendCache,
 }
 
-fn worker(path: PathBuf, db: Database, queue: mpsc::Receiver<Request>, mut inboxes: Inboxes) {
+fn worker(
+    place: Place,
+    db: Database,
+    journal: Journal,
+    queue: mpsc::Receiver<Request>,
+    inboxes: Inboxes,
+) {
     // redb latches an I/O failure (a full disk, say): every later call fails until the
     // database is opened again. So a failed batch closes it, and the next batch opens it
-    // afresh (recovering to the last commit), which is how the store comes back once there
-    // is space again.
-    let mut db = Some(db);
-    while let Ok(first) = queue.recv() {
+    // afresh (recovering to the last durable commit and replaying the journal), which is how
+    // the store comes back once there is space again.
+    let mut w = Worker {
+        place,
+        db: Some(Arc::new(db)),
+        journal,
+        inboxes,
+        redo: Redo::default(),
+        running: None,
+        retry_at: None,
+    };
+    loop {
+        // While journal records wait for a checkpoint, wake for it even if nothing comes.
+        let wait = match (&w.running, w.journal.due_in()) {
+            (Some(_), due) => Some(due.unwrap_or(RUNNING_POLL).min(RUNNING_POLL)),
+            (None, due) => due,
+        };
+        let first = match wait {
+            Some(wait) => match queue.recv_timeout(wait) {
+                Ok(first) => Some(first),
+                Err(mpsc::RecvTimeoutError::Timeout) => None,
+                Err(mpsc::RecvTimeoutError::Disconnected) => break,
+            },
+            None => match queue.recv() {
+                Ok(first) => Some(first),
+                Err(_) => break,
+            },
+        };
+        let mut outcome = match first {
+            Some(first) => w.serve(first, &queue),
+            None => Ok(()),
+        };
+        if outcome.is_ok() {
+            outcome = w.checkpoint_if_due();
+        }
+        if outcome.is_err() {
+            w.close();
+        }
+        note_outcome(&outcome, &mut w.inboxes);
+    }
+    // A clean stop leaves the tables current and nothing to replay.
+    let last = w.finish_checkpoint().and_then(|()| match &w.db {
+        Some(db) if w.journal.pending() || !w.inboxes.cache.is_empty() => {
+            let cache = std::mem::take(&mut w.inboxes.cache);
+            flush_durably(db, cache, w.journal.last())
+        }
+        _ => Ok(()),
+    });
+    if let Err(e) = last {
+        tracing::warn!(error = %e, "last checkpoint failed; the journal is replayed at next start");
+    }
+}
+
+/// How often the worker looks whether a running checkpoint is done, when nothing else wakes it.
+const RUNNING_POLL: Duration = Duration::from_millis(20);
+
+/// The worker's state.
+struct Worker {
+    place: Place,
+    /// `None` after a failure, until the next batch opens it again.
+    db: Option<Arc<Database>>,
+    journal: Journal,
+    inboxes: Inboxes,
+    /// The changes of the batch being applied (reused).
+    redo: Redo,
+    /// The checkpoint being written on its own thread, if one is.
+    running: Option<Running>,
+    /// No checkpoint is tried before this, after one failed.
+    retry_at: Option<Instant>,
+}
+
+/// How long after a failed checkpoint the next is tried.
+const RETRY: Duration = Duration::from_secs(1);
+
+/// A checkpoint being written: the stores it flushes (everything up to a journal record) are
+/// gone from the worker's cache, so their recipients' counts are kept here until it is
+/// durable, for the stores that arrive meanwhile.
+struct Running {
+    thread: thread::JoinHandle<Result<(), StoreError>>,
+    frozen: Arc<Frozen>,
+}
+
+/// Recipients' name records and counts as a running checkpoint will leave them.
+pub(crate) type Frozen = HashMap<String, (Option<NameRecord>, crate::redb_inbox::Meta)>;
+
+impl Worker {
+    /// Takes `first` and whatever else is queued (up to [`MAX_BATCH`]) and applies them as one
+    /// batch; answers each once its changes are durable, or with the failure.
+    fn serve(&mut self, first: Request, queue: &mpsc::Receiver<Request>) -> Result<(), StoreError> {
         let mut batch = vec![first];
         while batch.len() < MAX_BATCH {
             match queue.try_recv() {
@@ -390,58 +571,224 @@ fn worker(path: PathBuf, db: Database, queue: mpsc::Receiver<Request>, mut inbox
             }
         }
         let mut done = Vec::with_capacity(batch.len());
-        // A batch of lookups alone (guests logging in) needs no write transaction and no
-        // disk sync; one with any change is applied and committed as a whole.
-        if db.is_none() {
-            match Database::create(&path) {
-                Ok(reopened) => {
-                    tracing::info!(path = %path.display(), "store reopened");
-                    db = Some(reopened);
+        let stores_only = batch.iter().all(|r| matches!(r, Request::Append(..)));
+        // Anything but stores reads or writes the tables: any running checkpoint must be
+        // in them first.
+        let ready = if stores_only { Ok(()) } else { self.finish_checkpoint() };
+        let ready = ready.and_then(|()| self.open());
+        let db = match ready {
+            Ok(db) => db,
+            Err(e) => {
+                let _ = fail_all(batch, e.clone(), &mut done);
+                for answer in done {
+                    answer.send(None);
                 }
-                Err(e) => {
-                    let e = StoreError(format!("the store cannot be opened: {e}"));
-                    let _ = fail_all(batch, e.clone(), &mut done);
-                    if inboxes.failing.as_deref() != Some(e.0.as_str()) {
-                        tracing::error!(error = %e, "store unavailable (logged once until it changes)");
-                        inboxes.failing = Some(e.0);
-                    }
-                    for answer in done {
-                        answer.send(None);
-                    }
-                    continue;
-                }
+                return Err(e);
             }
-        }
-        let Some(open) = &db else { continue };
-        let committed = if batch.iter().all(Request::reads_only) {
-            answer_reads(open, batch, &inboxes, &mut done)
-        } else {
-            // The totals change with the transaction; they are put back if it fails.
-            let before = inboxes.totals;
-            let applied = apply(open, batch, &mut inboxes, &mut done);
-            if applied.is_err() {
-                inboxes.totals = before;
-                // Closed now (its file lock released), opened again by the next batch.
-                db = None;
-            }
-            applied
         };
-        match (&committed, &inboxes.failing) {
-            (Err(e), Some(last)) if e.0 == *last => {}
-            (Err(e), _) => {
-                tracing::error!(error = %e, "store update failed (logged once until it changes)");
-                inboxes.failing = Some(e.0.clone());
-            }
-            (Ok(()), Some(_)) => {
-                tracing::warn!("store updates work again");
-                inboxes.failing = None;
-            }
-            (Ok(()), None) => {}
+        let inboxes = &mut self.inboxes;
+        // The totals change with the batch; they are put back if it fails.
+        let before = inboxes.totals;
+        self.redo.clear();
+        let committed = if stores_only {
+            let frozen = self.running.as_ref().map(|r| r.frozen.clone());
+            append_only(
+                &db,
+                batch,
+                inboxes,
+                frozen.as_deref(),
+                &mut self.journal,
+                &mut self.redo,
+                &mut done,
+            )
+        } else if inboxes.cache.is_empty() && batch.iter().all(Request::reads_only) {
+            // Lookups alone (guests logging in) need no write transaction and no sync.
+            answer_reads(&db, batch, inboxes, &mut done)
+        } else {
+            apply(&db, batch, inboxes, &mut self.journal, &mut self.redo, &mut done)
+        };
+        if committed.is_err() {
+            inboxes.totals = before;
         }
         for answer in done {
             answer.send(committed.as_ref().err());
         }
+        committed
     }
+
+    /// The database, opened again (and the journal replayed) if a failure closed it.
+    fn open(&mut self) -> Result<Arc<Database>, StoreError> {
+        if let Some(db) = &self.db {
+            return Ok(db.clone());
+        }
+        let place = &self.place;
+        let reopened = create(&place.path, &place.dir).and_then(|reopened| {
+            let totals = recover(&reopened, &mut self.journal, &place.path, &place.dir, false)?;
+            Ok((reopened, totals))
+        });
+        match reopened {
+            Ok((reopened, totals)) => {
+                tracing::info!(path = %place.path.display(), "store reopened");
+                self.inboxes.totals = totals;
+                let db = Arc::new(reopened);
+                self.db = Some(db.clone());
+                Ok(db)
+            }
+            Err(e) => Err(StoreError(format!("the store cannot be opened: {e}"))),
+        }
+    }
+
+    /// After a failure: waits for any running checkpoint, closes the database (releasing its
+    /// file lock) and drops the cache; the next batch opens it again, and the journal brings
+    /// back what the cache held.
+    fn close(&mut self) {
+        if let Some(running) = self.running.take() {
+            let _ = running.thread.join();
+        }
+        self.db = None;
+        self.inboxes.cache = AppendCache::default();
+        // What the journal holds may now be needed at the next start, in either file.
+        self.journal.keep_both();
+    }
+
+    /// Waits for the running checkpoint, if any, to be durable.
+    fn finish_checkpoint(&mut self) -> Result<(), StoreError> {
+        let Some(running) = self.running.take() else { return Ok(()) };
+        running
+            .thread
+            .join()
+            .unwrap_or_else(|_| Err(StoreError("the checkpoint thread failed".into())))?;
+        self.journal.checkpointed();
+        Ok(())
+    }
+
+    /// Starts a checkpoint when one is due: the cache (every store up to the last journal
+    /// record) is handed to a thread that writes it into the tables and commits durably, while
+    /// this one goes on storing into a fresh cache and the journal's other file.
+    fn checkpoint_if_due(&mut self) -> Result<(), StoreError> {
+        if let Some(running) = &self.running {
+            if !running.thread.is_finished() {
+                return Ok(());
+            }
+            self.finish_checkpoint()?;
+        }
+        let Some(db) = &self.db else { return Ok(()) };
+        if !self.journal.can_switch() {
+            // After a failure, records the tables on disk lack may be in both files: the
+            // next checkpoint is written here and now, and its success lets the journal
+            // start over. Tried at most once a second while it fails (a full disk).
+            if self.retry_at.is_some_and(|at| Instant::now() < at) {
+                return Ok(());
+            }
+            let cache = std::mem::take(&mut self.inboxes.cache);
+            let upto = self.journal.last();
+            if let Err(e) = flush_durably(db, cache, upto) {
+                self.retry_at = Some(Instant::now() + RETRY);
+                return Err(e);
+            }
+            self.retry_at = None;
+            return self
+                .journal
+                .restart(upto)
+                .map_err(|e| StoreError(format!("inbox journal: {e}")));
+        }
+        if !self.journal.due() {
+            return Ok(());
+        }
+        let upto = self.journal.last();
+        let cache = std::mem::take(&mut self.inboxes.cache);
+        let frozen = Arc::new(cache.frozen());
+        self.journal.switch().map_err(|e| StoreError(format!("inbox journal: {e}")))?;
+        let db = db.clone();
+        let thread = thread::Builder::new()
+            .name("relay-checkpoint".into())
+            .spawn(move || flush_durably(&db, cache, upto))
+            .map_err(|e| StoreError(format!("cannot start a checkpoint: {e}")))?;
+        self.running = Some(Running { thread, frozen });
+        Ok(())
+    }
+}
+
+/// Logs a store failure once per cause, and its end.
+fn note_outcome(committed: &Result<(), StoreError>, inboxes: &mut Inboxes) {
+    match (committed, &inboxes.failing) {
+        (Err(e), Some(last)) if e.0 == *last => {}
+        (Err(e), _) => {
+            tracing::error!(error = %e, "store update failed (logged once until it changes)");
+            inboxes.failing = Some(e.0.clone());
+        }
+        (Ok(()), Some(_)) => {
+            tracing::warn!("store updates work again");
+            inboxes.failing = None;
+        }
+        (Ok(()), None) => {}
+    }
+}
+
+/// A batch of stores alone: applied to the cache, put in one journal record, synced. No redb
+/// write transaction: the tables are read (and `frozen`, while a checkpoint runs) for
+/// recipients not in the cache.
+fn append_only(
+    db: &Database,
+    batch: Vec<Request>,
+    inboxes: &mut Inboxes,
+    frozen: Option<&Frozen>,
+    journal: &mut Journal,
+    redo: &mut Redo,
+    done: &mut Vec<Done>,
+) -> Result<(), StoreError> {
+    let tables = db.begin_read().map_err(store_error).and_then(|tx| {
+        Ok((
+            tx.open_table(NAMES).map_err(store_error)?,
+            tx.open_table(INBOX_META).map_err(store_error)?,
+        ))
+    });
+    let (names, meta) = match tables {
+        Ok(tables) => tables,
+        Err(e) => return fail_all(batch, e, done),
+    };
+    let mut cache = std::mem::take(&mut inboxes.cache);
+    for request in batch {
+        match request {
+            Request::Append(envelope, then) => {
+                let r = append_one(&names, &meta, frozen, inboxes, &mut cache, envelope);
+                done.push(Done::Append(then, r));
+            }
+            other => fail(other, &StoreError("not a store".into()), done),
+        }
+    }
+    cache.journal(redo);
+    inboxes.cache = cache;
+    if !redo.is_empty() {
+        journal.append(redo).map_err(|e| StoreError(format!("inbox journal: {e}")))?;
+    }
+    Ok(())
+}
+
+/// Records in the tables that they hold the journal up to record `lsn`.
+fn set_applied(tx: &redb::WriteTransaction, lsn: u64) -> Result<(), StoreError> {
+    let mut table = tx.open_table(JOURNAL).map_err(store_error)?;
+    table.insert(APPLIED, lsn).map_err(store_error)?;
+    Ok(())
+}
+
+/// A checkpoint: writes `cache` (the stores of every journal record up to `upto` not yet in
+/// the tables) into the tables and commits durably.
+fn flush_durably(db: &Database, mut cache: AppendCache, upto: u64) -> Result<(), StoreError> {
+    let tx = db.begin_write().map_err(store_error)?;
+    {
+        let (mut names, mut inbox, mut meta) = tx
+            .open_table(NAMES)
+            .and_then(|n| Ok((n, tx.open_table(INBOX)?, tx.open_table(INBOX_META)?)))
+            .map_err(store_error)?;
+        // Everything in the cache is in the journal already: nothing new is recorded.
+        let mut redo = Redo::default();
+        let mut t =
+            InboxTables { names: &mut names, inbox: &mut inbox, meta: &mut meta, redo: &mut redo };
+        cache.flush(&mut t)?;
+    }
+    set_applied(&tx, upto)?;
+    tx.commit().map_err(store_error)
 }
 
 pub(crate) fn store_error(e: impl std::fmt::Display) -> StoreError {
@@ -450,16 +797,26 @@ pub(crate) fn store_error(e: impl std::fmt::Display) -> StoreError {
 
 /// Applies a batch in one write transaction and commits it. Each answer goes into `done`;
 /// they are sent only once the commit returned (or fails, all together).
+///
+/// A batch that changes names is committed durably (a checkpoint: the journal starts over).
+/// One that changes only inboxes is committed without a sync, and its changes, recorded in
+/// `redo`, are appended to the journal and synced first ([`crate::journal`] says why).
 fn apply(
     db: &Database,
     batch: Vec<Request>,
     inboxes: &mut Inboxes,
+    journal: &mut Journal,
+    redo: &mut Redo,
     done: &mut Vec<Done>,
 ) -> Result<(), StoreError> {
-    let tx = match db.begin_write() {
+    let durable = batch.iter().any(Request::changes_names);
+    let mut tx = match db.begin_write() {
         Ok(tx) => tx,
         Err(e) => return fail_all(batch, store_error(e), done),
     };
+    if !durable && let Err(e) = tx.set_durability(Durability::None) {
+        return fail_all(batch, store_error(e), done);
+    }
     {
         let tables = tx.open_table(NAMES).and_then(|n| {
             Ok((n, tx.open_table(SKELETONS)?, tx.open_table(INBOX)?, tx.open_table(INBOX_META)?))
@@ -468,7 +825,8 @@ fn apply(
             Ok(tables) => tables,
             Err(e) => return fail_all(batch, store_error(e), done),
         };
-        let mut t = InboxTables { names: &mut names, inbox: &mut inbox, meta: &mut meta };
+        let mut t =
+            InboxTables { names: &mut names, inbox: &mut inbox, meta: &mut meta, redo: &mut *redo };
         // Appends in a row keep their recipients' records and counts here, written once at the
         // end of the run rather than once per message.
         // Taken out for the transaction (the tables borrow the rest of `inboxes`).
@@ -514,7 +872,7 @@ fn apply(
                     done.push(Done::Record(tx, get(t.names, &canonical)));
                 }
                 Request::Append(envelope, then) => {
-                    let r = append_one(&mut t, inboxes, &mut cache, envelope);
+                    let r = append_one(&*t.names, &*t.meta, None, inboxes, &mut cache, envelope);
                     done.push(Done::Append(then, r));
                 }
                 Request::Read { recipient, after, max_bytes, live, reply } => {
@@ -547,7 +905,25 @@ fn apply(
         cache.flush(&mut t)?;
         inboxes.cache = cache;
     }
-    tx.commit().map_err(store_error)
+    // The tables say which journal record they hold: this batch's own, if it writes one.
+    let logged = !durable && !redo.is_empty();
+    let holds = if logged { journal.next() } else { journal.last() };
+    set_applied(&tx, holds)?;
+    if durable {
+        tx.commit().map_err(store_error)?;
+        return journal.restart(holds).map_err(|e| StoreError(format!("inbox journal: {e}")));
+    }
+    if logged {
+        // On failure the transaction is dropped, which aborts it: nothing was changed.
+        journal.append(redo).map_err(|e| StoreError(format!("inbox journal: {e}")))?;
+    }
+    if let Err(e) = tx.commit() {
+        if logged && let Err(retract) = journal.retract() {
+            tracing::error!(error = %retract, "could not take back a journal record whose commit failed");
+        }
+        return Err(store_error(e));
+    }
+    Ok(())
 }
 
 /// Answers every request of a batch that could not be applied with the error.
@@ -645,7 +1021,7 @@ pub(crate) fn put(names: &mut Names<'_>, record: &NameRecord) -> Result<(), Stor
 /// Record layout, version 1: `1`, key (32), bound_at, last_seen, epoch (u64 LE each), skeleton
 /// length (u16 LE), skeleton, display (the rest). Small and fixed, so no serde format is
 /// needed for it; the first byte lets a later layout be told apart.
-fn encode(record: &NameRecord) -> Vec<u8> {
+pub(crate) fn encode(record: &NameRecord) -> Vec<u8> {
     let mut out = Vec::with_capacity(1 + 32 + 24 + 2 + record.skeleton.len() + 64);
     out.push(1);
     out.extend_from_slice(&record.key.0);
@@ -777,5 +1153,80 @@ mod tests {
         let err = RedbStore::open(dir.path()).unwrap_err();
         assert!(matches!(err, OpenError::Corrupt { .. }), "{err}");
         assert_eq!(std::fs::read(&path).unwrap(), vec![0x5a; 8192]);
+    }
+
+    /// Segments (first number, bytes) and counts.
+    type InboxView = (Vec<(u64, Vec<u8>)>, Option<Vec<u8>>);
+
+    /// What the tables hold of `bob`'s inbox.
+    fn bob(db: &Database) -> InboxView {
+        let tx = db.begin_read().unwrap();
+        let inbox = tx.open_table(INBOX).unwrap();
+        let meta = tx.open_table(INBOX_META).unwrap();
+        let segments = inbox
+            .range(("bob", 0)..=("bob", u64::MAX))
+            .unwrap()
+            .map(|e| e.map(|(k, v)| (k.value().1, v.value().to_vec())).unwrap())
+            .collect();
+        (segments, meta.get("bob").unwrap().map(|v| v.value().to_vec()))
+    }
+
+    /// Inbox counts of `count` messages of 3 bytes.
+    fn counts(count: u64) -> Vec<u8> {
+        let mut m = vec![0u8; 48];
+        m[..8].copy_from_slice(&count.to_le_bytes());
+        m[8..16].copy_from_slice(&(3 * count).to_le_bytes());
+        m[40..].copy_from_slice(&u64::MAX.to_le_bytes());
+        m
+    }
+
+    #[test]
+    fn journal_records_the_tables_lack_are_replayed_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join(DB_FILE);
+        let db = create(&path, dir.path()).unwrap();
+        let mut journal = Journal::open(dir.path()).unwrap();
+        recover(&db, &mut journal, &path, dir.path(), true).unwrap();
+        // Two stores reach the journal, not the tables (as between checkpoints), then the
+        // process dies.
+        let mut redo = Redo::default();
+        redo.segment_append("bob", 7, b"one");
+        redo.meta("bob", &counts(1));
+        journal.append(&redo).unwrap();
+        redo.clear();
+        redo.segment_append("bob", 7, b"two");
+        redo.meta("bob", &counts(2));
+        journal.append(&redo).unwrap();
+        assert_eq!(bob(&db), (vec![], None));
+        drop((db, journal));
+
+        // Opening replays them, in order, and starts the journal over.
+        let db = create(&path, dir.path()).unwrap();
+        let mut journal = Journal::open(dir.path()).unwrap();
+        recover(&db, &mut journal, &path, dir.path(), true).unwrap();
+        let expected = (vec![(7, b"onetwo".to_vec())], Some(counts(2)));
+        assert_eq!(bob(&db), expected);
+        assert_eq!(journal.last(), 2);
+        drop((db, journal));
+
+        // The tables say they hold record 2: a second open replays nothing again, although
+        // the records are still in the file.
+        let db = create(&path, dir.path()).unwrap();
+        let mut journal = Journal::open(dir.path()).unwrap();
+        assert_eq!(journal.records().unwrap().len(), 2);
+        recover(&db, &mut journal, &path, dir.path(), true).unwrap();
+        assert_eq!(bob(&db), expected);
+        drop((db, journal));
+
+        // A journal whose next record is missing is refused, not half replayed.
+        let db = create(&path, dir.path()).unwrap();
+        let mut journal = Journal::open(dir.path()).unwrap();
+        journal.restart(5).unwrap();
+        journal.append(&redo).unwrap();
+        drop(journal);
+        let mut journal = Journal::open(dir.path()).unwrap();
+        let err = recover(&db, &mut journal, &path, dir.path(), true).unwrap_err();
+        assert!(err.to_string().contains("lacks records 3 to 5"), "{err}");
+        assert_eq!(bob(&db), expected);
     }
 }
