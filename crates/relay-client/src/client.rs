@@ -22,7 +22,7 @@ use tokio_util::sync::CancellationToken;
 use crate::error::{ConnectError, SendError};
 use crate::event::Event;
 use crate::incoming::{Events, Incoming};
-use crate::outgoing::{ACK_DELAY, NowError, Outgoing, Took};
+use crate::outgoing::{NowError, Outgoing};
 
 /// Connection settings. `ClientConfig::default()` suits a server with default limits.
 #[derive(Clone, Debug)]
@@ -533,11 +533,6 @@ fn refusal(name: &str, status: Status, detail: String) -> ConnectError {
 /// Writes whatever is queued, many frames per syscall, until the outbox is closed and written
 /// (offline, or every `Client` dropped), the reader has given up on the connection, or the
 /// socket fails.
-/// Sleeps until `at` (at once if `None`, which the caller's guard rules out).
-async fn sleep_until_some(at: Option<Instant>) {
-    tokio::time::sleep_until(at.unwrap_or_else(Instant::now)).await;
-}
-
 async fn write_loop(
     outgoing: Arc<Outgoing>,
     mut socket: OwnedWriteHalf,
@@ -545,26 +540,14 @@ async fn write_loop(
     done: CancellationToken,
 ) {
     let mut buf = BytesMut::new();
-    // When the acknowledgement owed goes out.
-    let mut ack_at: Option<Instant> = None;
     loop {
-        let took = tokio::select! {
-            took = outgoing.take(&mut buf) => took,
-            () = sleep_until_some(ack_at), if ack_at.is_some() => {
-                ack_at = None;
-                outgoing.ack_due();
-                continue;
-            }
+        let more = tokio::select! {
+            more = outgoing.take(&mut buf) => more,
             // The connection is over: closed by the server, or given up as dead.
             () = reader_done.cancelled() => break,
         };
-        match took {
-            Took::Frames => {}
-            Took::AckOwed => {
-                ack_at = Some(Instant::now() + ACK_DELAY);
-                continue;
-            }
-            Took::Closed => break,
+        if !more {
+            break;
         }
         let written = tokio::select! {
             written = socket.write_all_buf(&mut buf) => written.is_ok(),

@@ -16,6 +16,7 @@ use relay_proto::Handoff;
 
 use crate::event::Event;
 use crate::outgoing::Outgoing;
+use relay_proto::Message;
 
 /// The shared half of the queue.
 #[derive(Debug)]
@@ -179,13 +180,15 @@ impl Events {
             Event::Message { content, .. } => content.len() + 64,
             _ => 64,
         };
-        // Acknowledged once the program has taken everything that arrived (it is about to
-        // wait), within a few milliseconds so that one acknowledgement covers many reads; at
-        // once when enough is pending that the server's window should not fill first.
-        let urgent = self.pending_bytes >= ACK_EVERY_BYTES;
-        let due = urgent || self.taken.is_empty() && self.shared.state().queue.is_empty();
-        if due && self.handed > self.acked {
-            acks.acknowledge(self.handed, urgent);
+        // Acknowledged when the program has taken everything that arrived (it is about to
+        // wait), or once enough is pending that the server's window should not fill first:
+        // under load, one acknowledgement covers many reads.
+        let due = self.pending_bytes >= ACK_EVERY_BYTES
+            || self.taken.is_empty() && self.shared.state().queue.is_empty();
+        if due
+            && self.handed > self.acked
+            && acks.push_now(&Message::ack(self.handed).as_ref()).is_ok()
+        {
             self.acked = self.handed;
             self.pending_bytes = 0;
         }

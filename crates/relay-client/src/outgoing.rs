@@ -6,7 +6,7 @@
 use std::sync::MutexGuard;
 
 use bytes::BytesMut;
-use relay_proto::{Handoff, Message, MessageCodec, MessageRef, ProtoError};
+use relay_proto::{Handoff, MessageCodec, MessageRef, ProtoError};
 
 /// The connection is closed for sending.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -38,28 +38,7 @@ struct State {
     buf: BytesMut,
     queued: usize,
     closed: bool,
-    /// The highest sequence number owed an acknowledgement not queued yet (0: none).
-    ack_owed: u64,
-    /// The writer knows about `ack_owed` (its timer runs).
-    ack_timed: bool,
 }
-
-/// What [`Outgoing::take`] found.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub(crate) enum Took {
-    /// Frames, swapped into the writer's buffer.
-    Frames,
-    /// An acknowledgement is owed: the writer sends it after [`ACK_DELAY`] (or with the
-    /// frames it writes meanwhile).
-    AckOwed,
-    /// Closed, and everything was taken.
-    Closed,
-}
-
-/// How long an acknowledgement may wait for more to acknowledge with it. A busy receiver
-/// then sends about 200 a second rather than one per read, and each saves the server a
-/// receipt to its sender; a sender hears "delivered" this much later.
-pub(crate) const ACK_DELAY: std::time::Duration = std::time::Duration::from_millis(5);
 
 impl Outgoing {
     pub(crate) fn new(codec: MessageCodec, max_queued: usize) -> Outgoing {
@@ -165,38 +144,6 @@ impl Outgoing {
         }
     }
 
-    /// Acknowledges everything numbered up to `seq`: at once if `now`, else within
-    /// [`ACK_DELAY`], together with whatever else is acknowledged meanwhile.
-    pub(crate) fn acknowledge(&self, seq: u64, now: bool) {
-        let mut state = self.state();
-        if state.closed {
-            return;
-        }
-        state.ack_owed = state.ack_owed.max(seq);
-        if now {
-            self.queue_ack(&mut state);
-        } else if !state.ack_timed {
-            // The writer may be waiting for frames: it must start the timer.
-            self.handoff.wake_consumer();
-        }
-    }
-
-    /// For the writer, when [`ACK_DELAY`] has passed: queues the acknowledgement owed.
-    pub(crate) fn ack_due(&self) {
-        let mut state = self.state();
-        if !state.closed {
-            self.queue_ack(&mut state);
-        }
-    }
-
-    fn queue_ack(&self, state: &mut State) {
-        let owed = std::mem::take(&mut state.ack_owed);
-        state.ack_timed = false;
-        if owed > 0 {
-            let _ = self.queue(state, &Message::ack(owed).as_ref());
-        }
-    }
-
     /// Closes for sending, after queuing `last` if given (the offline notice). The writer
     /// writes what is queued, then ends the connection.
     pub(crate) fn close(&self, last: Option<&MessageRef<'_>>) {
@@ -205,9 +152,6 @@ impl Outgoing {
             if state.closed {
                 return;
             }
-            // What the program was handed is acknowledged before the connection ends, or the
-            // server would deliver it again next time.
-            self.queue_ack(&mut state);
             if let Some(msg) = last {
                 let _ = self.queue(&mut state, msg);
             }
@@ -218,24 +162,20 @@ impl Outgoing {
     }
 
     /// For the writer: waits until frames are queued and swaps them into `spare` (which must
-    /// be empty), or until an acknowledgement is owed that the writer does not know about.
-    pub(crate) async fn take(&self, spare: &mut BytesMut) -> Took {
+    /// be empty). Returns `false` once the outbox is closed and everything was taken.
+    pub(crate) async fn take(&self, spare: &mut BytesMut) -> bool {
         let took = self
             .handoff
             .consume(|state| {
                 if !state.buf.is_empty() {
                     std::mem::swap(&mut state.buf, spare);
                     state.queued = 0;
-                    return Some(Took::Frames);
+                    return Some(true);
                 }
-                if state.closed {
-                    return Some(Took::Closed);
-                }
-                (state.ack_owed > 0 && !std::mem::replace(&mut state.ack_timed, true))
-                    .then_some(Took::AckOwed)
+                state.closed.then_some(false)
             })
             .await;
-        if took == Took::Frames {
+        if took {
             self.handoff.wake_producers();
         }
         took
@@ -261,7 +201,7 @@ mod tests {
         tokio::task::yield_now().await;
         assert!(!third.is_finished(), "a third message must wait for the writer");
         let mut spare = BytesMut::new();
-        assert_eq!(out.take(&mut spare).await, Took::Frames);
+        assert!(out.take(&mut spare).await);
         let woken = tokio::time::timeout(Duration::from_secs(20), third).await;
         assert_eq!(woken.unwrap().unwrap(), Ok(true));
     }
@@ -283,7 +223,7 @@ mod tests {
         assert!(matches!(out.push(&msg(b"late")).await, Err(Closed)));
         assert_eq!(out.push_now(&msg(b"late")), Err(NowError::Closed));
         let mut spare = BytesMut::new();
-        assert_eq!(out.take(&mut spare).await, Took::Frames);
+        assert!(out.take(&mut spare).await);
         let mut codec = MessageCodec::new(1024);
         let contents: Vec<_> = std::iter::from_fn(|| {
             tokio_util::codec::Decoder::decode(&mut codec, &mut spare).unwrap()
@@ -291,47 +231,7 @@ mod tests {
         .map(|m| m.content)
         .collect();
         assert_eq!(contents, vec![&b"a"[..], &b"bye"[..]]);
-        assert_eq!(out.take(&mut spare).await, Took::Closed);
-    }
-
-    /// The frames in `spare`, decoded.
-    fn decoded(spare: &mut BytesMut) -> Vec<relay_proto::Message> {
-        let mut codec = MessageCodec::new(1024);
-        std::iter::from_fn(|| tokio_util::codec::Decoder::decode(&mut codec, spare).unwrap())
-            .collect()
-    }
-
-    #[tokio::test]
-    async fn acknowledgements_wait_to_go_out_together_unless_urgent() {
-        let out = Outgoing::new(MessageCodec::new(1024), 8);
-        out.acknowledge(5, false);
-        out.acknowledge(9, false);
-        let mut spare = BytesMut::new();
-        // The writer hears once that one is owed (to start its timer), and no frame is
-        // queued yet.
-        assert_eq!(out.take(&mut spare).await, Took::AckOwed);
-        assert!(spare.is_empty());
-        out.acknowledge(12, false);
-        let again = tokio::time::timeout(Duration::from_millis(50), out.take(&mut spare)).await;
-        assert!(again.is_err(), "the writer was told already");
-        // Its timer fires: one acknowledgement covers all three.
-        out.ack_due();
-        assert_eq!(out.take(&mut spare).await, Took::Frames);
-        let acks = decoded(&mut spare);
-        assert_eq!(acks.len(), 1);
-        assert_eq!((acks[0].kind, acks[0].seq), (relay_proto::Kind::Ack, 12));
-        // An urgent one is queued at once.
-        out.acknowledge(20, true);
-        assert_eq!(out.take(&mut spare).await, Took::Frames);
-        let acks = decoded(&mut spare);
-        assert_eq!((acks[0].kind, acks[0].seq), (relay_proto::Kind::Ack, 20));
-        // One still owed goes out before the last message when the connection closes.
-        out.acknowledge(25, false);
-        out.close(Some(&msg(b"bye")));
-        assert_eq!(out.take(&mut spare).await, Took::Frames);
-        let last = decoded(&mut spare);
-        assert_eq!((last[0].kind, last[0].seq), (relay_proto::Kind::Ack, 25));
-        assert_eq!(last[1].content, &b"bye"[..]);
+        assert!(!out.take(&mut spare).await);
     }
 
     #[tokio::test]
@@ -340,6 +240,6 @@ mod tests {
         let big = vec![0u8; 300];
         assert!(out.push(&msg(&big)).await.unwrap().is_err());
         out.close(None);
-        assert_eq!(out.take(&mut BytesMut::new()).await, Took::Closed);
+        assert!(!out.take(&mut BytesMut::new()).await);
     }
 }
