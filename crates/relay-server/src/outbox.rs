@@ -170,6 +170,21 @@ pub(crate) struct Acked {
     pub(crate) stored_upto: Option<u64>,
 }
 
+/// What [`Outbox::overflow`] did with a message the queue had no room for.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(crate) enum Overflow {
+    /// The session now stores what is routed to it, this message first: whoever called must
+    /// start reading its inbox back into the queue, after number `after` (the last it was
+    /// given), for the recipient named.
+    Started { after: u64, recipient: Arc<str> },
+    /// It was storing already; the message went to the store too.
+    Storing,
+    /// Not a keyed session: nothing was stored.
+    NotTracked,
+    /// Closed or its session ended: nothing was stored.
+    Closed,
+}
+
 /// Where a routed message went.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) enum Delivery {
@@ -581,6 +596,35 @@ impl Outbox {
             self.shared.handoff.wake_consumer();
         }
         Ok(())
+    }
+
+    /// A keyed session's queue (or window) had no room for `msg` within the send wait: rather
+    /// than refuse it, its inbox takes it, and everything routed here after it, as while the
+    /// session read its inbox at login, until a drain has caught up (so no sender's messages
+    /// are reordered, and none waits longer). `store` is called with it (in the version 2
+    /// layout) and the recipient, under the lock.
+    pub(crate) fn overflow(
+        &self,
+        msg: &MessageRef<'_>,
+        store: impl FnOnce(&MessageRef<'_>, &str),
+    ) -> Overflow {
+        let mut state = self.state();
+        if self.is_closed() {
+            return Overflow::Closed;
+        }
+        let last = state.next_seq.saturating_sub(1);
+        let Some(tracked) = state.tracked.as_mut() else { return Overflow::NotTracked };
+        if tracked.sealed {
+            return Overflow::Closed;
+        }
+        let started = !std::mem::replace(&mut tracked.storing, true);
+        tracked.submitted += 1;
+        store(&MessageRef { version: relay_proto::PROTOCOL_VERSION, ..*msg }, &tracked.recipient);
+        if started {
+            Overflow::Started { after: last, recipient: tracked.recipient.clone() }
+        } else {
+            Overflow::Storing
+        }
     }
 
     /// The client acknowledged every message numbered up to `upto`: forget them, and say

@@ -20,7 +20,7 @@ use relay_proto::{
 
 use crate::inbox::{Appended, Envelope, InboxStore, SenderRef, Totals};
 use crate::names::{Claimed, GuestCheck, KeyClaim, NameRecord, NameStore, StoreError};
-use crate::outbox::{Delivery, Outbox, PushError, Unacked, Unwritten};
+use crate::outbox::{Delivery, Outbox, Overflow, PushError, Unacked, Unwritten};
 use crate::redb_store::SEQ_EPOCH_SHIFT;
 use crate::registry::{Conflict, Entry, Registry};
 
@@ -304,7 +304,56 @@ pub(crate) fn now_ms() -> u64 {
         .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
 }
 
+/// What storing a message needs of its sender, owned (a wait for a busy receiver outlives the
+/// borrow of the sender's claim).
+struct Sender {
+    origin: Arc<SenderRef>,
+    /// Where the store's answer goes.
+    outbox: Outbox,
+    version: u16,
+}
+
+impl Sender {
+    fn of(claim: &Claim) -> Sender {
+        Sender {
+            origin: claim.origin().clone(),
+            outbox: claim.outbox.clone(),
+            version: claim.version,
+        }
+    }
+}
+
 impl LocalRouter {
+    /// A receiver had no room for `msg` within the send wait: a keyed session's inbox takes it
+    /// (and what follows, until a drain catches up; see [`Outbox::overflow`]), the sender
+    /// learning nothing new, as for a delivered message; anyone else's is refused as not
+    /// keeping up.
+    fn overflow(
+        &self,
+        from: &Sender,
+        outbox: &Outbox,
+        msg: &MessageRef<'_>,
+    ) -> Result<Routed, (Undelivered, String)> {
+        let mut stored = Err(());
+        let overflow = outbox.overflow(msg, |m, recipient| {
+            stored = self.store_for(from, m, recipient.to_owned(), false);
+        });
+        match overflow {
+            Overflow::Started { after, recipient } => {
+                tracing::debug!(%recipient, "receiver not keeping up; its messages go to its inbox");
+                self.spawn_drain(outbox.clone(), recipient.to_string(), after);
+            }
+            Overflow::Storing => {}
+            Overflow::NotTracked => return Err((Undelivered::ReceiverFull, msg.to.to_owned())),
+            // Gone meanwhile: as far as the sender knows, it was not online.
+            Overflow::Closed => return Err((Undelivered::NotOnline, msg.to.to_owned())),
+        }
+        match stored {
+            Ok(()) => Ok(Routed::Stored),
+            Err(()) => Err((Undelivered::ReceiverFull, msg.to.to_owned())),
+        }
+    }
+
     pub(crate) fn new(
         store: Option<(Arc<dyn NameStore>, Arc<dyn InboxStore>)>,
         auth: AuthMode,
@@ -330,7 +379,7 @@ impl LocalRouter {
     /// told, or no store).
     fn store_for(
         &self,
-        from: &Claim,
+        from: &Sender,
         msg: &MessageRef<'_>,
         recipient: String,
         told: bool,
@@ -343,7 +392,7 @@ impl LocalRouter {
             seq: None,
             id: msg.id,
             time: msg.time,
-            sender: from.origin().clone(),
+            sender: from.origin.clone(),
         };
         let outbox = from.outbox.clone();
         let (id, to) = (msg.id, msg.to.to_owned());
@@ -395,7 +444,7 @@ impl LocalRouter {
             return not_online();
         }
         let Ok(Destination::Name(name)) = parse_destination(to) else { return not_online() };
-        match self.store_for(from, msg, canonical_name(name).into_owned(), true) {
+        match self.store_for(&Sender::of(from), msg, canonical_name(name).into_owned(), true) {
             Ok(()) => Ok(Routed::Stored),
             Err(()) => not_online(),
         }
@@ -513,10 +562,10 @@ impl LocalRouter {
     }
 
     /// Reads a keyed session's inbox into its outbox, then opens it to live traffic.
-    fn spawn_drain(&self, outbox: Outbox, recipient: String) {
+    /// Starts after number `after` (what the session was given already).
+    fn spawn_drain(&self, outbox: Outbox, recipient: String, mut after: u64) {
         let Some(inbox) = self.inbox.clone() else { return };
         tokio::spawn(async move {
-            let mut after = 0;
             let mut pause = Duration::from_millis(100);
             while !outbox.is_closed() {
                 let submitted = outbox.submitted();
@@ -692,7 +741,7 @@ impl Routing for LocalRouter {
             return false;
         }
         if claim.tracked {
-            self.spawn_drain(claim.outbox.clone(), claim.canonical.to_string());
+            self.spawn_drain(claim.outbox.clone(), claim.canonical.to_string(), 0);
         }
         true
     }
@@ -730,7 +779,7 @@ impl Routing for LocalRouter {
         let mut stored = Ok(());
         let pushed = outbox.push_routed(&msg, sender, Some(from.origin()), |m, recipient| {
             // Reading its inbox: the sender learns nothing new (it is as good as delivered).
-            stored = self.store_for(from, m, recipient.to_owned(), false);
+            stored = self.store_for(&Sender::of(from), m, recipient.to_owned(), false);
         });
         match pushed {
             Ok(Delivery::Queued) => Ok(Routed::Queued),
@@ -738,20 +787,26 @@ impl Routing for LocalRouter {
             Ok(Delivery::Storing) => Err((Undelivered::ReceiverFull, to.to_owned())),
             Err(PushError::Full) if !self.send_wait.is_zero() => {
                 let (outbox, msg, wait) = (outbox.clone(), msg.to_message(), self.send_wait);
-                let origin = from.origin().clone();
+                let (me, from) = (self.me.clone(), Sender::of(from));
                 Ok(Routed::Full(Box::pin(async move {
-                    match outbox.wait_for_room(&msg.as_ref(), wait, sender, Some(&origin)).await {
+                    match outbox
+                        .wait_for_room(&msg.as_ref(), wait, sender, Some(&from.origin))
+                        .await
+                    {
                         Ok(()) => Ok(()),
-                        Err(PushError::Full | PushError::Stalled) => {
-                            Err((Undelivered::ReceiverFull, msg.to))
-                        }
+                        Err(PushError::Full | PushError::Stalled) => match me.upgrade() {
+                            Some(router) => {
+                                router.overflow(&from, &outbox, &msg.as_ref()).map(drop)
+                            }
+                            None => Err((Undelivered::ReceiverFull, msg.to)),
+                        },
                         // Gone meanwhile: as far as the sender knows, it was not online.
                         Err(PushError::Closed) => Err((Undelivered::NotOnline, msg.to)),
                     }
                 })))
             }
             Err(PushError::Full | PushError::Stalled) => {
-                Err((Undelivered::ReceiverFull, to.to_owned()))
+                self.overflow(&Sender::of(from), outbox, &msg)
             }
             // The receiver is closing: as far as the sender is concerned it is gone.
             Err(PushError::Closed) => self.store_offline(from, &msg, to),

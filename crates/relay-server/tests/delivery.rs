@@ -470,3 +470,60 @@ async fn a_released_name_takes_its_inbox_with_it() {
     assert_eq!(messages(&mut new_bob_events, 1).await[0].1, "hello, new bob");
     server.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_key_holder_that_falls_behind_gets_everything_later_in_order_and_no_sender_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = TestServer::with_config(Config {
+        outbox_bytes: 128 * 1024,
+        send_wait: std::time::Duration::from_millis(100),
+        // Not read for a while on purpose: not a slow consumer to drop.
+        write_timeout: std::time::Duration::from_secs(120),
+        ..on(dir.path())
+    })
+    .await;
+    let (_bob, mut bob_events) = keyed(&server, "bob", 2).await;
+    let (alice, mut alice_events) = keyed(&server, "alice", 1).await;
+    // Bob takes nothing while alice sends far more than his outbox, the kernel's buffers and
+    // his client's queue hold (2,000 × 16 KiB = 32 MiB).
+    const N: usize = 2000;
+    let filler = "x".repeat(16 * 1024);
+    let mut ids = Vec::with_capacity(N);
+    for i in 0..N {
+        ids.push(alice.send("bob", format!("{i:05} {filler}")).await.unwrap());
+        if let Some(event) = alice_events.try_next() {
+            assert!(matches!(event, Event::Delivered { .. }), "alice was told {event:?}");
+        }
+    }
+    // What did not fit went to his inbox rather than being refused.
+    let mut overflowed = false;
+    for _ in 0..2000 {
+        if within(server.handle.inboxes()).await.unwrap().messages > 0 {
+            overflowed = true;
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+    assert!(overflowed, "nothing went to bob's inbox");
+    // Bob catches up: every message once, in the order sent.
+    let got = messages(&mut bob_events, N).await;
+    for (i, (from, content, _, _)) in got.iter().enumerate() {
+        assert_eq!(from, "alice");
+        assert_eq!(&content[..5], format!("{i:05}"), "message {i} out of order");
+    }
+    let seqs: Vec<u64> = got.iter().map(|m| m.2).collect();
+    assert!(seqs.windows(2).all(|w| w[0] < w[1]), "sequence numbers must grow");
+    // And alice hears that each was delivered; none was refused.
+    let mut delivered = std::collections::HashSet::new();
+    while delivered.len() < N {
+        match next_event(&mut alice_events).await {
+            Event::Delivered { ids, .. } => delivered.extend(ids),
+            other => panic!("alice was told {other:?}"),
+        }
+    }
+    assert!(ids.iter().all(|id| delivered.contains(id)));
+    // Live again: a new message arrives without the store.
+    alice.send("bob", "live").await.unwrap();
+    assert_eq!(messages(&mut bob_events, 1).await[0].1, "live");
+    server.stop().await;
+}
