@@ -42,8 +42,10 @@ pub(crate) const SEQ_EPOCH_SHIFT: u32 = 40;
 /// The database file in the data directory.
 pub const DB_FILE: &str = "names.redb";
 
-/// Most requests applied in one transaction.
-const MAX_BATCH: usize = 1024;
+/// Most requests applied in one batch (one journal record and sync). With 16 senders keeping
+/// 1,000 stores each in flight, 1,024 capped the store rate near 300 k msgs/s (a batch per
+/// sync); 8,192 lets it reach 420–490 k, and a batch of 64 B messages is then about 1 MiB.
+const MAX_BATCH: usize = 8192;
 
 /// Why the store could not be opened: each says what to do about it in one line.
 #[derive(Debug, thiserror::Error)]
