@@ -1,36 +1,37 @@
-//! The inbox journal: a write-ahead log in front of the redb tables (`inbox.journal` in the
-//! data directory).
+//! The inbox journal: a write-ahead log in front of the redb tables (`inbox-a.journal` and
+//! `inbox-b.journal` in the data directory).
 //!
 //! Why it exists: a durable redb commit syncs every page its transaction dirtied, and storing
 //! messages for 16 recipients dirties about 30 scattered pages; on this project's machines a
-//! sync of 30 scattered pages takes about 820 µs against about 170 µs for one page. So a
-//! transaction that changes only inboxes is committed to redb *without* a sync
-//! (`Durability::None`, kept in the process's memory), and what it changed is appended here as
-//! one record and synced, one sequential write, before anyone is told `Stored`. Every so often
-//! (a **checkpoint**: [`CHECKPOINT_BYTES`] of records, or [`CHECKPOINT_AGE`] since the first
-//! one) a durable redb commit puts the tables themselves on disk, and the journal starts over.
-//! A transaction that changes names (a claim, a login, a release) is committed durably as
-//! before, which is a checkpoint too.
+//! sync of 30 scattered pages takes about 820 µs against about 170 µs for one page. So what a
+//! batch of inbox requests changes is appended here as one record and synced, one sequential
+//! write, before anyone is told `Stored`; the tables are committed without a sync
+//! (`Durability::None`, kept in the process's memory). Stores go further: they do not touch
+//! redb at all until a checkpoint (or until another request needs the tables); they live in
+//! memory (`redb_inbox::AppendCache`) and here, so a checkpoint writes each recipient's new
+//! messages as one segment.
 //!
-//! Stores go further: they do not touch redb at all until a checkpoint (or until another
-//! request needs the tables); they live in memory (`redb_inbox::AppendCache`) and in the
-//! journal, so a checkpoint writes each recipient's new messages as one segment.
+//! A **checkpoint** ([`CHECKPOINT_BYTES`] of records, or [`CHECKPOINT_AGE`] since the first)
+//! writes the stores into the tables and commits durably, on a thread of its own; meanwhile
+//! records go to the other file. Once it is durable, the file it covered may be written over.
+//! A batch that changes names (a claim, a login, a release) is committed durably in place,
+//! which makes both files free: the journal starts over.
 //!
-//! A record holds a transaction's changes as values ("this key now holds these bytes", "this
-//! key is gone"), and stores as "these records were added to this segment". Every redb commit
-//! also writes the number of the last record whose changes it holds into the tables (the
-//! `journal` table), in the same transaction, so the tables always say exactly which records
-//! they hold, and opening the store replays the ones after that, in order.
+//! A record holds a batch's changes as values ("this key now holds these bytes", "this key is
+//! gone"), and stores as "these records were added to this segment". Every redb commit also
+//! writes the number of the last record whose changes it holds into the tables (the `journal`
+//! table), in the same transaction, so the tables always say exactly which records they hold,
+//! and opening the store replays the ones after that, in order, from both files.
 //!
 //! File layout: records one after another from offset 0, each `len` (u32 LE, the payload's
 //! length) · `crc` (u32 LE, CRC-32 of `lsn` and the payload) · `lsn` (u64 LE, one more than the
 //! record before) · payload. A file is written again from offset 0 rather than truncated,
 //! because a sync that must also record a new file length costs more than one that overwrites
-//! (about 230 against 145 µs here). A reader therefore stops at the first record whose checksum fails or whose
-//! number does not follow the one before it: whatever lies after that is older. Payload: changes
-//! one after another, each a kind byte, the key's name (u16 LE length, bytes), then for
-//! segments the first sequence number (u64 LE), then for values the value (u32 LE length,
-//! bytes).
+//! (about 230 against 145 µs here). A reader therefore stops at the first record whose
+//! checksum fails or whose number does not follow the one before it: whatever lies after that
+//! is older. Payload: changes one after another, each a kind byte, the key's name (u16 LE
+//! length, bytes), then for segments the first sequence number (u64 LE), then for values the
+//! value (u32 LE length, bytes).
 
 use std::fs::File;
 use std::io::{self, Read, Seek, SeekFrom, Write};

@@ -3,11 +3,15 @@
 //! redb is pure Rust, ACID and crash-safe: a commit is on disk when it returns (its default
 //! `Durability::Immediate`), and a process killed at any point reopens to the last commit.
 //! One thread owns the database and applies requests in batches: everything queued while a
-//! commit runs goes into the next transaction, so many registrations at once share one fsync
-//! (group commit) and none is answered before its commit returned.
+//! batch is applied goes into the next, so many registrations at once share one fsync (group
+//! commit) and none is answered before it is durable. A batch that changes names is committed
+//! durably; one that changes only inboxes is made durable by the inbox journal instead
+//! ([`crate::journal`]), and stores do not touch the tables until a checkpoint, which a second
+//! thread writes while the first goes on.
 //!
 //! Tables: `names` (canonical name → record) and `skeletons` (skeleton → canonical name), kept
-//! in step in the same transactions; and the inboxes' tables (see [`crate::redb_inbox`]).
+//! in step in the same transactions; the inboxes' tables (see [`crate::redb_inbox`]); and
+//! `journal` (the last journal record the tables hold).
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
