@@ -134,7 +134,7 @@ async fn round(dir: &Path, round: u32) -> Counts {
     }
     let fates = std::mem::take(&mut *fates.lock().unwrap());
 
-    let server = ServerProcess::spawn(&["--data-dir", data], None).await;
+    let mut server = ServerProcess::spawn(&["--data-dir", data], None).await;
     let addr = server.addr.to_string();
     // A marker stored behind everything that survived: a recipient has drained its inbox
     // when it gets it.
@@ -178,6 +178,10 @@ async fn round(dir: &Path, round: u32) -> Counts {
     }
     let lost: Vec<_> = fates.stored.iter().filter(|m| !seen.contains(m)).collect();
     assert!(lost.is_empty(), "{} acknowledged messages lost, e.g. {:?}", lost.len(), lost[0]);
+    // Gone before the next round opens the same data directory (a kill on drop does not
+    // wait, and the directory's lock lasts as long as the process).
+    server.child.start_kill().unwrap();
+    within(server.child.wait()).await.unwrap();
     Counts { stored: fates.stored.len(), delivered: seen.len(), refused: fates.refused.len() }
 }
 

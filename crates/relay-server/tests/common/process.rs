@@ -58,11 +58,15 @@ impl ServerProcess {
             }
         });
         let listening = within(async {
+            let mut seen = Vec::new();
             loop {
-                let line = log.recv().await.expect("server exited before listening");
+                let Some(line) = log.recv().await else {
+                    panic!("server exited before listening; it said:\n{}", seen.join("\n"));
+                };
                 if let Some(addr) = line.split("listening on ").nth(1) {
                     return addr.trim().parse().unwrap();
                 }
+                seen.push(line);
             }
         })
         .await;
