@@ -527,3 +527,29 @@ async fn a_key_holder_that_falls_behind_gets_everything_later_in_order_and_no_se
     assert_eq!(messages(&mut bob_events, 1).await[0].1, "live");
     server.stop().await;
 }
+
+#[tokio::test]
+async fn a_live_receipt_is_numbered_like_a_message_and_acknowledged() {
+    let server = TestServer::start().await;
+    let (_bob, mut bob_events) = keyed(&server, "bob", 2).await;
+    let (alice, mut alice_events) = keyed(&server, "alice", 1).await;
+    let mut last = 0;
+    for i in 0..3 {
+        let id = alice.send("bob", format!("{i}")).await.unwrap();
+        assert_eq!(messages(&mut bob_events, 1).await[0].1, format!("{i}"));
+        match next_event(&mut alice_events).await {
+            Event::Delivered { ids, seq, .. } => {
+                assert_eq!(ids, vec![id]);
+                assert!(seq > last, "receipt {i} numbered {seq} after {last}");
+                last = seq;
+            }
+            other => panic!("expected a receipt, got {other:?}"),
+        }
+    }
+    // alice's client acknowledged them: nothing of hers is left to move to her inbox when
+    // she leaves.
+    within(alice.offline()).await.unwrap();
+    server.wait_until_gone("alice").await;
+    assert_eq!(within(server.handle.inboxes()).await.unwrap().messages, 0);
+    server.stop().await;
+}
