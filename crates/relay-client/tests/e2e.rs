@@ -476,3 +476,81 @@ async fn a_message_for_an_offline_key_holder_waits_and_its_sender_hears_it_was_d
     server.type_line("EXIT").await;
     assert!(server.exit_status().await.success());
 }
+
+/// Starts a server logging to `log` (in the sandbox), with `extra` flags and no `RUST_LOG`;
+/// returns it, its stderr, and its address from the one line stderr gets.
+async fn start_server_logging_to(
+    log: &str,
+    extra: &[&str],
+) -> (Child, ChildStdin, Output<tokio::process::ChildStderr>, String) {
+    let mut child = command("relay-server")
+        .args(["--host", "127.0.0.1", "--port", "0", "--log-file", log])
+        .args(extra)
+        .env_remove("RUST_LOG")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let stdin = child.stdin.take().unwrap();
+    let mut err = Output::new(child.stderr.take().unwrap());
+    let line = err.expect("listening on").await;
+    assert!(line.starts_with(&format!("relay-server: log in {log}; listening on ")), "{line}");
+    let addr = line.rsplit("listening on ").next().unwrap().trim().to_string();
+    (child, stdin, err, addr)
+}
+
+/// Waits until the file at `path` (in the sandbox) contains `needle`; returns its text.
+async fn file_with(path: &str, needle: &str) -> String {
+    tokio::time::timeout(WAIT, async {
+        loop {
+            let text = std::fs::read_to_string(sandbox().join(path)).unwrap_or_default();
+            if text.contains(needle) {
+                return text;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await
+    .unwrap_or_else(|_| panic!("{path} never contained {needle:?}"))
+}
+
+#[tokio::test]
+async fn a_server_logging_to_a_file_leaves_the_terminal_to_the_chat() {
+    let (mut server, mut stdin, mut err, addr) =
+        start_server_logging_to("server.log", &["--data-dir", "data-a"]).await;
+    let (mut alice, _out) = start_client(&addr, "alice").await;
+    alice.type_line("EXIT").await;
+    assert!(alice.exit_status().await.success());
+    // What would have gone to the terminal is in the file.
+    file_with("server.log", "registered").await;
+    stdin.write_all(b"EXIT\n").await.unwrap();
+    stdin.flush().await.unwrap();
+    let status = tokio::time::timeout(WAIT, server.wait()).await.unwrap().unwrap();
+    assert!(status.success());
+    file_with("server.log", "shut").await;
+    // And stderr had nothing after its one line.
+    let rest = tokio::time::timeout(WAIT, async {
+        let mut rest = Vec::new();
+        while let Some(line) = err.lines.next_line().await.unwrap() {
+            rest.push(line);
+        }
+        rest
+    })
+    .await
+    .unwrap();
+    assert!(rest.is_empty(), "stderr still got {rest:?}");
+
+    // `-q`: only warnings and errors are logged.
+    let (mut server, mut stdin, _err, addr) =
+        start_server_logging_to("quiet.log", &["-q", "--data-dir", "data-b"]).await;
+    let (mut bob, _out) = start_client(&addr, "bob").await;
+    bob.type_line("EXIT").await;
+    assert!(bob.exit_status().await.success());
+    stdin.write_all(b"EXIT\n").await.unwrap();
+    stdin.flush().await.unwrap();
+    tokio::time::timeout(WAIT, server.wait()).await.unwrap().unwrap();
+    let quiet = std::fs::read_to_string(sandbox().join("quiet.log")).unwrap_or_default();
+    assert!(!quiet.contains("registered") && !quiet.contains(" INFO "), "{quiet}");
+}

@@ -28,8 +28,16 @@ struct Args {
     #[arg(long, short, default_value_t = 8080)]
     port: u16,
     /// More logging: -v for debug, -vv for trace. RUST_LOG overrides.
-    #[arg(short, long, action = clap::ArgAction::Count)]
+    #[arg(short, long, action = clap::ArgAction::Count, conflicts_with = "quiet")]
     verbose: u8,
+    /// Less logging: warnings and errors only. RUST_LOG overrides.
+    #[arg(short, long)]
+    quiet: bool,
+    /// Write the log to this file (appended to) instead of standard error, which then gets one
+    /// line saying where the server listens and where its log goes: for running the server in
+    /// the background of a terminal where a client is used.
+    #[arg(long)]
+    log_file: Option<PathBuf>,
     /// Largest frame in bytes (a power of two, 256 to 16777216).
     #[arg(long, default_value_t = Config::default().max_frame_len)]
     max_frame: usize,
@@ -147,7 +155,10 @@ impl Args {
 
 fn main() -> ExitCode {
     let args = Args::parse();
-    let (log_guard, dropped) = init_logging(args.verbose);
+    let (log_guard, dropped) = match init_logging(&args) {
+        Ok(logging) => logging,
+        Err(message) => return fail(&message),
+    };
     keep_serving_in_the_background();
     raise_open_file_limit(args.max_clients);
     let runtime = match tokio::runtime::Runtime::new() {
@@ -185,6 +196,14 @@ async fn serve(args: Args) -> Result<(), String> {
         auth => tracing::info!("auth {}; name table in {}", auth.as_str(), args.data_dir.display()),
     }
     tracing::info!("listening on {addr}");
+    if let Some(path) = &args.log_file {
+        // The log is elsewhere: say where, and where the server is, in one line.
+        let _ = writeln!(
+            std::io::stderr(),
+            "relay-server: log in {}; listening on {addr}",
+            path.display()
+        );
+    }
 
     let shutdown = CancellationToken::new();
     let console = tokio::spawn(run_console(
@@ -281,29 +300,43 @@ fn raise_open_file_limit(max_clients: usize) {
     let _ = max_clients;
 }
 
-/// Sets up logging to stderr through a thread of its own: serving never waits for a log line
-/// to be written. If stderr is not being read (a full pipe, a reader that went away), lines
-/// are dropped, not queued without end, and counted in the returned counter. The guard
-/// flushes what is queued when dropped.
-fn init_logging(verbose: u8) -> (WorkerGuard, ErrorCounter) {
-    let default = match verbose {
-        0 => "info",
-        1 => "debug",
+/// Sets up logging to stderr (or `--log-file`) through a thread of its own: serving never
+/// waits for a log line to be written. If stderr is not being read (a full pipe, a reader that
+/// went away), lines are dropped, not queued without end, and counted in the returned
+/// counter. The guard flushes what is queued when dropped.
+///
+/// # Errors
+/// A log file that cannot be opened, as one line.
+fn init_logging(args: &Args) -> Result<(WorkerGuard, ErrorCounter), String> {
+    let default = match (args.quiet, args.verbose) {
+        (true, _) => "warn",
+        (false, 0) => "info",
+        (false, 1) => "debug",
         _ => "trace",
     };
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default));
-    let (writer, guard) = tracing_appender::non_blocking::NonBlockingBuilder::default()
+    let builder = tracing_appender::non_blocking::NonBlockingBuilder::default()
         .lossy(true)
         .buffered_lines_limit(10_000)
-        .thread_name("relay-log")
-        .finish(std::io::stderr());
+        .thread_name("relay-log");
+    let (writer, guard, ansi) = match &args.log_file {
+        Some(path) => {
+            let file = std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(path)
+                .map_err(|e| format!("cannot open the log file {}: {e}", path.display()))?;
+            let (writer, guard) = builder.finish(file);
+            (writer, guard, false)
+        }
+        None => {
+            let (writer, guard) = builder.finish(std::io::stderr());
+            (writer, guard, std::io::stderr().is_terminal())
+        }
+    };
     let dropped = writer.error_counter();
-    tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(writer)
-        .with_ansi(std::io::stderr().is_terminal())
-        .init();
-    (guard, dropped)
+    tracing_subscriber::fmt().with_env_filter(filter).with_writer(writer).with_ansi(ansi).init();
+    Ok((guard, dropped))
 }
 
 /// Says, once logging flows again, how many lines were dropped while it did not.
