@@ -157,6 +157,9 @@ async fn two_clients_chat_and_the_operator_shuts_everything_down() {
     bob_out.expect("server is shutting down").await;
     assert!(alice.exit_status().await.success());
     assert!(bob.exit_status().await.success());
+    // The last log line counts the notices actually written, not who was connected.
+    let last = server_log.expect("clients_told").await;
+    assert!(last.contains("clients_told=2"), "{last}");
     assert!(server.exit_status().await.success());
 }
 

@@ -5,8 +5,8 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 
 use relay_proto::{
-    AuthMode, FrameReader, Greeting, Message, MessageCodec, NONCE_LEN, ProtoError, Request, Status,
-    decode_ref, fresh_nonce, name_key, verify_credentials,
+    AuthMode, FrameReader, Greeting, Kind, Message, MessageCodec, NONCE_LEN, ProtoError, Request,
+    Status, decode_ref, fresh_nonce, name_key, verify_credentials,
 };
 use tokio::net::TcpStream;
 use tokio::task::JoinHandle;
@@ -28,6 +28,8 @@ pub(crate) struct Shared {
     pub(crate) config: Config,
     /// Cancelled when the shutdown drain time runs out: writers stop at once.
     pub(crate) hard_stop: CancellationToken,
+    /// Connections whose shutdown notice was written out in full (for the last log line).
+    pub(crate) told_shutdown: std::sync::atomic::AtomicUsize,
 }
 
 /// Serves one client until it leaves, fails, or the server shuts down.
@@ -65,6 +67,10 @@ pub(crate) async fn serve(
         Some(ended) => ended,
         None => conn.writer.await.unwrap_or((WriteEnd::Aborted, Vec::new())),
     };
+    let told = last.as_ref().is_some_and(|m| m.kind == Kind::Reply(Status::ShuttingDown));
+    if told && matches!(end, WriteEnd::Finished) {
+        shared.told_shutdown.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    }
     if !unwritten.is_empty() {
         debug!(%peer, count = unwritten.len(), "telling senders of undelivered messages");
         shared.router.report_undelivered(unwritten);

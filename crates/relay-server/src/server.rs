@@ -139,7 +139,12 @@ impl Server {
             config.send_wait,
             config.unacked_window,
         );
-        let shared = Arc::new(Shared { router, config, hard_stop: CancellationToken::new() });
+        let shared = Arc::new(Shared {
+            router,
+            config,
+            hard_stop: CancellationToken::new(),
+            told_shutdown: std::sync::atomic::AtomicUsize::new(0),
+        });
         Ok(Server { listener, shared, slots, admission })
     }
 
@@ -206,7 +211,7 @@ impl Server {
         // Stop accepting: new connections are refused by the OS from here on.
         drop(self.listener);
         let open = handle.connections();
-        info!(clients = open, "shutting down");
+        info!(connections = open, "shutting down; telling every client");
         tracker.close();
         if tokio::time::timeout(self.shared.config.shutdown_timeout, tracker.wait()).await.is_err()
         {
@@ -220,7 +225,10 @@ impl Server {
         let _ = sweeper.await;
         // Every connection has released its name; the store can let go of the data dir.
         self.shared.router.close().await;
-        info!("shut down");
+        // Counted as each notice was written out, not guessed from who was connected when the
+        // shutdown began (which raced to 0 once).
+        let told = self.shared.told_shutdown.load(std::sync::atomic::Ordering::Relaxed);
+        info!(clients_told = told, "shut down");
     }
 
     fn admit(
