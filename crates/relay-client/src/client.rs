@@ -9,8 +9,8 @@ use std::time::Duration;
 
 use bytes::{Buf, BytesMut};
 use relay_proto::{
-    FrameReader, Identity, Kind, Message, MessageCodec, MessageRef, ServerEvent, Status, User,
-    decode_ref, encoded_len_ref, parse_destination, validate_name,
+    FrameReader, Identity, Kind, Message, MessageCodec, MessageRef, ProtoError, ServerEvent,
+    Status, User, decode_ref, encoded_len_ref, parse_destination, validate_name,
 };
 use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
@@ -232,7 +232,23 @@ impl Client {
 
         // Version 2: hello, and the greeting with the nonce a key signs.
         send_frame(&mut write, &Message::hello(1), config.max_frame_len).await.map_err(io_error)?;
-        let greeting = match next_event(&mut frames, deadline).await.ok_or_else(timed_out)?? {
+        // The first frame tells a relay server from anything else listening there.
+        let first =
+            tokio::time::timeout_at(deadline, frames.next()).await.map_err(|_| timed_out())?;
+        let first = match first {
+            None => Err(ConnectError::Closed),
+            Some(Err(ProtoError::FrameTooLarge { len, .. })) => {
+                // Its "length" is its first four bytes: `HTTP` for a web server.
+                let head = u32::try_from(len).unwrap_or(u32::MAX).to_be_bytes();
+                Err(not_relay(server, &format!("\"{}…\"", relay_proto::printable(&head))))
+            }
+            Some(Err(ProtoError::Malformed(_))) => {
+                Err(not_relay(server, "something that is not a relay greeting"))
+            }
+            Some(Err(e)) => Err(ConnectError::Protocol(e.to_string())),
+            Some(Ok(msg)) => ServerEvent::parse(msg).map_err(ConnectError::Protocol),
+        };
+        let greeting = match first? {
             ServerEvent::Greeting { greeting, .. } => greeting,
             ServerEvent::Reply { status, detail, .. } => {
                 return Err(refusal(name, status, detail));
@@ -514,6 +530,11 @@ async fn next_event(
         Some(Err(e)) => Err(ConnectError::Protocol(e.to_string())),
         Some(Ok(msg)) => ServerEvent::parse(msg).map_err(ConnectError::Protocol),
     })
+}
+
+/// The error for a peer at `addr` that is not a relay server.
+fn not_relay(addr: &str, answered: &str) -> ConnectError {
+    ConnectError::NotRelay { addr: addr.to_string(), answered: answered.to_string() }
 }
 
 /// The error for a registration the server refused with `status`.

@@ -81,6 +81,15 @@ pub enum ConnectError {
     /// The server sent something that is not valid protocol.
     #[error("protocol error: {0}")]
     Protocol(String),
+    /// What answered at the address is not a relay server: its first bytes are no relay
+    /// greeting (a web server answering `HTTP/1.1 400`, say).
+    #[error("{addr} is not a relay server (it answered {answered})")]
+    NotRelay {
+        /// The address as given.
+        addr: String,
+        /// What it sent first, shown safely.
+        answered: String,
+    },
 }
 
 /// Why a message could not be handed to the connection.

@@ -20,11 +20,11 @@ use tracing_subscriber::EnvFilter;
 #[derive(Debug, Parser)]
 #[command(version)]
 struct Args {
-    /// Server address as host:port.
-    #[arg(long, short, default_value = "127.0.0.1:8080")]
+    /// Server as host:port (a host name or address; without a port, 8080).
+    #[arg(long, short, default_value = "127.0.0.1:8080", env = "RELAY_SERVER")]
     server: String,
     /// Name to register.
-    #[arg(long, short)]
+    #[arg(long, short, env = "RELAY_USER")]
     user: String,
     /// Keep trying to reach the server for this long (e.g. 5s) instead of failing at once.
     #[arg(long, value_parser = parse_seconds)]
@@ -36,6 +36,24 @@ struct Args {
     /// Connect without a key, as a guest: only names no key holds, and only while online.
     #[arg(long, conflicts_with = "key")]
     guest: bool,
+}
+
+/// The port a server address without one means.
+const DEFAULT_PORT: u16 = 8080;
+
+/// `host:port` for `server`: as given if it has a port, else with [`DEFAULT_PORT`] (an IPv6
+/// address gets its brackets).
+fn with_port(server: &str) -> String {
+    if server.parse::<std::net::SocketAddr>().is_ok() {
+        return server.to_string();
+    }
+    if let Ok(ip) = server.parse::<std::net::IpAddr>() {
+        return std::net::SocketAddr::new(ip, DEFAULT_PORT).to_string();
+    }
+    match server.rsplit_once(':') {
+        Some((_, port)) if port.parse::<u16>().is_ok() => server.to_string(),
+        _ => format!("{server}:{DEFAULT_PORT}"),
+    }
 }
 
 fn parse_seconds(text: &str) -> Result<Duration, String> {
@@ -75,7 +93,8 @@ fn fail(message: &str) -> ExitCode {
     ExitCode::FAILURE
 }
 
-async fn session(args: Args) -> Result<(), String> {
+async fn session(mut args: Args) -> Result<(), String> {
+    args.server = with_port(&args.server);
     let mut config = ClientConfig::default();
     // A name that cannot be registered gets no key file.
     relay_client::name_key(&args.user).map_err(|e| format!("invalid name '{}': {e}", args.user))?;
@@ -111,4 +130,20 @@ async fn session(args: Args) -> Result<(), String> {
     println!("connected to {} as {} (type help for commands)", args.server, client.name());
     let stdin = tokio::io::BufReader::new(tokio::io::stdin());
     run_interactive(client, events, stdin, tokio::io::stdout()).await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::with_port;
+
+    #[test]
+    fn a_server_without_a_port_means_8080() {
+        assert_eq!(with_port("127.0.0.1:9000"), "127.0.0.1:9000");
+        assert_eq!(with_port("127.0.0.1"), "127.0.0.1:8080");
+        assert_eq!(with_port("localhost"), "localhost:8080");
+        assert_eq!(with_port("localhost:9000"), "localhost:9000");
+        assert_eq!(with_port("::1"), "[::1]:8080");
+        assert_eq!(with_port("[::1]:9000"), "[::1]:9000");
+        assert_eq!(with_port("chat.example.org"), "chat.example.org:8080");
+    }
 }

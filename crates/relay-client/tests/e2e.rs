@@ -557,3 +557,54 @@ async fn a_server_logging_to_a_file_leaves_the_terminal_to_the_chat() {
     let quiet = std::fs::read_to_string(sandbox().join("quiet.log")).unwrap_or_default();
     assert!(!quiet.contains("registered") && !quiet.contains(" INFO "), "{quiet}");
 }
+
+#[tokio::test]
+async fn the_environment_names_server_and_user_and_host_names_resolve() {
+    // The server listens on a host name; the client finds it by one, from the environment.
+    let mut server = Process::spawn("relay-server", &["--host", "localhost", "--port", "0"]);
+    let mut log = Output::new(server.child.stderr.take().unwrap());
+    let line = log.expect("listening on").await;
+    let port = line.rsplit(':').next().unwrap().trim().to_string();
+    let mut client = command("relay-client")
+        .env("RELAY_SERVER", format!("localhost:{port}"))
+        .env("RELAY_USER", "erin")
+        .arg("--guest")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let mut out = Output::new(client.stdout.take().unwrap());
+    out.expect("as erin").await;
+    let mut stdin = client.stdin.take().unwrap();
+    stdin.write_all(b"EXIT\n").await.unwrap();
+    stdin.flush().await.unwrap();
+    let status = tokio::time::timeout(WAIT, client.wait()).await.unwrap().unwrap();
+    assert!(status.success());
+    server.type_line("EXIT").await;
+    assert!(server.exit_status().await.success());
+}
+
+#[tokio::test]
+async fn a_peer_that_is_not_a_relay_server_gets_one_clear_line() {
+    // A web server, as far as the client can tell.
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap().to_string();
+    let web = tokio::spawn(async move {
+        let (mut socket, _) = listener.accept().await.unwrap();
+        let _ = socket.write_all(b"HTTP/1.1 400 Bad Request\r\nContent-Length: 0\r\n\r\n").await;
+        // Read until the client gives up, so it sees the answer, not a reset.
+        let mut sink = [0u8; 1024];
+        while let Ok(n) = tokio::io::AsyncReadExt::read(&mut socket, &mut sink).await {
+            if n == 0 {
+                break;
+            }
+        }
+    });
+    let (status, stderr) = client_failure(&["--server", &addr, "--user", "zed", "--guest"]).await;
+    assert_eq!(status.code(), Some(1), "{stderr}");
+    assert_eq!(stderr.lines().count(), 1, "{stderr}");
+    assert!(stderr.contains("is not a relay server") && stderr.contains("HTTP"), "{stderr}");
+    web.abort();
+}

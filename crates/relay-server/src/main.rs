@@ -2,7 +2,6 @@
 //! and signals wired to shutdown.
 
 use std::io::IsTerminal;
-use std::net::IpAddr;
 use std::process::ExitCode;
 use std::time::Duration;
 
@@ -21,9 +20,9 @@ use tracing_subscriber::EnvFilter;
 #[derive(Debug, Parser)]
 #[command(version)]
 struct Args {
-    /// Address to listen on (all interfaces by default).
+    /// Address or host name to listen on (all interfaces by default).
     #[arg(long, default_value = "0.0.0.0")]
-    host: IpAddr,
+    host: String,
     /// Port to listen on; 0 picks a free one.
     #[arg(long, short, default_value_t = 8080)]
     port: u16,
@@ -186,7 +185,7 @@ fn fail(message: &str) -> ExitCode {
 async fn serve(args: Args) -> Result<(), String> {
     let config = args.config();
     config.validate()?;
-    let listener = tokio::net::TcpListener::bind((args.host, args.port))
+    let listener = tokio::net::TcpListener::bind((args.host.as_str(), args.port))
         .await
         .map_err(|e| format!("cannot listen on {}:{}: {e}", args.host, args.port))?;
     let server = Server::new(listener, config).map_err(|e| e.to_string())?;
