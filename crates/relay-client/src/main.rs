@@ -1,6 +1,6 @@
 //! `relay-client`: connects, registers, and runs the interactive session on stdin/stdout.
 
-use std::io::IsTerminal;
+use std::io::{IsTerminal, Write};
 use std::process::ExitCode;
 
 use clap::Parser;
@@ -127,7 +127,13 @@ async fn session(mut args: Args) -> Result<(), String> {
             Err(e) => return Err(e.to_string()),
         }
     };
-    println!("connected to {} as {} (type help for commands)", args.server, client.name());
+    // A notice, not output: stdout carries only messages and listings (a script reads it).
+    let _ = writeln!(
+        std::io::stderr(),
+        "connected to {} as {} (type help for commands)",
+        args.server,
+        client.name()
+    );
     let stdin = tokio::io::BufReader::new(tokio::io::stdin());
     run_interactive(client, events, stdin, tokio::io::stdout()).await
 }
