@@ -80,20 +80,35 @@ pub async fn run_interactive<R, W>(
     mut events: Events,
     input: R,
     mut output: W,
+    script: bool,
 ) -> Result<(), String>
 where
     R: AsyncBufRead + Unpin,
     W: AsyncWrite + Unpin,
 {
     let mut lines = input.lines();
+    // Commands that failed (refused, not found, not understood).
+    let mut failed = 0usize;
+    // Once the user is done: the listing asked for last, whose answer comes after the answers
+    // to everything sent before it (the server holds it until then), and how long to wait.
+    let mut last: Option<(u64, tokio::time::Instant)> = None;
     loop {
         let text = tokio::select! {
-            line = lines.next_line() => match line {
+            line = lines.next_line(), if last.is_none() => match line {
                 Ok(Some(line)) => match parse_command(&line) {
-                    Command::Exit => break,
+                    Command::Exit => match client.list_users().await {
+                        Ok(id) => {
+                            last = Some((id, tokio::time::Instant::now() + ANSWER_WAIT));
+                            continue;
+                        }
+                        Err(_) => break,
+                    },
                     Command::Empty => continue,
                     Command::Help => format!("{HELP}\n"),
-                    Command::Invalid(message) => format!("{message}\n"),
+                    Command::Invalid(message) => {
+                        failed += 1;
+                        format!("{message}\n")
+                    }
                     Command::List { after } => {
                         let asked = match after {
                             None => client.list_users().await,
@@ -101,24 +116,51 @@ where
                         };
                         match asked {
                             Ok(_) => continue,
-                            Err(e) => format!("{e}\n"),
+                            Err(e) => {
+                                failed += 1;
+                                format!("{e}\n")
+                            }
                         }
                     }
                     Command::Send { to, message } => {
                         match client.send(to, message.as_bytes().to_vec()).await {
                             Ok(_) => continue,
-                            Err(e) => format!("{e}\n"),
+                            Err(e) => {
+                                failed += 1;
+                                format!("{e}\n")
+                            }
                         }
                     }
                 },
-                // End of input (or unreadable input) means the user is done.
-                Ok(None) | Err(_) => break,
+                // End of input (or unreadable input) means the user is done: as EXIT.
+                Ok(None) | Err(_) => match client.list_users().await {
+                    Ok(id) => {
+                        last = Some((id, tokio::time::Instant::now() + ANSWER_WAIT));
+                        continue;
+                    }
+                    Err(_) => break,
+                },
             },
+            () = until(last.map(|(_, at)| at)), if last.is_some() => {
+                write_line(&mut output, "! some answers did not come in time\n").await;
+                failed += 1;
+                break;
+            }
             event = events.next() => match event {
+                // The last listing answered (or refused as one too many: an answer all the
+                // same, and it too comes after the ones before it).
+                Some(Event::Users { id, .. } | Event::Rejected { id, .. })
+                    if last.is_some_and(|(last, _)| last == id) =>
+                {
+                    break
+                }
                 Some(Event::Message { from, content, time, .. }) => {
                     message_line(&from, &content, time)
                 }
-                Some(Event::NotFound { to, .. }) => format!("! {}: not found\n", safe(&to)),
+                Some(Event::NotFound { to, .. }) => {
+                    failed += 1;
+                    format!("! {}: not found\n", safe(&to))
+                }
                 Some(Event::Stored { to, .. }) => {
                     format!("~ stored for {} (offline; delivered when they log in)\n", safe(&to))
                 }
@@ -127,6 +169,7 @@ where
                     n => format!("~ delivered to {} ({n} messages)\n", safe(&to)),
                 },
                 Some(Event::Rejected { to, status, detail, .. }) => {
+                    failed += 1;
                     format!("! {}: {status} ({})\n", safe(&to), safe(&detail))
                 }
                 Some(Event::Users { users, next, .. }) => {
@@ -163,7 +206,22 @@ where
             write_line(&mut output, &message_line(&from, &content, time)).await;
         }
     }
-    Ok(())
+    match failed {
+        // A script learns from the exit code whether every command went through.
+        n if script && n > 0 => Err(format!("{n} command{} failed", if n == 1 { "" } else { "s" })),
+        _ => Ok(()),
+    }
+}
+
+/// How long the client waits, once the user is done, for the answers still due.
+const ANSWER_WAIT: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// Sleeps until `at` (forever if `None`, which the caller's guard rules out).
+async fn until(at: Option<tokio::time::Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
+    }
 }
 
 /// How a received message is shown: `<from>: <content>`, both made safe for a terminal; one

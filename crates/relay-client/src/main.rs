@@ -135,7 +135,9 @@ async fn session(mut args: Args) -> Result<(), String> {
         client.name()
     );
     let stdin = tokio::io::BufReader::new(tokio::io::stdin());
-    run_interactive(client, events, stdin, tokio::io::stdout()).await
+    // From a pipe or a file, failed commands make the exit code non-zero.
+    let script = !std::io::stdin().is_terminal();
+    run_interactive(client, events, stdin, tokio::io::stdout(), script).await
 }
 
 #[cfg(test)]

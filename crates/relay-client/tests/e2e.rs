@@ -618,3 +618,65 @@ async fn a_peer_that_is_not_a_relay_server_gets_one_clear_line() {
     assert!(stderr.contains("is not a relay server") && stderr.contains("HTTP"), "{stderr}");
     web.abort();
 }
+
+/// Runs a client with `input` piped to it; returns its exit status, stdout and stderr.
+async fn piped(args: &[&str], input: &str) -> (ExitStatus, String, String) {
+    let mut child = command("relay-client")
+        .args(args)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let mut stdin = child.stdin.take().unwrap();
+    stdin.write_all(input.as_bytes()).await.unwrap();
+    drop(stdin);
+    let out = tokio::time::timeout(WAIT, child.wait_with_output()).await.unwrap().unwrap();
+    (out.status, String::from_utf8(out.stdout).unwrap(), String::from_utf8(out.stderr).unwrap())
+}
+
+#[tokio::test]
+async fn piped_commands_get_their_answers_before_the_client_exits_and_set_the_exit_code() {
+    let (mut server, _log, addr) = start_server().await;
+    let (mut watcher, _out) = start_client(&addr, "watcher").await;
+    for round in 0..20 {
+        // A listing is printed before the client leaves, every time.
+        let (status, out, err) =
+            piped(&["--server", &addr, "--user", "lister", "--guest"], "list\n").await;
+        assert!(status.success(), "round {round}: {err}");
+        assert!(out.contains("watcher 127.0.0.1:"), "round {round}: {out:?}");
+        assert!(!out.contains("connected to"), "the notice belongs on stderr: {out:?}");
+        // A send that fails is reported, and so is the failure, in the exit code.
+        let (status, out, err) =
+            piped(&["--server", &addr, "--user", "sender", "--guest"], "send nobody hi\n").await;
+        assert_eq!(status.code(), Some(1), "round {round}: {out} {err}");
+        assert!(out.contains("! nobody: not found"), "round {round}: {out:?}");
+        assert!(err.contains("1 command failed"), "round {round}: {err:?}");
+    }
+    // A message stored for an offline key holder: its `Stored` answer is waited for too.
+    let (status, _, err) = piped(&["--server", &addr, "--user", "owner"], "").await;
+    assert!(status.success(), "{err}");
+    let (status, out, err) =
+        piped(&["--server", &addr, "--user", "writer"], "send owner are you there\n").await;
+    assert!(status.success(), "{out} {err}");
+    assert!(out.contains("~ stored for owner"), "{out:?}");
+    watcher.type_line("EXIT").await;
+    assert!(watcher.exit_status().await.success());
+    server.type_line("EXIT").await;
+    assert!(server.exit_status().await.success());
+}
+
+#[tokio::test]
+async fn a_script_of_many_listings_still_ends_promptly() {
+    let (mut server, _log, addr) = start_server().await;
+    // More listings than the server answers at once: the last is refused as one too many,
+    // which also marks the end of the answers.
+    let (status, out, err) =
+        piped(&["--server", &addr, "--user", "many", "--guest"], &"list\n".repeat(8)).await;
+    assert_eq!(status.code(), Some(1), "{out} {err}");
+    assert!(out.contains("many 127.0.0.1:") && out.contains("too many"), "{out:?}");
+    assert!(!out.contains("did not come in time"), "{out:?}");
+    server.type_line("EXIT").await;
+    assert!(server.exit_status().await.success());
+}

@@ -559,14 +559,24 @@ impl Connection {
                     Ok(Request::ListUsers { id, after }) => {
                         // A listing costs the server far more than the request costs the
                         // client: a token bucket per connection.
-                        if listings.take(self.config()) {
-                            Box::pin(self.list_users(id, after.to_string()))
-                        } else {
+                        let allowed = listings.take(self.config());
+                        if !allowed {
                             debug!(peer = %self.peer, %name, "user listing rate-limited");
-                            let detail = "too many user listings; try again in a moment";
-                            let reply = Message::reply(id, Status::RateLimited, "", detail);
-                            Box::pin(self.reply(reply))
                         }
+                        let (this, after) = (&*self, after.to_string());
+                        Box::pin(async move {
+                            // Answered only once every earlier message of this connection
+                            // has its answer from the store: a client (a script at the end of
+                            // its input) can use a listing to know nothing more is coming.
+                            this.outbox.wait_for_store(1).await;
+                            if allowed {
+                                this.list_users(id, after).await
+                            } else {
+                                let detail = "too many user listings; try again in a moment";
+                                this.reply(Message::reply(id, Status::RateLimited, "", detail))
+                                    .await
+                            }
+                        })
                     }
                     Ok(Request::Ping { id }) => Box::pin(self.reply(Message::pong(id))),
                     Ok(Request::Pong { .. }) => continue,
