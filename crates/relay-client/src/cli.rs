@@ -213,6 +213,101 @@ where
     }
 }
 
+/// `relay-client send TO MESSAGE`: sends it, waits for its answer (bounded by
+/// [`ANSWER_WAIT`]) and goes offline. A message delivered live has no answer: the answer to a
+/// listing asked for after it, which the server gives only once everything before it has been
+/// answered, says nothing more is coming.
+///
+/// # Errors
+/// What became of the message if it was not delivered or stored, as one line.
+pub async fn send_once(
+    client: Client,
+    mut events: Events,
+    to: &str,
+    message: &str,
+) -> Result<(), String> {
+    let id = client.send(to, message.as_bytes().to_vec()).await.map_err(|e| e.to_string())?;
+    let last = client.list_users().await.map_err(|e| e.to_string())?;
+    let deadline = tokio::time::Instant::now() + ANSWER_WAIT;
+    let mut failure = None;
+    loop {
+        let event = tokio::time::timeout_at(deadline, events.next())
+            .await
+            .map_err(|_| "no answer from the server in time".to_string())?;
+        match event {
+            Some(Event::NotFound { id: about, to, .. }) if about == id => {
+                failure = Some(format!("{}: not found", safe(&to)));
+            }
+            Some(Event::Rejected { id: about, to, status, detail, .. }) if about == id => {
+                failure = Some(format!("{}: {status} ({})", safe(&to), safe(&detail)));
+            }
+            Some(Event::Users { id: about, .. } | Event::Rejected { id: about, .. })
+                if about == last =>
+            {
+                break;
+            }
+            Some(Event::ServerShutdown { .. }) => return Err("the server is shutting down".into()),
+            Some(Event::Closed { status, detail }) => {
+                return Err(format!("disconnected by the server: {status} ({})", safe(&detail)));
+            }
+            Some(Event::Disconnected { reason }) => {
+                return Err(format!("connection to the server lost: {}", safe(&reason)));
+            }
+            None => return Err("connection to the server lost".into()),
+            Some(_) => {}
+        }
+    }
+    client.offline().await.map_err(|e| format!("going offline failed: {e}"))?;
+    failure.map_or(Ok(()), Err)
+}
+
+/// `relay-client list`: prints every page of the users online, one `name address` line each.
+///
+/// # Errors
+/// A lost connection or a refused listing, as one line.
+pub async fn list_once(client: Client, mut events: Events) -> Result<(), String> {
+    let mut out = tokio::io::stdout();
+    let mut after: Option<String> = None;
+    loop {
+        let asked = match &after {
+            None => client.list_users().await,
+            Some(name) => client.list_users_after(name).await,
+        };
+        let asked = asked.map_err(|e| e.to_string())?;
+        let deadline = tokio::time::Instant::now() + ANSWER_WAIT;
+        let next = loop {
+            let event = tokio::time::timeout_at(deadline, events.next())
+                .await
+                .map_err(|_| "no answer from the server in time".to_string())?;
+            match event {
+                Some(Event::Users { id, users, next }) if id == asked => {
+                    let mut text = String::new();
+                    for user in users {
+                        text.push_str(&format!("{} {}\n", safe(&user.name), safe(&user.addr)));
+                    }
+                    write_line(&mut out, &text).await;
+                    break next;
+                }
+                Some(Event::Rejected { id, status, detail, .. }) if id == asked => {
+                    return Err(format!("the listing was refused: {status} ({})", safe(&detail)));
+                }
+                Some(Event::ServerShutdown { .. }) => {
+                    return Err("the server is shutting down".into());
+                }
+                Some(Event::Closed { .. } | Event::Disconnected { .. }) | None => {
+                    return Err("connection to the server lost".into());
+                }
+                Some(_) => {}
+            }
+        };
+        match next {
+            Some(name) => after = Some(name),
+            None => break,
+        }
+    }
+    client.offline().await.map_err(|e| format!("going offline failed: {e}"))
+}
+
 /// How long the client waits, once the user is done, for the answers still due.
 const ANSWER_WAIT: std::time::Duration = std::time::Duration::from_secs(10);
 

@@ -36,6 +36,25 @@ struct Args {
     /// Connect without a key, as a guest: only names no key holds, and only while online.
     #[arg(long, conflicts_with = "key")]
     guest: bool,
+    /// One command, then exit (for scripts); without one, commands are read from stdin.
+    #[command(subcommand)]
+    command: Option<OneShot>,
+}
+
+/// Commands run once, for scripts: nothing printed on success but what was asked for, one
+/// line on stderr and exit code 1 on failure.
+#[derive(Debug, clap::Subcommand)]
+enum OneShot {
+    /// Sends one message and waits for its answer (not found, not delivered, stored...).
+    Send {
+        /// Destination: a name, or an address as `list` shows it.
+        to: String,
+        /// The message (several words are joined by spaces).
+        #[arg(required = true, num_args = 1..)]
+        message: Vec<String>,
+    },
+    /// Prints the users online (every page), one `name address` line each.
+    List,
 }
 
 /// The port a server address without one means.
@@ -127,6 +146,13 @@ async fn session(mut args: Args) -> Result<(), String> {
             Err(e) => return Err(e.to_string()),
         }
     };
+    match &args.command {
+        Some(OneShot::Send { to, message }) => {
+            return cli::send_once(client, events, to, &message.join(" ")).await;
+        }
+        Some(OneShot::List) => return cli::list_once(client, events).await,
+        None => {}
+    }
     // A notice, not output: stdout carries only messages and listings (a script reads it).
     let _ = writeln!(
         std::io::stderr(),

@@ -680,3 +680,50 @@ async fn a_script_of_many_listings_still_ends_promptly() {
     server.type_line("EXIT").await;
     assert!(server.exit_status().await.success());
 }
+
+#[tokio::test]
+async fn one_shot_send_and_list_answer_in_the_exit_code() {
+    let (mut server, _log, addr) = start_server().await;
+    let (mut bob, mut bob_out) = start_client(&addr, "bob").await;
+    for round in 0..20 {
+        // Delivered: nothing printed, exit 0, and bob has it.
+        let (status, out, err) = client_failure_with_output(&[
+            "--server", &addr, "--user", "oneshot", "--guest", "send", "bob", "hello", "there",
+        ])
+        .await;
+        assert!(status.success(), "round {round}: {err}");
+        assert!(out.is_empty() && err.is_empty(), "round {round}: {out:?} {err:?}");
+        assert_eq!(bob_out.expect("oneshot:").await, "oneshot: hello there");
+        // Not found: one line on stderr, exit 1.
+        let (status, out, err) = client_failure_with_output(&[
+            "--server", &addr, "--user", "oneshot", "--guest", "send", "nobody", "hi",
+        ])
+        .await;
+        assert_eq!(status.code(), Some(1), "round {round}: {err}");
+        assert!(out.is_empty(), "{out:?}");
+        assert_eq!(err.trim_end(), "relay-client: nobody: not found", "round {round}");
+        // A listing: every user, nothing else.
+        let (status, out, err) =
+            client_failure_with_output(&["--server", &addr, "--user", "lister", "--guest", "list"])
+                .await;
+        assert!(status.success(), "round {round}: {err}");
+        assert!(out.contains("bob 127.0.0.1:") && out.contains("lister 127.0.0.1:"), "{out:?}");
+        assert!(err.is_empty(), "{err:?}");
+    }
+    bob.type_line("EXIT").await;
+    assert!(bob.exit_status().await.success());
+    server.type_line("EXIT").await;
+    assert!(server.exit_status().await.success());
+}
+
+/// Runs the client to completion with no input; returns its exit status, stdout and stderr.
+async fn client_failure_with_output(args: &[&str]) -> (ExitStatus, String, String) {
+    let out = tokio::time::timeout(
+        WAIT,
+        command("relay-client").args(args).stdin(Stdio::null()).kill_on_drop(true).output(),
+    )
+    .await
+    .unwrap()
+    .unwrap();
+    (out.status, String::from_utf8(out.stdout).unwrap(), String::from_utf8(out.stderr).unwrap())
+}
