@@ -308,6 +308,70 @@ pub async fn list_once(client: Client, mut events: Events) -> Result<(), String>
     client.offline().await.map_err(|e| format!("going offline failed: {e}"))
 }
 
+/// `relay-client listen`: prints each message received, one line each (as the interactive
+/// client shows it, or one JSON object), until Ctrl-C (then it goes offline) or the server
+/// shuts down.
+///
+/// # Errors
+/// A lost connection, as one line.
+pub async fn listen(client: Client, mut events: Events, json: bool) -> Result<(), String> {
+    let mut out = tokio::io::stdout();
+    let me = client.name().to_string();
+    loop {
+        let event = tokio::select! {
+            event = events.next() => event,
+            _ = tokio::signal::ctrl_c() => break,
+        };
+        match event {
+            Some(Event::Message { from, content, time, .. }) => {
+                let line = if json {
+                    format!(
+                        "{{\"from\":{},\"to\":{},\"time\":{time},\"content\":{}}}\n",
+                        json_string(&from),
+                        json_string(&me),
+                        json_string(&String::from_utf8_lossy(&content)),
+                    )
+                } else {
+                    message_line(&from, &content, time)
+                };
+                write_line(&mut out, &line).await;
+            }
+            Some(Event::ServerShutdown { .. }) => return Ok(()),
+            Some(Event::Closed { status, detail }) => {
+                return Err(format!("disconnected by the server: {status} ({})", safe(&detail)));
+            }
+            Some(Event::Disconnected { reason }) => {
+                return Err(format!("connection to the server lost: {}", safe(&reason)));
+            }
+            None => return Err("connection to the server lost".into()),
+            Some(_) => {}
+        }
+    }
+    client.offline().await.map_err(|e| format!("going offline failed: {e}"))
+}
+
+/// `text` as a JSON string: quoted, with quotes, backslashes and control characters escaped
+/// (and U+2028/2029, which some JSON readers take for line ends).
+fn json_string(text: &str) -> String {
+    let mut out = String::with_capacity(text.len() + 2);
+    out.push('"');
+    for c in text.chars() {
+        match c {
+            '"' => out.push_str("\\\""),
+            '\\' => out.push_str("\\\\"),
+            '\n' => out.push_str("\\n"),
+            '\r' => out.push_str("\\r"),
+            '\t' => out.push_str("\\t"),
+            c if (c as u32) < 0x20 || c == '\u{2028}' || c == '\u{2029}' => {
+                out.push_str(&format!("\\u{:04x}", c as u32));
+            }
+            c => out.push(c),
+        }
+    }
+    out.push('"');
+    out
+}
+
 /// How long the client waits, once the user is done, for the answers still due.
 const ANSWER_WAIT: std::time::Duration = std::time::Duration::from_secs(10);
 
@@ -377,6 +441,12 @@ async fn write_line<W: AsyncWrite + Unpin>(output: &mut W, text: &str) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn json_strings_are_escaped() {
+        assert_eq!(json_string("plain"), "\"plain\"");
+        assert_eq!(json_string("a\"b\\c\nd\u{1b}e\u{2028}"), "\"a\\\"b\\\\c\\nd\\u001be\\u2028\"");
+    }
 
     #[test]
     fn commands() {

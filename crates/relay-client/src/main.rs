@@ -55,6 +55,12 @@ enum OneShot {
     },
     /// Prints the users online (every page), one `name address` line each.
     List,
+    /// Prints each message received, one line each, until interrupted or the server shuts down.
+    Listen {
+        /// One JSON object per line: from, to, time (ms since the Unix epoch), content.
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 /// The port a server address without one means.
@@ -151,6 +157,7 @@ async fn session(mut args: Args) -> Result<(), String> {
             return cli::send_once(client, events, to, &message.join(" ")).await;
         }
         Some(OneShot::List) => return cli::list_once(client, events).await,
+        Some(OneShot::Listen { json }) => return cli::listen(client, events, *json).await,
         None => {}
     }
     // A notice, not output: stdout carries only messages and listings (a script reads it).

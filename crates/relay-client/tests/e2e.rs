@@ -727,3 +727,29 @@ async fn client_failure_with_output(args: &[&str]) -> (ExitStatus, String, Strin
     .unwrap();
     (out.status, String::from_utf8(out.stdout).unwrap(), String::from_utf8(out.stderr).unwrap())
 }
+
+#[tokio::test]
+async fn listen_prints_each_message_on_one_line_until_the_server_shuts_down() {
+    let (mut server, mut log, addr) = start_server().await;
+    let mut listener = command("relay-client")
+        .args(["--server", &addr, "--user", "ear", "--guest", "listen", "--json"])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let mut out = Output::new(listener.stdout.take().unwrap());
+    log.expect("name=ear").await;
+    let (mut alice, _alice_out) = start_client(&addr, "alice").await;
+    alice.type_line("send ear say \"hi\"\tand go").await;
+    let line = out.expect("\"from\":\"alice\"").await;
+    assert!(line.starts_with("{\"from\":\"alice\",\"to\":\"ear\",\"time\":"), "{line}");
+    assert!(line.ends_with(",\"content\":\"say \\\"hi\\\"\\tand go\"}"), "{line}");
+    alice.type_line("EXIT").await;
+    assert!(alice.exit_status().await.success());
+    server.type_line("EXIT").await;
+    let status = tokio::time::timeout(WAIT, listener.wait()).await.unwrap().unwrap();
+    assert!(status.success());
+    assert!(server.exit_status().await.success());
+}
