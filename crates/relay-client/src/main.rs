@@ -23,9 +23,9 @@ struct Args {
     /// Server as host:port (a host name or address; without a port, 8080).
     #[arg(long, short, default_value = "127.0.0.1:8080", env = "RELAY_SERVER")]
     server: String,
-    /// Name to register.
+    /// Name to register (needed for everything but `completions` and `man`).
     #[arg(long, short, env = "RELAY_USER")]
-    user: String,
+    user: Option<String>,
     /// Keep trying to reach the server for this long (e.g. 5s) instead of failing at once.
     #[arg(long, value_parser = parse_seconds)]
     wait: Option<Duration>,
@@ -55,6 +55,14 @@ enum OneShot {
     },
     /// Prints the users online (every page), one `name address` line each.
     List,
+    /// Prints a completion script for a shell (e.g. `relay-client completions bash >
+    /// ~/.local/share/bash-completion/completions/relay-client`).
+    Completions {
+        /// The shell.
+        shell: clap_complete::Shell,
+    },
+    /// Prints the manual page (roff; e.g. `relay-client man > relay-client.1`).
+    Man,
     /// Prints each message received, one line each, until interrupted or the server shuts down.
     Listen {
         /// One JSON object per line: from, to, time (ms since the Unix epoch), content.
@@ -92,6 +100,21 @@ fn parse_seconds(text: &str) -> Result<Duration, String> {
 
 fn main() -> ExitCode {
     let args = Args::parse();
+    match &args.command {
+        Some(OneShot::Completions { shell }) => {
+            let mut command = <Args as clap::CommandFactory>::command();
+            clap_complete::generate(*shell, &mut command, "relay-client", &mut std::io::stdout());
+            return ExitCode::SUCCESS;
+        }
+        Some(OneShot::Man) => {
+            let man = clap_mangen::Man::new(<Args as clap::CommandFactory>::command());
+            return match man.render(&mut std::io::stdout()) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => fail(&format!("cannot write the manual page: {e}")),
+            };
+        }
+        _ => {}
+    }
     // Library diagnostics only when asked for; the session itself prints plain lines.
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("off"));
     tracing_subscriber::fmt()
@@ -120,20 +143,21 @@ fn fail(message: &str) -> ExitCode {
 
 async fn session(mut args: Args) -> Result<(), String> {
     args.server = with_port(&args.server);
+    let user = args.user.clone().ok_or("which name? give --user NAME (or set RELAY_USER)")?;
     let mut config = ClientConfig::default();
     // A name that cannot be registered gets no key file.
-    relay_client::name_key(&args.user).map_err(|e| format!("invalid name '{}': {e}", args.user))?;
+    relay_client::name_key(&user).map_err(|e| format!("invalid name '{user}': {e}"))?;
     if !args.guest {
         let path = match &args.key {
             Some(path) => path.clone(),
-            None => default_key_path(&args.user).map_err(|e| e.to_string())?,
+            None => default_key_path(&user).map_err(|e| e.to_string())?,
         };
         let (identity, created) = load_or_create_key(&path).map_err(|e| e.to_string())?;
         if created {
             eprintln!(
                 "relay-client: created a new key for {} in {} (keep it: it proves the name \
                  is yours)",
-                args.user,
+                user,
                 path.display()
             );
         }
@@ -141,7 +165,7 @@ async fn session(mut args: Args) -> Result<(), String> {
     }
     let deadline = args.wait.map(|wait| tokio::time::Instant::now() + wait);
     let (client, events) = loop {
-        match Client::connect_with(&args.server, &args.user, config.clone()).await {
+        match Client::connect_with(&args.server, &user, config.clone()).await {
             Ok(connected) => break connected,
             // Only an unreachable server is worth waiting for; a refusal is final.
             Err(ConnectError::Connect { .. } | ConnectError::ConnectTimeout { .. })
@@ -158,7 +182,7 @@ async fn session(mut args: Args) -> Result<(), String> {
         }
         Some(OneShot::List) => return cli::list_once(client, events).await,
         Some(OneShot::Listen { json }) => return cli::listen(client, events, *json).await,
-        None => {}
+        Some(OneShot::Completions { .. } | OneShot::Man) | None => {}
     }
     // A notice, not output: stdout carries only messages and listings (a script reads it).
     let _ = writeln!(

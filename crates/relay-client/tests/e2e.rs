@@ -51,7 +51,7 @@ fn sandbox() -> PathBuf {
 fn command(name: &str) -> Command {
     let mut command = Command::new(binary(name));
     command.current_dir(sandbox()).env("XDG_CONFIG_HOME", sandbox().join("config"));
-    command.env_remove("RELAY_KEY");
+    command.env_remove("RELAY_KEY").env_remove("RELAY_USER").env_remove("RELAY_SERVER");
     command
 }
 
@@ -752,4 +752,28 @@ async fn listen_prints_each_message_on_one_line_until_the_server_shuts_down() {
     let status = tokio::time::timeout(WAIT, listener.wait()).await.unwrap().unwrap();
     assert!(status.success());
     assert!(server.exit_status().await.success());
+}
+
+#[tokio::test]
+async fn completions_and_manual_pages_come_from_both_binaries() {
+    for (binary, completions, man) in [
+        ("relay-client", vec!["completions", "bash"], vec!["man"]),
+        ("relay-server", vec!["--completions", "zsh"], vec!["--man"]),
+    ] {
+        let out = command(binary).args(&completions).output().await.unwrap();
+        assert!(out.status.success(), "{binary}");
+        let script = String::from_utf8(out.stdout).unwrap();
+        assert!(
+            script.contains(binary) && script.contains("--server") == (binary == "relay-client")
+        );
+        let out = command(binary).args(&man).output().await.unwrap();
+        assert!(out.status.success(), "{binary}");
+        let page = String::from_utf8(out.stdout).unwrap();
+        assert!(page.starts_with(".ie") || page.starts_with(".TH"), "{binary}: {page:.80}");
+        assert!(page.contains(&format!(".TH {binary}")), "{binary}");
+    }
+    // The name is needed for a session, and its absence is one clear line.
+    let (status, err) = client_failure(&["--server", "127.0.0.1:1"]).await;
+    assert_eq!(status.code(), Some(1));
+    assert!(err.contains("--user") && err.lines().count() == 1, "{err}");
 }

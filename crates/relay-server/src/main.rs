@@ -32,6 +32,12 @@ struct Args {
     /// Less logging: warnings and errors only. RUST_LOG overrides.
     #[arg(short, long)]
     quiet: bool,
+    /// Print a completion script for this shell (bash, zsh, fish, elvish, powershell) and exit.
+    #[arg(long, value_name = "SHELL")]
+    completions: Option<clap_complete::Shell>,
+    /// Print the manual page (roff) and exit: `relay-server --man > relay-server.1`.
+    #[arg(long)]
+    man: bool,
     /// Write the log to this file (appended to) instead of standard error, which then gets one
     /// line saying where the server listens and where its log goes: for running the server in
     /// the background of a terminal where a client is used.
@@ -154,6 +160,18 @@ impl Args {
 
 fn main() -> ExitCode {
     let args = Args::parse();
+    if let Some(shell) = args.completions {
+        let mut command = <Args as clap::CommandFactory>::command();
+        clap_complete::generate(shell, &mut command, "relay-server", &mut std::io::stdout());
+        return ExitCode::SUCCESS;
+    }
+    if args.man {
+        let man = clap_mangen::Man::new(<Args as clap::CommandFactory>::command());
+        return match man.render(&mut std::io::stdout()) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => fail(&format!("cannot write the manual page: {e}")),
+        };
+    }
     let (log_guard, dropped) = match init_logging(&args) {
         Ok(logging) => logging,
         Err(message) => return fail(&message),
