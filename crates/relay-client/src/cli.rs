@@ -2,7 +2,7 @@
 //! the `relay-client` binary, not the library: programs embedding the library bring their own
 //! interface.
 
-use tokio::io::{AsyncBufRead, AsyncBufReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::io::{AsyncBufRead, AsyncWrite, AsyncWriteExt};
 
 use relay_client::{Client, Event, Events};
 
@@ -67,28 +67,45 @@ pub fn parse_command(line: &str) -> Command<'_> {
 /// escaped, so a peer can neither forge lines, drive the terminal nor disguise text.
 pub use relay_proto::printable;
 
-/// Runs the interactive session: reads commands from `input`, prints events on `output`.
-///
-/// Returns `Ok` when the user leaves (`EXIT` or end of input; the client goes offline first)
-/// or the server shuts down; `Err` with a line for the user when the connection is lost or
-/// the server ends the session for another reason.
+/// How a connected stretch of an interactive session ended, when it did not fail.
+#[derive(Debug)]
+pub enum Ended {
+    /// The user is done (`EXIT`, end of input).
+    Done,
+    /// The server shut down (the client exits 0, as the README promises).
+    Shutdown,
+    /// The connection was lost (the server vanished or restarted): worth reconnecting.
+    Lost(String),
+}
+
+/// The end of a session: for a script (input not a terminal), an error if any command failed.
 ///
 /// # Errors
-/// The reason the session ended abnormally, as one line.
-pub async fn run_interactive<R, W>(
+/// How many commands failed, in a script.
+pub fn finish(script: bool, failed: usize) -> Result<(), String> {
+    match failed {
+        // A script learns from the exit code whether every command went through.
+        n if script && n > 0 => Err(format!("{n} command{} failed", if n == 1 { "" } else { "s" })),
+        _ => Ok(()),
+    }
+}
+
+/// One connected stretch of the interactive session: commands from `lines`, events to
+/// `output`, failed commands counted in `failed`.
+///
+/// # Errors
+/// The reason the server ended the session, as one line.
+pub async fn run_connected<R, W>(
     client: Client,
     mut events: Events,
-    input: R,
+    lines: &mut tokio::io::Lines<R>,
     mut output: W,
-    script: bool,
-) -> Result<(), String>
+    failed: &mut usize,
+) -> Result<Ended, String>
 where
     R: AsyncBufRead + Unpin,
     W: AsyncWrite + Unpin,
 {
-    let mut lines = input.lines();
-    // Commands that failed (refused, not found, not understood).
-    let mut failed = 0usize;
     // Once the user is done: the listing asked for last, whose answer comes after the answers
     // to everything sent before it (the server holds it until then), and how long to wait.
     let mut last: Option<(u64, tokio::time::Instant)> = None;
@@ -106,7 +123,7 @@ where
                     Command::Empty => continue,
                     Command::Help => format!("{HELP}\n"),
                     Command::Invalid(message) => {
-                        failed += 1;
+                        *failed += 1;
                         format!("{message}\n")
                     }
                     Command::List { after } => {
@@ -117,7 +134,7 @@ where
                         match asked {
                             Ok(_) => continue,
                             Err(e) => {
-                                failed += 1;
+                                *failed += 1;
                                 format!("{e}\n")
                             }
                         }
@@ -126,7 +143,7 @@ where
                         match client.send(to, message.as_bytes().to_vec()).await {
                             Ok(_) => continue,
                             Err(e) => {
-                                failed += 1;
+                                *failed += 1;
                                 format!("{e}\n")
                             }
                         }
@@ -143,7 +160,7 @@ where
             },
             () = until(last.map(|(_, at)| at)), if last.is_some() => {
                 write_line(&mut output, "! some answers did not come in time\n").await;
-                failed += 1;
+                *failed += 1;
                 break;
             }
             event = events.next() => match event {
@@ -158,7 +175,7 @@ where
                     message_line(&from, &content, time)
                 }
                 Some(Event::NotFound { to, .. }) => {
-                    failed += 1;
+                    *failed += 1;
                     format!("! {}: not found\n", safe(&to))
                 }
                 Some(Event::Stored { to, .. }) => {
@@ -169,7 +186,7 @@ where
                     n => format!("~ delivered to {} ({n} messages)\n", safe(&to)),
                 },
                 Some(Event::Rejected { to, status, detail, .. }) => {
-                    failed += 1;
+                    *failed += 1;
                     format!("! {}: {status} ({})\n", safe(&to), safe(&detail))
                 }
                 Some(Event::Users { users, next, .. }) => {
@@ -184,15 +201,15 @@ where
                 }
                 Some(Event::ServerShutdown { .. }) => {
                     write_line(&mut output, "server is shutting down\n").await;
-                    return Ok(());
+                    return Ok(Ended::Shutdown);
                 }
                 Some(Event::Closed { status, detail }) => {
                     return Err(format!("disconnected by the server: {status} ({})", safe(&detail)));
                 }
                 Some(Event::Disconnected { reason }) => {
-                    return Err(format!("connection to the server lost: {}", safe(&reason)));
+                    return Ok(Ended::Lost(format!("connection to the server lost: {}", safe(&reason))));
                 }
-                None => return Err("connection to the server lost".into()),
+                None => return Ok(Ended::Lost("connection to the server lost".into())),
                 // Kinds of event this version of the client does not show.
                 Some(_) => continue,
             },
@@ -206,11 +223,7 @@ where
             write_line(&mut output, &message_line(&from, &content, time)).await;
         }
     }
-    match failed {
-        // A script learns from the exit code whether every command went through.
-        n if script && n > 0 => Err(format!("{n} command{} failed", if n == 1 { "" } else { "s" })),
-        _ => Ok(()),
-    }
+    Ok(Ended::Done)
 }
 
 /// `relay-client send TO MESSAGE`: sends it, waits for its answer (bounded by

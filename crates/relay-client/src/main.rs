@@ -10,8 +10,9 @@ use std::path::PathBuf;
 
 mod cli;
 
-use cli::run_interactive;
+use cli::Ended;
 use relay_client::{Client, ClientConfig, ConnectError, default_key_path, load_or_create_key};
+use tokio::io::AsyncBufReadExt;
 use tracing_subscriber::EnvFilter;
 
 /// Interactive client for the relay chat server.
@@ -36,6 +37,9 @@ struct Args {
     /// Connect without a key, as a guest: only names no key holds, and only while online.
     #[arg(long, conflicts_with = "key")]
     guest: bool,
+    /// Exit when the connection is lost, rather than reconnect.
+    #[arg(long)]
+    no_reconnect: bool,
     /// One command, then exit (for scripts); without one, commands are read from stdin.
     #[command(subcommand)]
     command: Option<OneShot>,
@@ -191,10 +195,70 @@ async fn session(mut args: Args) -> Result<(), String> {
         args.server,
         client.name()
     );
-    let stdin = tokio::io::BufReader::new(tokio::io::stdin());
     // From a pipe or a file, failed commands make the exit code non-zero.
     let script = !std::io::stdin().is_terminal();
-    run_interactive(client, events, stdin, tokio::io::stdout(), script).await
+    let mut lines = tokio::io::BufReader::new(tokio::io::stdin()).lines();
+    let mut failed = 0;
+    let (mut client, mut events) = (client, events);
+    loop {
+        match cli::run_connected(client, events, &mut lines, tokio::io::stdout(), &mut failed)
+            .await?
+        {
+            Ended::Done => return cli::finish(script, failed),
+            Ended::Shutdown => return Ok(()),
+            Ended::Lost(reason) if !args.no_reconnect => {
+                // Lines typed meanwhile wait in stdin and go out once it is back.
+                let _ = writeln!(std::io::stderr(), "relay-client: {reason}; reconnecting...");
+                (client, events) = reconnect(&args.server, &user, &config).await?;
+                let _ = writeln!(
+                    std::io::stderr(),
+                    "relay-client: reconnected to {} as {}",
+                    args.server,
+                    client.name()
+                );
+            }
+            Ended::Lost(reason) => return Err(reason),
+        }
+    }
+}
+
+/// Connects again after a lost connection, with the same name (and key), retrying with
+/// backoff (from 0.2 s, doubling, at most 10 s, each wait varied by up to a fifth so that
+/// many clients of a restarted server do not come back in step). Gives up only on a refusal
+/// that retrying cannot change (the name belongs to another key, say).
+async fn reconnect(
+    server: &str,
+    user: &str,
+    config: &ClientConfig,
+) -> Result<(Client, relay_client::Events), String> {
+    let mut wait = Duration::from_millis(200);
+    loop {
+        match Client::connect_with(server, user, config.clone()).await {
+            Ok(connected) => return Ok(connected),
+            // Unreachable, restarting, or still holding the old session's name.
+            Err(
+                ConnectError::Connect { .. }
+                | ConnectError::ConnectTimeout { .. }
+                | ConnectError::Closed
+                | ConnectError::RegisterTimeout(_)
+                | ConnectError::NameTaken { .. },
+            ) => {
+                tokio::time::sleep(jittered(wait)).await;
+                wait = (wait * 2).min(Duration::from_secs(10));
+            }
+            Err(e) => return Err(e.to_string()),
+        }
+    }
+}
+
+/// `wait` varied by up to a fifth either way.
+fn jittered(wait: Duration) -> Duration {
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.subsec_nanos());
+    // 0.8 to 1.2, from the clock's nanoseconds: enough to spread clients out.
+    let factor = 0.8 + 0.4 * f64::from(nanos % 1000) / 1000.0;
+    wait.mul_f64(factor)
 }
 
 #[cfg(test)]

@@ -777,3 +777,30 @@ async fn completions_and_manual_pages_come_from_both_binaries() {
     assert_eq!(status.code(), Some(1));
     assert!(err.contains("--user") && err.lines().count() == 1, "{err}");
 }
+
+#[tokio::test]
+async fn the_client_reconnects_when_its_server_comes_back_unless_told_not_to() {
+    let (mut server, _log, addr) = start_server().await;
+    let port = addr.rsplit(':').next().unwrap().to_string();
+    let (_alice, mut alice_out) = start_client(&addr, "alice").await;
+    let mut quitter =
+        Process::spawn("relay-client", &["--server", &addr, "--user", "quitter", "--no-reconnect"]);
+    connected(&mut quitter, "quitter").await;
+    // The server vanishes (no shutdown notice) and comes back on the same port and data.
+    server.child.start_kill().unwrap();
+    tokio::time::timeout(WAIT, server.child.wait()).await.unwrap().unwrap();
+    let status = quitter.exit_status().await;
+    assert_eq!(status.code(), Some(1), "--no-reconnect exits when the connection is lost");
+    let mut server = Process::spawn("relay-server", &["--host", "127.0.0.1", "--port", &port]);
+    let mut log = Output::new(server.child.stderr.take().unwrap());
+    log.expect("listening on").await;
+    // alice comes back by herself, under her name (and key).
+    log.expect("name=alice").await;
+    let (mut bob, _bob_out) = start_client(&addr, "bob").await;
+    bob.type_line("send alice welcome back").await;
+    assert_eq!(alice_out.expect("bob:").await, "bob: welcome back");
+    bob.type_line("EXIT").await;
+    assert!(bob.exit_status().await.success());
+    server.type_line("EXIT").await;
+    assert!(server.exit_status().await.success());
+}
