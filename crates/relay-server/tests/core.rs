@@ -409,7 +409,10 @@ async fn events_are_a_stream_that_ends_with_the_connection() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn nothing_overtakes_the_welcome() {
     let server = TestServer::start().await;
-    let (flood, _flood_events) = server.connect("flood").await;
+    let (flood, mut flood_events) = server.connect("flood").await;
+    // The flooder reads its replies (mostly `NotFound`): one that did not would, on a loaded
+    // machine, outlast the write timeout and be dropped as a slow consumer mid-test.
+    let draining = tokio::spawn(async move { while flood_events.next().await.is_some() {} });
     let stop = tokio_util::sync::CancellationToken::new();
     let flooding = {
         let stop = stop.clone();
@@ -433,4 +436,5 @@ async fn nothing_overtakes_the_welcome() {
     stop.cancel();
     within(flooding).await.unwrap();
     server.stop().await;
+    draining.abort();
 }
