@@ -202,6 +202,20 @@ mod tests {
         closed: bool,
     }
 
+    impl Queue {
+        /// The consumer's take: everything queued; `Some(None)` once closed and empty;
+        /// `None` (wait) otherwise.
+        fn take_all(&mut self) -> Option<Option<Vec<u32>>> {
+            if !self.items.is_empty() {
+                Some(Some(std::mem::take(&mut self.items)))
+            } else if self.closed {
+                Some(None)
+            } else {
+                None
+            }
+        }
+    }
+
     /// Many producers and one consumer on a tiny queue, with the scheduler shuffled by yields:
     /// every item arrives once, in each producer's order, and nobody sleeps through a
     /// wake-up (the timeout would fail the test instead of hanging it).
@@ -240,17 +254,7 @@ mod tests {
                 let mut seen = HashSet::new();
                 let mut last = vec![None::<u32>; PRODUCERS as usize];
                 loop {
-                    let batch = handoff
-                        .consume(|q| {
-                            if !q.items.is_empty() {
-                                Some(Some(std::mem::take(&mut q.items)))
-                            } else if q.closed {
-                                Some(None)
-                            } else {
-                                None
-                            }
-                        })
-                        .await;
+                    let batch = handoff.consume(Queue::take_all).await;
                     let Some(batch) = batch else { return seen };
                     handoff.wake_producers();
                     for item in batch {
@@ -484,17 +488,7 @@ mod tests {
                         loom::future::block_on(async move {
                             let mut seen = Vec::new();
                             loop {
-                                let batch = handoff
-                                    .consume(|q| {
-                                        if !q.items.is_empty() {
-                                            Some(Some(std::mem::take(&mut q.items)))
-                                        } else if q.closed {
-                                            Some(None)
-                                        } else {
-                                            None
-                                        }
-                                    })
-                                    .await;
+                                let batch = handoff.consume(Queue::take_all).await;
                                 let Some(batch) = batch else { return seen };
                                 handoff.wake_producers();
                                 seen.extend(batch);

@@ -203,13 +203,13 @@ where
                     write_line(&mut output, "server is shutting down\n").await;
                     return Ok(Ended::Shutdown);
                 }
-                Some(Event::Closed { status, detail }) => {
-                    return Err(format!("disconnected by the server: {status} ({})", safe(&detail)));
+                // Closed by the server for a reason: final. Lost: worth reconnecting.
+                closed @ Some(Event::Closed { .. }) => {
+                    return Err(ended_by(closed.as_ref()).unwrap_or_default());
                 }
-                Some(Event::Disconnected { reason }) => {
-                    return Ok(Ended::Lost(format!("connection to the server lost: {}", safe(&reason))));
+                lost @ (Some(Event::Disconnected { .. }) | None) => {
+                    return Ok(Ended::Lost(ended_by(lost.as_ref()).unwrap_or_default()));
                 }
-                None => return Ok(Ended::Lost("connection to the server lost".into())),
                 // Kinds of event this version of the client does not show.
                 Some(_) => continue,
             },
@@ -260,14 +260,11 @@ pub async fn send_once(
                 break;
             }
             Some(Event::ServerShutdown { .. }) => return Err("the server is shutting down".into()),
-            Some(Event::Closed { status, detail }) => {
-                return Err(format!("disconnected by the server: {status} ({})", safe(&detail)));
+            other => {
+                if let Some(why) = ended_by(other.as_ref()) {
+                    return Err(why);
+                }
             }
-            Some(Event::Disconnected { reason }) => {
-                return Err(format!("connection to the server lost: {}", safe(&reason)));
-            }
-            None => return Err("connection to the server lost".into()),
-            Some(_) => {}
         }
     }
     client.offline().await.map_err(|e| format!("going offline failed: {e}"))?;
@@ -307,10 +304,11 @@ pub async fn list_once(client: Client, mut events: Events) -> Result<(), String>
                 Some(Event::ServerShutdown { .. }) => {
                     return Err("the server is shutting down".into());
                 }
-                Some(Event::Closed { .. } | Event::Disconnected { .. }) | None => {
-                    return Err("connection to the server lost".into());
+                other => {
+                    if let Some(why) = ended_by(other.as_ref()) {
+                        return Err(why);
+                    }
                 }
-                Some(_) => {}
             }
         };
         match next {
@@ -350,14 +348,11 @@ pub async fn listen(client: Client, mut events: Events, json: bool) -> Result<()
                 write_line(&mut out, &line).await;
             }
             Some(Event::ServerShutdown { .. }) => return Ok(()),
-            Some(Event::Closed { status, detail }) => {
-                return Err(format!("disconnected by the server: {status} ({})", safe(&detail)));
+            other => {
+                if let Some(why) = ended_by(other.as_ref()) {
+                    return Err(why);
+                }
             }
-            Some(Event::Disconnected { reason }) => {
-                return Err(format!("connection to the server lost: {}", safe(&reason)));
-            }
-            None => return Err("connection to the server lost".into()),
-            Some(_) => {}
         }
     }
     client.offline().await.map_err(|e| format!("going offline failed: {e}"))
@@ -383,6 +378,21 @@ fn json_string(text: &str) -> String {
     }
     out.push('"');
     out
+}
+
+/// The line for an event that ends the connection (closed by the server, or lost; `None` is
+/// the end of the events), or `None` if it does not.
+fn ended_by(event: Option<&Event>) -> Option<String> {
+    match event {
+        Some(Event::Closed { status, detail }) => {
+            Some(format!("disconnected by the server: {status} ({})", safe(detail)))
+        }
+        Some(Event::Disconnected { reason }) => {
+            Some(format!("connection to the server lost: {}", safe(reason)))
+        }
+        None => Some("connection to the server lost".into()),
+        Some(_) => None,
+    }
 }
 
 /// How long the client waits, once the user is done, for the answers still due.

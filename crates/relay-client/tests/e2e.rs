@@ -92,9 +92,14 @@ struct Process {
 
 impl Process {
     fn spawn(binary: &str, args: &[&str]) -> Process {
-        let mut child = command(binary)
-            .args(args)
-            .env("RUST_LOG", "info")
+        let mut command = command(binary);
+        command.args(args).env("RUST_LOG", "info");
+        Process::start(command)
+    }
+
+    /// Starts `command` with every stream piped, killed if the test drops it.
+    fn start(mut command: Command) -> Process {
+        let mut child = command
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
@@ -192,14 +197,8 @@ async fn exit_command_and_end_of_input_leave_cleanly() {
 
 /// Runs the client to completion and returns its exit status and stderr.
 async fn client_failure(args: &[&str]) -> (ExitStatus, String) {
-    let out = tokio::time::timeout(
-        WAIT,
-        command("relay-client").args(args).stdin(Stdio::null()).kill_on_drop(true).output(),
-    )
-    .await
-    .unwrap()
-    .unwrap();
-    (out.status, String::from_utf8(out.stderr).unwrap())
+    let (status, _stdout, stderr) = client_failure_with_output(args).await;
+    (status, stderr)
 }
 
 #[tokio::test]
@@ -495,23 +494,18 @@ async fn a_message_for_an_offline_key_holder_waits_and_its_sender_hears_it_was_d
 async fn start_server_logging_to(
     log: &str,
     extra: &[&str],
-) -> (Child, ChildStdin, Output<tokio::process::ChildStderr>, String) {
-    let mut child = command("relay-server")
+) -> (Process, Output<tokio::process::ChildStderr>, String) {
+    let mut command = command("relay-server");
+    command
         .args(["--host", "127.0.0.1", "--port", "0", "--log-file", log])
         .args(extra)
-        .env_remove("RUST_LOG")
-        .stdin(Stdio::piped())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .kill_on_drop(true)
-        .spawn()
-        .unwrap();
-    let stdin = child.stdin.take().unwrap();
-    let mut err = Output::new(child.stderr.take().unwrap());
+        .env_remove("RUST_LOG");
+    let mut server = Process::start(command);
+    let mut err = Output::new(server.child.stderr.take().unwrap());
     let line = err.expect("listening on").await;
     assert!(line.starts_with(&format!("relay-server: log in {log}; listening on ")), "{line}");
     let addr = line.rsplit("listening on ").next().unwrap().trim().to_string();
-    (child, stdin, err, addr)
+    (server, err, addr)
 }
 
 /// Waits until the file at `path` (in the sandbox) contains `needle`; returns its text.
@@ -531,17 +525,15 @@ async fn file_with(path: &str, needle: &str) -> String {
 
 #[tokio::test]
 async fn a_server_logging_to_a_file_leaves_the_terminal_to_the_chat() {
-    let (mut server, mut stdin, mut err, addr) =
+    let (mut server, mut err, addr) =
         start_server_logging_to("server.log", &["--data-dir", "data-a"]).await;
     let (mut alice, _out) = start_client(&addr, "alice").await;
     alice.type_line("EXIT").await;
     assert!(alice.exit_status().await.success());
     // What would have gone to the terminal is in the file.
     file_with("server.log", "registered").await;
-    stdin.write_all(b"EXIT\n").await.unwrap();
-    stdin.flush().await.unwrap();
-    let status = tokio::time::timeout(WAIT, server.wait()).await.unwrap().unwrap();
-    assert!(status.success());
+    server.type_line("EXIT").await;
+    assert!(server.exit_status().await.success());
     file_with("server.log", "shut").await;
     // And stderr had nothing after its one line.
     let rest = tokio::time::timeout(WAIT, async {
@@ -556,14 +548,13 @@ async fn a_server_logging_to_a_file_leaves_the_terminal_to_the_chat() {
     assert!(rest.is_empty(), "stderr still got {rest:?}");
 
     // `-q`: only warnings and errors are logged.
-    let (mut server, mut stdin, _err, addr) =
+    let (mut server, _err, addr) =
         start_server_logging_to("quiet.log", &["-q", "--data-dir", "data-b"]).await;
     let (mut bob, _out) = start_client(&addr, "bob").await;
     bob.type_line("EXIT").await;
     assert!(bob.exit_status().await.success());
-    stdin.write_all(b"EXIT\n").await.unwrap();
-    stdin.flush().await.unwrap();
-    tokio::time::timeout(WAIT, server.wait()).await.unwrap().unwrap();
+    server.type_line("EXIT").await;
+    server.exit_status().await;
     let quiet = std::fs::read_to_string(sandbox().join("quiet.log")).unwrap_or_default();
     assert!(!quiet.contains("registered") && !quiet.contains(" INFO "), "{quiet}");
 }
@@ -575,23 +566,15 @@ async fn the_environment_names_server_and_user_and_host_names_resolve() {
     let mut log = Output::new(server.child.stderr.take().unwrap());
     let line = log.expect("listening on").await;
     let port = line.rsplit(':').next().unwrap().trim().to_string();
-    let mut client = command("relay-client")
+    let mut command = command("relay-client");
+    command
         .env("RELAY_SERVER", format!("localhost:{port}"))
         .env("RELAY_USER", "erin")
-        .arg("--guest")
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .kill_on_drop(true)
-        .spawn()
-        .unwrap();
-    let mut err = Output::new(client.stderr.take().unwrap());
-    err.expect("as erin").await;
-    let mut stdin = client.stdin.take().unwrap();
-    stdin.write_all(b"EXIT\n").await.unwrap();
-    stdin.flush().await.unwrap();
-    let status = tokio::time::timeout(WAIT, client.wait()).await.unwrap().unwrap();
-    assert!(status.success());
+        .arg("--guest");
+    let mut client = Process::start(command);
+    connected(&mut client, "erin").await;
+    client.type_line("EXIT").await;
+    assert!(client.exit_status().await.success());
     server.type_line("EXIT").await;
     assert!(server.exit_status().await.success());
 }
@@ -731,15 +714,11 @@ async fn client_failure_with_output(args: &[&str]) -> (ExitStatus, String, Strin
 #[tokio::test]
 async fn listen_prints_each_message_on_one_line_until_the_server_shuts_down() {
     let (mut server, mut log, addr) = start_server().await;
-    let mut listener = command("relay-client")
-        .args(["--server", &addr, "--user", "ear", "--guest", "listen", "--json"])
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .kill_on_drop(true)
-        .spawn()
-        .unwrap();
-    let mut out = Output::new(listener.stdout.take().unwrap());
+    let mut listener = Process::spawn(
+        "relay-client",
+        &["--server", &addr, "--user", "ear", "--guest", "listen", "--json"],
+    );
+    let mut out = Output::new(listener.child.stdout.take().unwrap());
     log.expect("name=ear").await;
     let (mut alice, _alice_out) = start_client(&addr, "alice").await;
     alice.type_line("send ear say \"hi\"\tand go").await;
@@ -749,8 +728,7 @@ async fn listen_prints_each_message_on_one_line_until_the_server_shuts_down() {
     alice.type_line("EXIT").await;
     assert!(alice.exit_status().await.success());
     server.type_line("EXIT").await;
-    let status = tokio::time::timeout(WAIT, listener.wait()).await.unwrap().unwrap();
-    assert!(status.success());
+    assert!(listener.exit_status().await.success());
     assert!(server.exit_status().await.success());
 }
 
