@@ -1,4 +1,5 @@
-//! `relay-client`: connects, registers, and runs the interactive session on stdin/stdout.
+//! `relay-client`: connects, registers, and runs the session: the chat prompt on a terminal,
+//! commands line by line from a pipe, or one command (`send`, `list`, `listen`).
 
 use std::io::{IsTerminal, Write};
 use std::process::ExitCode;
@@ -9,15 +10,20 @@ use std::time::Duration;
 use std::path::PathBuf;
 
 mod cli;
+mod terminal;
 
-use cli::Ended;
+use std::sync::Arc;
+
+use cli::{Command, Conversation, Ended, Io, Names, Output};
 use relay_client::{Client, ClientConfig, ConnectError, default_key_path, load_or_create_key};
 use tokio::io::AsyncBufReadExt;
+use tokio::sync::{Notify, mpsc};
 use tracing_subscriber::EnvFilter;
 
 /// Interactive client for the relay chat server.
 ///
-/// Commands on stdin: send <name|ip:port> <message>, list, help, EXIT.
+/// In a terminal, a chat prompt (type help); from a pipe, commands line by line: /msg NAME
+/// [MESSAGE], send <name|ip:port> <message>, list, help, EXIT.
 #[derive(Debug, Parser)]
 #[command(version)]
 struct Args {
@@ -56,6 +62,11 @@ enum OneShot {
         /// The message (several words are joined by spaces).
         #[arg(required = true, num_args = 1..)]
         message: Vec<String>,
+        /// Also wait until the receiver's client has taken it (its `Delivered` receipt; names
+        /// bound to a key send them, guests do not), for at most this long (e.g. 10s); no
+        /// receipt in time is a failure.
+        #[arg(long, value_name = "SECONDS", value_parser = parse_seconds)]
+        receipt: Option<Duration>,
     },
     /// Prints the users online (every page), one `name address` line each.
     List,
@@ -168,6 +179,7 @@ async fn session(mut args: Args) -> Result<(), String> {
         config.identity = Some(identity);
     }
     let deadline = args.wait.map(|wait| tokio::time::Instant::now() + wait);
+    let mut told_waiting = false;
     let (client, events) = loop {
         match Client::connect_with(&args.server, &user, config.clone()).await {
             Ok(connected) => break connected,
@@ -175,14 +187,17 @@ async fn session(mut args: Args) -> Result<(), String> {
             Err(ConnectError::Connect { .. } | ConnectError::ConnectTimeout { .. })
                 if deadline.is_some_and(|d| tokio::time::Instant::now() < d) =>
             {
+                if !std::mem::replace(&mut told_waiting, true) {
+                    eprintln!("relay-client: waiting for {} to answer...", args.server);
+                }
                 tokio::time::sleep(Duration::from_millis(100)).await;
             }
             Err(e) => return Err(e.to_string()),
         }
     };
     match &args.command {
-        Some(OneShot::Send { to, message }) => {
-            return cli::send_once(client, events, to, &message.join(" ")).await;
+        Some(OneShot::Send { to, message, receipt }) => {
+            return cli::send_once(client, events, to, &message.join(" "), *receipt).await;
         }
         Some(OneShot::List) => return cli::list_once(client, events).await,
         Some(OneShot::Listen { json }) => return cli::listen(client, events, *json).await,
@@ -195,37 +210,91 @@ async fn session(mut args: Args) -> Result<(), String> {
         args.server,
         client.name()
     );
-    // From a pipe or a file, failed commands make the exit code non-zero.
+    // A person at a terminal gets the prompt; a pipe or a file is a script, whose failed
+    // commands make the exit code non-zero.
+    let interactive = std::io::stdin().is_terminal() && std::io::stdout().is_terminal();
     let script = !std::io::stdin().is_terminal();
-    let mut lines = tokio::io::BufReader::new(tokio::io::stdin()).lines();
-    let mut failed = 0;
-    let (mut client, mut events) = (client, events);
+    let quit = Arc::new(Notify::new());
+    let (mut io, terminal) = if interactive {
+        let names = Arc::new(Names::default());
+        let colour = std::env::var_os("NO_COLOR").is_none_or(|v| v.is_empty());
+        let started =
+            terminal::start(names.clone(), quit.clone(), terminal::history_path(), colour)?;
+        let output = Output::terminal(started.printer, colour);
+        (
+            Io { commands: started.commands, output, failed: 0, names: Some(names) },
+            Some(started.terminal),
+        )
+    } else {
+        (Io { commands: read_stdin(), output: Output::script(), failed: 0, names: None }, None)
+    };
+    let result = converse(client, events, &mut io, &args, &user, &config, &quit).await;
+    let failed = io.failed;
+    // The printer ends with the last output; then the terminal is given back.
+    drop(io);
+    if let Some(terminal) = terminal {
+        tokio::task::block_in_place(|| terminal.finish());
+    }
+    match result? {
+        Ended::Done => cli::finish(script, failed),
+        Ended::Shutdown => Ok(()),
+        Ended::Lost(reason) => Err(reason),
+    }
+}
+
+/// The session across reconnects: until the user is done, the server shuts down, or the
+/// connection is lost for good (`--no-reconnect`, or the user quit while it was away).
+async fn converse(
+    mut client: Client,
+    mut events: relay_client::Events,
+    io: &mut Io,
+    args: &Args,
+    user: &str,
+    config: &ClientConfig,
+    quit: &Notify,
+) -> Result<Ended, String> {
     loop {
-        match cli::run_connected(client, events, &mut lines, tokio::io::stdout(), &mut failed)
-            .await?
-        {
-            Ended::Done => return cli::finish(script, failed),
-            Ended::Shutdown => return Ok(()),
+        match cli::run_connected(client, events, io).await? {
             Ended::Lost(reason) if !args.no_reconnect => {
-                // Lines typed meanwhile wait in stdin and go out once it is back.
-                let _ = writeln!(std::io::stderr(), "relay-client: {reason}; reconnecting...");
-                (client, events) = reconnect(&args.server, &user, &config).await?;
-                let _ = writeln!(
-                    std::io::stderr(),
-                    "relay-client: reconnected to {} as {}",
-                    args.server,
-                    client.name()
-                );
+                // Lines typed meanwhile wait (a bounded number) and go out once it is back.
+                io.output.notice(&format!("{reason}; reconnecting...")).await;
+                (client, events) = tokio::select! {
+                    back = reconnect(&args.server, user, config) => back?,
+                    () = quit.notified() => return Ok(Ended::Done),
+                };
+                io.output
+                    .notice(&format!("reconnected to {} as {}", args.server, client.name()))
+                    .await;
             }
-            Ended::Lost(reason) => return Err(reason),
+            ended => return Ok(ended),
         }
     }
+}
+
+/// Commands from stdin (a pipe or a file), parsed as they come; end of input is `EXIT`.
+fn read_stdin() -> mpsc::Receiver<Command> {
+    let (tx, rx) = mpsc::channel(64);
+    tokio::spawn(async move {
+        let mut lines = tokio::io::BufReader::new(tokio::io::stdin()).lines();
+        let mut conversation = Conversation::default();
+        // Unreadable input ends it as end of input does.
+        while let Ok(Some(line)) = lines.next_line().await {
+            let command = conversation.command(&line);
+            let exit = command == Command::Exit;
+            if tx.send(command).await.is_err() || exit {
+                return;
+            }
+        }
+        let _ = tx.send(Command::Exit).await;
+    });
+    rx
 }
 
 /// Connects again after a lost connection, with the same name (and key), retrying with
 /// backoff (from 0.2 s, doubling, at most 10 s, each wait varied by up to a fifth so that
 /// many clients of a restarted server do not come back in step). Gives up only on a refusal
-/// that retrying cannot change (the name belongs to another key, say).
+/// that retrying cannot change (the name belongs to another key, say); the user can quit
+/// meanwhile.
 async fn reconnect(
     server: &str,
     user: &str,
@@ -235,18 +304,21 @@ async fn reconnect(
     loop {
         match Client::connect_with(server, user, config.clone()).await {
             Ok(connected) => return Ok(connected),
-            // Unreachable, restarting, or still holding the old session's name.
+            // What retrying cannot change: the name or the key is refused.
             Err(
-                ConnectError::Connect { .. }
-                | ConnectError::ConnectTimeout { .. }
-                | ConnectError::Closed
-                | ConnectError::RegisterTimeout(_)
-                | ConnectError::NameTaken { .. },
-            ) => {
+                e @ (ConnectError::InvalidName { .. }
+                | ConnectError::NameOwned { .. }
+                | ConnectError::LooksLike { .. }
+                | ConnectError::AuthFailed { .. }
+                | ConnectError::AuthRequired
+                | ConnectError::NotRelay { .. }),
+            ) => return Err(e.to_string()),
+            // Unreachable, restarting (a reset mid-handshake), full, or still holding the old
+            // session's name: later.
+            Err(_) => {
                 tokio::time::sleep(jittered(wait)).await;
                 wait = (wait * 2).min(Duration::from_secs(10));
             }
-            Err(e) => return Err(e.to_string()),
         }
     }
 }

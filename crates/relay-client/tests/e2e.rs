@@ -8,7 +8,7 @@ use std::path::PathBuf;
 use std::process::{ExitStatus, Stdio};
 use std::time::Duration;
 
-use tokio::io::{AsyncBufReadExt, AsyncRead, AsyncWriteExt, BufReader, Lines};
+use tokio::io::{AsyncBufReadExt, AsyncRead, AsyncWriteExt, BufReader};
 use tokio::process::{Child, ChildStdin, Command};
 
 const WAIT: Duration = Duration::from_secs(30);
@@ -55,21 +55,53 @@ fn command(name: &str) -> Command {
     command
 }
 
-/// Reads a child's output line by line, with a timeout on every wait.
-struct Output<R> {
-    lines: Lines<BufReader<R>>,
+/// A child's output, line by line (from one stream, or two merged), with a timeout on every
+/// wait. The streams are read to their end whether or not anyone looks, so a child never
+/// writes to a full or closed pipe.
+struct Output {
+    lines: tokio::sync::mpsc::UnboundedReceiver<String>,
     seen: Vec<String>,
 }
 
-impl<R: AsyncRead + Unpin> Output<R> {
-    fn new(reader: R) -> Output<R> {
-        Output { lines: BufReader::new(reader).lines(), seen: Vec::new() }
+impl Output {
+    fn new(reader: impl AsyncRead + Unpin + Send + 'static) -> Output {
+        let (tx, lines) = tokio::sync::mpsc::unbounded_channel();
+        Output::read(reader, tx);
+        Output { lines, seen: Vec::new() }
+    }
+
+    /// Both of a client's streams: messages and listings (stdout) with notices (stderr).
+    fn merged(
+        out: impl AsyncRead + Unpin + Send + 'static,
+        err: impl AsyncRead + Unpin + Send + 'static,
+    ) -> Output {
+        let (tx, lines) = tokio::sync::mpsc::unbounded_channel();
+        Output::read(out, tx.clone());
+        Output::read(err, tx);
+        Output { lines, seen: Vec::new() }
+    }
+
+    fn read(
+        reader: impl AsyncRead + Unpin + Send + 'static,
+        tx: tokio::sync::mpsc::UnboundedSender<String>,
+    ) {
+        tokio::spawn(async move {
+            let mut lines = BufReader::new(reader).lines();
+            while let Ok(Some(line)) = lines.next_line().await {
+                let _ = tx.send(line);
+            }
+        });
+    }
+
+    /// The next line; `None` at the end of the output.
+    async fn next_line(&mut self) -> Option<String> {
+        self.lines.recv().await
     }
 
     /// Reads lines until one contains `needle`, and returns it.
     async fn expect(&mut self, needle: &str) -> String {
         let found = tokio::time::timeout(WAIT, async {
-            while let Some(line) = self.lines.next_line().await.unwrap() {
+            while let Some(line) = self.lines.recv().await {
                 self.seen.push(line.clone());
                 if line.contains(needle) {
                     return Some(line);
@@ -120,7 +152,7 @@ impl Process {
     }
 }
 
-async fn start_server() -> (Process, Output<tokio::process::ChildStderr>, String) {
+async fn start_server() -> (Process, Output, String) {
     let mut server = Process::spawn("relay-server", &["--host", "127.0.0.1", "--port", "0"]);
     let mut log = Output::new(server.child.stderr.take().unwrap());
     let line = log.expect("listening on").await;
@@ -129,19 +161,19 @@ async fn start_server() -> (Process, Output<tokio::process::ChildStderr>, String
     (server, log, addr)
 }
 
-/// Waits for a client's "connected" notice on its stderr (stdout carries only messages and
-/// listings), then keeps reading its stderr so the client never writes to a closed pipe.
-async fn connected(client: &mut Process, name: &str) {
-    let mut err = Output::new(client.child.stderr.take().unwrap());
-    err.expect(&format!("as {name}")).await;
-    tokio::spawn(async move { while let Ok(Some(_)) = err.lines.next_line().await {} });
+/// Waits for a client's "connected" notice (on its stderr: stdout carries only messages and
+/// listings); its output from then on, both streams.
+async fn connected(client: &mut Process, name: &str) -> Output {
+    let out = client.child.stdout.take().unwrap();
+    let mut output = Output::merged(out, client.child.stderr.take().unwrap());
+    output.expect(&format!("as {name}")).await;
+    output
 }
 
-/// Starts an interactive client and waits for its "connected" line.
-async fn start_client(addr: &str, name: &str) -> (Process, Output<tokio::process::ChildStdout>) {
+/// Starts a client reading commands from a pipe and waits for its "connected" line.
+async fn start_client(addr: &str, name: &str) -> (Process, Output) {
     let mut client = Process::spawn("relay-client", &["--server", addr, "--user", name]);
-    connected(&mut client, name).await;
-    let out = Output::new(client.child.stdout.take().unwrap());
+    let out = connected(&mut client, name).await;
     (client, out)
 }
 
@@ -261,8 +293,7 @@ async fn sigterm_and_sigint_shut_down_like_exit() {
     for signal in ["-TERM", "-INT"] {
         let (server, _log, addr) = start_server().await;
         let mut alice = Process::spawn("relay-client", &["--server", &addr, "--user", "alice"]);
-        connected(&mut alice, "alice").await;
-        let mut alice_out = Output::new(alice.child.stdout.take().unwrap());
+        let mut alice_out = connected(&mut alice, "alice").await;
         let pid = server.child.id().unwrap().to_string();
         let status = Command::new("kill").args([signal, &pid]).status().await.unwrap();
         assert!(status.success());
@@ -291,9 +322,7 @@ async fn the_server_keeps_serving_when_its_stdin_is_closed() {
 
 /// Starts a server in this test's sandbox with extra flags (its data directory is the
 /// sandbox's `relay-data` unless they say otherwise).
-async fn start_server_with(
-    extra: &[&str],
-) -> (Process, Output<tokio::process::ChildStderr>, String) {
+async fn start_server_with(extra: &[&str]) -> (Process, Output, String) {
     let mut args = vec!["--host", "127.0.0.1", "--port", "0"];
     args.extend_from_slice(extra);
     let mut server = Process::spawn("relay-server", &args);
@@ -491,10 +520,7 @@ async fn a_message_for_an_offline_key_holder_waits_and_its_sender_hears_it_was_d
 
 /// Starts a server logging to `log` (in the sandbox), with `extra` flags and no `RUST_LOG`;
 /// returns it, its stderr, and its address from the one line stderr gets.
-async fn start_server_logging_to(
-    log: &str,
-    extra: &[&str],
-) -> (Process, Output<tokio::process::ChildStderr>, String) {
+async fn start_server_logging_to(log: &str, extra: &[&str]) -> (Process, Output, String) {
     let mut command = command("relay-server");
     command
         .args(["--host", "127.0.0.1", "--port", "0", "--log-file", log])
@@ -538,7 +564,7 @@ async fn a_server_logging_to_a_file_leaves_the_terminal_to_the_chat() {
     // And stderr had nothing after its one line.
     let rest = tokio::time::timeout(WAIT, async {
         let mut rest = Vec::new();
-        while let Some(line) = err.lines.next_line().await.unwrap() {
+        while let Some(line) = err.next_line().await {
             rest.push(line);
         }
         rest
@@ -572,7 +598,7 @@ async fn the_environment_names_server_and_user_and_host_names_resolve() {
         .env("RELAY_USER", "erin")
         .arg("--guest");
     let mut client = Process::start(command);
-    connected(&mut client, "erin").await;
+    let _out = connected(&mut client, "erin").await;
     client.type_line("EXIT").await;
     assert!(client.exit_status().await.success());
     server.type_line("EXIT").await;
@@ -634,7 +660,9 @@ async fn piped_commands_get_their_answers_before_the_client_exits_and_set_the_ex
         let (status, out, err) =
             piped(&["--server", &addr, "--user", "sender", "--guest"], "send nobody hi\n").await;
         assert_eq!(status.code(), Some(1), "round {round}: {out} {err}");
-        assert!(out.contains("! nobody: not found"), "round {round}: {out:?}");
+        // Notices and errors on stderr: stdout carries only messages and listings.
+        assert!(out.is_empty(), "round {round}: {out:?}");
+        assert!(err.contains("! nobody: not found"), "round {round}: {err:?}");
         assert!(err.contains("1 command failed"), "round {round}: {err:?}");
     }
     // A message stored for an offline key holder: its `Stored` answer is waited for too.
@@ -643,7 +671,7 @@ async fn piped_commands_get_their_answers_before_the_client_exits_and_set_the_ex
     let (status, out, err) =
         piped(&["--server", &addr, "--user", "writer"], "send owner are you there\n").await;
     assert!(status.success(), "{out} {err}");
-    assert!(out.contains("~ stored for owner"), "{out:?}");
+    assert!(err.contains("~ stored for owner"), "{err:?}");
     watcher.type_line("EXIT").await;
     assert!(watcher.exit_status().await.success());
     server.type_line("EXIT").await;
@@ -658,8 +686,8 @@ async fn a_script_of_many_listings_still_ends_promptly() {
     let (status, out, err) =
         piped(&["--server", &addr, "--user", "many", "--guest"], &"list\n".repeat(8)).await;
     assert_eq!(status.code(), Some(1), "{out} {err}");
-    assert!(out.contains("many 127.0.0.1:") && out.contains("too many"), "{out:?}");
-    assert!(!out.contains("did not come in time"), "{out:?}");
+    assert!(out.contains("many 127.0.0.1:") && err.contains("too many"), "{out:?} {err:?}");
+    assert!(!err.contains("did not come in time"), "{err:?}");
     server.type_line("EXIT").await;
     assert!(server.exit_status().await.success());
 }
@@ -699,6 +727,58 @@ async fn one_shot_send_and_list_answer_in_the_exit_code() {
     assert!(server.exit_status().await.success());
 }
 
+#[tokio::test]
+async fn one_shot_send_can_wait_for_the_receipt() {
+    let (mut server, _log, addr) = start_server().await;
+    // bob holds a key: his client acknowledges what it takes, and the sender hears.
+    let (mut bob, mut bob_out) = start_client(&addr, "bob").await;
+    let (status, out, err) = client_failure_with_output(&[
+        "--server",
+        &addr,
+        "--user",
+        "sender",
+        "--guest",
+        "send",
+        "--receipt",
+        "20s",
+        "bob",
+        "ack me",
+    ])
+    .await;
+    assert!(status.success(), "{out} {err}");
+    assert!(out.is_empty() && err.is_empty(), "{out:?} {err:?}");
+    assert_eq!(bob_out.expect("sender:").await, "sender: ack me");
+    // A guest never sends receipts: no receipt in time is a failure, said in one line.
+    let (mut guest, mut guest_out) = {
+        let mut guest =
+            Process::spawn("relay-client", &["--server", &addr, "--user", "gus", "--guest"]);
+        let out = connected(&mut guest, "gus").await;
+        (guest, out)
+    };
+    let (status, _, err) = client_failure_with_output(&[
+        "--server",
+        &addr,
+        "--user",
+        "sender",
+        "--guest",
+        "send",
+        "--receipt",
+        "1s",
+        "gus",
+        "hi",
+    ])
+    .await;
+    assert_eq!(status.code(), Some(1), "{err}");
+    assert_eq!(err.trim_end(), "relay-client: gus: no receipt within 1s");
+    assert_eq!(guest_out.expect("sender:").await, "sender: hi", "it was delivered all the same");
+    for client in [&mut bob, &mut guest] {
+        client.type_line("EXIT").await;
+    }
+    assert!(bob.exit_status().await.success() && guest.exit_status().await.success());
+    server.type_line("EXIT").await;
+    assert!(server.exit_status().await.success());
+}
+
 /// Runs the client to completion with no input; returns its exit status, stdout and stderr.
 async fn client_failure_with_output(args: &[&str]) -> (ExitStatus, String, String) {
     let out = tokio::time::timeout(
@@ -725,11 +805,43 @@ async fn listen_prints_each_message_on_one_line_until_the_server_shuts_down() {
     let line = out.expect("\"from\":\"alice\"").await;
     assert!(line.starts_with("{\"from\":\"alice\",\"to\":\"ear\",\"time\":"), "{line}");
     assert!(line.ends_with(",\"content\":\"say \\\"hi\\\"\\tand go\"}"), "{line}");
+    // Ctrl-C ends it with 0, every time; and the plain form is one line per message.
+    for round in 0..20 {
+        let mut plain = Process::spawn(
+            "relay-client",
+            &["--server", &addr, "--user", "plain", "--guest", "listen"],
+        );
+        let mut plain_out = Output::new(plain.child.stdout.take().unwrap());
+        log.expect("name=plain").await;
+        alice.type_line(&format!("send plain round {round}")).await;
+        assert_eq!(plain_out.expect("alice:").await, format!("alice: round {round}"));
+        let pid = plain.child.id().unwrap().to_string();
+        assert!(Command::new("kill").args(["-INT", &pid]).status().await.unwrap().success());
+        assert!(plain.exit_status().await.success(), "round {round}");
+        // Gone from the server (it went offline) before the name is claimed again.
+        let gone = log.expect("name=plain").await;
+        assert!(gone.contains("offline") || gone.contains("disconnected"), "{gone}");
+    }
     alice.type_line("EXIT").await;
     assert!(alice.exit_status().await.success());
     server.type_line("EXIT").await;
     assert!(listener.exit_status().await.success());
     assert!(server.exit_status().await.success());
+}
+
+#[tokio::test]
+async fn waiting_for_a_server_says_so_and_gives_up_in_one_line() {
+    // A port nobody listens on (bound, then let go).
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let server = format!("127.0.0.1:{port}");
+    let (status, err) =
+        client_failure(&["--server", &server, "--user", "patient", "--guest", "--wait", "0.5s"])
+            .await;
+    assert_eq!(status.code(), Some(1));
+    let lines: Vec<&str> = err.lines().collect();
+    assert_eq!(lines.len(), 2, "{err}");
+    assert_eq!(lines[0], format!("relay-client: waiting for {server} to answer..."));
+    assert!(lines[1].contains("cannot connect to"), "{err}");
 }
 
 #[tokio::test]
@@ -763,7 +875,7 @@ async fn the_client_reconnects_when_its_server_comes_back_unless_told_not_to() {
     let (_alice, mut alice_out) = start_client(&addr, "alice").await;
     let mut quitter =
         Process::spawn("relay-client", &["--server", &addr, "--user", "quitter", "--no-reconnect"]);
-    connected(&mut quitter, "quitter").await;
+    let _out = connected(&mut quitter, "quitter").await;
     // The server vanishes (no shutdown notice) and comes back on the same port and data.
     server.child.start_kill().unwrap();
     tokio::time::timeout(WAIT, server.child.wait()).await.unwrap().unwrap();
