@@ -228,7 +228,12 @@ async fn session(mut args: Args) -> Result<(), String> {
     } else {
         (Io { commands: read_stdin(), output: Output::script(), failed: 0, names: None }, None)
     };
-    let result = converse(client, events, &mut io, &args, &user, &config, &quit).await;
+    let result = tokio::select! {
+        result = converse(client, events, &mut io, &args, &user, &config, &quit) => result,
+        // Killed politely (the terminal closed, or `kill`): a way out like the others, so the
+        // terminal is given back; the server sees the connection close.
+        () = terminated(), if terminal.is_some() => Ok(Ended::Done),
+    };
     let failed = io.failed;
     // The printer ends with the last output; then the terminal is given back.
     drop(io);
@@ -268,6 +273,20 @@ async fn converse(
             }
             ended => return Ok(ended),
         }
+    }
+}
+
+/// Waits for SIGTERM or SIGHUP (forever if they cannot be listened for).
+async fn terminated() {
+    use tokio::signal::unix::{SignalKind, signal};
+    match (signal(SignalKind::terminate()), signal(SignalKind::hangup())) {
+        (Ok(mut term), Ok(mut hup)) => {
+            tokio::select! {
+                _ = term.recv() => {}
+                _ = hup.recv() => {}
+            }
+        }
+        _ => std::future::pending().await,
     }
 }
 

@@ -96,6 +96,7 @@ pub fn start(
     let mut editor = Reedline::create()
         .with_edit_mode(Box::new(Emacs::new(keys)))
         .with_completer(Box::new(Completion { names }))
+        .with_highlighter(Box::new(Plain))
         .with_menu(ReedlineMenu::EngineCompleter(Box::new(
             ColumnarMenu::default().with_name("completion"),
         )))
@@ -311,6 +312,18 @@ impl Prompt for ChatPrompt {
 
     fn get_indicator_color(&self) -> reedline::Color {
         reedline::Color::Cyan
+    }
+}
+
+/// The line being typed, as typed: in the terminal's own colours (reedline's default paints
+/// it white, unreadable on a light background).
+struct Plain;
+
+impl reedline::Highlighter for Plain {
+    fn highlight(&self, line: &str, _cursor: usize) -> reedline::StyledText {
+        let mut text = reedline::StyledText::new();
+        text.push((Default::default(), line.to_string()));
+        text
     }
 }
 

@@ -367,6 +367,15 @@ fn the_terminal_is_restored_on_every_way_out() {
         same_settings(dir.path(), name);
     }
 
+    // Killed politely (SIGTERM; SIGHUP, the terminal closing, is handled alike).
+    let mut term = chat_between_sttys(dir.path(), &addr, "killed", &[]);
+    term.send("half a li");
+    term.until("the half line", |rows, cursor| rows[cursor] == "> half a li");
+    let shell = term.session.get_process().pid().to_string();
+    assert!(Command::new("pkill").args(["-TERM", "-P", &shell]).status().unwrap().success());
+    assert_eq!(term.exit_code(), 0);
+    same_settings(dir.path(), "killed");
+
     // The server vanishes while a line is half typed, and the client was told not to wait.
     let mut lost = chat_between_sttys(dir.path(), &addr, "lost", &["--no-reconnect"]);
     // The server's shutdown notice arrives while a line is half typed.
