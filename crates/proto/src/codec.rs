@@ -190,6 +190,14 @@ mod tests {
              00 00 00 00 00 63 61 72 6f 6c 00 00 00 00 00 00 00 00 13 00 00 00 00 00 00 00 63 \
              61 72 6f 6c 20 69 73 20 6e 6f 74 20 6f 6e 6c 69 6e 65"
         );
+        // The operator's kick, closing (version 2).
+        let kicked = Message::reply(0, crate::Status::Kicked, "bob", "please stop").closing();
+        assert_eq!(
+            hex(&frame(&kicked)),
+            "00 00 00 4a 02 00 00 00 00 00 00 00 00 00 05 00 00 00 18 00 00 00 00 01 03 00 00 \
+             00 00 00 00 00 62 6f 62 00 00 00 00 00 00 00 00 0b 00 00 00 00 00 00 00 70 6c 65 \
+             61 73 65 20 73 74 6f 70 00 00 00 00 00 00 00 00 00 00 00 00 00 00 00 00"
+        );
         let hello = hex(&frame(&Message::hello(1)));
         // Version 2, id 1, kind Hello (6), everything else empty or zero.
         let expected =

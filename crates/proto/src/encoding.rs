@@ -418,12 +418,13 @@ mod tests {
             Status::Stored => 21,
             Status::InboxFull => 22,
             Status::Expired => 23,
+            Status::Kicked => 24,
         }
     }
 
     #[test]
     fn every_status_is_read_at_the_index_it_is_written() {
-        let known = index(Status::Expired) + 1;
+        let known = index(Status::Kicked) + 1;
         for i in 0..known + 2 {
             let status = Status::from_index(i as u32);
             assert_eq!(index(status), i);

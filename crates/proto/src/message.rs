@@ -248,6 +248,9 @@ pub enum Status {
     /// A stored message waited longer than the server keeps messages and was removed before
     /// its receiver logged in. The reply's id is the message's.
     Expired,
+    /// The operator disconnected this client (the console's `kick`); `content` says why. The
+    /// connection closes. A client should not reconnect by itself.
+    Kicked,
     /// A status this version does not know, by its index (from a newer server). Treat it as
     /// a refusal of the message with the reply's id (closing, if the reply has `exit` set).
     /// Only ever made for an index past the known ones (see [`Status::from_index`]).
@@ -255,7 +258,7 @@ pub enum Status {
 }
 
 /// Every known [`Status`] at its index.
-const STATUSES: [Status; 24] = [
+const STATUSES: [Status; 25] = [
     Status::Registered,
     Status::NotFound,
     Status::NameTaken,
@@ -280,6 +283,7 @@ const STATUSES: [Status; 24] = [
     Status::Stored,
     Status::InboxFull,
     Status::Expired,
+    Status::Kicked,
 ];
 
 impl Status {
@@ -339,6 +343,7 @@ impl Status {
             Status::Stored => "stored for an offline receiver",
             Status::InboxFull => "not stored: inbox full",
             Status::Expired => "expired before it was delivered",
+            Status::Kicked => "disconnected by the operator",
             Status::Other(_) => "unknown status",
         }
     }

@@ -830,6 +830,50 @@ async fn listen_prints_each_message_on_one_line_until_the_server_shuts_down() {
 }
 
 #[tokio::test]
+async fn the_operator_sees_metrics_and_kicks_a_user_who_is_told_why() {
+    let (mut server, mut log, addr) = start_server_with(&["--metrics", "127.0.0.1:0"]).await;
+    let line = log.expect("serving metrics at http://").await;
+    let after = line.split("http://").nth(1).unwrap();
+    let metrics = after.split("/metrics").next().unwrap().to_string();
+    let (mut alice, alice_out) = start_client(&addr, "alice").await;
+    let (bob, mut bob_out) = start_client(&addr, "bob").await;
+    alice.type_line("send bob hello").await;
+    bob_out.expect("alice: hello").await;
+    // The scrape counts what happened (a read may come a moment before its count).
+    let scraped = tokio::time::timeout(WAIT, async {
+        loop {
+            let mut stream = tokio::net::TcpStream::connect(&metrics).await.unwrap();
+            stream.write_all(b"GET /metrics HTTP/1.1\r\n\r\n").await.unwrap();
+            let mut body = String::new();
+            tokio::io::AsyncReadExt::read_to_string(&mut stream, &mut body).await.unwrap();
+            // Delivered live, or through bob's inbox if it came while he was logging in.
+            let live = body.contains("\nrelay_messages_routed_total 1\n");
+            if live || body.contains("\nrelay_messages_stored_total 1\n") {
+                return body;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await
+    .unwrap();
+    assert!(scraped.starts_with("HTTP/1.1 200 OK"), "{scraped}");
+    assert!(scraped.contains("\nrelay_users_online 2\n"), "{scraped}");
+    // The operator kicks bob: bob's client says why and exits 1 without reconnecting.
+    server.type_line("kick bob please stop").await;
+    server.type_line("who alice").await;
+    let status = bob.exit_status().await;
+    assert_eq!(status.code(), Some(1));
+    let told = bob_out.expect("disconnected").await;
+    assert!(told.contains("disconnected by the operator (please stop)"), "{told}");
+    log.expect("operator disconnected the user").await;
+    alice.type_line("EXIT").await;
+    assert!(alice.exit_status().await.success());
+    let _ = alice_out;
+    server.type_line("EXIT").await;
+    assert!(server.exit_status().await.success());
+}
+
+#[tokio::test]
 async fn waiting_for_a_server_says_so_and_gives_up_in_one_line() {
     // A port nobody listens on (bound, then let go).
     let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();

@@ -15,6 +15,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, trace, warn};
 
 use crate::config::Config;
+use crate::metrics::Metrics;
 use crate::outbox::{Outbox, PushError, Unwritten};
 use crate::router::{
     Claim, ClaimRequest, Pending, Refused, RouteCache, Routed, Routing, Undelivered, now_ms,
@@ -30,6 +31,8 @@ pub(crate) struct Shared {
     pub(crate) hard_stop: CancellationToken,
     /// Connections whose shutdown notice was written out in full (for the last log line).
     pub(crate) told_shutdown: std::sync::atomic::AtomicUsize,
+    /// What the server counts.
+    pub(crate) metrics: Arc<Metrics>,
 }
 
 /// Serves one client until it leaves, fails, or the server shuts down.
@@ -45,11 +48,15 @@ pub(crate) async fn serve(
     let (read, write) = stream.into_split();
     let config = &shared.config;
     let outbox = Outbox::new(config.outbox_bytes);
+    let metrics = &shared.metrics;
+    metrics.connections.inc();
+    metrics.connections_open.inc();
     let writer = tokio::spawn(writer::run(
         write,
         outbox.clone(),
         config.write_timeout,
         shared.hard_stop.clone(),
+        metrics.bytes_out.clone(),
     ));
     let mut conn = Connection {
         frames: FrameReader::new(read, MessageCodec::new(config.pre_register_limit())),
@@ -75,13 +82,39 @@ pub(crate) async fn serve(
         debug!(%peer, count = unwritten.len(), "telling senders of undelivered messages");
         shared.router.report_undelivered(unwritten);
     }
+    shared.metrics.connections_open.dec();
     match end {
         WriteEnd::Finished => debug!(%peer, "connection closed"),
         WriteEnd::SlowConsumer => {
+            shared.metrics.slow_consumers.inc();
             warn!(%peer, reason = %Status::SlowConsumer, "disconnected: client stopped reading")
         }
         WriteEnd::Aborted => debug!(%peer, "connection dropped at shutdown"),
         WriteEnd::Failed(e) => debug!(%peer, error = %e, "connection lost while writing"),
+    }
+}
+
+/// A session's counts not yet added to the server's counters; added when flushed or dropped.
+struct Tally<'a> {
+    metrics: &'a Metrics,
+    routed: u64,
+    bytes: u64,
+}
+
+impl Tally<'_> {
+    fn flush(&mut self) {
+        if self.routed > 0 {
+            self.metrics.routed.inc_by(std::mem::take(&mut self.routed));
+        }
+        if self.bytes > 0 {
+            self.metrics.bytes_in.inc_by(std::mem::take(&mut self.bytes));
+        }
+    }
+}
+
+impl Drop for Tally<'_> {
+    fn drop(&mut self) {
+        self.flush();
     }
 }
 
@@ -171,8 +204,17 @@ impl Connection {
         // Both boxed: registration's state is large and needed once, and the claim is held for
         // the whole session; inline, they would grow every connection's task, idle or not.
         let claim = match Box::pin(self.register(shutdown)).await {
-            Ok(claim) => Box::new(claim),
-            Err(farewell) => return farewell,
+            Ok(claim) => {
+                self.shared.metrics.registration(Status::Registered);
+                Box::new(claim)
+            }
+            Err(farewell) => {
+                // A client that left before registering is no registration.
+                if let Some(Message { kind: Kind::Reply(status), .. }) = &farewell {
+                    self.shared.metrics.registration(*status);
+                }
+                return farewell;
+            }
         };
         let farewell = self.chat(&claim, shutdown).await;
         // The name is free in memory at once; the store learns when its owner was last seen.
@@ -197,6 +239,7 @@ impl Connection {
         match pushed {
             Ok(()) => Ok(()),
             Err(PushError::Full | PushError::Stalled) => {
+                self.shared.metrics.slow_consumers.inc();
                 warn!(peer = %self.peer, "disconnecting: client does not read its replies");
                 Err(closing(0, Status::SlowConsumer, "", "you are not reading your replies"))
             }
@@ -431,6 +474,10 @@ impl Connection {
         let mut pinged = false;
         let mut routes = RouteCache::default();
         let mut listings = Bucket::full(self.config());
+        // Messages routed and bytes received, counted here and added to the server's
+        // counters once per read (and when the session ends), not per message.
+        let shared = self.shared.clone();
+        let mut tally = Tally { metrics: &shared.metrics, routed: 0, bytes: 0 };
         // The time stamped on messages: read once per socket read, not per message.
         let mut now = now_ms();
         // The timer is re-armed only when it fires, not on every message: a read costs just
@@ -457,6 +504,7 @@ impl Connection {
                     }
                     Err(e) => return self.protocol_error(e),
                     Ok(None) => {
+                        tally.flush();
                         if !self.frames.has_partial_frame() {
                             partial_since = None;
                         } else if partial_since.is_none() {
@@ -526,6 +574,7 @@ impl Connection {
                         continue;
                     }
                 };
+                tally.bytes += frame.len() as u64 + 4;
                 // Decoded in place: routing copies the message straight into the receiver's
                 // outbox, with no owned message in between.
                 let msg = match decode_ref(&frame) {
@@ -535,7 +584,14 @@ impl Connection {
                 match Request::parse(msg) {
                     Ok(Request::Send { id, to, content }) => {
                         trace!(from = %name, %to, id, len = content.len(), "message");
-                        match self.shared.router.route(claim, id, to, content, now, &mut routes) {
+                        let routed =
+                            self.shared.router.route(claim, id, to, content, now, &mut routes);
+                        // Delivered live; one that waits for a busy receiver counts once it
+                        // is queued, one handed to the store once it is stored.
+                        if matches!(routed, Ok(Routed::Queued)) {
+                            tally.routed += 1;
+                        }
+                        match routed {
                             Ok(Routed::Queued) => continue,
                             Ok(Routed::Stored) => {
                                 // The store answers each stored message; a sender may have
@@ -623,7 +679,10 @@ impl Connection {
             () = shutdown.cancelled() => return Err(shutting_down()),
         };
         match waited {
-            Ok(()) => Ok(()),
+            Ok(()) => {
+                self.shared.metrics.routed.inc();
+                Ok(())
+            }
             Err((why, to)) => self.undelivered(name, id, why, to).await,
         }
     }
@@ -636,23 +695,29 @@ impl Connection {
         why: Undelivered,
         to: String,
     ) -> Result<(), Farewell> {
+        let metrics = &self.shared.metrics;
         let reply = match why {
             Undelivered::NotOnline => {
+                metrics.refused(Status::NotFound);
                 debug!(from = %name, %to, id, "destination not found");
                 let detail = format!("{to} is not online");
                 Message::reply(id, Status::NotFound, to, detail)
             }
             Undelivered::ReceiverFull => {
+                metrics.refused(Status::NotDelivered);
                 debug!(from = %name, %to, id, "receiver not keeping up; message refused");
                 let detail = format!("{to} is not keeping up; the message was not delivered");
                 Message::reply(id, Status::NotDelivered, to, detail)
             }
-            Undelivered::TooLarge => Message::reply(
-                id,
-                Status::FrameTooLarge,
-                to,
-                "the message is over the frame limit once the sender's name is added",
-            ),
+            Undelivered::TooLarge => {
+                metrics.refused(Status::FrameTooLarge);
+                Message::reply(
+                    id,
+                    Status::FrameTooLarge,
+                    to,
+                    "the message is over the frame limit once the sender's name is added",
+                )
+            }
         };
         self.reply(reply).await
     }

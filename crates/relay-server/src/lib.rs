@@ -18,7 +18,9 @@
 //!   [`RedbStore`] (`redb_store.rs`) as the embedded implementation, its inboxes in
 //!   `redb_inbox.rs` and its write-ahead log in `journal.rs`;
 //! - [`Config`] (`config.rs`): every limit, with its default;
-//! - [`run_console`] (`console.rs`): the operator's commands on stdin.
+//! - [`run_console`] (`console.rs`): the operator's commands on stdin;
+//! - `metrics.rs`: the counters (no lock on the message path) and [`serve_metrics`], the
+//!   Prometheus endpoint.
 //!
 //! The binary `relay-server` only parses flags, sets up logging, binds, and wires the console
 //! and signals to the shutdown token.
@@ -30,6 +32,7 @@ mod connection;
 mod console;
 mod inbox;
 mod journal;
+mod metrics;
 mod names;
 mod outbox;
 mod redb_inbox;
@@ -46,9 +49,11 @@ pub use inbox::{
     Stored, Totals,
 };
 pub use journal::JOURNAL_FILES;
+pub use metrics::{Snapshot, serve_metrics};
 pub use names::{Claimed, GuestCheck, KeyClaim, NameRecord, NameStore, StoreError};
 pub use redb_store::{DB_FILE, OpenError, RedbStore};
 pub use relay_proto::AuthMode;
+pub use router::Who;
 pub use server::{Server, ServerHandle, StartError};
 
 /// Entry points for the criterion benchmarks (`benches/routing.rs`); not a stable API.

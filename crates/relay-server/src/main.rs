@@ -8,7 +8,9 @@ use std::time::Duration;
 use std::path::PathBuf;
 
 use clap::Parser;
-use relay_server::{AuthMode, Config, InboxLimits, Server, parse_duration, run_console};
+use relay_server::{
+    AuthMode, Config, InboxLimits, Server, parse_duration, run_console, serve_metrics,
+};
 use std::io::Write;
 use tokio_util::sync::CancellationToken;
 
@@ -122,6 +124,10 @@ struct Args {
     /// server CPU per message.
     #[arg(long, default_value_t = Config::default().kernel_unsent)]
     kernel_unsent: usize,
+    /// Serve Prometheus metrics at http://ADDR/metrics (e.g. 127.0.0.1:9090; a host name
+    /// works too). Off by default.
+    #[arg(long, value_name = "ADDR")]
+    metrics: Option<String>,
 }
 
 impl Args {
@@ -223,6 +229,12 @@ async fn serve(args: Args) -> Result<(), String> {
     }
 
     let shutdown = CancellationToken::new();
+    if let Some(at) = &args.metrics {
+        let metrics = tokio::net::TcpListener::bind(at.as_str())
+            .await
+            .map_err(|e| format!("cannot serve metrics on {at}: {e}"))?;
+        tokio::spawn(serve_metrics(metrics, server.handle(), shutdown.clone()));
+    }
     let console = tokio::spawn(run_console(
         tokio::io::BufReader::new(tokio::io::stdin()),
         tokio::io::stdout(),

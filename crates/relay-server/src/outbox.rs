@@ -223,6 +223,14 @@ struct State {
     tracked: Option<Box<Tracked>>,
 }
 
+/// A look at an outbox (see [`Outbox::queue`]).
+#[derive(Clone, Copy, Debug, Default)]
+pub(crate) struct QueueState {
+    pub(crate) bytes: u64,
+    pub(crate) unacked: u64,
+    pub(crate) version: u16,
+}
+
 /// A chat message that was queued and never written, and the registration (token) of the
 /// connection that sent it.
 pub(crate) type Unwritten = (Message, u64);
@@ -398,6 +406,17 @@ impl Outbox {
 
     fn state(&self) -> MutexGuard<'_, State> {
         self.shared.handoff.lock()
+    }
+
+    /// What is queued for the client and not yet written (bytes), the messages it was
+    /// delivered and has not acknowledged, and its protocol version (the console's `who`).
+    pub(crate) fn queue(&self) -> QueueState {
+        let state = self.state();
+        QueueState {
+            bytes: (state.queue.len() + state.taken) as u64,
+            unacked: state.tracked.as_ref().map_or(0, |t| t.entries.len() as u64),
+            version: state.version,
+        }
     }
 
     /// True once the outbox is closed. Exact under the state lock (where it is set);

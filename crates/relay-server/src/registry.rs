@@ -27,6 +27,8 @@ pub(crate) struct Registered {
     pub(crate) display: Arc<str>,
     pub(crate) addr: SocketAddr,
     pub(crate) outbox: Outbox,
+    /// When it registered, in ms since the Unix epoch (the console's `who`).
+    pub(crate) since: u64,
 }
 
 /// Number of independently locked shards. Lookups for different names mostly take different
@@ -201,7 +203,11 @@ impl Registry {
         }
         claims.by_skeleton.insert(entry.key.skeleton.as_str().into(), canonical.clone());
         claims.by_canonical.insert(canonical.clone(), Holder { token, guest: entry.guest });
-        let registered = Registered { token, display: display.clone(), addr, outbox: entry.outbox };
+        let since = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX));
+        let registered =
+            Registered { token, display: display.clone(), addr, outbox: entry.outbox, since };
         claims.pending.insert(canonical, registered);
         Ok((display, token))
     }
@@ -308,6 +314,19 @@ impl Registry {
             .collect();
         all.sort();
         all
+    }
+
+    /// Bytes queued for every client online and not yet written.
+    pub(crate) fn queued_bytes(&self) -> u64 {
+        // Outboxes collected first: no outbox lock is taken under a shard lock.
+        let outboxes: Vec<Outbox> = self
+            .names
+            .iter()
+            .flat_map(|shard| {
+                read(shard).by_name.values().map(|e| e.outbox.clone()).collect::<Vec<_>>()
+            })
+            .collect();
+        outboxes.iter().map(|o| o.queue().bytes).sum()
     }
 
     /// How many names are registered.

@@ -19,6 +19,7 @@ use relay_proto::{
 };
 
 use crate::inbox::{Appended, Envelope, InboxStore, SenderRef, Totals};
+use crate::metrics::Metrics;
 use crate::names::{Claimed, GuestCheck, KeyClaim, NameRecord, NameStore, StoreError};
 use crate::outbox::{Delivery, Outbox, Overflow, PushError, Unacked, Unwritten};
 use crate::redb_store::SEQ_EPOCH_SHIFT;
@@ -145,6 +146,16 @@ pub(crate) trait Routing: Send + Sync + std::fmt::Debug + 'static {
     /// How many names are online.
     fn online(&self) -> usize;
 
+    /// Disconnects `name`'s holder, telling it `detail` (the operator's `kick`); `false` if
+    /// nobody by that name is online.
+    fn kick(&self, name: &str, detail: &str) -> bool;
+
+    /// What is known of `name`'s holder, if online (the operator's `who`).
+    fn who(&self, name: &str) -> Option<Who>;
+
+    /// Bytes queued for the clients online and not yet written to them.
+    fn queued_bytes(&self) -> u64;
+
     /// Unbinds a name from its key (the operator's `release`), disconnecting its holder if
     /// online; returns what was bound.
     fn unbind<'a>(&'a self, name: &'a str)
@@ -161,6 +172,26 @@ pub(crate) trait Routing: Send + Sync + std::fmt::Debug + 'static {
 
     /// The server has stopped: finish pending store writes and let go of the store.
     fn close(&self) -> BoxFuture<'_, ()>;
+}
+
+/// A user online, as the operator's `who` shows it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct Who {
+    /// The name as shown.
+    pub name: String,
+    /// The client's address.
+    pub addr: SocketAddr,
+    /// The node it is connected to.
+    pub node: String,
+    /// When it registered, in ms since the Unix epoch.
+    pub since: u64,
+    /// Bytes queued for it and not yet written.
+    pub queued_bytes: u64,
+    /// Messages delivered to it and not yet acknowledged (a key holder's).
+    pub unacked: u64,
+    /// Its protocol version.
+    pub version: u16,
 }
 
 /// One connection's last destination and the outbox it led to. A sender mostly writes to the
@@ -208,6 +239,8 @@ pub(crate) struct LocalRouter {
     inbox: Option<Arc<dyn InboxStore>>,
     /// Most bytes a keyed session may have delivered and not acknowledged.
     unacked_window: usize,
+    /// The server's counters (stored messages, and those the store refused).
+    metrics: Arc<Metrics>,
     /// Itself, for what outlives a call (a closing session's hand-over, store answers).
     me: Weak<LocalRouter>,
 }
@@ -360,6 +393,7 @@ impl LocalRouter {
         max_frame_len: usize,
         send_wait: Duration,
         unacked_window: usize,
+        metrics: Arc<Metrics>,
     ) -> Arc<LocalRouter> {
         let (store, inbox) = store.unzip();
         Arc::new_cyclic(|me| LocalRouter {
@@ -370,6 +404,7 @@ impl LocalRouter {
             send_wait,
             inbox,
             unacked_window,
+            metrics,
             me: me.clone(),
         })
     }
@@ -395,6 +430,7 @@ impl LocalRouter {
             sender: from.origin.clone(),
         };
         let outbox = from.outbox.clone();
+        let metrics = self.metrics.clone();
         let (id, to) = (msg.id, msg.to.to_owned());
         // A version 1 sender knows none of the store's answers: it is told only of failure,
         // as it would be of a receiver not keeping up.
@@ -403,6 +439,9 @@ impl LocalRouter {
         inbox.append(
             envelope,
             Box::new(move |appended| {
+                if let Ok(Appended::Stored(_)) = appended {
+                    metrics.stored.inc();
+                }
                 let (status, detail) = match appended {
                     Ok(Appended::Stored(_)) if !told || !v2 => {
                         outbox.stored_reply(None);
@@ -424,6 +463,7 @@ impl LocalRouter {
                     }
                     Err(e) => (Status::NotDelivered, format!("not stored for {to}: {e}")),
                 };
+                metrics.refused(status);
                 let reply = Message::reply(id, status, to, detail);
                 outbox.stored_reply(Some(&reply.as_ref()));
             }),
@@ -837,6 +877,41 @@ impl Routing for LocalRouter {
         self.registry.len()
     }
 
+    fn kick(&self, name: &str, detail: &str) -> bool {
+        let canonical = canonical_name(name);
+        let online =
+            self.registry.with_name(&canonical, |e| (e.token, e.outbox.clone(), e.display.clone()));
+        let Some((token, outbox, display)) = online else { return false };
+        self.registry.remove(&canonical, token);
+        // A version 1 client knows no `Kicked`: it is told its session was refused.
+        let status =
+            if outbox.queue().version >= 2 { Status::Kicked } else { Status::InvalidRequest };
+        outbox.close(Some(&Message::reply(0, status, &*display, detail).closing()));
+        self.metrics.kicked.inc();
+        true
+    }
+
+    fn who(&self, name: &str) -> Option<Who> {
+        let canonical = canonical_name(name);
+        let (display, addr, since, outbox) = self
+            .registry
+            .with_name(&canonical, |e| (e.display.clone(), e.addr, e.since, e.outbox.clone()))?;
+        let queue = outbox.queue();
+        Some(Who {
+            name: display.to_string(),
+            addr,
+            node: "this server".into(),
+            since,
+            queued_bytes: queue.bytes,
+            unacked: queue.unacked,
+            version: queue.version,
+        })
+    }
+
+    fn queued_bytes(&self) -> u64 {
+        self.registry.queued_bytes()
+    }
+
     fn unbind<'a>(
         &'a self,
         name: &'a str,
@@ -890,6 +965,7 @@ impl Routing for LocalRouter {
                 Ok(expired) if !expired.is_empty() => {
                     tracing::info!(count = expired.len(), "stored messages expired");
                     for gone in expired {
+                        self.metrics.refused(Status::Expired);
                         if gone.sender.receipt {
                             let to = gone.recipient;
                             let detail = format!(

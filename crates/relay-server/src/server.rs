@@ -21,9 +21,10 @@ use crate::admission::{self, Admission, Limits, LogNow, Refusal};
 use crate::config::Config;
 use crate::connection::{self, Shared};
 use crate::inbox::{InboxStore, Totals};
+use crate::metrics::{Current, Metrics, Snapshot};
 use crate::names::{NameRecord, NameStore, StoreError};
 use crate::redb_store::{OpenError, RedbStore};
-use crate::router::LocalRouter;
+use crate::router::{LocalRouter, Who};
 
 /// A relay server bound to a listener, ready to [`run`](Server::run).
 ///
@@ -89,6 +90,40 @@ impl ServerHandle {
         self.shared.router.inbox_totals().await
     }
 
+    /// Disconnects `name`'s holder with `reason` (the console's `kick`): its client shows the
+    /// reason and does not reconnect by itself. `false` if nobody by that name is online.
+    pub fn kick(&self, name: &str, reason: &str) -> bool {
+        self.shared.router.kick(name, reason)
+    }
+
+    /// What is known of `name`'s holder, if online (the console's `who`).
+    pub fn who(&self, name: &str) -> Option<Who> {
+        self.shared.router.who(name)
+    }
+
+    /// The server's counters (the console's `stats`; the metrics endpoint serves the same).
+    pub fn stats(&self) -> Snapshot {
+        self.shared.metrics.snapshot()
+    }
+
+    /// Every metric, in the OpenMetrics text format (what `GET /metrics` serves).
+    pub async fn metrics_text(&self) -> String {
+        let totals = self.inboxes().await.unwrap_or_default();
+        let store_bytes = match self.shared.config.auth {
+            AuthMode::None => 0,
+            _ => store_files(&self.shared.config.data_dir),
+        };
+        self.shared.metrics.set_current(Current {
+            users_online: self.online() as u64,
+            outbox_bytes: self.shared.router.queued_bytes(),
+            inbox_recipients: totals.recipients,
+            inbox_messages: totals.messages,
+            inbox_bytes: totals.bytes,
+            store_bytes,
+        });
+        self.shared.metrics.encode()
+    }
+
     /// Empties `name`'s inbox (the console's `purge`); returns how many messages it held.
     ///
     /// # Errors
@@ -96,6 +131,15 @@ impl ServerHandle {
     pub async fn purge(&self, name: &str) -> Result<u64, StoreError> {
         self.shared.router.purge(name).await
     }
+}
+
+/// Bytes in the data directory's store files (the database and its journal).
+fn store_files(dir: &std::path::Path) -> u64 {
+    std::iter::once(crate::redb_store::DB_FILE)
+        .chain(crate::journal::JOURNAL_FILES.iter().copied())
+        .filter_map(|file| std::fs::metadata(dir.join(file)).ok())
+        .map(|meta| meta.len())
+        .sum()
 }
 
 /// The server could not start: one line for a person, each naming what to fix.
@@ -132,18 +176,21 @@ impl Server {
             new_per_sec: config.connects_per_sec,
             loopback_exempt: config.loopback_exempt,
         });
+        let metrics = Arc::new(Metrics::new());
         let router = LocalRouter::new(
             store,
             config.auth,
             config.max_frame_len,
             config.send_wait,
             config.unacked_window,
+            metrics.clone(),
         );
         let shared = Arc::new(Shared {
             router,
             config,
             hard_stop: CancellationToken::new(),
             told_shutdown: std::sync::atomic::AtomicUsize::new(0),
+            metrics,
         });
         Ok(Server { listener, shared, slots, admission })
     }

@@ -4,6 +4,7 @@
 use std::io;
 use std::time::Duration;
 
+use prometheus_client::metrics::counter::Counter;
 use tokio::io::AsyncWriteExt;
 use tokio::net::tcp::OwnedWriteHalf;
 use tokio_util::sync::CancellationToken;
@@ -33,9 +34,11 @@ pub(crate) async fn run(
     outbox: Outbox,
     write_timeout: Duration,
     abort: CancellationToken,
+    bytes_out: Counter,
 ) -> (WriteEnd, Vec<Unwritten>) {
     let mut unwritten = Vec::new();
-    let end = write_all(&mut socket, &outbox, write_timeout, &abort, &mut unwritten).await;
+    let end =
+        write_all(&mut socket, &outbox, write_timeout, &abort, &mut unwritten, &bytes_out).await;
     outbox.close(None);
     if matches!(end, WriteEnd::Finished) {
         // Send FIN so the client sees a clean end after the last frame. Bounded, because a
@@ -53,6 +56,7 @@ async fn write_all(
     write_timeout: Duration,
     abort: &CancellationToken,
     unwritten: &mut Vec<Unwritten>,
+    bytes_out: &Counter,
 ) -> WriteEnd {
     loop {
         let taken = tokio::select! {
@@ -73,6 +77,7 @@ async fn write_all(
                         Ok(Ok(0)) => Some(WriteEnd::Failed(io::ErrorKind::WriteZero.into())),
                         Ok(Ok(n)) => {
                             written += n;
+                            bytes_out.inc_by(n as u64);
                             None
                         }
                         Ok(Err(e)) => Some(WriteEnd::Failed(e)),
