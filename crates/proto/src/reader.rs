@@ -1,11 +1,15 @@
 //! Reading frames from a TCP connection, built for both ends of the load range: a busy
 //! connection reads many frames per syscall, and the caller can take every complete frame in
 //! the buffer ([`FrameReader::buffered`]) before it goes back to waiting; a connection gone
-//! idle can give its read buffer back ([`FrameReader::release_if_empty`]).
+//! idle can give its read buffer back ([`FrameReader::release_if_empty`]). It reads from a
+//! [`Source`]: a TCP read half, which waits for bytes without holding a buffer, or any other
+//! byte stream ([`Stream`]: TLS).
 
 use std::io;
+use std::task::{Context, Poll};
 
 use bytes::BytesMut;
+use tokio::io::AsyncRead;
 use tokio::net::tcp::OwnedReadHalf;
 use tokio_util::codec::Decoder;
 
@@ -17,17 +21,101 @@ use crate::message::Message;
 /// Most bytes read per syscall.
 const READ_CHUNK: usize = 16 * 1024;
 
+/// Where a [`FrameReader`] reads bytes from: the transport seam's read side. Poll-based, so
+/// a connection waiting for bytes keeps no future of it, only the frame reader's own state.
+pub trait Source: Send + Sync + Unpin + 'static {
+    /// Appends what is there to `buf` (making room for about `chunk` bytes), or registers
+    /// for a wake-up; `Ok(0)` at the end of the stream.
+    fn poll_read_some(
+        &mut self,
+        cx: &mut Context<'_>,
+        buf: &mut BytesMut,
+        chunk: usize,
+    ) -> Poll<io::Result<usize>>;
+}
+
+impl Source for OwnedReadHalf {
+    fn poll_read_some(
+        &mut self,
+        cx: &mut Context<'_>,
+        buf: &mut BytesMut,
+        chunk: usize,
+    ) -> Poll<io::Result<usize>> {
+        loop {
+            std::task::ready!(self.as_ref().poll_read_ready(cx))?;
+            let fresh = buf.capacity() == 0;
+            if buf.capacity() - buf.len() < chunk / 2 {
+                buf.reserve(chunk);
+            }
+            match self.try_read_buf(buf) {
+                Ok(n) => return Poll::Ready(Ok(n)),
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    // Readiness is cached, so an idle connection often gets here once before
+                    // it really waits: do not wait holding a buffer allocated for nothing.
+                    if fresh {
+                        *buf = BytesMut::new();
+                    }
+                }
+                Err(e) => return Poll::Ready(Err(e)),
+            }
+        }
+    }
+}
+
+/// Any other byte stream as a [`Source`] (a TLS session's read half, say). Such a stream has
+/// no readiness of its own to wait on (its bytes may already be decrypted inside it), so a
+/// read waits with room in the buffer: a little while the connection is quiet, a chunk once
+/// a read has filled that.
+#[derive(Debug)]
+pub struct Stream<R> {
+    inner: R,
+    /// The last read filled the room it had: more is coming.
+    busy: bool,
+}
+
+/// The room a quiet stream waits with.
+const QUIET_READ: usize = 512;
+
+impl<R> Stream<R> {
+    /// Reads from `inner`.
+    pub fn new(inner: R) -> Stream<R> {
+        Stream { inner, busy: false }
+    }
+}
+
+impl<R: AsyncRead + Send + Sync + Unpin + 'static> Source for Stream<R> {
+    fn poll_read_some(
+        &mut self,
+        cx: &mut Context<'_>,
+        buf: &mut BytesMut,
+        chunk: usize,
+    ) -> Poll<io::Result<usize>> {
+        let room = if self.busy { chunk } else { QUIET_READ.min(chunk) };
+        if buf.capacity() - buf.len() < room / 2 {
+            buf.reserve(room);
+        }
+        let spare = buf.capacity() - buf.len();
+        let n = std::task::ready!(tokio_util::io::poll_read_buf(
+            std::pin::Pin::new(&mut self.inner),
+            cx,
+            buf
+        ))?;
+        self.busy = n >= spare.min(chunk) / 2 && n > 0;
+        Poll::Ready(Ok(n))
+    }
+}
+
 /// The read half of a connection and the frames buffered from it.
 #[derive(Debug)]
-pub struct FrameReader {
-    read: OwnedReadHalf,
+pub struct FrameReader<S = OwnedReadHalf> {
+    read: S,
     buf: BytesMut,
     codec: MessageCodec,
 }
 
-impl FrameReader {
+impl<S: Source> FrameReader<S> {
     /// Reads frames from `read`, decoding them with `codec` (whose limit applies).
-    pub fn new(read: OwnedReadHalf, codec: MessageCodec) -> FrameReader {
+    pub fn new(read: S, codec: MessageCodec) -> FrameReader<S> {
         FrameReader { read, buf: BytesMut::new(), codec }
     }
 
@@ -76,28 +164,15 @@ impl FrameReader {
     /// [`ProtoError::Truncated`] if the stream ends inside a frame; [`ProtoError::Io`] if the
     /// read fails.
     pub async fn fill(&mut self) -> Result<bool, ProtoError> {
-        loop {
-            self.read.readable().await?;
-            // Read at most a frame's worth (and at most `READ_CHUNK`): before registration
-            // the limit is small, so a socket that sends a few bytes and stalls holds little.
-            let chunk = READ_CHUNK.min(self.codec.max_frame_len() + FRAME_HEADER_LEN);
-            let fresh = self.buf.capacity() == 0;
-            if self.buf.capacity() - self.buf.len() < chunk / 2 {
-                self.buf.reserve(chunk);
-            }
-            match self.read.try_read_buf(&mut self.buf) {
-                Ok(0) if self.buf.is_empty() => return Ok(false),
-                Ok(0) => return Err(ProtoError::Truncated { buffered: self.buf.len() }),
-                Ok(_) => return Ok(true),
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                    // Readiness is cached, so an idle connection often gets here once before
-                    // it really waits: do not wait holding a buffer allocated for nothing.
-                    if fresh {
-                        self.buf = BytesMut::new();
-                    }
-                }
-                Err(e) => return Err(e.into()),
-            }
+        // Read at most a frame's worth (and at most `READ_CHUNK`): before registration the
+        // limit is small, so a socket that sends a few bytes and stalls holds little.
+        let chunk = READ_CHUNK.min(self.codec.max_frame_len() + FRAME_HEADER_LEN);
+        let (read, buf) = (&mut self.read, &mut self.buf);
+        match std::future::poll_fn(|cx| read.poll_read_some(cx, buf, chunk)).await {
+            Ok(0) if self.buf.is_empty() => Ok(false),
+            Ok(0) => Err(ProtoError::Truncated { buffered: self.buf.len() }),
+            Ok(_) => Ok(true),
+            Err(e) => Err(e.into()),
         }
     }
 

@@ -24,6 +24,10 @@ pub struct Cli {
     /// Print the report as one JSON object instead of a table.
     #[arg(long, global = true)]
     pub json: bool,
+    /// Connect to relay over TLS, pinning the server's certificate by this SHA-256
+    /// fingerprint (what `relay-server --tls-self-signed` logs).
+    #[arg(long, global = true, value_name = "SHA256")]
+    pub tls_fingerprint: Option<String>,
     /// A receiver that hears nothing for this long gives up and counts the rest as lost.
     #[arg(long, global = true, default_value = "10s", value_parser = parse_duration)]
     pub stall: Duration,
@@ -154,6 +158,9 @@ pub struct FlowArgs {
 
 /// Runs the workload the arguments name and prints its report.
 pub async fn run(cli: Cli) -> Result<String, String> {
+    if let Some(pin) = &cli.tls_fingerprint {
+        crate::target::use_tls(relay_client::Tls::pinned(pin).map_err(|e| e.to_string())?);
+    }
     let target = &cli.target;
     let (table, json) = match cli.workload {
         Workload::Pairs { pairs, flow } => {

@@ -11,6 +11,19 @@ use relay_client::{Batch, Client, ClientConfig, Event, Events, Identity};
 
 use crate::nats;
 
+/// TLS for every relay client this run makes (`--tls-fingerprint`), if set.
+static TLS: std::sync::OnceLock<relay_client::Tls> = std::sync::OnceLock::new();
+
+/// Makes every relay client of this run connect over TLS.
+pub fn use_tls(tls: relay_client::Tls) {
+    let _ = TLS.set(tls);
+}
+
+/// The configuration every relay client of this run starts from.
+fn base_config() -> ClientConfig {
+    ClientConfig { tls: TLS.get().cloned(), ..ClientConfig::default() }
+}
+
 /// Which server to drive.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Target {
@@ -55,7 +68,7 @@ impl Target {
         match self {
             Target::Relay(addr) => {
                 let name = receiver_name(run, index);
-                let mut config = ClientConfig::default();
+                let mut config = base_config();
                 if keys {
                     config.identity = Some(Identity::generate().map_err(|e| e.to_string())?);
                 }
@@ -86,7 +99,7 @@ impl Target {
         match self {
             Target::Relay(addr) => {
                 let name = format!("{run}.s{index}");
-                let mut config = ClientConfig::default();
+                let mut config = base_config();
                 if keys {
                     config.identity = Some(Identity::generate().map_err(|e| e.to_string())?);
                 }

@@ -10,11 +10,10 @@ use std::time::Duration;
 use bytes::{Buf, BytesMut};
 use relay_proto::{
     FrameReader, Identity, Kind, Message, MessageCodec, MessageRef, ProtoError, ServerEvent,
-    Status, User, decode_ref, encoded_len_ref, parse_destination, validate_name,
+    Source, Status, User, decode_ref, encoded_len_ref, parse_destination, validate_name,
 };
-use tokio::io::AsyncWriteExt;
+use tokio::io::{AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
-use tokio::net::tcp::OwnedWriteHalf;
 use tokio::time::Instant;
 use tokio_util::codec::Encoder;
 use tokio_util::sync::CancellationToken;
@@ -23,6 +22,7 @@ use crate::error::{ConnectError, SendError};
 use crate::event::Event;
 use crate::incoming::{Events, Incoming};
 use crate::outgoing::{NowError, Outgoing};
+use crate::tls::Tls;
 
 /// Connection settings. `ClientConfig::default()` suits a server with default limits.
 #[derive(Clone, Debug)]
@@ -54,6 +54,8 @@ pub struct ClientConfig {
     /// Messages numbered at or below this were already handed to the program (by an earlier
     /// run that saved [`Event::seq`]); they are dropped if delivered again (default 0).
     pub resume_after: u64,
+    /// Connect over TLS, trusting the server as this says (default none: plain TCP).
+    pub tls: Option<Tls>,
 }
 
 impl Default for ClientConfig {
@@ -69,6 +71,7 @@ impl Default for ClientConfig {
             idle_timeout: Duration::from_secs(90),
             identity: None,
             resume_after: 0,
+            tls: None,
         }
     }
 }
@@ -94,6 +97,12 @@ pub struct ClientBuilder {
 }
 
 impl ClientBuilder {
+    /// Connects over TLS (see [`ClientConfig::tls`]).
+    pub fn tls(mut self, tls: Tls) -> ClientBuilder {
+        self.config.tls = Some(tls);
+        self
+    }
+
     /// Registers with this key (see [`ClientConfig::identity`]).
     pub fn identity(mut self, identity: Identity) -> ClientBuilder {
         self.config.identity = Some(identity);
@@ -225,8 +234,39 @@ impl Client {
         stream.set_nodelay(true).map_err(io_error)?;
         let local_addr = stream.local_addr().map_err(io_error)?;
         let server_addr = stream.peer_addr().map_err(io_error)?;
-        let (read, mut write) = stream.into_split();
-        let mut frames = FrameReader::new(read, MessageCodec::new(config.max_frame_len));
+        let codec = MessageCodec::new(config.max_frame_len);
+        let at = Addresses { server, local_addr, server_addr };
+        let Some(tls) = config.tls.clone() else {
+            let (read, write) = stream.into_split();
+            return Client::start(FrameReader::new(read, codec), write, at, name, config).await;
+        };
+        let tls_error = |reason| ConnectError::Tls { addr: server.to_string(), reason };
+        let host = crate::tls::server_name(server)
+            .ok_or_else(|| tls_error(format!("'{server}' has no host name to check")))?;
+        let stream =
+            tokio::time::timeout(config.connect_timeout, tls.connector().connect(host, stream))
+                .await
+                .map_err(|_| tls_error("the TLS handshake did not finish in time".into()))?
+                .map_err(|e| tls_error(crate::tls::explain(&e)))?;
+        let (read, write) = tokio::io::split(stream);
+        let frames = FrameReader::new(relay_proto::Stream::new(read), codec);
+        Client::start(frames, write, at, name, config).await
+    }
+
+    /// Registers over a connected transport and starts the reader and writer tasks.
+    async fn start<S, W>(
+        mut frames: FrameReader<S>,
+        mut write: W,
+        at: Addresses<'_>,
+        name: &str,
+        config: ClientConfig,
+    ) -> Result<(Client, Events), ConnectError>
+    where
+        S: Source,
+        W: AsyncWrite + Send + Unpin + 'static,
+    {
+        let Addresses { server, local_addr, server_addr } = at;
+        let io_error = |source| ConnectError::Connect { addr: server.to_string(), source };
         let deadline = Instant::now() + config.register_timeout;
         let timed_out = || ConnectError::RegisterTimeout(config.register_timeout);
 
@@ -238,9 +278,14 @@ impl Client {
         let first = match first {
             None => Err(ConnectError::Closed),
             Some(Err(ProtoError::FrameTooLarge { len, .. })) => {
-                // Its "length" is its first four bytes: `HTTP` for a web server.
+                // Its "length" is its first four bytes: `HTTP` for a web server, a TLS record
+                // header (content type 20 to 23, version 3.x) for a TLS port.
                 let head = u32::try_from(len).unwrap_or(u32::MAX).to_be_bytes();
-                Err(not_relay(server, &format!("\"{}…\"", relay_proto::printable(&head))))
+                if (20..=23).contains(&head[0]) && head[1] == 3 {
+                    Err(not_relay(server, "with TLS: connect with --tls"))
+                } else {
+                    Err(not_relay(server, &format!("\"{}…\"", relay_proto::printable(&head))))
+                }
             }
             Some(Err(ProtoError::Malformed(_))) => {
                 Err(not_relay(server, "something that is not a relay greeting"))
@@ -506,9 +551,16 @@ impl Drop for Inner {
     }
 }
 
+/// Where a connection goes, and from where.
+struct Addresses<'a> {
+    server: &'a str,
+    local_addr: std::net::SocketAddr,
+    server_addr: std::net::SocketAddr,
+}
+
 /// Encodes and writes one frame (during the handshake, before the writer task runs).
-async fn send_frame(
-    write: &mut OwnedWriteHalf,
+async fn send_frame<W: AsyncWrite + Unpin>(
+    write: &mut W,
     msg: &Message,
     max_frame_len: usize,
 ) -> std::io::Result<()> {
@@ -520,8 +572,8 @@ async fn send_frame(
 }
 
 /// The next message of the handshake as a [`ServerEvent`]; `None` at `deadline`.
-async fn next_event(
-    frames: &mut FrameReader,
+async fn next_event<S: Source>(
+    frames: &mut FrameReader<S>,
     deadline: Instant,
 ) -> Option<Result<ServerEvent, ConnectError>> {
     let frame = tokio::time::timeout_at(deadline, frames.next()).await.ok()?;
@@ -554,9 +606,9 @@ fn refusal(name: &str, status: Status, detail: String) -> ConnectError {
 /// Writes whatever is queued, many frames per syscall, until the outbox is closed and written
 /// (offline, or every `Client` dropped), the reader has given up on the connection, or the
 /// socket fails.
-async fn write_loop(
+async fn write_loop<W: AsyncWrite + Unpin>(
     outgoing: Arc<Outgoing>,
-    mut socket: OwnedWriteHalf,
+    mut socket: W,
     reader_done: CancellationToken,
     done: CancellationToken,
 ) {
@@ -570,8 +622,13 @@ async fn write_loop(
         if !more {
             break;
         }
+        // Flushed too: TLS may keep the end of a batch in its own buffer otherwise (a no-op
+        // for plain TCP).
         let written = tokio::select! {
-            written = socket.write_all_buf(&mut buf) => written.is_ok(),
+            written = async {
+                socket.write_all_buf(&mut buf).await?;
+                socket.flush().await
+            } => written.is_ok(),
             // A server that stopped reading must not hold the writer once the reader has
             // given up on it.
             () = reader_done.cancelled() => false,
@@ -629,7 +686,7 @@ struct Reader {
 }
 
 impl Reader {
-    async fn run(mut self, mut frames: FrameReader, done: CancellationToken) {
+    async fn run<S: Source>(mut self, mut frames: FrameReader<S>, done: CancellationToken) {
         let mut last_heard = Instant::now();
         let mut ping_id: u64 = 0;
         let mut pinged = false;

@@ -81,6 +81,15 @@ pub enum ConnectError {
     /// The server sent something that is not valid protocol.
     #[error("protocol error: {0}")]
     Protocol(String),
+    /// The TLS handshake failed: the certificate did not verify, or the server does not
+    /// speak TLS there. Nothing was sent.
+    #[error("TLS with {addr} failed: {reason}")]
+    Tls {
+        /// The address as given.
+        addr: String,
+        /// Why, for a person.
+        reason: String,
+    },
     /// What answered at the address is not a relay server: its first bytes are no relay
     /// greeting (a web server answering `HTTP/1.1 400`, say).
     #[error("{addr} is not a relay server (it answered {answered})")]

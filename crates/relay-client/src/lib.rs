@@ -32,6 +32,7 @@ mod event;
 mod incoming;
 mod keys;
 mod outgoing;
+mod tls;
 
 pub use client::{Batch, Client, ClientBuilder, ClientConfig};
 pub use error::{ConnectError, SendError};
@@ -39,3 +40,4 @@ pub use event::Event;
 pub use incoming::Events;
 pub use keys::{KeyError, create_key, default_key_path, load_key, load_or_create_key};
 pub use relay_proto::{Identity, NameError, PublicKey, Status, User, name_key};
+pub use tls::{Tls, TlsError};

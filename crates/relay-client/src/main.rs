@@ -15,7 +15,7 @@ mod terminal;
 use std::sync::Arc;
 
 use cli::{Command, Conversation, Ended, Io, Names, Output};
-use relay_client::{Client, ClientConfig, ConnectError, default_key_path, load_or_create_key};
+use relay_client::{Client, ClientConfig, ConnectError, Tls, default_key_path, load_or_create_key};
 use tokio::io::AsyncBufReadExt;
 use tokio::sync::{Notify, mpsc};
 use tracing_subscriber::EnvFilter;
@@ -46,6 +46,16 @@ struct Args {
     /// Exit when the connection is lost, rather than reconnect.
     #[arg(long)]
     no_reconnect: bool,
+    /// Connect over TLS, trusting the certificate authorities this system trusts.
+    #[arg(long)]
+    tls: bool,
+    /// Connect over TLS, trusting the certificate authorities in this PEM file.
+    #[arg(long, value_name = "FILE", conflicts_with = "tls_fingerprint")]
+    ca: Option<PathBuf>,
+    /// Connect over TLS to the server whose certificate has this SHA-256 fingerprint (what a
+    /// server with --tls-self-signed logs), whoever signed it.
+    #[arg(long, value_name = "SHA256")]
+    tls_fingerprint: Option<String>,
     /// One command, then exit (for scripts); without one, commands are read from stdin.
     #[command(subcommand)]
     command: Option<OneShot>,
@@ -178,6 +188,12 @@ async fn session(mut args: Args) -> Result<(), String> {
         }
         config.identity = Some(identity);
     }
+    config.tls = match (&args.ca, &args.tls_fingerprint) {
+        (Some(ca), _) => Some(Tls::ca_file(ca).map_err(|e| e.to_string())?),
+        (None, Some(pin)) => Some(Tls::pinned(pin).map_err(|e| e.to_string())?),
+        (None, None) if args.tls => Some(Tls::system_roots().map_err(|e| e.to_string())?),
+        (None, None) => None,
+    };
     let deadline = args.wait.map(|wait| tokio::time::Instant::now() + wait);
     let mut told_waiting = false;
     let (client, events) = loop {
@@ -330,7 +346,8 @@ async fn reconnect(
                 | ConnectError::LooksLike { .. }
                 | ConnectError::AuthFailed { .. }
                 | ConnectError::AuthRequired
-                | ConnectError::NotRelay { .. }),
+                | ConnectError::NotRelay { .. }
+                | ConnectError::Tls { .. }),
             ) => return Err(e.to_string()),
             // Unreachable, restarting (a reset mid-handshake), full, or still holding the old
             // session's name: later.

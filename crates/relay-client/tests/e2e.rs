@@ -938,3 +938,119 @@ async fn the_client_reconnects_when_its_server_comes_back_unless_told_not_to() {
     server.type_line("EXIT").await;
     assert!(server.exit_status().await.success());
 }
+
+/// A certificate authority and a server certificate it signed for `localhost` and 127.0.0.1,
+/// written as PEM files in the sandbox: `(ca, cert, key)` paths.
+fn ca_issued_certificate() -> (String, String, String) {
+    use rcgen::{BasicConstraints, CertificateParams, CertifiedIssuer, IsCa, KeyPair};
+    let mut ca_params = CertificateParams::new(Vec::<String>::new()).unwrap();
+    ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    let ca = CertifiedIssuer::self_signed(ca_params, KeyPair::generate().unwrap()).unwrap();
+    let key = KeyPair::generate().unwrap();
+    let params = CertificateParams::new(vec!["localhost".to_string(), "127.0.0.1".into()]).unwrap();
+    let cert = params.signed_by(&key, &ca).unwrap();
+    let dir = sandbox();
+    let paths = ["ca.pem", "server.pem", "server.key"].map(|f| dir.join(f));
+    std::fs::write(&paths[0], ca.pem()).unwrap();
+    std::fs::write(&paths[1], cert.pem()).unwrap();
+    std::fs::write(&paths[2], key.serialize_pem()).unwrap();
+    let [ca, cert, key] = paths.map(|p| p.to_str().unwrap().to_string());
+    (ca, cert, key)
+}
+
+#[tokio::test]
+async fn tls_with_a_ca_issued_certificate_and_nothing_sent_to_an_untrusted_one() {
+    let (ca, cert, key) = ca_issued_certificate();
+    let (mut server, mut log, addr) =
+        start_server_with(&["--tls-cert", &cert, "--tls-key", &key]).await;
+    log.expect("(TLS only)").await;
+    let port = addr.rsplit(':').next().unwrap().to_string();
+    let host = format!("localhost:{port}");
+    // Trusting the CA: it works, under the certificate's name.
+    let (status, out, err) =
+        piped(&["--server", &host, "--user", "alice", "--guest", "--ca", &ca], "list\n").await;
+    assert!(status.success(), "{err}");
+    assert!(out.contains("alice 127.0.0.1:"), "{out}");
+    // Not trusting it: one line, exit 1, and the server never saw a registration.
+    let (status, err) =
+        client_failure(&["--server", &host, "--user", "mallory", "--guest", "--tls"]).await;
+    assert_eq!(status.code(), Some(1));
+    assert_eq!(err.lines().count(), 1, "{err}");
+    assert!(err.contains("TLS with") && err.contains("not signed by an authority"), "{err}");
+    log.expect("TLS handshake failed").await;
+    // A plain client at the TLS port is told what it reached, in one line.
+    let (status, err) = client_failure(&["--server", &host, "--user", "plain", "--guest"]).await;
+    assert_eq!(status.code(), Some(1));
+    assert!(err.contains("with TLS: connect with --tls") && err.lines().count() == 1, "{err}");
+    server.type_line("list").await;
+    server.type_line("EXIT").await;
+    assert!(server.exit_status().await.success());
+    let seen = log.seen.join("\n");
+    assert!(!seen.contains("name=mallory") && !seen.contains("name=plain"), "{seen}");
+}
+
+#[tokio::test]
+async fn tls_with_a_self_signed_certificate_pinned_by_its_fingerprint() {
+    let (mut server, mut log, addr) =
+        start_server_with(&["--tls-self-signed", "--tls-port", "0", "--register-timeout", "1s"])
+            .await;
+    let line = log.expect("serving TLS on").await;
+    let tls_addr = line.split("serving TLS on ").nth(1).unwrap().split(';').next().unwrap();
+    let tls_addr = tls_addr.replace("0.0.0.0", "127.0.0.1");
+    let fingerprint = line.rsplit(' ').next().unwrap().to_string();
+    assert_eq!(fingerprint.len(), 64, "{line}");
+    // Pinned: alice over TLS and bob over plain TCP chat through the same server.
+    let mut alice = Process::spawn(
+        "relay-client",
+        &["--server", &tls_addr, "--user", "alice", "--tls-fingerprint", &fingerprint],
+    );
+    let mut alice_out = connected(&mut alice, "alice").await;
+    let (mut bob, mut bob_out) = start_client(&addr, "bob").await;
+    bob.type_line("send alice over plain").await;
+    alice_out.expect("bob: over plain").await;
+    alice.type_line("send bob over TLS").await;
+    bob_out.expect("alice: over TLS").await;
+    // A wrong pin: one line, exit 1.
+    let wrong: String = fingerprint.chars().rev().collect();
+    let (status, err) = client_failure(&[
+        "--server",
+        &tls_addr,
+        "--user",
+        "eve",
+        "--guest",
+        "--tls-fingerprint",
+        &wrong,
+    ])
+    .await;
+    assert_eq!(status.code(), Some(1));
+    assert!(err.contains("not the one pinned") && err.lines().count() == 1, "{err}");
+    // A TLS client at the plain port: one line.
+    let (status, err) = client_failure(&[
+        "--server",
+        &addr,
+        "--user",
+        "eve",
+        "--guest",
+        "--tls-fingerprint",
+        &fingerprint,
+    ])
+    .await;
+    assert_eq!(status.code(), Some(1));
+    assert!(err.contains("does not speak TLS here") && err.lines().count() == 1, "{err}");
+    // A handshake that never finishes is dropped at the registration timeout.
+    let _silent = tokio::net::TcpStream::connect(&tls_addr).await.unwrap();
+    log.expect("TLS handshake not finished in time").await;
+    for client in [&mut alice, &mut bob] {
+        client.type_line("EXIT").await;
+    }
+    assert!(alice.exit_status().await.success() && bob.exit_status().await.success());
+    server.type_line("EXIT").await;
+    assert!(server.exit_status().await.success());
+    // The certificate survives a restart: same fingerprint.
+    let (mut again, mut log, _) =
+        start_server_with(&["--tls-self-signed", "--tls-port", "0"]).await;
+    let line = log.expect("serving TLS on").await;
+    assert!(line.ends_with(&fingerprint), "{line}");
+    again.type_line("EXIT").await;
+    assert!(again.exit_status().await.success());
+}

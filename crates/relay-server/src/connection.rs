@@ -6,8 +6,9 @@ use std::sync::Arc;
 
 use relay_proto::{
     AuthMode, FrameReader, Greeting, Kind, Message, MessageCodec, NONCE_LEN, ProtoError, Request,
-    Status, decode_ref, fresh_nonce, name_key, verify_credentials,
+    Source, Status, decode_ref, fresh_nonce, name_key, verify_credentials,
 };
+use tokio::io::AsyncWrite;
 use tokio::net::TcpStream;
 use tokio::task::JoinHandle;
 use tokio::time::{Instant, timeout_at};
@@ -35,17 +36,39 @@ pub(crate) struct Shared {
     pub(crate) metrics: Arc<Metrics>,
 }
 
-/// Serves one client until it leaves, fails, or the server shuts down.
-pub(crate) async fn serve(
+/// Serves one client over plain TCP until it leaves, fails, or the server shuts down.
+/// Not an `async fn`: the session's future is returned as it is, not wrapped in one more
+/// that would keep room for its arguments in every idle connection's task.
+pub(crate) fn serve(
     stream: TcpStream,
     peer: SocketAddr,
     shared: Arc<Shared>,
     shutdown: CancellationToken,
-) {
+) -> impl Future<Output = ()> + Send {
+    prepare(&stream, &shared, peer);
+    let (read, write) = stream.into_split();
+    serve_halves(read, write, peer, shared, shutdown)
+}
+
+/// Sets up an accepted socket, whatever runs over it.
+pub(crate) fn prepare(stream: &TcpStream, shared: &Shared, peer: SocketAddr) {
     // Frames are batched by the writer, so Nagle's algorithm would only add latency.
     let _ = stream.set_nodelay(true);
-    bound_kernel_unsent(&stream, shared.config.kernel_unsent, peer);
-    let (read, write) = stream.into_split();
+    bound_kernel_unsent(stream, shared.config.kernel_unsent, peer);
+}
+
+/// Serves one client over any transport (its two halves): the transport seam. Plain TCP
+/// reads through a TCP read half, TLS through [`relay_proto::Stream`].
+pub(crate) async fn serve_halves<S, W>(
+    read: S,
+    write: W,
+    peer: SocketAddr,
+    shared: Arc<Shared>,
+    shutdown: CancellationToken,
+) where
+    S: Source,
+    W: AsyncWrite + Send + Unpin + 'static,
+{
     let config = &shared.config;
     let outbox = Outbox::new(config.outbox_bytes);
     let metrics = &shared.metrics;
@@ -134,8 +157,8 @@ fn bound_kernel_unsent(stream: &TcpStream, bytes: usize, peer: SocketAddr) {
     let _ = (stream, peer);
 }
 
-struct Connection {
-    frames: FrameReader,
+struct Connection<S> {
+    frames: FrameReader<S>,
     outbox: Outbox,
     peer: SocketAddr,
     shared: Arc<Shared>,
@@ -195,7 +218,7 @@ fn shutting_down() -> Farewell {
     closing(0, Status::ShuttingDown, "", "the server is shutting down")
 }
 
-impl Connection {
+impl<S: Source> Connection<S> {
     fn config(&self) -> &Config {
         &self.shared.config
     }

@@ -9,6 +9,7 @@
 //! - `connection.rs`: one task per client, registration then its messages (read with
 //!   `relay_proto::FrameReader`: many frames per read, no buffer while idle);
 //! - `writer.rs`: the task that writes a client's outbox in batches;
+//! - [`Tls`] (`tls.rs`): TLS settings, from PEM files or self-signed in the data directory;
 //! - `outbox.rs`: a client's queue of outgoing frames, encoded as they are queued, bounded by
 //!   bytes;
 //! - `router.rs`: the routing seam (the `Routing` trait: name claims and delivery, with a
@@ -40,6 +41,7 @@ mod redb_store;
 mod registry;
 mod router;
 mod server;
+mod tls;
 mod writer;
 
 pub use config::{Config, parse_duration};
@@ -55,6 +57,7 @@ pub use redb_store::{DB_FILE, OpenError, RedbStore};
 pub use relay_proto::AuthMode;
 pub use router::Who;
 pub use server::{Server, ServerHandle, StartError};
+pub use tls::{SELF_SIGNED_CERT, SELF_SIGNED_KEY, Tls, fingerprint};
 
 /// Entry points for the criterion benchmarks (`benches/routing.rs`); not a stable API.
 #[doc(hidden)]

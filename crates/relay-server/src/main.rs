@@ -9,7 +9,7 @@ use std::path::PathBuf;
 
 use clap::Parser;
 use relay_server::{
-    AuthMode, Config, InboxLimits, Server, parse_duration, run_console, serve_metrics,
+    AuthMode, Config, InboxLimits, Server, Tls, parse_duration, run_console, serve_metrics,
 };
 use std::io::Write;
 use tokio_util::sync::CancellationToken;
@@ -128,6 +128,19 @@ struct Args {
     /// works too). Off by default.
     #[arg(long, value_name = "ADDR")]
     metrics: Option<String>,
+    /// Serve TLS with this certificate chain (PEM); needs --tls-key.
+    #[arg(long, value_name = "FILE", requires = "tls_key")]
+    tls_cert: Option<PathBuf>,
+    /// The private key for --tls-cert (PEM).
+    #[arg(long, value_name = "FILE", requires = "tls_cert")]
+    tls_key: Option<PathBuf>,
+    /// Serve TLS with a self-signed certificate, made at the first start and kept in the data
+    /// directory; its fingerprint is logged for clients to pin (--tls-fingerprint).
+    #[arg(long, conflicts_with_all = ["tls_cert", "tls_key"])]
+    tls_self_signed: bool,
+    /// Serve TLS on this port beside plain TCP on --port; without it, --port serves TLS only.
+    #[arg(long, value_name = "PORT")]
+    tls_port: Option<u16>,
 }
 
 impl Args {
@@ -212,13 +225,52 @@ async fn serve(args: Args) -> Result<(), String> {
     let listener = tokio::net::TcpListener::bind((args.host.as_str(), args.port))
         .await
         .map_err(|e| format!("cannot listen on {}:{}: {e}", args.host, args.port))?;
-    let server = Server::new(listener, config).map_err(|e| e.to_string())?;
+    let mut server = Server::new(listener, config).map_err(|e| e.to_string())?;
     let addr = server.local_addr().map_err(|e| e.to_string())?;
+    let tls = match (&args.tls_cert, &args.tls_key) {
+        (Some(cert), Some(key)) => Some(Tls::from_pem_files(cert, key)?),
+        _ if args.tls_self_signed => {
+            let names = self_signed_names(&args.host);
+            let (tls, made) = Tls::self_signed(&args.data_dir, &names)?;
+            let file = args.data_dir.join(relay_server::SELF_SIGNED_CERT);
+            match made {
+                true => tracing::info!("made a self-signed certificate in {}", file.display()),
+                false => tracing::info!("using the self-signed certificate in {}", file.display()),
+            }
+            Some(tls)
+        }
+        _ => None,
+    };
+    let mut tls_addr = None;
+    match (tls, args.tls_port) {
+        (Some(tls), Some(port)) => {
+            let listener = tokio::net::TcpListener::bind((args.host.as_str(), port))
+                .await
+                .map_err(|e| format!("cannot listen on {}:{port}: {e}", args.host))?;
+            let at = listener.local_addr().map_err(|e| e.to_string())?;
+            tls_addr = Some((at, tls.fingerprint().to_string()));
+            server = server.with_tls_listener(listener, tls);
+        }
+        (Some(tls), None) => {
+            tls_addr = Some((addr, tls.fingerprint().to_string()));
+            server = server.with_tls(tls);
+        }
+        (None, Some(_)) => {
+            return Err("--tls-port needs --tls-cert and --tls-key, or --tls-self-signed".into());
+        }
+        (None, None) => {}
+    }
     match config_auth(&args) {
         AuthMode::None => tracing::info!("auth none: names are not bound to keys, nothing stored"),
         auth => tracing::info!("auth {}; name table in {}", auth.as_str(), args.data_dir.display()),
     }
     tracing::info!("listening on {addr}");
+    if let Some((at, fingerprint)) = &tls_addr {
+        let plain = if *at == addr { " (TLS only)" } else { "" };
+        tracing::info!(
+            "serving TLS on {at}{plain}; certificate fingerprint (SHA-256) {fingerprint}"
+        );
+    }
     if let Some(path) = &args.log_file {
         // The log is elsewhere: say where, and where the server is, in one line.
         let _ = writeln!(
@@ -245,6 +297,22 @@ async fn serve(args: Args) -> Result<(), String> {
     server.run(shutdown).await;
     console.abort();
     Ok(())
+}
+
+/// The names a self-signed certificate is made for: the listening host (unless it is every
+/// address), this machine's name, and loopback.
+fn self_signed_names(host: &str) -> Vec<String> {
+    let mut names = vec!["localhost".to_string(), "127.0.0.1".into(), "::1".into()];
+    if host.parse::<std::net::IpAddr>().map_or(true, |ip| !ip.is_unspecified()) {
+        names.push(host.to_string());
+    }
+    if let Ok(name) = std::fs::read_to_string("/proc/sys/kernel/hostname") {
+        names.push(name.trim().to_string());
+    }
+    names.retain(|n| !n.is_empty());
+    names.sort();
+    names.dedup();
+    names
 }
 
 fn config_auth(args: &Args) -> AuthMode {

@@ -25,6 +25,7 @@ use crate::metrics::{Current, Metrics, Snapshot};
 use crate::names::{NameRecord, NameStore, StoreError};
 use crate::redb_store::{OpenError, RedbStore};
 use crate::router::{LocalRouter, Who};
+use crate::tls::Tls;
 
 /// A relay server bound to a listener, ready to [`run`](Server::run).
 ///
@@ -44,6 +45,10 @@ use crate::router::{LocalRouter, Who};
 #[derive(Debug)]
 pub struct Server {
     listener: TcpListener,
+    /// TLS on the main listener (`--tls-*` without `--tls-port`).
+    tls: Option<Tls>,
+    /// A second listener, serving TLS (`--tls-port`), beside the plain one.
+    tls_listener: Option<(TcpListener, Tls)>,
     shared: Arc<Shared>,
     slots: Arc<Semaphore>,
     admission: Arc<Admission>,
@@ -192,7 +197,7 @@ impl Server {
             told_shutdown: std::sync::atomic::AtomicUsize::new(0),
             metrics,
         });
-        Ok(Server { listener, shared, slots, admission })
+        Ok(Server { listener, tls: None, tls_listener: None, shared, slots, admission })
     }
 
     /// The address the server listens on.
@@ -201,6 +206,28 @@ impl Server {
     /// If the socket cannot report it.
     pub fn local_addr(&self) -> io::Result<SocketAddr> {
         self.listener.local_addr()
+    }
+
+    /// Serves TLS on the main listener instead of plain TCP.
+    #[must_use]
+    pub fn with_tls(mut self, tls: Tls) -> Server {
+        self.tls = Some(tls);
+        self
+    }
+
+    /// Serves TLS on `listener` too, beside the main listener.
+    #[must_use]
+    pub fn with_tls_listener(mut self, listener: TcpListener, tls: Tls) -> Server {
+        self.tls_listener = Some((listener, tls));
+        self
+    }
+
+    /// The address of the second, TLS listener, if any.
+    ///
+    /// # Errors
+    /// If the socket cannot report it.
+    pub fn tls_local_addr(&self) -> Option<io::Result<SocketAddr>> {
+        self.tls_listener.as_ref().map(|(listener, _)| listener.local_addr())
     }
 
     /// A handle for inspecting the server while it runs.
@@ -230,14 +257,15 @@ impl Server {
             })
         };
         loop {
-            let accepted = tokio::select! {
+            let (accepted, tls) = tokio::select! {
                 () = shutdown.cancelled() => break,
-                accepted = self.listener.accept() => accepted,
+                accepted = self.listener.accept() => (accepted, self.tls.clone()),
+                (accepted, tls) = accept_tls(self.tls_listener.as_ref()) => (accepted, Some(tls)),
             };
             match accepted {
                 Ok((stream, peer)) => {
                     backoff = Duration::from_millis(10);
-                    self.admit(&tracker, stream, peer, &shutdown);
+                    self.admit(&tracker, stream, peer, tls, &shutdown);
                 }
                 Err(e) if is_per_connection(&e) => {
                     debug!(error = %e, "accept failed for one connection")
@@ -257,6 +285,7 @@ impl Server {
         let handle = self.handle();
         // Stop accepting: new connections are refused by the OS from here on.
         drop(self.listener);
+        drop(self.tls_listener);
         let open = handle.connections();
         info!(connections = open, "shutting down; telling every client");
         tracker.close();
@@ -283,6 +312,7 @@ impl Server {
         tracker: &TaskTracker,
         stream: TcpStream,
         peer: SocketAddr,
+        tls: Option<Tls>,
         shutdown: &CancellationToken,
     ) {
         let admitted = match self.admission.admit(peer.ip(), std::time::Instant::now()) {
@@ -302,7 +332,10 @@ impl Server {
                     warn!(address = %admission::key_of(peer.ip()), max, refused = count,
                         "{detail}; refusing (logged at most once every 10 s per address)");
                 }
-                tracker.spawn(refuse_full(stream, detail));
+                // A TLS client cannot read a plain refusal: it sees the connection close.
+                if tls.is_none() {
+                    tracker.spawn(refuse_full(stream, detail));
+                }
                 return;
             }
         };
@@ -310,17 +343,68 @@ impl Server {
             Ok(slot) => {
                 let shared = self.shared.clone();
                 let shutdown = shutdown.clone();
-                tracker.spawn(async move {
-                    connection::serve(stream, peer, shared, shutdown).await;
-                    drop((slot, admitted));
-                });
+                // Two kinds of task, not one that could be either: a task is as large as its
+                // largest state, and a plain connection must not carry a TLS session's.
+                match tls {
+                    None => tracker.spawn(async move {
+                        connection::serve(stream, peer, shared, shutdown).await;
+                        drop((slot, admitted));
+                    }),
+                    Some(tls) => tracker.spawn(async move {
+                        serve_tls(stream, peer, tls, shared, shutdown).await;
+                        drop((slot, admitted));
+                    }),
+                };
             }
             Err(_) => {
                 warn!(%peer, max = self.shared.config.max_clients, "server full; refusing connection");
-                tracker.spawn(refuse_full(stream, "the server is at its connection limit"));
+                if tls.is_none() {
+                    tracker.spawn(refuse_full(stream, "the server is at its connection limit"));
+                }
             }
         }
     }
+}
+
+/// The next connection on the TLS listener, if there is one (never, if not).
+async fn accept_tls(
+    listener: Option<&(TcpListener, Tls)>,
+) -> (io::Result<(TcpStream, SocketAddr)>, Tls) {
+    match listener {
+        Some((listener, tls)) => (listener.accept().await, tls.clone()),
+        None => std::future::pending().await,
+    }
+}
+
+/// Serves one client over TLS: the handshake, within the registration timeout (a handshake
+/// that never finishes is dropped then), then the session as over plain TCP.
+async fn serve_tls(
+    stream: TcpStream,
+    peer: SocketAddr,
+    tls: Tls,
+    shared: Arc<Shared>,
+    shutdown: CancellationToken,
+) {
+    connection::prepare(&stream, &shared, peer);
+    let handshake = tls.acceptor().accept(stream);
+    let stream = tokio::select! {
+        () = shutdown.cancelled() => return,
+        done = tokio::time::timeout(shared.config.register_timeout, handshake) => match done {
+            Ok(Ok(stream)) => stream,
+            Ok(Err(e)) => {
+                // A plain client at the TLS port, a client that does not trust the
+                // certificate, or garbage: one line, nothing kept.
+                info!(%peer, error = %e, "TLS handshake failed");
+                return;
+            }
+            Err(_) => {
+                info!(%peer, "TLS handshake not finished in time; disconnecting");
+                return;
+            }
+        },
+    };
+    let (read, write) = tokio::io::split(stream);
+    connection::serve_halves(relay_proto::Stream::new(read), write, peer, shared, shutdown).await;
 }
 
 /// Errors from `accept` that concern one connection only, not the listener.

@@ -5,8 +5,7 @@ use std::io;
 use std::time::Duration;
 
 use prometheus_client::metrics::counter::Counter;
-use tokio::io::AsyncWriteExt;
-use tokio::net::tcp::OwnedWriteHalf;
+use tokio::io::{AsyncWrite, AsyncWriteExt};
 use tokio_util::sync::CancellationToken;
 
 use crate::outbox::{Outbox, Unwritten};
@@ -29,8 +28,8 @@ pub(crate) enum WriteEnd {
 ///
 /// Returns how it ended and every message that was not completely written (the rest of a
 /// failed batch and whatever was still queued), so their senders can be told.
-pub(crate) async fn run(
-    mut socket: OwnedWriteHalf,
+pub(crate) async fn run<W: AsyncWrite + Unpin>(
+    mut socket: W,
     outbox: Outbox,
     write_timeout: Duration,
     abort: CancellationToken,
@@ -50,8 +49,8 @@ pub(crate) async fn run(
     (end, unwritten)
 }
 
-async fn write_all(
-    socket: &mut OwnedWriteHalf,
+async fn write_all<W: AsyncWrite + Unpin>(
+    socket: &mut W,
     outbox: &Outbox,
     write_timeout: Duration,
     abort: &CancellationToken,
@@ -90,6 +89,24 @@ async fn write_all(
                 outbox.unwritten(&batch, written, unwritten);
                 return end;
             }
+        }
+        // TLS may keep the end of the batch in its own buffer until flushed (for plain TCP
+        // this does nothing). Bounded like a write.
+        // Tried once first: done at once for plain TCP, so no timer is set per batch.
+        let flushed = match futures_util::FutureExt::now_or_never(socket.flush()) {
+            Some(Ok(())) => None,
+            Some(Err(e)) => Some(WriteEnd::Failed(e)),
+            None => tokio::select! {
+                flushed = tokio::time::timeout(write_timeout, socket.flush()) => match flushed {
+                    Err(_) => Some(WriteEnd::SlowConsumer),
+                    Ok(Err(e)) => Some(WriteEnd::Failed(e)),
+                    Ok(Ok(())) => None,
+                },
+                () = abort.cancelled() => Some(WriteEnd::Aborted),
+            },
+        };
+        if let Some(end) = flushed {
+            return end;
         }
         outbox.written(batch);
     }
