@@ -579,6 +579,11 @@ impl LocalRouter {
 
     /// Sends receipts for `ids` (messages `sender` sent to `recipient`).
     fn receipt(&self, sender: &SenderRef, recipient: &str, ids: &[u64]) {
+        // A version 1 sender knows no receipts (its messages to key holders are kept until
+        // acknowledged all the same).
+        if !sender.receipt {
+            return;
+        }
         // One frame holds this many ids with room to spare.
         let per_frame = (self.max_frame_len.saturating_sub(256) / 8).max(1);
         let now = now_ms();
