@@ -11,9 +11,13 @@
 //! | 1  | the length of the name in bytes (1 to 64) |
 //! | n  | the name exactly as sent in the registration's `from` (UTF-8) |
 //! | 32 | the public key sent in the registration |
+//! | 32 | over TLS only: the session's exporter value ([`TLS_EXPORTER_LABEL`], no context, 32 bytes) |
 //!
 //! A signature is therefore good for one name, one key and one connection's nonce: it cannot
-//! be replayed on another connection or for another name.
+//! be replayed on another connection or for another name. Over TLS it is also bound to the TLS
+//! session: a machine in the middle that terminates the client's TLS and opens its own to the
+//! server has two sessions with two exporter values, so the signature it passes on does not
+//! verify.
 
 use ed25519_dalek::{Signature, Signer, SigningKey, VerifyingKey};
 
@@ -28,6 +32,12 @@ pub const NONCE_LEN: usize = 32;
 /// Bytes of a secret key seed.
 pub const SEED_LEN: usize = 32;
 
+/// The label of the TLS exporter value a registration over TLS signs (RFC 8446, 7.5).
+pub const TLS_EXPORTER_LABEL: &[u8] = b"EXPORTER-relay-register";
+
+/// Bytes of that exporter value.
+pub const TLS_BINDING_LEN: usize = 32;
+
 /// The domain-separation prefix of [`signing_input`]: 20 bytes.
 pub const SIGNING_DOMAIN: &[u8; 20] = b"relay-register-v2\0\0\0";
 
@@ -37,13 +47,27 @@ pub fn signing_input(
     name: &str,
     public_key: &[u8; PUBLIC_KEY_LEN],
 ) -> Vec<u8> {
-    let mut input = Vec::with_capacity(SIGNING_DOMAIN.len() + NONCE_LEN + 1 + name.len() + 32);
+    signing_input_bound(nonce, name, public_key, None)
+}
+
+/// [`signing_input`], with the TLS session's exporter value at the end when the connection
+/// runs over TLS (`tls`).
+pub fn signing_input_bound(
+    nonce: &[u8; NONCE_LEN],
+    name: &str,
+    public_key: &[u8; PUBLIC_KEY_LEN],
+    tls: Option<&[u8; TLS_BINDING_LEN]>,
+) -> Vec<u8> {
+    let mut input = Vec::with_capacity(SIGNING_DOMAIN.len() + NONCE_LEN + 1 + name.len() + 32 + 32);
     input.extend_from_slice(SIGNING_DOMAIN);
     input.extend_from_slice(nonce);
     // Names are at most 64 bytes; a longer one is refused before anything is signed.
     input.push(u8::try_from(name.len()).unwrap_or(u8::MAX));
     input.extend_from_slice(name.as_bytes());
     input.extend_from_slice(public_key);
+    if let Some(binding) = tls {
+        input.extend_from_slice(binding);
+    }
     input
 }
 
@@ -110,6 +134,20 @@ pub fn verify_credentials(
     name: &str,
     credentials: &[u8],
 ) -> Result<PublicKey, AuthError> {
+    verify_credentials_bound(nonce, name, credentials, None)
+}
+
+/// [`verify_credentials`] for a connection over TLS, whose exporter value the signature
+/// must cover (`tls`; `None` for plain TCP).
+///
+/// # Errors
+/// [`AuthError`] saying what is wrong.
+pub fn verify_credentials_bound(
+    nonce: &[u8; NONCE_LEN],
+    name: &str,
+    credentials: &[u8],
+    tls: Option<&[u8; TLS_BINDING_LEN]>,
+) -> Result<PublicKey, AuthError> {
     if credentials.len() != CREDENTIALS_LEN {
         return Err(AuthError::WrongLength);
     }
@@ -121,7 +159,10 @@ pub fn verify_credentials(
     // `verify_strict` also refuses weak keys and non-canonical signatures, so one key has
     // exactly one identity and a signature cannot be mangled into another valid one.
     verifying
-        .verify_strict(&signing_input(nonce, name, &key), &Signature::from_bytes(&signature))
+        .verify_strict(
+            &signing_input_bound(nonce, name, &key, tls),
+            &Signature::from_bytes(&signature),
+        )
         .map_err(|_| AuthError::BadSignature)?;
     Ok(PublicKey(key))
 }
@@ -168,12 +209,45 @@ impl Identity {
     /// The credentials for registering `name` on the connection whose greeting carried
     /// `nonce`: the public key followed by the signature over [`signing_input`].
     pub fn credentials(&self, nonce: &[u8; NONCE_LEN], name: &str) -> [u8; CREDENTIALS_LEN] {
+        self.credentials_bound(nonce, name, None)
+    }
+
+    /// [`Identity::credentials`] for a connection over TLS: the signature also covers the
+    /// session's exporter value (`tls`; `None` for plain TCP).
+    pub fn credentials_bound(
+        &self,
+        nonce: &[u8; NONCE_LEN],
+        name: &str,
+        tls: Option<&[u8; TLS_BINDING_LEN]>,
+    ) -> [u8; CREDENTIALS_LEN] {
         let public = self.public_key().0;
-        let signature = self.key.sign(&signing_input(nonce, name, &public));
+        let signature = self.key.sign(&signing_input_bound(nonce, name, &public, tls));
         let mut out = [0; CREDENTIALS_LEN];
         out[..PUBLIC_KEY_LEN].copy_from_slice(&public);
         out[PUBLIC_KEY_LEN..].copy_from_slice(&signature.to_bytes());
         out
+    }
+}
+
+#[cfg(test)]
+mod binding_tests {
+    use super::*;
+
+    #[test]
+    fn a_signature_over_one_tls_session_does_not_verify_over_another_or_over_plain_tcp() {
+        let id = Identity::from_seed(&[9; SEED_LEN]);
+        let nonce = [4; NONCE_LEN];
+        let (here, there) = ([1; TLS_BINDING_LEN], [2; TLS_BINDING_LEN]);
+        let bound = id.credentials_bound(&nonce, "alice", Some(&here));
+        assert!(verify_credentials_bound(&nonce, "alice", &bound, Some(&here)).is_ok());
+        assert_eq!(
+            verify_credentials_bound(&nonce, "alice", &bound, Some(&there)),
+            Err(AuthError::BadSignature)
+        );
+        assert_eq!(verify_credentials(&nonce, "alice", &bound), Err(AuthError::BadSignature));
+        // And a plain signature is refused over TLS.
+        let plain = id.credentials(&nonce, "alice");
+        assert!(verify_credentials_bound(&nonce, "alice", &plain, Some(&here)).is_err());
     }
 }
 

@@ -43,7 +43,8 @@ mod text;
 
 pub use auth::{
     AuthError, CREDENTIALS_LEN, Identity, NONCE_LEN, PUBLIC_KEY_LEN, PublicKey, SEED_LEN,
-    SIGNATURE_LEN, SIGNING_DOMAIN, fresh_nonce, hex, signing_input, verify_credentials,
+    SIGNATURE_LEN, SIGNING_DOMAIN, TLS_BINDING_LEN, TLS_EXPORTER_LABEL, fresh_nonce, hex,
+    signing_input, signing_input_bound, verify_credentials, verify_credentials_bound,
 };
 pub use codec::MessageCodec;
 pub use encoding::{

@@ -238,7 +238,8 @@ impl Client {
         let at = Addresses { server, local_addr, server_addr };
         let Some(tls) = config.tls.clone() else {
             let (read, write) = stream.into_split();
-            return Client::start(FrameReader::new(read, codec), write, at, name, config).await;
+            let frames = FrameReader::new(read, codec);
+            return Client::start(frames, write, None, at, name, config).await;
         };
         let tls_error = |reason| ConnectError::Tls { addr: server.to_string(), reason };
         let host = crate::tls::server_name(server)
@@ -248,15 +249,24 @@ impl Client {
                 .await
                 .map_err(|_| tls_error("the TLS handshake did not finish in time".into()))?
                 .map_err(|e| tls_error(crate::tls::explain(&e)))?;
+        // A key's signature covers the session's exporter value: a machine in the middle with
+        // its own session to the server could not pass this login on.
+        let mut binding = [0u8; relay_proto::TLS_BINDING_LEN];
+        stream
+            .get_ref()
+            .1
+            .export_keying_material(&mut binding, relay_proto::TLS_EXPORTER_LABEL, None)
+            .map_err(|e| tls_error(format!("no exporter value: {e}")))?;
         let (read, write) = tokio::io::split(stream);
         let frames = FrameReader::new(relay_proto::Stream::new(read), codec);
-        Client::start(frames, write, at, name, config).await
+        Client::start(frames, write, Some(binding), at, name, config).await
     }
 
     /// Registers over a connected transport and starts the reader and writer tasks.
     async fn start<S, W>(
         mut frames: FrameReader<S>,
         mut write: W,
+        tls: Option<[u8; relay_proto::TLS_BINDING_LEN]>,
         at: Addresses<'_>,
         name: &str,
         config: ClientConfig,
@@ -306,7 +316,8 @@ impl Client {
         let max_frame_len = config.max_frame_len.min(greeting.max_frame_len);
         let register = match &config.identity {
             Some(identity) => {
-                Message::register_with_key(2, name, identity.credentials(&greeting.nonce, name))
+                let credentials = identity.credentials_bound(&greeting.nonce, name, tls.as_ref());
+                Message::register_with_key(2, name, credentials)
             }
             None => Message::register(2, name),
         };

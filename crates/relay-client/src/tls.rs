@@ -99,7 +99,9 @@ impl Tls {
         Ok(Tls { config: Arc::new(config) })
     }
 
-    pub(crate) fn connector(&self) -> tokio_rustls::TlsConnector {
+    /// A connector that checks servers as these settings say (what the client connects
+    /// with).
+    pub fn connector(&self) -> tokio_rustls::TlsConnector {
         tokio_rustls::TlsConnector::from(self.config.clone())
     }
 }

@@ -6,7 +6,7 @@ use std::sync::Arc;
 
 use relay_proto::{
     AuthMode, FrameReader, Greeting, Kind, Message, MessageCodec, NONCE_LEN, ProtoError, Request,
-    Source, Status, decode_ref, fresh_nonce, name_key, verify_credentials,
+    Source, Status, TLS_BINDING_LEN, decode_ref, fresh_nonce, name_key, verify_credentials_bound,
 };
 use tokio::io::AsyncWrite;
 use tokio::net::TcpStream;
@@ -47,7 +47,7 @@ pub(crate) fn serve(
 ) -> impl Future<Output = ()> + Send {
     prepare(&stream, &shared, peer);
     let (read, write) = stream.into_split();
-    serve_halves(read, write, peer, shared, shutdown)
+    serve_halves(read, write, None, peer, shared, shutdown)
 }
 
 /// Sets up an accepted socket, whatever runs over it.
@@ -58,10 +58,12 @@ pub(crate) fn prepare(stream: &TcpStream, shared: &Shared, peer: SocketAddr) {
 }
 
 /// Serves one client over any transport (its two halves): the transport seam. Plain TCP
-/// reads through a TCP read half, TLS through [`relay_proto::Stream`].
+/// reads through a TCP read half, TLS through [`relay_proto::Stream`]; `tls` is the TLS
+/// session's exporter value, which a key's signature must cover.
 pub(crate) async fn serve_halves<S, W>(
     read: S,
     write: W,
+    tls: Option<[u8; TLS_BINDING_LEN]>,
     peer: SocketAddr,
     shared: Arc<Shared>,
     shutdown: CancellationToken,
@@ -88,6 +90,7 @@ pub(crate) async fn serve_halves<S, W>(
         shared: shared.clone(),
         writer,
         writer_end: None,
+        tls: tls.map(Box::new),
     };
     info!(%peer, "connected");
     let last = conn.run(&shutdown).await;
@@ -165,6 +168,9 @@ struct Connection<S> {
     writer: JoinHandle<Written>,
     /// Set once the writer task has finished (and been awaited).
     writer_end: Option<Written>,
+    /// The TLS session's exporter value, if over TLS (boxed: most connections are plain, and
+    /// every idle one carries this struct).
+    tls: Option<Box<[u8; TLS_BINDING_LEN]>>,
 }
 
 /// How the writer ended, and the messages it could not write.
@@ -438,7 +444,7 @@ impl<S: Source> Connection<S> {
                 ));
             }
             (Some(credentials), Some(nonce)) => {
-                match verify_credentials(&nonce, name, credentials) {
+                match verify_credentials_bound(&nonce, name, credentials, self.tls.as_deref()) {
                     Ok(key) => Some(key),
                     Err(e) => {
                         warn!(peer = %self.peer, %name, error = %e, "authentication failed");

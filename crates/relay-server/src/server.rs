@@ -403,8 +403,20 @@ async fn serve_tls(
             }
         },
     };
+    // What a key's signature must cover on this session (see relay_proto's `auth`).
+    let mut binding = [0u8; relay_proto::TLS_BINDING_LEN];
+    let exported = stream.get_ref().1.export_keying_material(
+        &mut binding,
+        relay_proto::TLS_EXPORTER_LABEL,
+        None,
+    );
+    if let Err(e) = exported {
+        info!(%peer, error = %e, "TLS: no exporter value; disconnecting");
+        return;
+    }
     let (read, write) = tokio::io::split(stream);
-    connection::serve_halves(relay_proto::Stream::new(read), write, peer, shared, shutdown).await;
+    let read = relay_proto::Stream::new(read);
+    connection::serve_halves(read, write, Some(binding), peer, shared, shutdown).await;
 }
 
 /// Errors from `accept` that concern one connection only, not the listener.

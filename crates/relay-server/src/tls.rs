@@ -82,7 +82,9 @@ impl Tls {
         &self.fingerprint
     }
 
-    pub(crate) fn acceptor(&self) -> tokio_rustls::TlsAcceptor {
+    /// An acceptor for TLS sessions with this certificate (what the server's TLS listener
+    /// uses).
+    pub fn acceptor(&self) -> tokio_rustls::TlsAcceptor {
         tokio_rustls::TlsAcceptor::from(self.config.clone())
     }
 }
