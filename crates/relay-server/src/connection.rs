@@ -109,10 +109,14 @@ pub(crate) async fn serve_halves<S, W>(
         shared.router.report_undelivered(unwritten);
     }
     shared.metrics.connections_open.dec();
+    // Dropped for not reading its replies, or for not reading at all: counted once.
+    let told_slow = last.as_ref().is_some_and(|m| m.kind == Kind::Reply(Status::SlowConsumer));
+    if told_slow || matches!(end, WriteEnd::SlowConsumer) {
+        shared.metrics.slow_consumers.inc();
+    }
     match end {
         WriteEnd::Finished => debug!(%peer, "connection closed"),
         WriteEnd::SlowConsumer => {
-            shared.metrics.slow_consumers.inc();
             warn!(%peer, reason = %Status::SlowConsumer, "disconnected: client stopped reading")
         }
         WriteEnd::Aborted => debug!(%peer, "connection dropped at shutdown"),
@@ -268,7 +272,6 @@ impl<S: Source> Connection<S> {
         match pushed {
             Ok(()) => Ok(()),
             Err(PushError::Full | PushError::Stalled) => {
-                self.shared.metrics.slow_consumers.inc();
                 warn!(peer = %self.peer, "disconnecting: client does not read its replies");
                 Err(closing(0, Status::SlowConsumer, "", "you are not reading your replies"))
             }

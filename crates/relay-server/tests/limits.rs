@@ -127,9 +127,11 @@ async fn a_receiver_that_never_reads_costs_its_senders_nothing_but_a_typed_reply
     carol.send("dave", "unaffected").await.unwrap();
     assert_eq!(next_message(&mut dave_events).await, ("carol".into(), "unaffected".into()));
 
-    // The sink drains nothing, so it is disconnected as a slow consumer and its name freed.
+    // The sink drains nothing, so it is disconnected as a slow consumer and its name freed,
+    // and counted once as one.
     server.wait_until_gone("sink").await;
     drop(sink);
+    common::wait_until(|| server.handle.stats().slow_consumers == 1).await;
     // The messages still queued for it when it was dropped are reported to their sender.
     let id = alice.send("sink", "gone").await.unwrap();
     let mut stranded = 0;
