@@ -213,7 +213,9 @@ impl Client {
     /// # Errors
     /// [`ConnectError::InvalidName`] before any network traffic if the name breaks the rules;
     /// [`ConnectError::Connect`] or [`ConnectError::ConnectTimeout`] if the server cannot be
-    /// reached; [`ConnectError::NameTaken`] or [`ConnectError::Refused`] if the server says
+    /// reached; [`ConnectError::Tls`] if [`ClientConfig::tls`] is set and the server's
+    /// certificate does not verify (nothing is sent then) or it does not speak TLS;
+    /// [`ConnectError::NameTaken`] or [`ConnectError::Refused`] if the server says
     /// no; [`ConnectError::RegisterTimeout`], [`ConnectError::Closed`] or
     /// [`ConnectError::Protocol`] if it does not answer properly.
     pub async fn connect_with(

@@ -9,7 +9,9 @@
 //! reads the socket and one writes it, batching frames: senders encode straight into the
 //! writer's buffer, and the reader hands over every event of one socket read at once. A program
 //! that sends bursts can add many messages to a [`Batch`] and hand them over together.
-//! [`Events`] is also a `futures::Stream`.
+//! [`Events`] is also a `futures::Stream`. Over TLS, set [`ClientBuilder::tls`] with a
+//! [`Tls`] that says how to trust the server (the system's roots, a CA file, or a pinned
+//! certificate fingerprint).
 //!
 //! ```no_run
 //! # async fn example() -> Result<(), Box<dyn std::error::Error>> {
