@@ -21,6 +21,13 @@ use crate::message::Message;
 /// Most bytes read per syscall.
 const READ_CHUNK: usize = 16 * 1024;
 
+/// Makes room for about `chunk` more bytes in `buf`, unless half that is free already.
+fn make_room(buf: &mut BytesMut, chunk: usize) {
+    if buf.capacity() - buf.len() < chunk / 2 {
+        buf.reserve(chunk);
+    }
+}
+
 /// Where a [`FrameReader`] reads bytes from: the transport seam's read side. Poll-based, so
 /// a connection waiting for bytes keeps no future of it, only the frame reader's own state.
 pub trait Source: Send + Sync + Unpin + 'static {
@@ -44,9 +51,7 @@ impl Source for OwnedReadHalf {
         loop {
             std::task::ready!(self.as_ref().poll_read_ready(cx))?;
             let fresh = buf.capacity() == 0;
-            if buf.capacity() - buf.len() < chunk / 2 {
-                buf.reserve(chunk);
-            }
+            make_room(buf, chunk);
             match self.try_read_buf(buf) {
                 Ok(n) => return Poll::Ready(Ok(n)),
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
@@ -91,9 +96,7 @@ impl<R: AsyncRead + Send + Sync + Unpin + 'static> Source for Stream<R> {
         chunk: usize,
     ) -> Poll<io::Result<usize>> {
         let room = if self.busy { chunk } else { QUIET_READ.min(chunk) };
-        if buf.capacity() - buf.len() < room / 2 {
-            buf.reserve(room);
-        }
+        make_room(buf, room);
         let spare = buf.capacity() - buf.len();
         let n = std::task::ready!(tokio_util::io::poll_read_buf(
             std::pin::Pin::new(&mut self.inner),

@@ -725,10 +725,7 @@ async fn until(at: Option<tokio::time::Instant>) {
 /// How a received message is shown: `<from>: <content>`, both made safe for a terminal; one
 /// sent a while ago (it waited in the inbox) shows when: `<from> (sent <UTC time>): <content>`.
 fn message_line(from: &str, content: &[u8], time: u64) -> String {
-    let now = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(0));
-    if time != 0 && now.saturating_sub(time) > 10_000 {
+    if time != 0 && now_ms().saturating_sub(time) > 10_000 {
         return format!("{} (sent {}): {}\n", safe(from), utc(time), printable(content));
     }
     format!("{}: {}\n", safe(from), printable(content))

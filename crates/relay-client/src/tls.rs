@@ -181,7 +181,7 @@ impl ServerCertVerifier for Pinned {
         if seen == self.pin {
             return Ok(ServerCertVerified::assertion());
         }
-        let hex = seen.iter().map(|b| format!("{b:02x}")).collect();
+        let hex = relay_proto::hex(&seen);
         Err(rustls::Error::InvalidCertificate(rustls::CertificateError::Other(rustls::OtherError(
             Arc::new(WrongFingerprint(hex)),
         ))))

@@ -4,7 +4,11 @@
 // Test helpers fail the test by panicking, like the tests themselves.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
+mod common;
+
 use std::path::PathBuf;
+
+use common::binary;
 use std::process::{ExitStatus, Stdio};
 use std::time::Duration;
 
@@ -12,28 +16,6 @@ use tokio::io::{AsyncBufReadExt, AsyncRead, AsyncWriteExt, BufReader};
 use tokio::process::{Child, ChildStdin, Command};
 
 const WAIT: Duration = Duration::from_secs(30);
-
-/// The client binary is built for this test by cargo. The server binary belongs to another
-/// package, which `cargo test -p relay-client` would not rebuild: build it once here (a no-op
-/// when it is up to date) so the test never runs a stale server.
-fn binary(name: &str) -> PathBuf {
-    static SERVER_BUILT: std::sync::Once = std::sync::Once::new();
-    let client = PathBuf::from(env!("CARGO_BIN_EXE_relay-client"));
-    if name == "relay-client" {
-        return client;
-    }
-    SERVER_BUILT.call_once(|| {
-        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-        let mut build = std::process::Command::new(cargo);
-        build.args(["build", "--quiet", "-p", name, "--bin", name]);
-        if !cfg!(debug_assertions) {
-            build.arg("--release");
-        }
-        let status = build.status().expect("run cargo build");
-        assert!(status.success(), "building {name} failed");
-    });
-    client.with_file_name(name)
-}
 
 thread_local! {
     /// Each test (one thread each) runs its processes in a directory of its own: the server's
@@ -147,6 +129,12 @@ impl Process {
         self.stdin.flush().await.unwrap();
     }
 
+    /// Types `EXIT` and waits for a clean exit (code 0).
+    async fn quit(mut self) {
+        self.type_line("EXIT").await;
+        assert!(self.exit_status().await.success());
+    }
+
     async fn exit_status(mut self) -> ExitStatus {
         tokio::time::timeout(WAIT, self.child.wait()).await.expect("process did not exit").unwrap()
     }
@@ -210,11 +198,10 @@ async fn two_clients_chat_and_the_operator_shuts_everything_down() {
 
 #[tokio::test]
 async fn exit_command_and_end_of_input_leave_cleanly() {
-    let (mut server, mut server_log, addr) = start_server().await;
+    let (server, mut server_log, addr) = start_server().await;
 
-    let (mut alice, _alice_out) = start_client(&addr, "alice").await;
-    alice.type_line("EXIT").await;
-    assert!(alice.exit_status().await.success());
+    let (alice, _alice_out) = start_client(&addr, "alice").await;
+    alice.quit().await;
     server_log.expect("offline").await;
 
     // End of input works like EXIT, and the name is free again.
@@ -223,8 +210,7 @@ async fn exit_command_and_end_of_input_leave_cleanly() {
     let status = tokio::time::timeout(WAIT, again.child.wait()).await.unwrap().unwrap();
     assert!(status.success());
 
-    server.type_line("EXIT").await;
-    assert!(server.exit_status().await.success());
+    server.quit().await;
 }
 
 /// Runs the client to completion and returns its exit status and stderr.
@@ -315,8 +301,7 @@ async fn the_server_keeps_serving_when_its_stdin_is_closed() {
     alice.type_line("send alice still serving").await;
     assert_eq!(alice_out.expect("alice:").await, "alice: still serving");
     assert!(server_child.try_wait().unwrap().is_none(), "server exited");
-    alice.type_line("EXIT").await;
-    assert!(alice.exit_status().await.success());
+    alice.quit().await;
     server_child.start_kill().unwrap();
 }
 
@@ -347,17 +332,15 @@ async fn server_failure(args: &[&str]) -> (ExitStatus, String) {
 
 #[tokio::test]
 async fn a_name_belongs_to_its_key_across_server_restarts() {
-    let (mut server, mut log, addr) = start_server_with(&[]).await;
+    let (server, mut log, addr) = start_server_with(&[]).await;
     // First login: a key is made and the name bound to it.
     let mut alice = Process::spawn("relay-client", &["--server", &addr, "--user", "alice"]);
     let mut alice_err = Output::new(alice.child.stderr.take().unwrap());
     let line = alice_err.expect("created a new key").await;
     assert!(line.contains("config/relay/keys/alice.key"), "{line}");
     log.expect("name bound to a new key").await;
-    alice.type_line("EXIT").await;
-    assert!(alice.exit_status().await.success());
-    server.type_line("EXIT").await;
-    assert!(server.exit_status().await.success());
+    alice.quit().await;
+    server.quit().await;
 
     // A new server on the same data directory: alice's key logs in, says nothing of keys.
     let (mut server, mut log, addr) = start_server_with(&[]).await;
@@ -391,13 +374,12 @@ async fn a_name_belongs_to_its_key_across_server_restarts() {
             .await;
     assert!(status.success(), "{stderr}");
 
-    server.type_line("EXIT").await;
-    assert!(server.exit_status().await.success());
+    server.quit().await;
 }
 
 #[tokio::test]
 async fn unusable_key_files_are_refused_with_the_fix() {
-    let (mut server, _log, addr) = start_server_with(&[]).await;
+    let (server, _log, addr) = start_server_with(&[]).await;
     let path = sandbox().join("open.key");
     let (status, stderr) =
         client_failure(&["--server", &addr, "--user", "kim", "--key", path.to_str().unwrap()])
@@ -434,8 +416,7 @@ async fn unusable_key_files_are_refused_with_the_fix() {
         .await
         .unwrap();
     assert!(String::from_utf8_lossy(&out.stderr).contains("is not a relay key file"));
-    server.type_line("EXIT").await;
-    assert!(server.exit_status().await.success());
+    server.quit().await;
 }
 
 #[tokio::test]
@@ -476,24 +457,22 @@ async fn a_data_dir_that_cannot_be_used_stops_the_server_with_one_line() {
     }
 
     // In use by another server.
-    let (mut first, _log, _addr) = start_server_with(&[]).await;
+    let (first, _log, _addr) = start_server_with(&[]).await;
     let (status, stderr) = server_failure(&["--port", "0"]).await;
     assert!(!status.success());
     assert!(
         stderr.contains("in use by another relay-server") && stderr.lines().count() == 1,
         "{stderr}"
     );
-    first.type_line("EXIT").await;
-    assert!(first.exit_status().await.success());
+    first.quit().await;
 }
 
 #[tokio::test]
 async fn a_message_for_an_offline_key_holder_waits_and_its_sender_hears_it_was_delivered() {
     let (mut server, mut log, addr) = start_server_with(&[]).await;
     // bob binds his name (the client makes his key) and leaves.
-    let (mut bob, _bob_out) = start_client(&addr, "bob").await;
-    bob.type_line("EXIT").await;
-    assert!(bob.exit_status().await.success());
+    let (bob, _bob_out) = start_client(&addr, "bob").await;
+    bob.quit().await;
     log.expect("name=bob").await;
     log.expect("offline").await;
 
@@ -514,8 +493,7 @@ async fn a_message_for_an_offline_key_holder_waits_and_its_sender_hears_it_was_d
     alice.type_line("EXIT").await;
     assert!(bob.exit_status().await.success());
     assert!(alice.exit_status().await.success());
-    server.type_line("EXIT").await;
-    assert!(server.exit_status().await.success());
+    server.quit().await;
 }
 
 /// Starts a server logging to `log` (in the sandbox), with `extra` flags and no `RUST_LOG`;
@@ -551,15 +529,13 @@ async fn file_with(path: &str, needle: &str) -> String {
 
 #[tokio::test]
 async fn a_server_logging_to_a_file_leaves_the_terminal_to_the_chat() {
-    let (mut server, mut err, addr) =
+    let (server, mut err, addr) =
         start_server_logging_to("server.log", &["--data-dir", "data-a"]).await;
-    let (mut alice, _out) = start_client(&addr, "alice").await;
-    alice.type_line("EXIT").await;
-    assert!(alice.exit_status().await.success());
+    let (alice, _out) = start_client(&addr, "alice").await;
+    alice.quit().await;
     // What would have gone to the terminal is in the file.
     file_with("server.log", "registered").await;
-    server.type_line("EXIT").await;
-    assert!(server.exit_status().await.success());
+    server.quit().await;
     file_with("server.log", "shut").await;
     // And stderr had nothing after its one line.
     let rest = tokio::time::timeout(WAIT, async {
@@ -576,9 +552,8 @@ async fn a_server_logging_to_a_file_leaves_the_terminal_to_the_chat() {
     // `-q`: only warnings and errors are logged.
     let (mut server, _err, addr) =
         start_server_logging_to("quiet.log", &["-q", "--data-dir", "data-b"]).await;
-    let (mut bob, _out) = start_client(&addr, "bob").await;
-    bob.type_line("EXIT").await;
-    assert!(bob.exit_status().await.success());
+    let (bob, _out) = start_client(&addr, "bob").await;
+    bob.quit().await;
     server.type_line("EXIT").await;
     server.exit_status().await;
     let quiet = std::fs::read_to_string(sandbox().join("quiet.log")).unwrap_or_default();
@@ -599,10 +574,8 @@ async fn the_environment_names_server_and_user_and_host_names_resolve() {
         .arg("--guest");
     let mut client = Process::start(command);
     let _out = connected(&mut client, "erin").await;
-    client.type_line("EXIT").await;
-    assert!(client.exit_status().await.success());
-    server.type_line("EXIT").await;
-    assert!(server.exit_status().await.success());
+    client.quit().await;
+    server.quit().await;
 }
 
 #[tokio::test]
@@ -647,8 +620,8 @@ async fn piped(args: &[&str], input: &str) -> (ExitStatus, String, String) {
 
 #[tokio::test]
 async fn piped_commands_get_their_answers_before_the_client_exits_and_set_the_exit_code() {
-    let (mut server, _log, addr) = start_server().await;
-    let (mut watcher, _out) = start_client(&addr, "watcher").await;
+    let (server, _log, addr) = start_server().await;
+    let (watcher, _out) = start_client(&addr, "watcher").await;
     for round in 0..20 {
         // A listing is printed before the client leaves, every time.
         let (status, out, err) =
@@ -672,15 +645,13 @@ async fn piped_commands_get_their_answers_before_the_client_exits_and_set_the_ex
         piped(&["--server", &addr, "--user", "writer"], "send owner are you there\n").await;
     assert!(status.success(), "{out} {err}");
     assert!(err.contains("~ stored for owner"), "{err:?}");
-    watcher.type_line("EXIT").await;
-    assert!(watcher.exit_status().await.success());
-    server.type_line("EXIT").await;
-    assert!(server.exit_status().await.success());
+    watcher.quit().await;
+    server.quit().await;
 }
 
 #[tokio::test]
 async fn a_script_of_many_listings_still_ends_promptly() {
-    let (mut server, _log, addr) = start_server().await;
+    let (server, _log, addr) = start_server().await;
     // More listings than the server answers at once: the last is refused as one too many,
     // which also marks the end of the answers.
     let (status, out, err) =
@@ -688,14 +659,13 @@ async fn a_script_of_many_listings_still_ends_promptly() {
     assert_eq!(status.code(), Some(1), "{out} {err}");
     assert!(out.contains("many 127.0.0.1:") && err.contains("too many"), "{out:?} {err:?}");
     assert!(!err.contains("did not come in time"), "{err:?}");
-    server.type_line("EXIT").await;
-    assert!(server.exit_status().await.success());
+    server.quit().await;
 }
 
 #[tokio::test]
 async fn one_shot_send_and_list_answer_in_the_exit_code() {
-    let (mut server, _log, addr) = start_server().await;
-    let (mut bob, mut bob_out) = start_client(&addr, "bob").await;
+    let (server, _log, addr) = start_server().await;
+    let (bob, mut bob_out) = start_client(&addr, "bob").await;
     for round in 0..20 {
         // Delivered: nothing printed, exit 0, and bob has it.
         let (status, out, err) = client_failure_with_output(&[
@@ -721,15 +691,13 @@ async fn one_shot_send_and_list_answer_in_the_exit_code() {
         assert!(out.contains("bob 127.0.0.1:") && out.contains("lister 127.0.0.1:"), "{out:?}");
         assert!(err.is_empty(), "{err:?}");
     }
-    bob.type_line("EXIT").await;
-    assert!(bob.exit_status().await.success());
-    server.type_line("EXIT").await;
-    assert!(server.exit_status().await.success());
+    bob.quit().await;
+    server.quit().await;
 }
 
 #[tokio::test]
 async fn one_shot_send_can_wait_for_the_receipt() {
-    let (mut server, _log, addr) = start_server().await;
+    let (server, _log, addr) = start_server().await;
     // bob holds a key: his client acknowledges what it takes, and the sender hears.
     let (mut bob, mut bob_out) = start_client(&addr, "bob").await;
     let (status, out, err) = client_failure_with_output(&[
@@ -775,8 +743,7 @@ async fn one_shot_send_can_wait_for_the_receipt() {
         client.type_line("EXIT").await;
     }
     assert!(bob.exit_status().await.success() && guest.exit_status().await.success());
-    server.type_line("EXIT").await;
-    assert!(server.exit_status().await.success());
+    server.quit().await;
 }
 
 /// Runs the client to completion with no input; returns its exit status, stdout and stderr.
@@ -822,8 +789,7 @@ async fn listen_prints_each_message_on_one_line_until_the_server_shuts_down() {
         let gone = log.expect("name=plain").await;
         assert!(gone.contains("offline") || gone.contains("disconnected"), "{gone}");
     }
-    alice.type_line("EXIT").await;
-    assert!(alice.exit_status().await.success());
+    alice.quit().await;
     server.type_line("EXIT").await;
     assert!(listener.exit_status().await.success());
     assert!(server.exit_status().await.success());
@@ -866,11 +832,9 @@ async fn the_operator_sees_metrics_and_kicks_a_user_who_is_told_why() {
     let told = bob_out.expect("disconnected").await;
     assert!(told.contains("disconnected by the operator (please stop)"), "{told}");
     log.expect("operator disconnected the user").await;
-    alice.type_line("EXIT").await;
-    assert!(alice.exit_status().await.success());
+    alice.quit().await;
     let _ = alice_out;
-    server.type_line("EXIT").await;
-    assert!(server.exit_status().await.success());
+    server.quit().await;
 }
 
 #[tokio::test]
@@ -933,10 +897,8 @@ async fn the_client_reconnects_when_its_server_comes_back_unless_told_not_to() {
     let (mut bob, _bob_out) = start_client(&addr, "bob").await;
     bob.type_line("send alice welcome back").await;
     assert_eq!(alice_out.expect("bob:").await, "bob: welcome back");
-    bob.type_line("EXIT").await;
-    assert!(bob.exit_status().await.success());
-    server.type_line("EXIT").await;
-    assert!(server.exit_status().await.success());
+    bob.quit().await;
+    server.quit().await;
 }
 
 /// A certificate authority and a server certificate it signed for `localhost` and 127.0.0.1,
@@ -983,15 +945,14 @@ async fn tls_with_a_ca_issued_certificate_and_nothing_sent_to_an_untrusted_one()
     assert_eq!(status.code(), Some(1));
     assert!(err.contains("with TLS: connect with --tls") && err.lines().count() == 1, "{err}");
     server.type_line("list").await;
-    server.type_line("EXIT").await;
-    assert!(server.exit_status().await.success());
+    server.quit().await;
     let seen = log.seen.join("\n");
     assert!(!seen.contains("name=mallory") && !seen.contains("name=plain"), "{seen}");
 }
 
 #[tokio::test]
 async fn tls_with_a_self_signed_certificate_pinned_by_its_fingerprint() {
-    let (mut server, mut log, addr) =
+    let (server, mut log, addr) =
         start_server_with(&["--tls-self-signed", "--tls-port", "0", "--register-timeout", "1s"])
             .await;
     let line = log.expect("serving TLS on").await;
@@ -1044,13 +1005,10 @@ async fn tls_with_a_self_signed_certificate_pinned_by_its_fingerprint() {
         client.type_line("EXIT").await;
     }
     assert!(alice.exit_status().await.success() && bob.exit_status().await.success());
-    server.type_line("EXIT").await;
-    assert!(server.exit_status().await.success());
+    server.quit().await;
     // The certificate survives a restart: same fingerprint.
-    let (mut again, mut log, _) =
-        start_server_with(&["--tls-self-signed", "--tls-port", "0"]).await;
+    let (again, mut log, _) = start_server_with(&["--tls-self-signed", "--tls-port", "0"]).await;
     let line = log.expect("serving TLS on").await;
     assert!(line.ends_with(&fingerprint), "{line}");
-    again.type_line("EXIT").await;
-    assert!(again.exit_status().await.success());
+    again.quit().await;
 }

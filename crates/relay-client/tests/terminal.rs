@@ -5,36 +5,20 @@
 // Test helpers fail the test by panicking, like the tests themselves.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
+mod common;
+
 use std::io::{BufRead, BufReader, Read, Write};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Child, ChildStdin, Command, Stdio};
 use std::sync::{Arc, Mutex, mpsc};
 use std::time::{Duration, Instant};
 
+use common::binary;
 use expectrl::{Session, WaitStatus};
 
 const WAIT: Duration = Duration::from_secs(30);
 const ROWS: u16 = 24;
 const COLS: u16 = 80;
-
-/// The binaries, built by cargo (the server too: see `e2e.rs`).
-fn binary(name: &str) -> PathBuf {
-    static SERVER_BUILT: std::sync::Once = std::sync::Once::new();
-    let client = PathBuf::from(env!("CARGO_BIN_EXE_relay-client"));
-    if name == "relay-client" {
-        return client;
-    }
-    SERVER_BUILT.call_once(|| {
-        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-        let mut build = Command::new(cargo);
-        build.args(["build", "--quiet", "-p", name, "--bin", name]);
-        if !cfg!(debug_assertions) {
-            build.arg("--release");
-        }
-        assert!(build.status().unwrap().success(), "building {name} failed");
-    });
-    client.with_file_name(name)
-}
 
 /// A command run in `dir`, with keys and history kept there.
 fn command(name: &str, dir: &Path) -> Command {

@@ -4,7 +4,7 @@ use tokio::io::{AsyncBufRead, AsyncBufReadExt, AsyncWrite, AsyncWriteExt};
 use tokio_util::sync::CancellationToken;
 
 use crate::metrics::Snapshot;
-use crate::router::Who;
+use crate::router::{Who, now_ms};
 use crate::server::ServerHandle;
 
 const HELP: &str = "commands:
@@ -56,10 +56,7 @@ fn stats(s: &Snapshot, online: usize) -> String {
 
 /// The console's `who`: one line.
 fn who_line(who: &Who) -> String {
-    let now = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(0));
-    let online = std::time::Duration::from_secs(now.saturating_sub(who.since) / 1000);
+    let online = std::time::Duration::from_secs(now_ms().saturating_sub(who.since) / 1000);
     let kind = if who.version >= 2 { "" } else { ", protocol version 1" };
     format!(
         "{} at {} on {}, online for {}; {} bytes queued, {} unacknowledged{kind}\n",

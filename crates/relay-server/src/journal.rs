@@ -406,6 +406,11 @@ fn parse(bytes: &[u8]) -> Option<(u64, &[u8], &[u8])> {
 mod tests {
     use super::*;
 
+    /// The numbers of the records the journal at `path` holds, as a new open reads them.
+    fn numbers(path: &std::path::Path) -> Vec<u64> {
+        Journal::open(path).unwrap().records().unwrap().iter().map(|r| r.0).collect()
+    }
+
     fn redo(i: u64) -> Redo {
         let mut r = Redo::default();
         r.segment("bob", i, format!("segment {i}").as_bytes());
@@ -484,16 +489,14 @@ mod tests {
         for i in 4..=5 {
             j.append(&redo(i)).unwrap();
         }
-        let got = Journal::open(path).unwrap().records().unwrap();
-        assert_eq!(got.iter().map(|r| r.0).collect::<Vec<_>>(), vec![1, 2, 3, 4, 5]);
+        assert_eq!(numbers(path), vec![1, 2, 3, 4, 5]);
         // Not before that checkpoint is durable.
         assert!(j.switch().is_err());
         j.checkpointed();
         // The next checkpoint (up to 5) reuses the first file from its start.
         j.switch().unwrap();
         j.append(&redo(6)).unwrap();
-        let got = Journal::open(path).unwrap().records().unwrap();
-        assert_eq!(got.iter().map(|r| r.0).collect::<Vec<_>>(), vec![4, 5, 6]);
+        assert_eq!(numbers(path), vec![4, 5, 6]);
     }
 
     #[test]
@@ -506,8 +509,7 @@ mod tests {
         j.append(&redo(2)).unwrap();
         j.retract().unwrap();
         assert_eq!(j.last(), 11);
-        let got = Journal::open(path).unwrap().records().unwrap();
-        assert_eq!(got.iter().map(|r| r.0).collect::<Vec<_>>(), vec![11]);
+        assert_eq!(numbers(path), vec![11]);
         assert_eq!(j.append(&redo(3)).unwrap(), 12);
         let got = Journal::open(path).unwrap().records().unwrap();
         assert_eq!(got.iter().map(|r| r.0).collect::<Vec<_>>(), vec![11, 12]);
@@ -530,12 +532,10 @@ mod tests {
         // Damage one byte of the third record's payload.
         bytes[end as usize - 2] ^= 0xff;
         std::fs::write(&file, &bytes).unwrap();
-        let got = Journal::open(path).unwrap().records().unwrap();
-        assert_eq!(got.iter().map(|r| r.0).collect::<Vec<_>>(), vec![1, 2]);
+        assert_eq!(numbers(path), vec![1, 2]);
         // Cut inside the second record: only the first is whole.
         let first_len = HEADER + redo(1).buf.len();
         std::fs::write(&file, &bytes[..first_len + 5]).unwrap();
-        let got = Journal::open(path).unwrap().records().unwrap();
-        assert_eq!(got.iter().map(|r| r.0).collect::<Vec<_>>(), vec![1]);
+        assert_eq!(numbers(path), vec![1]);
     }
 }

@@ -203,9 +203,7 @@ impl Registry {
         }
         claims.by_skeleton.insert(entry.key.skeleton.as_str().into(), canonical.clone());
         claims.by_canonical.insert(canonical.clone(), Holder { token, guest: entry.guest });
-        let since = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX));
+        let since = crate::router::now_ms();
         let registered =
             Registered { token, display: display.clone(), addr, outbox: entry.outbox, since };
         claims.pending.insert(canonical, registered);

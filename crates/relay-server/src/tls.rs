@@ -92,7 +92,7 @@ impl Tls {
 /// SHA-256 of a certificate, as 64 lowercase hex digits.
 pub fn fingerprint(cert: &[u8]) -> String {
     use sha2::Digest;
-    sha2::Sha256::digest(cert).iter().map(|b| format!("{b:02x}")).collect()
+    relay_proto::hex(&sha2::Sha256::digest(cert))
 }
 
 /// Writes a file only its owner can read.
