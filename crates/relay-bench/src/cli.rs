@@ -21,6 +21,10 @@ pub struct Cli {
     /// nats-server.
     #[arg(long, global = true, default_value = "127.0.0.1:8080", value_parser = Target::parse)]
     pub target: Target,
+    /// Connect the senders here instead of --target (the receivers stay on --target): with
+    /// two nodes of a cluster, every message crosses between them.
+    #[arg(long, global = true, value_name = "HOST:PORT", value_parser = Target::parse)]
+    pub senders_target: Option<Target>,
     /// Print the report as one JSON object instead of a table.
     #[arg(long, global = true)]
     pub json: bool,
@@ -162,6 +166,7 @@ pub async fn run(cli: Cli) -> Result<String, String> {
         crate::target::use_tls(relay_client::Tls::pinned(pin).map_err(|e| e.to_string())?);
     }
     let target = &cli.target;
+    let senders_at = cli.senders_target.as_ref().unwrap_or(target);
     let (table, json) = match cli.workload {
         Workload::Pairs { pairs, flow } => {
             let options = FlowOptions {
@@ -172,7 +177,7 @@ pub async fn run(cli: Cli) -> Result<String, String> {
                 stall: cli.stall,
                 keys: flow.keys,
             };
-            let report = workloads::flow(target, "pairs", &options).await?;
+            let report = workloads::flow(target, senders_at, "pairs", &options).await?;
             (report.table(), serde_json::to_string(&report))
         }
         Workload::FanIn { senders, flow } => {
@@ -184,12 +189,12 @@ pub async fn run(cli: Cli) -> Result<String, String> {
                 stall: cli.stall,
                 keys: flow.keys,
             };
-            let report = workloads::flow(target, "fan-in", &options).await?;
+            let report = workloads::flow(target, senders_at, "fan-in", &options).await?;
             (report.table(), serde_json::to_string(&report))
         }
         Workload::Latency { pairs, rate, duration, size } => {
             let options = LatencyOptions { pairs, rate, duration, size, stall: cli.stall };
-            let report = workloads::latency(target, &options).await?;
+            let report = workloads::latency(target, senders_at, &options).await?;
             (report.table(), serde_json::to_string(&report))
         }
         Workload::Compare { relay, nats, relay_pid, nats_pid, messages, duration, clients } => {

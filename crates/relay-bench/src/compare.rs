@@ -118,7 +118,7 @@ pub async fn run(options: &CompareOptions) -> Result<Vec<Row>, String> {
         let mut cpu_per_msg = Vec::new();
         for (target, pid) in both.iter().zip(pids) {
             let before = pid.map(workloads::cpu_seconds).transpose()?;
-            let report = workloads::flow(target, workload, &flow).await?;
+            let report = workloads::flow(target, target, workload, &flow).await?;
             let after = pid.map(workloads::cpu_seconds).transpose()?;
             eprintln!("{}", report.table().trim_end());
             if let (Some(before), Some(after)) = (before, after) {
@@ -150,7 +150,7 @@ pub async fn run(options: &CompareOptions) -> Result<Vec<Row>, String> {
         };
         let mut reports = Vec::new();
         for target in both {
-            let report = workloads::latency(target, &latency).await?;
+            let report = workloads::latency(target, target, &latency).await?;
             eprintln!("{}", report.table().trim_end());
             reports.push(report);
         }

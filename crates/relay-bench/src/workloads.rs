@@ -129,6 +129,7 @@ struct Received {
 /// them, and receivers check each sender's sequence.
 pub async fn flow(
     target: &Target,
+    senders_at: &Target,
     workload: &str,
     options: &FlowOptions,
 ) -> Result<FlowReport, String> {
@@ -150,7 +151,7 @@ pub async fn flow(
     let refused = Arc::new(AtomicU64::new(0));
     let mut sender_conns = Vec::with_capacity(senders);
     for i in 0..senders {
-        sender_conns.push(target.sender(&run, i, refused.clone(), keys).await?);
+        sender_conns.push(senders_at.sender(&run, i, refused.clone(), keys).await?);
     }
 
     let progress = Progress::new();
@@ -324,7 +325,11 @@ const WARM_UP: Duration = Duration::from_secs(1);
 /// Runs `latency`: each pair sends its share of `rate`, spread over millisecond ticks (and the
 /// pairs' ticks spread over the millisecond), and each receiver records how long every message
 /// took.
-pub async fn latency(target: &Target, options: &LatencyOptions) -> Result<LatencyReport, String> {
+pub async fn latency(
+    target: &Target,
+    senders_at: &Target,
+    options: &LatencyOptions,
+) -> Result<LatencyReport, String> {
     let LatencyOptions { pairs, rate, duration, size, stall } = *options;
     if pairs == 0 || rate == 0 {
         return Err("need at least one pair and a rate above zero".into());
@@ -337,7 +342,7 @@ pub async fn latency(target: &Target, options: &LatencyOptions) -> Result<Latenc
     let refused = Arc::new(AtomicU64::new(0));
     let mut senders = Vec::with_capacity(pairs);
     for i in 0..pairs {
-        senders.push(target.sender(&run, i, refused.clone(), false).await?);
+        senders.push(senders_at.sender(&run, i, refused.clone(), false).await?);
     }
     let warm_up_ns = if duration > 2 * WARM_UP { WARM_UP.as_nanos() as u64 } else { 0 };
     let progress = Progress::new();

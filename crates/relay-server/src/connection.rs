@@ -741,6 +741,14 @@ impl<S: Source> Connection<S> {
                 let detail = format!("{to} is not keeping up; the message was not delivered");
                 Message::reply(id, Status::NotDelivered, to, detail)
             }
+            Undelivered::Unreachable => {
+                metrics.refused(Status::NotDelivered);
+                debug!(from = %name, %to, id, "receiver on another node, cluster link down");
+                let detail = format!(
+                    "{to} is on another node and the cluster link is down; the message was not delivered"
+                );
+                Message::reply(id, Status::NotDelivered, to, detail)
+            }
             Undelivered::TooLarge => {
                 metrics.refused(Status::FrameTooLarge);
                 Message::reply(

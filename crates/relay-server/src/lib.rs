@@ -28,6 +28,7 @@
 #![deny(missing_docs)]
 
 mod admission;
+pub mod cluster;
 mod config;
 mod connection;
 mod console;

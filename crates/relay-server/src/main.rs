@@ -8,6 +8,7 @@ use std::time::Duration;
 use std::path::PathBuf;
 
 use clap::Parser;
+use relay_server::cluster::{Cluster, ClusterConfig};
 use relay_server::{
     AuthMode, Config, InboxLimits, Server, Tls, parse_duration, run_console, serve_metrics,
 };
@@ -141,6 +142,18 @@ struct Args {
     /// Serve TLS on this port beside plain TCP on --port; without it, --port serves TLS only.
     #[arg(long, value_name = "PORT")]
     tls_port: Option<u16>,
+    /// Join a cluster through the NATS server at URL (with JetStream: `nats-server -js`).
+    /// Names, keys and who is online are then kept in NATS, shared by every node, and the
+    /// data directory is not used. See docs/CLUSTER.md.
+    #[arg(long, value_name = "URL")]
+    cluster: Option<String>,
+    /// This node's name in the cluster (letters, digits, '-', '_'); default HOST-PORT.
+    #[arg(long, value_name = "NAME", requires = "cluster")]
+    node: Option<String>,
+    /// How long a node's names outlive its last lease renewal: after a node dies, its users'
+    /// names become claimable on other nodes within this long. Every node must use the same.
+    #[arg(long, default_value = "10s", value_parser = parse_duration, requires = "cluster")]
+    cluster_lease: Duration,
 }
 
 impl Args {
@@ -225,8 +238,17 @@ async fn serve(args: Args) -> Result<(), String> {
     let listener = tokio::net::TcpListener::bind((args.host.as_str(), args.port))
         .await
         .map_err(|e| format!("cannot listen on {}:{}: {e}", args.host, args.port))?;
-    let mut server = Server::new(listener, config).map_err(|e| e.to_string())?;
-    let addr = server.local_addr().map_err(|e| e.to_string())?;
+    let addr = listener.local_addr().map_err(|e| e.to_string())?;
+    let mut server = match &args.cluster {
+        Some(url) => {
+            let node =
+                args.node.clone().unwrap_or_else(|| ClusterConfig::default_node(addr.port()));
+            let cluster = ClusterConfig::new(url.clone(), node).lease(args.cluster_lease);
+            let cluster = Cluster::connect(cluster).await.map_err(|e| e.to_string())?;
+            Server::in_cluster(listener, config, cluster).await.map_err(|e| e.to_string())?
+        }
+        None => Server::new(listener, config).map_err(|e| e.to_string())?,
+    };
     let tls = match (&args.tls_cert, &args.tls_key) {
         (Some(cert), Some(key)) => Some(Tls::from_pem_files(cert, key)?),
         _ if args.tls_self_signed => {
@@ -262,6 +284,9 @@ async fn serve(args: Args) -> Result<(), String> {
     }
     match config_auth(&args) {
         AuthMode::None => tracing::info!("auth none: names are not bound to keys, nothing stored"),
+        auth if args.cluster.is_some() => {
+            tracing::info!("auth {}; name table in the cluster's NATS", auth.as_str())
+        }
         auth => tracing::info!("auth {}; name table in {}", auth.as_str(), args.data_dir.display()),
     }
     tracing::info!("listening on {addr}");

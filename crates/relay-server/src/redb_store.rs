@@ -1041,7 +1041,7 @@ pub(crate) fn encode(record: &NameRecord) -> Vec<u8> {
     out
 }
 
-fn decode(canonical: &str, bytes: &[u8]) -> Option<NameRecord> {
+pub(crate) fn decode(canonical: &str, bytes: &[u8]) -> Option<NameRecord> {
     let (&format, rest) = bytes.split_first()?;
     if format != 1 {
         return None;

@@ -36,6 +36,9 @@ pub(crate) enum Undelivered {
     ReceiverFull,
     /// The message would be over the frame limit once the sender's name is stamped on it.
     TooLarge,
+    /// The receiver is on another node and the cluster link is down (or too busy to take
+    /// the message within the send wait).
+    Unreachable,
 }
 
 /// What became of a routed message.
@@ -174,6 +177,49 @@ pub(crate) trait Routing: Send + Sync + std::fmt::Debug + 'static {
     fn close(&self) -> BoxFuture<'_, ()>;
 }
 
+/// The rest of the cluster, as this node's router sees it: names held on other nodes, and the
+/// way to reach them. A server alone has none; in cluster mode it is the NATS link
+/// (`cluster::Link`). Everything on this node (the registry, the fast path, the stores) stays
+/// in [`LocalRouter`], which asks its peers only where this node has no answer of its own: a
+/// claim (is the name held elsewhere?), a destination not online here, a sender to tell who
+/// is not connected here, the listing, the console's `kick` and `who`.
+pub(crate) trait Peers: Send + Sync + std::fmt::Debug + 'static {
+    /// Claims the name cluster-wide for `claim`, a registration already holding it on this
+    /// node (not yet open to routing). Dropping the claim after a refusal releases it here.
+    fn claim<'a>(
+        &'a self,
+        claim: &'a Claim,
+        addr: SocketAddr,
+    ) -> BoxFuture<'a, Result<(), Refused>>;
+
+    /// Registration `token` of `canonical` left this node: its cluster-wide claim goes too.
+    fn release(&self, canonical: &str, token: u64);
+
+    /// Forwards `msg` from `from` to `to` if another node holds `to`; `None` if none does.
+    fn forward(
+        &self,
+        from: &Claim,
+        to: &str,
+        msg: &MessageRef<'_>,
+    ) -> Option<Result<Routed, (Undelivered, String)>>;
+
+    /// Pushes `msg` to `sender` if it is online on another node; false if not (or the link
+    /// is down).
+    fn tell(&self, sender: &SenderRef, msg: &MessageRef<'_>) -> bool;
+
+    /// Everyone online on other nodes as `(name, address)`, in no order.
+    fn users(&self) -> Vec<(Arc<str>, SocketAddr)>;
+
+    /// Disconnects `name`'s holder on another node; false if no other node holds it.
+    fn kick(&self, name: &str, detail: &str) -> bool;
+
+    /// What is known of `name`'s holder on another node.
+    fn who(&self, name: &str) -> Option<Who>;
+
+    /// The server has stopped: give up this node's lease and stop the link's tasks.
+    fn close(&self) -> BoxFuture<'_, ()>;
+}
+
 /// A user online, as the operator's `who` shows it.
 #[derive(Clone, Debug, PartialEq, Eq)]
 #[non_exhaustive]
@@ -192,6 +238,19 @@ pub struct Who {
     pub unacked: u64,
     /// Its protocol version.
     pub version: u16,
+}
+
+impl Who {
+    /// A user online on another node of the cluster (what its queues hold is not known here).
+    pub(crate) fn remote(
+        name: String,
+        addr: SocketAddr,
+        node: String,
+        since: u64,
+        version: u16,
+    ) -> Who {
+        Who { name, addr, node, since, queued_bytes: 0, unacked: 0, version }
+    }
 }
 
 /// One connection's last destination and the outbox it led to. A sender mostly writes to the
@@ -243,6 +302,34 @@ pub(crate) struct LocalRouter {
     metrics: Arc<Metrics>,
     /// Itself, for what outlives a call (a closing session's hand-over, store answers).
     me: Weak<LocalRouter>,
+    /// The other nodes of the cluster, in cluster mode.
+    peers: Option<Arc<dyn Peers>>,
+    /// This node's name, as `who` shows it.
+    node: String,
+}
+
+/// Where a router keeps names and messages, and the rest of the cluster.
+#[derive(Default)]
+pub(crate) struct Stores {
+    /// The name table; `None` with `--auth none`.
+    pub(crate) names: Option<Arc<dyn NameStore>>,
+    /// The inboxes; `None` with `--auth none`.
+    pub(crate) inbox: Option<Arc<dyn InboxStore>>,
+    /// The other nodes, in cluster mode.
+    pub(crate) peers: Option<Arc<dyn Peers>>,
+    /// This node's name, in cluster mode.
+    pub(crate) node: Option<String>,
+}
+
+/// A router's settings.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct RouterLimits {
+    pub(crate) auth: AuthMode,
+    pub(crate) max_frame_len: usize,
+    /// How long a message waits for room in a full receiver's outbox.
+    pub(crate) send_wait: Duration,
+    /// Most bytes a keyed session may have delivered and not acknowledged.
+    pub(crate) unacked_window: usize,
 }
 
 /// A guest's sessions have no stored epoch: its sequence numbers are ordered within a session.
@@ -284,13 +371,28 @@ impl Claim {
         self.key
     }
 
+    /// The name's canonical form.
+    pub(crate) fn canonical(&self) -> &str {
+        &self.canonical
+    }
+
+    /// The registration's token on this node.
+    pub(crate) fn token(&self) -> u64 {
+        self.token
+    }
+
+    /// The client's protocol version.
+    pub(crate) fn version(&self) -> u16 {
+        self.version
+    }
+
     /// Whether this claim bound the name for the first time.
     pub(crate) fn first(&self) -> bool {
         self.first
     }
 
     /// Who this is as a sender.
-    fn origin(&self) -> &Arc<SenderRef> {
+    pub(crate) fn origin(&self) -> &Arc<SenderRef> {
         self.origin.get_or_init(|| {
             Arc::new(SenderRef {
                 canonical: self.canonical.to_string(),
@@ -320,7 +422,7 @@ fn nobody() -> Arc<SenderRef> {
 }
 
 /// `msg` as a stored frame body: the version 2 layout, its number left for the store to set.
-fn stored_body(msg: &MessageRef<'_>) -> Option<Bytes> {
+pub(crate) fn stored_body(msg: &MessageRef<'_>) -> Option<Bytes> {
     let msg = MessageRef { version: relay_proto::PROTOCOL_VERSION, seq: 0, ..*msg };
     let mut body = BytesMut::with_capacity(encoded_len_ref(&msg));
     encode_body_ref(&msg, &mut body).ok()?;
@@ -388,14 +490,12 @@ impl LocalRouter {
     }
 
     pub(crate) fn new(
-        store: Option<(Arc<dyn NameStore>, Arc<dyn InboxStore>)>,
-        auth: AuthMode,
-        max_frame_len: usize,
-        send_wait: Duration,
-        unacked_window: usize,
+        stores: Stores,
+        limits: RouterLimits,
         metrics: Arc<Metrics>,
     ) -> Arc<LocalRouter> {
-        let (store, inbox) = store.unzip();
+        let Stores { names: store, inbox, peers, node } = stores;
+        let RouterLimits { auth, max_frame_len, send_wait, unacked_window } = limits;
         Arc::new_cyclic(|me| LocalRouter {
             registry: Registry::default(),
             store,
@@ -406,6 +506,8 @@ impl LocalRouter {
             unacked_window,
             metrics,
             me: me.clone(),
+            peers,
+            node: node.unwrap_or_else(|| "this server".into()),
         })
     }
 
@@ -534,8 +636,14 @@ impl LocalRouter {
     }
 
     /// Pushes `msg` to `sender` if that registration (or, for a keyed sender, its name) is
-    /// online; false if not.
+    /// online here or on another node; false if not.
     fn tell(&self, sender: &SenderRef, msg: &MessageRef<'_>) -> bool {
+        self.tell_here(sender, msg)
+            || self.peers.as_ref().is_some_and(|peers| peers.tell(sender, msg))
+    }
+
+    /// [`LocalRouter::tell`], on this node only.
+    fn tell_here(&self, sender: &SenderRef, msg: &MessageRef<'_>) -> bool {
         let outbox = self
             .registry
             .with_name(&sender.canonical, |e| {
@@ -650,6 +758,72 @@ impl LocalRouter {
         }
     }
 
+    /// A message another node forwarded for `recipient` (a canonical name it saw online
+    /// here). `Err` with the reply its sender should get if it cannot be queued.
+    pub(crate) fn deliver_forwarded(&self, recipient: &str, body: &[u8]) -> Result<(), Message> {
+        let msg = match relay_proto::decode_ref(body) {
+            Ok(msg) => msg,
+            Err(e) => {
+                tracing::warn!(error = %e, "a forwarded message does not decode; dropped");
+                return Ok(());
+            }
+        };
+        let refuse = |status, detail: String| {
+            self.metrics.refused(status);
+            Err(Message::reply(msg.id, status, msg.to, detail))
+        };
+        let Some(outbox) = self.registry.with_name(recipient, |e| e.outbox.clone()) else {
+            return refuse(Status::NotFound, format!("{} is not online", msg.to));
+        };
+        // No sender token: a forwarded message's sender is not on this node, so a failed
+        // connection here reports nothing for it (see the cluster docs).
+        match outbox.push_routed(&msg, 0, None, |_, _| {}) {
+            Ok(_) => Ok(()),
+            Err(PushError::Closed) => refuse(Status::NotFound, format!("{} is not online", msg.to)),
+            Err(PushError::Full | PushError::Stalled) => refuse(
+                Status::NotDelivered,
+                format!("{} is not keeping up; the message was not delivered", msg.to),
+            ),
+        }
+    }
+
+    /// A reply or receipt another node sent for a sender online here.
+    pub(crate) fn tell_forwarded(&self, canonical: &str, token: u64, keyed: bool, body: &[u8]) {
+        let Ok(msg) = relay_proto::decode_ref(body) else {
+            tracing::warn!("a forwarded reply does not decode; dropped");
+            return;
+        };
+        let sender = SenderRef { canonical: canonical.to_owned(), token, keyed, receipt: true };
+        self.tell_here(&sender, &msg);
+    }
+
+    /// Pushes `msg` to `sender` if it is online on this node (the cluster link telling a
+    /// sender here the fate of a message it forwarded).
+    pub(crate) fn tell_local(&self, sender: &SenderRef, msg: &MessageRef<'_>) -> bool {
+        self.tell_here(sender, msg)
+    }
+
+    /// Disconnects registration `token` of `canonical` (any registration if 0), telling it
+    /// `status` and `detail`; false if it is not here.
+    pub(crate) fn evict(&self, canonical: &str, token: u64, status: Status, detail: &str) -> bool {
+        let online =
+            self.registry.with_name(canonical, |e| (e.token, e.outbox.clone(), e.display.clone()));
+        let Some((held, outbox, display)) = online.filter(|o| token == 0 || o.0 == token) else {
+            return false;
+        };
+        self.registry.remove(canonical, held);
+        // A version 1 client knows no `Kicked`: it is told its session was refused.
+        let status = match status {
+            Status::Kicked if outbox.queue().version < 2 => Status::InvalidRequest,
+            other => other,
+        };
+        if status == Status::Kicked {
+            self.metrics.kicked.inc();
+        }
+        outbox.close(Some(&Message::reply(0, status, &*display, detail).closing()));
+        true
+    }
+
     /// Registers the connection online and opens its session; the claim's epoch gives its
     /// sequence numbers.
     fn go_online(
@@ -709,6 +883,52 @@ impl LocalRouter {
             tracked,
         })
     }
+
+    /// Claims a name on this node: the name table, then the registry.
+    async fn claim_here(self: Arc<Self>, request: ClaimRequest<'_>) -> Result<Claim, Refused> {
+        let store = match (&self.store, self.auth) {
+            (Some(store), AuthMode::Optional | AuthMode::Required) => store.clone(),
+            // No keys: names are first come, first served, as in protocol version 1.
+            _ => return self.go_online(&request, request.name, None, GUEST_EPOCH),
+        };
+        match request.proof {
+            Some(key) => {
+                let claim = KeyClaim {
+                    display: request.name.to_string(),
+                    canonical: request.key.canonical.clone(),
+                    skeleton: request.key.skeleton.clone(),
+                    key,
+                    now: now_ms(),
+                };
+                match store.claim(claim).await {
+                    Ok(Claimed::Bound { record, first }) => {
+                        let mut claim =
+                            self.go_online(&request, &record.display, Some(key), record.epoch)?;
+                        claim.first = first;
+                        Ok(claim)
+                    }
+                    Ok(Claimed::Owned { display }) => Err(Refused::Owned(display)),
+                    Ok(Claimed::Confusable { display }) => Err(Refused::LooksLike(display)),
+                    Err(e) => Err(Refused::Unavailable(e.to_string())),
+                }
+            }
+            None if self.auth == AuthMode::Required => Err(Refused::AuthRequired),
+            None => {
+                // Online first, then the table: a key holder who binds the name meanwhile
+                // displaces this guest (see `Registry::insert`), so the key always wins.
+                let online = self.go_online(&request, request.name, None, GUEST_EPOCH);
+                let canonical = request.key.canonical.clone();
+                let checked = store.check_guest(canonical, request.key.skeleton.clone()).await;
+                // A bound name is refused as bound, whether or not its owner is online.
+                match checked {
+                    Ok(GuestCheck::Free) => online,
+                    Ok(GuestCheck::Owned { display }) => Err(Refused::Owned(display)),
+                    Ok(GuestCheck::Confusable { display }) => Err(Refused::LooksLike(display)),
+                    Err(e) => Err(Refused::Unavailable(e.to_string())),
+                }
+            }
+        }
+    }
 }
 
 impl Routing for LocalRouter {
@@ -717,48 +937,14 @@ impl Routing for LocalRouter {
         request: ClaimRequest<'a>,
     ) -> BoxFuture<'a, Result<Claim, Refused>> {
         Box::pin(async move {
-            let store = match (&self.store, self.auth) {
-                (Some(store), AuthMode::Optional | AuthMode::Required) => store.clone(),
-                // No keys: names are first come, first served, as in protocol version 1.
-                _ => return self.go_online(&request, request.name, None, GUEST_EPOCH),
-            };
-            match request.proof {
-                Some(key) => {
-                    let claim = KeyClaim {
-                        display: request.name.to_string(),
-                        canonical: request.key.canonical.clone(),
-                        skeleton: request.key.skeleton.clone(),
-                        key,
-                        now: now_ms(),
-                    };
-                    match store.claim(claim).await {
-                        Ok(Claimed::Bound { record, first }) => {
-                            let mut claim =
-                                self.go_online(&request, &record.display, Some(key), record.epoch)?;
-                            claim.first = first;
-                            Ok(claim)
-                        }
-                        Ok(Claimed::Owned { display }) => Err(Refused::Owned(display)),
-                        Ok(Claimed::Confusable { display }) => Err(Refused::LooksLike(display)),
-                        Err(e) => Err(Refused::Unavailable(e.to_string())),
-                    }
-                }
-                None if self.auth == AuthMode::Required => Err(Refused::AuthRequired),
-                None => {
-                    // Online first, then the table: a key holder who binds the name meanwhile
-                    // displaces this guest (see `Registry::insert`), so the key always wins.
-                    let online = self.go_online(&request, request.name, None, GUEST_EPOCH);
-                    let canonical = request.key.canonical.clone();
-                    let checked = store.check_guest(canonical, request.key.skeleton.clone()).await;
-                    // A bound name is refused as bound, whether or not its owner is online.
-                    match checked {
-                        Ok(GuestCheck::Free) => online,
-                        Ok(GuestCheck::Owned { display }) => Err(Refused::Owned(display)),
-                        Ok(GuestCheck::Confusable { display }) => Err(Refused::LooksLike(display)),
-                        Err(e) => Err(Refused::Unavailable(e.to_string())),
-                    }
-                }
+            let addr = request.addr;
+            let claim = self.clone().claim_here(request).await?;
+            // Held here; now across the cluster. A refusal drops the claim, which frees the
+            // name here again.
+            if let Some(peers) = &self.peers {
+                peers.claim(&claim, addr).await?;
             }
+            Ok(claim)
         })
     }
 
@@ -767,6 +953,9 @@ impl Routing for LocalRouter {
         // What it was not acknowledged is stored before anything routed after it leaves.
         claim.outbox.seal();
         self.registry.remove(&claim.canonical, claim.token);
+        if let Some(peers) = &self.peers {
+            peers.release(&claim.canonical, claim.token);
+        }
         Box::pin(async move {
             if let (Some(store), Some(_)) = (&self.store, claim.key) {
                 let canonical = claim.canonical.to_string();
@@ -779,6 +968,9 @@ impl Routing for LocalRouter {
 
     fn forget(&self, canonical: &str, token: u64) {
         self.registry.remove(canonical, token);
+        if let Some(peers) = &self.peers {
+            peers.release(canonical, token);
+        }
     }
 
     fn open(&self, claim: &Claim) -> bool {
@@ -819,6 +1011,11 @@ impl Routing for LocalRouter {
             return Err((Undelivered::TooLarge, to.to_owned()));
         }
         let Some(outbox) = routes.resolve(to, |to| self.lookup(to)) else {
+            if let Some(peers) = &self.peers
+                && let Some(forwarded) = peers.forward(from, to, &msg)
+            {
+                return forwarded;
+            }
             return self.store_offline(from, &msg, to);
         };
         let mut stored = Ok(());
@@ -875,7 +1072,12 @@ impl Routing for LocalRouter {
     }
 
     fn users(&self) -> Vec<(Arc<str>, SocketAddr)> {
-        self.registry.list()
+        let mut users = self.registry.list();
+        if let Some(peers) = &self.peers {
+            users.extend(peers.users());
+            users.sort_unstable_by(|a, b| a.0.cmp(&b.0));
+        }
+        users
     }
 
     fn online(&self) -> usize {
@@ -883,29 +1085,23 @@ impl Routing for LocalRouter {
     }
 
     fn kick(&self, name: &str, detail: &str) -> bool {
-        let canonical = canonical_name(name);
-        let online =
-            self.registry.with_name(&canonical, |e| (e.token, e.outbox.clone(), e.display.clone()));
-        let Some((token, outbox, display)) = online else { return false };
-        self.registry.remove(&canonical, token);
-        // A version 1 client knows no `Kicked`: it is told its session was refused.
-        let status =
-            if outbox.queue().version >= 2 { Status::Kicked } else { Status::InvalidRequest };
-        outbox.close(Some(&Message::reply(0, status, &*display, detail).closing()));
-        self.metrics.kicked.inc();
-        true
+        self.evict(&canonical_name(name), 0, Status::Kicked, detail)
+            || self.peers.as_ref().is_some_and(|peers| peers.kick(name, detail))
     }
 
     fn who(&self, name: &str) -> Option<Who> {
         let canonical = canonical_name(name);
-        let (display, addr, since, outbox) = self
+        let Some((display, addr, since, outbox)) = self
             .registry
-            .with_name(&canonical, |e| (e.display.clone(), e.addr, e.since, e.outbox.clone()))?;
+            .with_name(&canonical, |e| (e.display.clone(), e.addr, e.since, e.outbox.clone()))
+        else {
+            return self.peers.as_ref().and_then(|peers| peers.who(name));
+        };
         let queue = outbox.queue();
         Some(Who {
             name: display.to_string(),
             addr,
-            node: "this server".into(),
+            node: self.node.clone(),
             since,
             queued_bytes: queue.bytes,
             unacked: queue.unacked,
@@ -994,6 +1190,9 @@ impl Routing for LocalRouter {
         Box::pin(async move {
             if let Some(store) = &self.store {
                 store.close().await;
+            }
+            if let Some(peers) = &self.peers {
+                peers.close().await;
             }
         })
     }

@@ -18,13 +18,14 @@ use tokio_util::task::TaskTracker;
 use tracing::{debug, info, warn};
 
 use crate::admission::{self, Admission, Limits, LogNow, Refusal};
+use crate::cluster::{Cluster, ClusterError};
 use crate::config::Config;
 use crate::connection::{self, Shared};
 use crate::inbox::{InboxStore, Totals};
 use crate::metrics::{Current, Metrics, Snapshot};
 use crate::names::{NameRecord, NameStore, StoreError};
 use crate::redb_store::{OpenError, RedbStore};
-use crate::router::{LocalRouter, Who};
+use crate::router::{LocalRouter, Peers, RouterLimits, Stores, Who};
 use crate::tls::Tls;
 
 /// A relay server bound to a listener, ready to [`run`](Server::run).
@@ -157,6 +158,9 @@ pub enum StartError {
     /// The name table in the data directory could not be opened.
     #[error(transparent)]
     Store(#[from] OpenError),
+    /// The cluster could not be joined.
+    #[error(transparent)]
+    Cluster(#[from] ClusterError),
 }
 
 impl Server {
@@ -168,13 +172,55 @@ impl Server {
     /// the data directory cannot be used, its store is locked by another server, or damaged.
     pub fn new(listener: TcpListener, config: Config) -> Result<Server, StartError> {
         config.validate().map_err(StartError::Config)?;
-        let store: Option<(Arc<dyn NameStore>, Arc<dyn InboxStore>)> = match config.auth {
-            AuthMode::None => None,
+        let stores = match config.auth {
+            AuthMode::None => Stores::default(),
             _ => {
                 let store = Arc::new(RedbStore::open_with(&config.data_dir, config.inbox)?);
-                Some((store.clone(), store))
+                Stores {
+                    names: Some(store.clone() as Arc<dyn NameStore>),
+                    inbox: Some(store as Arc<dyn InboxStore>),
+                    ..Stores::default()
+                }
             }
         };
+        Ok(Server::build(listener, config, stores).0)
+    }
+
+    /// Like [`Server::new`], as a node of a cluster: names, keys and who is online are kept
+    /// in NATS (see [`Cluster`]), not in the data directory, and messages for names on other
+    /// nodes are forwarded to them.
+    ///
+    /// Durable delivery does not yet span the cluster: a message for a name that is offline
+    /// everywhere is refused as `NotFound`, as for a guest name.
+    ///
+    /// # Errors
+    /// [`StartError::Config`] if `config` fails [`Config::validate`]; [`StartError::Cluster`]
+    /// if the link to NATS cannot take messages for this node.
+    pub async fn in_cluster(
+        listener: TcpListener,
+        config: Config,
+        cluster: Cluster,
+    ) -> Result<Server, StartError> {
+        config.validate().map_err(StartError::Config)?;
+        let link = cluster.link.clone();
+        let stores = Stores {
+            names: match config.auth {
+                AuthMode::None => None,
+                _ => Some(Arc::new(cluster.names) as Arc<dyn NameStore>),
+            },
+            inbox: None,
+            peers: Some(link.clone() as Arc<dyn Peers>),
+            node: Some(link.node().to_owned()),
+        };
+        let send_wait = config.send_wait;
+        let (server, router) = Server::build(listener, config, stores);
+        link.attach(&router, send_wait).await.map_err(|error| {
+            StartError::Cluster(ClusterError::Nats { url: "(connected)".into(), error })
+        })?;
+        Ok(server)
+    }
+
+    fn build(listener: TcpListener, config: Config, stores: Stores) -> (Server, Arc<LocalRouter>) {
         let slots = Arc::new(Semaphore::new(config.max_clients));
         let admission = Admission::new(Limits {
             per_address: config.max_per_address,
@@ -182,22 +228,21 @@ impl Server {
             loopback_exempt: config.loopback_exempt,
         });
         let metrics = Arc::new(Metrics::new());
-        let router = LocalRouter::new(
-            store,
-            config.auth,
-            config.max_frame_len,
-            config.send_wait,
-            config.unacked_window,
-            metrics.clone(),
-        );
+        let limits = RouterLimits {
+            auth: config.auth,
+            max_frame_len: config.max_frame_len,
+            send_wait: config.send_wait,
+            unacked_window: config.unacked_window,
+        };
+        let router = LocalRouter::new(stores, limits, metrics.clone());
         let shared = Arc::new(Shared {
-            router,
+            router: router.clone(),
             config,
             hard_stop: CancellationToken::new(),
             told_shutdown: std::sync::atomic::AtomicUsize::new(0),
             metrics,
         });
-        Ok(Server { listener, tls: None, tls_listener: None, shared, slots, admission })
+        (Server { listener, tls: None, tls_listener: None, shared, slots, admission }, router)
     }
 
     /// The address the server listens on.

@@ -1,0 +1,442 @@
+//! What nodes send each other over NATS, and what they keep in its key-value buckets, byte for
+//! byte.
+//!
+//! Everything here arrives from the network (through the NATS server), so it is decoded within
+//! bounds and never trusted to be well formed: a record that does not decode is dropped with a
+//! log line, never a panic. Integers are little-endian; a string is a `u16` length and UTF-8.
+//! The first byte of every value is its layout version, so a later layout can be told apart.
+//!
+//! The chat message a [`Record::Deliver`] carries is a relay frame body in the version 2 layout
+//! (`relay_proto`'s encoding module), so the protocol's encoding still lives in one place.
+
+use std::net::SocketAddr;
+
+use bytes::{BufMut, Bytes, BytesMut};
+
+/// The layout version of every record and value below.
+const LAYOUT: u8 = 1;
+
+/// The head of every NATS message on a node's subject: who sent it, and its number among the
+/// messages that node sent this one (1, 2, ...), which the receiver acknowledges.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(crate) struct Batch {
+    /// The sending node.
+    pub(crate) node: String,
+    /// Its incarnation.
+    pub(crate) incarnation: u64,
+    /// The message's number.
+    pub(crate) number: u64,
+}
+
+impl Batch {
+    /// Starts a NATS message's payload with this head.
+    pub(crate) fn encode_into(&self, out: &mut BytesMut) {
+        out.put_u8(LAYOUT);
+        put_str(out, &self.node);
+        out.put_u64_le(self.incarnation);
+        out.put_u64_le(self.number);
+    }
+
+    /// The head of a payload, and where its records start.
+    pub(crate) fn decode(payload: &[u8]) -> Result<(Batch, usize), Malformed> {
+        let mut r = Reader(payload);
+        if r.u8()? != LAYOUT {
+            return Err(Malformed);
+        }
+        let batch = Batch { node: r.str()?.to_owned(), incarnation: r.u64()?, number: r.u64()? };
+        Ok((batch, payload.len() - r.0.len()))
+    }
+}
+
+/// One node-to-node record. A NATS message on a node's subject carries a [`Batch`] head and
+/// one or more records, each prefixed by its length (`u32`), so a busy link sends many in one
+/// NATS message.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(crate) enum Record {
+    /// A chat message for `recipient` (a canonical name) online at the receiving node.
+    Deliver {
+        /// The recipient's canonical name.
+        recipient: String,
+        /// Who sent it, for replies about it.
+        origin: Origin,
+        /// The frame body to deliver (version 2 layout).
+        body: Bytes,
+    },
+    /// A reply or receipt for a sender online at the receiving node.
+    Tell {
+        /// The sender's canonical name.
+        canonical: String,
+        /// Its registration (a guest is told only while that registration lasts).
+        token: u64,
+        /// A keyed sender is told whichever of its sessions is online.
+        keyed: bool,
+        /// The frame body to push (version 2 layout; the receiving node re-encodes it for a
+        /// version 1 client).
+        body: Bytes,
+    },
+    /// Disconnect `canonical`'s holder (registration `token`, or any if 0), telling it
+    /// `status` and `detail`: the operator's `kick`, or a guest displaced by a key holder.
+    Evict {
+        /// The holder's canonical name.
+        canonical: String,
+        /// Its registration, or 0 for whoever holds the name.
+        token: u64,
+        /// The status of the closing reply (its index on the wire).
+        status: u32,
+        /// Its detail.
+        detail: String,
+    },
+    /// The receiving node has taken in every message numbered up to `upto` that the node
+    /// `incarnation` (the receiver of this record) sent it.
+    Ack {
+        /// The incarnation the acknowledged messages came from.
+        incarnation: u64,
+        /// The highest message number taken in.
+        upto: u64,
+    },
+}
+
+/// The sender of a forwarded message.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(crate) struct Origin {
+    /// The node it is connected to.
+    pub(crate) node: String,
+    /// Its canonical name.
+    pub(crate) canonical: String,
+    /// Its registration on that node.
+    pub(crate) token: u64,
+    /// Its name is bound to a key.
+    pub(crate) keyed: bool,
+    /// It speaks version 2 (it knows `Stored`, receipts and the like).
+    pub(crate) v2: bool,
+}
+
+const DELIVER: u8 = 1;
+const TELL: u8 = 2;
+const EVICT: u8 = 3;
+const ACK: u8 = 4;
+
+/// A record could not be decoded.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[error("malformed cluster record")]
+pub(crate) struct Malformed;
+
+/// Appends `s`, at most `u16::MAX` bytes of it (names and details are far shorter).
+fn put_str(out: &mut BytesMut, s: &str) {
+    let mut end = s.len().min(usize::from(u16::MAX));
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    out.put_u16_le(u16::try_from(end).unwrap_or(u16::MAX));
+    out.put_slice(&s.as_bytes()[..end]);
+}
+
+/// Reads what [`put_str`] wrote and the rest of the bytes.
+struct Reader<'a>(&'a [u8]);
+
+impl<'a> Reader<'a> {
+    fn bytes(&mut self, n: usize) -> Result<&'a [u8], Malformed> {
+        let (head, rest) = self.0.split_at_checked(n).ok_or(Malformed)?;
+        self.0 = rest;
+        Ok(head)
+    }
+
+    fn u8(&mut self) -> Result<u8, Malformed> {
+        Ok(self.bytes(1)?[0])
+    }
+
+    fn u16(&mut self) -> Result<u16, Malformed> {
+        Ok(u16::from_le_bytes(self.bytes(2)?.try_into().map_err(|_| Malformed)?))
+    }
+
+    fn u32(&mut self) -> Result<u32, Malformed> {
+        Ok(u32::from_le_bytes(self.bytes(4)?.try_into().map_err(|_| Malformed)?))
+    }
+
+    fn u64(&mut self) -> Result<u64, Malformed> {
+        Ok(u64::from_le_bytes(self.bytes(8)?.try_into().map_err(|_| Malformed)?))
+    }
+
+    fn str(&mut self) -> Result<&'a str, Malformed> {
+        let len = usize::from(self.u16()?);
+        std::str::from_utf8(self.bytes(len)?).map_err(|_| Malformed)
+    }
+
+    fn rest(&mut self) -> &'a [u8] {
+        std::mem::take(&mut self.0)
+    }
+}
+
+impl Record {
+    /// Appends the record, prefixed by its length, to a NATS message's payload.
+    pub(crate) fn encode_into(&self, out: &mut BytesMut) {
+        let start = out.len();
+        out.put_u32_le(0);
+        out.put_u8(LAYOUT);
+        match self {
+            Record::Deliver { recipient, origin, body } => {
+                out.put_u8(DELIVER);
+                put_str(out, recipient);
+                put_str(out, &origin.node);
+                put_str(out, &origin.canonical);
+                out.put_u64_le(origin.token);
+                out.put_u8(u8::from(origin.keyed) | u8::from(origin.v2) << 1);
+                out.put_slice(body);
+            }
+            Record::Tell { canonical, token, keyed, body } => {
+                out.put_u8(TELL);
+                put_str(out, canonical);
+                out.put_u64_le(*token);
+                out.put_u8(u8::from(*keyed));
+                out.put_slice(body);
+            }
+            Record::Evict { canonical, token, status, detail } => {
+                out.put_u8(EVICT);
+                put_str(out, canonical);
+                out.put_u64_le(*token);
+                out.put_u32_le(*status);
+                put_str(out, detail);
+            }
+            Record::Ack { incarnation, upto } => {
+                out.put_u8(ACK);
+                out.put_u64_le(*incarnation);
+                out.put_u64_le(*upto);
+            }
+        }
+        let len = u32::try_from(out.len() - start - 4).unwrap_or(u32::MAX);
+        out[start..start + 4].copy_from_slice(&len.to_le_bytes());
+    }
+
+    /// Every record in a NATS message's payload, in order. Stops at the first that does not
+    /// decode (what follows cannot be framed reliably).
+    pub(crate) fn decode_all(payload: &Bytes, start: usize) -> (Vec<Record>, Option<Malformed>) {
+        let mut records = Vec::new();
+        let mut at = start;
+        while at < payload.len() {
+            let mut reader = Reader(&payload[at..]);
+            let Ok(len) = reader.u32().map(|len| len as usize) else {
+                return (records, Some(Malformed));
+            };
+            let Some(end) = (at + 4).checked_add(len).filter(|&end| end <= payload.len()) else {
+                return (records, Some(Malformed));
+            };
+            match Record::decode(payload.slice(at + 4..end)) {
+                Ok(record) => records.push(record),
+                Err(e) => return (records, Some(e)),
+            }
+            at = end;
+        }
+        (records, None)
+    }
+
+    fn decode(bytes: Bytes) -> Result<Record, Malformed> {
+        let mut r = Reader(&bytes);
+        if r.u8()? != LAYOUT {
+            return Err(Malformed);
+        }
+        let record = match r.u8()? {
+            DELIVER => {
+                let recipient = r.str()?.to_owned();
+                let node = r.str()?.to_owned();
+                let canonical = r.str()?.to_owned();
+                let token = r.u64()?;
+                let flags = r.u8()?;
+                let at = bytes.len() - r.rest().len();
+                let origin =
+                    Origin { node, canonical, token, keyed: flags & 1 != 0, v2: flags & 2 != 0 };
+                Record::Deliver { recipient, origin, body: bytes.slice(at..) }
+            }
+            TELL => {
+                let canonical = r.str()?.to_owned();
+                let token = r.u64()?;
+                let keyed = r.u8()? != 0;
+                let at = bytes.len() - r.rest().len();
+                Record::Tell { canonical, token, keyed, body: bytes.slice(at..) }
+            }
+            EVICT => {
+                let canonical = r.str()?.to_owned();
+                let token = r.u64()?;
+                let status = r.u32()?;
+                let detail = r.str()?.to_owned();
+                Record::Evict { canonical, token, status, detail }
+            }
+            ACK => Record::Ack { incarnation: r.u64()?, upto: r.u64()? },
+            _ => return Err(Malformed),
+        };
+        Ok(record)
+    }
+}
+
+/// Who holds a name online, as kept in the presence bucket (its key is the name's skeleton,
+/// so look-alikes collide there too).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(crate) struct Presence {
+    /// The node the holder is connected to.
+    pub(crate) node: String,
+    /// That node's incarnation: a node restarted under the same name holds none of the
+    /// names its previous run held.
+    pub(crate) incarnation: u64,
+    /// The registration on that node.
+    pub(crate) token: u64,
+    /// A guest (no key): a key holder of the name displaces it.
+    pub(crate) guest: bool,
+    /// When it registered, in ms since the Unix epoch.
+    pub(crate) since: u64,
+    /// The client's address.
+    pub(crate) addr: SocketAddr,
+    /// The canonical name.
+    pub(crate) canonical: String,
+    /// The name as shown.
+    pub(crate) display: String,
+    /// The client's protocol version.
+    pub(crate) version: u16,
+}
+
+impl Presence {
+    /// The bucket value.
+    pub(crate) fn encode(&self) -> Bytes {
+        let mut out = BytesMut::with_capacity(64 + self.canonical.len() + self.display.len());
+        out.put_u8(LAYOUT);
+        put_str(&mut out, &self.node);
+        out.put_u64_le(self.incarnation);
+        out.put_u64_le(self.token);
+        out.put_u8(u8::from(self.guest));
+        out.put_u64_le(self.since);
+        put_str(&mut out, &self.addr.to_string());
+        put_str(&mut out, &self.canonical);
+        put_str(&mut out, &self.display);
+        out.put_u16_le(self.version);
+        out.freeze()
+    }
+
+    /// Reads a bucket value.
+    pub(crate) fn decode(bytes: &[u8]) -> Result<Presence, Malformed> {
+        let mut r = Reader(bytes);
+        if r.u8()? != LAYOUT {
+            return Err(Malformed);
+        }
+        Ok(Presence {
+            node: r.str()?.to_owned(),
+            incarnation: r.u64()?,
+            token: r.u64()?,
+            guest: r.u8()? != 0,
+            since: r.u64()?,
+            addr: r.str()?.parse().map_err(|_| Malformed)?,
+            canonical: r.str()?.to_owned(),
+            display: r.str()?.to_owned(),
+            version: r.u16()?,
+        })
+    }
+}
+
+/// A node's lease, as kept in the nodes bucket under the node's name.
+pub(crate) fn encode_lease(incarnation: u64) -> Bytes {
+    let mut out = BytesMut::with_capacity(9);
+    out.put_u8(LAYOUT);
+    out.put_u64_le(incarnation);
+    out.freeze()
+}
+
+/// The incarnation in a node's lease.
+pub(crate) fn decode_lease(bytes: &[u8]) -> Result<u64, Malformed> {
+    let mut r = Reader(bytes);
+    if r.u8()? != LAYOUT {
+        return Err(Malformed);
+    }
+    r.u64()
+}
+
+/// A key-value key for `s`: NATS keys allow only `[-/_=.a-zA-Z0-9]`, and names are Unicode,
+/// so every byte is written as two hex digits behind `prefix`.
+pub(crate) fn kv_key(prefix: &str, s: &str) -> String {
+    use std::fmt::Write;
+    let mut key = String::with_capacity(prefix.len() + 2 * s.len());
+    key.push_str(prefix);
+    for b in s.bytes() {
+        let _ = write!(key, "{b:02x}");
+    }
+    key
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn origin() -> Origin {
+        Origin { node: "n1".into(), canonical: "alice".into(), token: 7, keyed: true, v2: true }
+    }
+
+    #[test]
+    fn records_round_trip_in_one_payload() {
+        let records = vec![
+            Record::Deliver {
+                recipient: "bob".into(),
+                origin: origin(),
+                body: Bytes::from_static(b"frame"),
+            },
+            Record::Tell {
+                canonical: "ålice".into(),
+                token: 3,
+                keyed: false,
+                body: Bytes::from_static(b"reply"),
+            },
+            Record::Evict { canonical: "carol".into(), token: 0, status: 24, detail: "bye".into() },
+            Record::Ack { incarnation: 5, upto: 9 },
+        ];
+        let head = Batch { node: "n1".into(), incarnation: 77, number: 3 };
+        let mut payload = BytesMut::new();
+        head.encode_into(&mut payload);
+        for r in &records {
+            r.encode_into(&mut payload);
+        }
+        let payload = payload.freeze();
+        let (batch, start) = Batch::decode(&payload).unwrap();
+        assert_eq!(batch, head);
+        let (decoded, error) = Record::decode_all(&payload, start);
+        assert_eq!(error, None);
+        assert_eq!(decoded, records);
+    }
+
+    #[test]
+    fn truncated_and_garbage_payloads_are_refused_without_panicking() {
+        let mut payload = BytesMut::new();
+        Record::Deliver { recipient: "bob".into(), origin: origin(), body: Bytes::new() }
+            .encode_into(&mut payload);
+        let full = payload.freeze();
+        for cut in 0..full.len() {
+            let (records, error) = Record::decode_all(&full.slice(..cut), 0);
+            assert!(records.is_empty());
+            assert_eq!(error.is_some(), cut > 0, "cut at {cut}");
+        }
+        // A length that points past the end, an unknown kind, an unknown layout.
+        for bad in [&[255u8, 255, 255, 255, 1][..], &[2, 0, 0, 0, 1, 9], &[2, 0, 0, 0, 9, 1]] {
+            let (records, error) = Record::decode_all(&Bytes::copy_from_slice(bad), 0);
+            assert!(records.is_empty() && error.is_some());
+        }
+        assert!(Presence::decode(b"\x01\xff\xff").is_err());
+        assert!(Batch::decode(b"\x01\x02\x00n").is_err());
+        assert!(decode_lease(b"").is_err());
+    }
+
+    #[test]
+    fn presence_and_lease_round_trip() {
+        let p = Presence {
+            node: "n2".into(),
+            incarnation: 99,
+            token: 5,
+            guest: true,
+            since: 1234,
+            addr: "[::1]:4000".parse().unwrap(),
+            canonical: "bob".into(),
+            display: "Bob".into(),
+            version: 2,
+        };
+        assert_eq!(Presence::decode(&p.encode()), Ok(p));
+        assert_eq!(decode_lease(&encode_lease(42)), Ok(42));
+    }
+
+    #[test]
+    fn keys_are_hex_behind_their_prefix() {
+        assert_eq!(kv_key("on.", "bö"), "on.62c3b6");
+    }
+}

@@ -1,0 +1,488 @@
+//! Cluster mode against a real nats-server (with JetStream, on a free loopback port and a
+//! temporary store directory): names unique across nodes, messages across nodes, a node
+//! killed, NATS restarted.
+//!
+//! These tests need `nats-server` on the PATH (Debian: `apt-get install -y nats-server`;
+//! `.ci/run` installs it). Without it they fail, saying so: they are never skipped.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+mod common;
+
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::process::ServerProcess;
+use common::{TestServer, WAIT, next_event, next_message, wait_until, within};
+use relay_client::{Client, ConnectError, Event, Identity};
+use relay_proto::Status;
+use relay_server::cluster::{Cluster, ClusterConfig};
+use relay_server::{Config, Server};
+use tokio_util::sync::CancellationToken;
+
+/// A nats-server with JetStream, stopped when dropped.
+struct Nats {
+    child: Child,
+    port: u16,
+    dir: tempfile::TempDir,
+}
+
+fn nats_binary() -> PathBuf {
+    if let Some(path) = std::env::var_os("RELAY_NATS_SERVER") {
+        return path.into();
+    }
+    let found = std::env::var_os("PATH").and_then(|paths| {
+        std::env::split_paths(&paths)
+            .chain(["/usr/sbin".into(), "/usr/local/sbin".into()])
+            .map(|dir| dir.join("nats-server"))
+            .find(|path| path.is_file())
+    });
+    found.unwrap_or_else(|| {
+        panic!(
+            "the cluster tests need nats-server, which is not on the PATH: install it \
+             (Debian: apt-get install -y nats-server) or set RELAY_NATS_SERVER to its path"
+        )
+    })
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+impl Nats {
+    async fn start() -> Nats {
+        let dir = tempfile::tempdir().unwrap();
+        let port = free_port();
+        let child = Nats::spawn(port, &dir).await;
+        Nats { child, port, dir }
+    }
+
+    async fn spawn(port: u16, dir: &tempfile::TempDir) -> Child {
+        let mut child = Command::new(nats_binary())
+            .args(["-js", "-a", "127.0.0.1", "-p", &port.to_string(), "-sd"])
+            .arg(dir.path())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap_or_else(|e| panic!("could not start nats-server: {e}"));
+        let up = tokio::time::timeout(WAIT, async {
+            loop {
+                if tokio::net::TcpStream::connect(("127.0.0.1", port)).await.is_ok() {
+                    return;
+                }
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        })
+        .await;
+        if up.is_err() {
+            let _ = child.kill();
+            panic!("nats-server did not start listening on 127.0.0.1:{port}");
+        }
+        child
+    }
+
+    fn url(&self) -> String {
+        format!("nats://127.0.0.1:{}", self.port)
+    }
+
+    fn stop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// Starts it again on the same port and store.
+    async fn start_again(&mut self) {
+        self.child = Nats::spawn(self.port, &self.dir).await;
+    }
+}
+
+impl Drop for Nats {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+/// The lease the tests use: short, so a dead node's names free up quickly.
+const LEASE: Duration = Duration::from_secs(2);
+
+/// A node of the cluster, in process.
+async fn node(nats: &Nats, name: &str) -> TestServer {
+    let cluster =
+        within(Cluster::connect(ClusterConfig::new(nats.url(), name).lease(LEASE))).await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let config = Config { data_dir: dir.path().to_path_buf(), ..Config::default() };
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let server = within(Server::in_cluster(listener, config, cluster)).await.unwrap();
+    let addr = server.local_addr().unwrap();
+    let handle = server.handle();
+    let shutdown = CancellationToken::new();
+    let task = tokio::spawn(server.run(shutdown.clone()));
+    TestServer { addr, handle, shutdown, task, data: Some(dir) }
+}
+
+async fn three_nodes(nats: &Nats) -> [TestServer; 3] {
+    [node(nats, "n1").await, node(nats, "n2").await, node(nats, "n3").await]
+}
+
+fn key(n: u8) -> Identity {
+    Identity::from_seed(&[n; 32])
+}
+
+fn lists(server: &TestServer, name: &str) -> bool {
+    server.handle.users().iter().any(|(n, _)| n == name)
+}
+
+#[tokio::test]
+async fn chat_crosses_nodes_both_ways_and_every_node_lists_the_whole_cluster() {
+    let nats = Nats::start().await;
+    let [n1, n2, n3] = three_nodes(&nats).await;
+    let (alice, mut alice_events) = n1.connect("alice").await;
+    let (bob, mut bob_events) = n2.connect("bob").await;
+    let (carol, mut carol_events) = n3.connect("carol").await;
+    for server in [&n1, &n2, &n3] {
+        wait_until(|| ["alice", "bob", "carol"].iter().all(|name| lists(server, name))).await;
+    }
+    // A client's own listing shows everyone too.
+    carol.list_users().await.unwrap();
+    let users = match next_event(&mut carol_events).await {
+        Event::Users { users, .. } => users,
+        other => panic!("expected the users, got {other:?}"),
+    };
+    let names: Vec<&str> = users.iter().map(|u| u.name.as_str()).collect();
+    assert_eq!(names, ["alice", "bob", "carol"]);
+
+    alice.send("bob", "hi bob, from n1").await.unwrap();
+    assert_eq!(next_message(&mut bob_events).await, ("alice".into(), "hi bob, from n1".into()));
+    bob.send("alice", "hi alice, from n2").await.unwrap();
+    assert_eq!(next_message(&mut alice_events).await, ("bob".into(), "hi alice, from n2".into()));
+    // By address, as the listing shows it.
+    let alice_addr = &users.iter().find(|u| u.name == "alice").unwrap().addr;
+    carol.send(alice_addr, "by address").await.unwrap();
+    assert_eq!(next_message(&mut alice_events).await, ("carol".into(), "by address".into()));
+
+    // Per-sender order across nodes.
+    for i in 0..200 {
+        alice.send("carol", format!("{i}")).await.unwrap();
+    }
+    for i in 0..200 {
+        assert_eq!(next_message(&mut carol_events).await, ("alice".into(), format!("{i}")));
+    }
+
+    // Nobody by that name anywhere: NotFound at once.
+    let id = bob.send("nobody", "anyone?").await.unwrap();
+    assert_eq!(next_event(&mut bob_events).await, Event::NotFound { id, to: "nobody".into() });
+
+    // Gone from n2: every node stops listing it, and a message to it is NotFound.
+    within(bob.offline()).await.unwrap();
+    wait_until(|| !lists(&n1, "bob") && !lists(&n3, "bob")).await;
+    let id = alice.send("bob", "still there?").await.unwrap();
+    assert_eq!(next_event(&mut alice_events).await, Event::NotFound { id, to: "bob".into() });
+
+    // The operator of one node sees and kicks a user on another.
+    let who = n1.handle.who("carol").unwrap();
+    assert_eq!(who.node, "n3");
+    assert!(n1.handle.kick("carol", "testing"));
+    match next_event(&mut carol_events).await {
+        Event::Closed { status, .. } => assert_eq!(status, Status::Kicked),
+        other => panic!("expected a kick, got {other:?}"),
+    }
+    for server in [n1, n2, n3] {
+        server.stop().await;
+    }
+}
+
+#[tokio::test]
+async fn fifty_racing_claims_of_one_name_across_three_nodes_have_exactly_one_winner() {
+    let nats = Nats::start().await;
+    let nodes = three_nodes(&nats).await;
+    let urls: Vec<String> = nodes.iter().map(TestServer::url).collect();
+
+    // Guests racing for one name.
+    let mut racers = tokio::task::JoinSet::new();
+    for n in 0..50 {
+        let url = urls[n % 3].clone();
+        racers.spawn(async move { (n % 3, Client::connect(&url, "prize").await) });
+    }
+    let (mut winners, mut taken) = (Vec::new(), 0);
+    while let Some(joined) = within(racers.join_next()).await {
+        match joined.unwrap() {
+            (node, Ok((client, _events))) => winners.push((node, client)),
+            (_, Err(ConnectError::NameTaken { .. })) => taken += 1,
+            (_, Err(other)) => panic!("unexpected refusal: {other}"),
+        }
+    }
+    assert_eq!((winners.len(), taken), (1, 49));
+    let winner_node = format!("n{}", winners[0].0 + 1);
+    // Every node (each reading the presence bucket) agrees on where the name is held.
+    for server in &nodes {
+        wait_until(|| server.handle.who("prize").is_some_and(|w| w.node == winner_node)).await;
+    }
+
+    // Keys racing to bind one name: one binds it, the others are told it is owned.
+    let mut racers = tokio::task::JoinSet::new();
+    for n in 0..50u8 {
+        let url = urls[usize::from(n) % 3].clone();
+        racers.spawn(async move {
+            (n, Client::builder(url, "jewel").identity(key(100 + n)).connect().await)
+        });
+    }
+    let (mut bound, mut owned) = (Vec::new(), 0);
+    while let Some(joined) = within(racers.join_next()).await {
+        match joined.unwrap() {
+            (n, Ok((client, _events))) => bound.push((n, client)),
+            (_, Err(ConnectError::NameOwned { .. } | ConnectError::NameTaken { .. })) => owned += 1,
+            (_, Err(other)) => panic!("unexpected refusal: {other}"),
+        }
+    }
+    assert_eq!((bound.len(), owned), (1, 49));
+    let (winner, client) = bound.pop().unwrap();
+    within(client.offline()).await.unwrap();
+    // The name table agrees: only the winner's key logs in, on any node.
+    for url in &urls {
+        let loser = Client::builder(url.clone(), "jewel").identity(key(100 + (winner + 1) % 50));
+        assert!(matches!(loser.connect().await, Err(ConnectError::NameOwned { .. })));
+        let (again, _events) =
+            within(Client::builder(url.clone(), "jewel").identity(key(100 + winner)).connect())
+                .await
+                .unwrap();
+        within(again.offline()).await.unwrap();
+    }
+    drop(winners);
+    for server in nodes {
+        server.stop().await;
+    }
+}
+
+#[tokio::test]
+async fn a_bound_key_works_on_every_node_and_displaces_a_guest_on_another() {
+    let nats = Nats::start().await;
+    let [n1, n2, n3] = three_nodes(&nats).await;
+    // Bound at n1, then logged in at n2 and n3 in turn.
+    for server in [&n1, &n2, &n3] {
+        let (client, _events) =
+            within(Client::builder(server.url(), "dora").identity(key(1)).connect()).await.unwrap();
+        within(client.offline()).await.unwrap();
+        wait_until(|| !lists(&n1, "dora") && !lists(&n2, "dora") && !lists(&n3, "dora")).await;
+    }
+    // Another key, or a guest, is refused on any node.
+    let other = Client::builder(n3.url(), "dora").identity(key(2)).connect().await;
+    assert!(matches!(other, Err(ConnectError::NameOwned { .. })));
+    assert!(matches!(
+        Client::connect(&n2.url(), "dora").await,
+        Err(ConnectError::NameOwned { .. })
+    ));
+    // Online at n1: a second login with the same key at n2 is refused as taken.
+    let (_dora, _events) =
+        within(Client::builder(n1.url(), "dora").identity(key(1)).connect()).await.unwrap();
+    let twice = Client::builder(n2.url(), "dora").identity(key(1)).connect().await;
+    assert!(matches!(twice, Err(ConnectError::NameTaken { .. })), "{twice:?}");
+
+    // A guest holds "eve" at n1; the key that binds it at n2 takes it over.
+    let (_guest, mut guest_events) = n1.connect("eve").await;
+    wait_until(|| lists(&n2, "eve")).await;
+    let (eve, _eve_events) =
+        within(Client::builder(n2.url(), "eve").identity(key(3)).connect()).await.unwrap();
+    match next_event(&mut guest_events).await {
+        Event::Closed { status, .. } => assert_eq!(status, Status::NameOwned),
+        other => panic!("expected the guest to be displaced, got {other:?}"),
+    }
+    wait_until(|| n3.handle.who("eve").is_some_and(|w| w.node == "n2")).await;
+    drop(eve);
+    for server in [n1, n2, n3] {
+        server.stop().await;
+    }
+}
+
+#[tokio::test]
+async fn a_node_killed_with_sigkill_frees_its_names_within_the_lease() {
+    let nats = Nats::start().await;
+    let n1 = node(&nats, "n1").await;
+    let lease = format!("{}s", LEASE.as_secs());
+    let mut doomed = ServerProcess::spawn(
+        &["--cluster", &nats.url(), "--node", "doomed", "--cluster-lease", &lease],
+        None,
+    )
+    .await;
+    let (_frank, _frank_events) =
+        within(Client::connect(&doomed.addr.to_string(), "frank")).await.unwrap();
+    let (alice, mut alice_events) = n1.connect("alice").await;
+    wait_until(|| lists(&n1, "frank")).await;
+    assert!(matches!(
+        Client::connect(&n1.url(), "frank").await,
+        Err(ConnectError::NameTaken { .. })
+    ));
+
+    let killed = Instant::now();
+    doomed.child.start_kill().unwrap();
+    doomed.child.wait().await.unwrap();
+    // Sent at once, while n1 still sees the node alive: forwarded, never acknowledged, so
+    // its sender is told it was not delivered (or, if n1 already knows, NotFound).
+    let id = alice.send("frank", "in flight").await.unwrap();
+    match next_event(&mut alice_events).await {
+        Event::Rejected { id: got, status: Status::NotDelivered, .. } if got == id => {}
+        Event::NotFound { id: got, .. } if got == id => {}
+        other => panic!("expected NotDelivered or NotFound, got {other:?}"),
+    }
+    // Within the lease, n1 stops routing to the dead node: a message is NotFound, never
+    // sent into the void.
+    wait_until(|| !lists(&n1, "frank")).await;
+    let id = alice.send("frank", "are you there?").await.unwrap();
+    assert_eq!(next_event(&mut alice_events).await, Event::NotFound { id, to: "frank".into() });
+    // And the name can be claimed again.
+    let reclaimed = within(async {
+        loop {
+            match Client::connect(&n1.url(), "frank").await {
+                Ok((client, _events)) => return client,
+                Err(ConnectError::NameTaken { .. }) => {
+                    tokio::time::sleep(Duration::from_millis(50)).await
+                }
+                Err(other) => panic!("{other}"),
+            }
+        }
+    })
+    .await;
+    println!("frank claimable again {:?} after the kill (lease {LEASE:?})", killed.elapsed());
+    drop(reclaimed);
+    n1.stop().await;
+}
+
+#[tokio::test]
+async fn nats_restarting_mid_traffic_keeps_local_chat_and_refuses_cross_node_sends() {
+    let mut nats = Nats::start().await;
+    let [n1, n2] = [node(&nats, "n1").await, node(&nats, "n2").await];
+    let (alice, mut alice_events) = n1.connect("alice").await;
+    let (_carol, mut carol_events) = n1.connect("carol").await;
+    let (_bob, mut bob_events) = n2.connect("bob").await;
+    wait_until(|| lists(&n1, "bob")).await;
+    alice.send("bob", "before").await.unwrap();
+    assert_eq!(next_message(&mut bob_events).await, ("alice".into(), "before".into()));
+
+    nats.stop();
+    // Cross-node sends get a typed refusal once the node knows NATS is gone (not a hang,
+    // not silence).
+    let id = alice.send("bob", "during").await.unwrap();
+    match next_event(&mut alice_events).await {
+        Event::Rejected { id: got, status: Status::NotDelivered, .. } if got == id => {}
+        other => panic!("expected NotDelivered, got {other:?}"),
+    }
+    // Local chat goes on.
+    alice.send("carol", "local still works").await.unwrap();
+    assert_eq!(next_message(&mut carol_events).await, ("alice".into(), "local still works".into()));
+
+    nats.start_again().await;
+    // Once the nodes are back, cross-node chat resumes; every message is either delivered
+    // or refused, none is lost without a word.
+    let (mut sent, mut refused) = (0u64, 0u64);
+    within(async {
+        loop {
+            let id = alice.send("bob", format!("after {id_hint}", id_hint = sent)).await.unwrap();
+            sent += 1;
+            tokio::select! {
+                event = next_event(&mut alice_events) => match event {
+                    Event::Rejected { id: got, .. } | Event::NotFound { id: got, .. } if got == id => {
+                        refused += 1;
+                        tokio::time::sleep(Duration::from_millis(100)).await;
+                    }
+                    other => panic!("unexpected {other:?}"),
+                },
+                (from, _) = next_message(&mut bob_events) => {
+                    assert_eq!(from, "alice");
+                    return;
+                }
+            }
+        }
+    })
+    .await;
+    println!("{sent} probes, {refused} refused while the nodes reconnected");
+    // Names were re-asserted: bob's is still his, at n2.
+    assert!(matches!(Client::connect(&n1.url(), "bob").await, Err(ConnectError::NameTaken { .. })));
+    n1.stop().await;
+    n2.stop().await;
+}
+
+/// A TCP proxy to NATS that can be cut, to partition one node from the cluster.
+struct Partition {
+    addr: std::net::SocketAddr,
+    cut: tokio::sync::watch::Sender<bool>,
+}
+
+impl Partition {
+    async fn to(nats: &Nats) -> Partition {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (cut, cut_rx) = tokio::sync::watch::channel(false);
+        let port = nats.port;
+        tokio::spawn(async move {
+            while let Ok((mut client, _)) = listener.accept().await {
+                if *cut_rx.borrow() {
+                    continue; // dropped: refused while cut
+                }
+                let mut cut_rx = cut_rx.clone();
+                tokio::spawn(async move {
+                    let Ok(mut server) = tokio::net::TcpStream::connect(("127.0.0.1", port)).await
+                    else {
+                        return;
+                    };
+                    tokio::select! {
+                        _ = tokio::io::copy_bidirectional(&mut client, &mut server) => {}
+                        _ = cut_rx.wait_for(|cut| *cut) => {}
+                    }
+                });
+            }
+        });
+        Partition { addr, cut }
+    }
+
+    fn url(&self) -> String {
+        format!("nats://{}", self.addr)
+    }
+
+    fn set_cut(&self, cut: bool) {
+        self.cut.send_replace(cut);
+    }
+}
+
+#[tokio::test]
+async fn a_node_cut_off_past_its_lease_loses_its_names_and_disconnects_their_holders() {
+    let nats = Nats::start().await;
+    let n1 = node(&nats, "n1").await;
+    let partition = Partition::to(&nats).await;
+    let cluster = within(Cluster::connect(ClusterConfig::new(partition.url(), "cut").lease(LEASE)))
+        .await
+        .unwrap();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let server = within(Server::in_cluster(listener, Config::default(), cluster)).await.unwrap();
+    let cut_addr = server.local_addr().unwrap();
+    let shutdown = CancellationToken::new();
+    let task = tokio::spawn(server.run(shutdown.clone()));
+
+    let (_gina, mut gina_events) =
+        within(Client::connect(&cut_addr.to_string(), "gina")).await.unwrap();
+    wait_until(|| lists(&n1, "gina")).await;
+    partition.set_cut(true);
+    // Past the lease, gina's name is free on n1, and someone takes it.
+    let (_other, _other_events) = within(async {
+        loop {
+            match Client::connect(&n1.url(), "gina").await {
+                Ok(client) => return client,
+                Err(ConnectError::NameTaken { .. }) => {
+                    tokio::time::sleep(Duration::from_millis(100)).await
+                }
+                Err(other) => panic!("{other}"),
+            }
+        }
+    })
+    .await;
+    // When the node is back, it finds its name moved and disconnects its holder, saying why.
+    partition.set_cut(false);
+    match next_event(&mut gina_events).await {
+        Event::Closed { status, detail } => {
+            assert_eq!(status, Status::NameTaken);
+            assert!(detail.contains("cut off"), "{detail}");
+        }
+        other => panic!("expected gina to be disconnected, got {other:?}"),
+    }
+    shutdown.cancel();
+    within(task).await.unwrap();
+    n1.stop().await;
+}
