@@ -30,11 +30,11 @@ async fn flows_deliver_everything_in_order() {
     let stall = Duration::from_secs(20);
     let pairs =
         FlowOptions { senders: 4, receivers: 4, messages: 4_001, size: 64, stall, keys: false };
-    let report = workloads::flow(&target, "pairs", &pairs).await.unwrap();
+    let report = workloads::flow(&target, &target, "pairs", &pairs).await.unwrap();
     assert_eq!((report.delivered, report.lost, report.out_of_order), (4_001, 0, 0));
     let fan_in =
         FlowOptions { senders: 8, receivers: 1, messages: 4_000, size: 1024, stall, keys: false };
-    let report = workloads::flow(&target, "fan-in", &fan_in).await.unwrap();
+    let report = workloads::flow(&target, &target, "fan-in", &fan_in).await.unwrap();
     assert_eq!((report.delivered, report.lost, report.out_of_order), (4_000, 0, 0));
     shutdown.cancel();
 }
@@ -49,7 +49,7 @@ async fn latency_and_connections_report_what_they_measured() {
         size: 64,
         stall: Duration::from_secs(20),
     };
-    let report = workloads::latency(&target, &options).await.unwrap();
+    let report = workloads::latency(&target, &target, &options).await.unwrap();
     assert!(report.sent > 0 && report.lost == 0, "{report:?}");
     assert!(
         report.p50_us > 0.0 && report.p50_us <= report.p99_us && report.p99_us <= report.max_us
@@ -85,7 +85,7 @@ async fn keyed_flows_with_receipts_and_the_store_workload_count_everything() {
     let stall = Duration::from_secs(20);
     let pairs =
         FlowOptions { senders: 4, receivers: 4, messages: 4_000, size: 64, stall, keys: true };
-    let report = workloads::flow(&target, "pairs", &pairs).await.unwrap();
+    let report = workloads::flow(&target, &target, "pairs", &pairs).await.unwrap();
     assert_eq!((report.delivered, report.lost, report.out_of_order), (4_000, 0, 0));
     let options = relay_bench::store::StoreOptions {
         senders: 4,
