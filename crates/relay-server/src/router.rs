@@ -759,8 +759,15 @@ impl LocalRouter {
     }
 
     /// A message another node forwarded for `recipient` (a canonical name it saw online
-    /// here). `Err` with the reply its sender should get if it cannot be queued.
-    pub(crate) fn deliver_forwarded(&self, recipient: &str, body: &[u8]) -> Result<(), Message> {
+    /// here). `Err` with the reply its sender should get if it cannot be queued. A full
+    /// receiver is waited for, up to the send wait, as a sender here would wait: the other
+    /// node's link is held meanwhile, which is what slows its senders down (see the cluster
+    /// docs).
+    pub(crate) async fn deliver_forwarded(
+        &self,
+        recipient: &str,
+        body: &[u8],
+    ) -> Result<(), Message> {
         let msg = match relay_proto::decode_ref(body) {
             Ok(msg) => msg,
             Err(e) => {
@@ -772,18 +779,26 @@ impl LocalRouter {
             self.metrics.refused(status);
             Err(Message::reply(msg.id, status, msg.to, detail))
         };
+        let not_online = || format!("{} is not online", msg.to);
+        let not_keeping_up =
+            || format!("{} is not keeping up; the message was not delivered", msg.to);
         let Some(outbox) = self.registry.with_name(recipient, |e| e.outbox.clone()) else {
-            return refuse(Status::NotFound, format!("{} is not online", msg.to));
+            return refuse(Status::NotFound, not_online());
         };
         // No sender token: a forwarded message's sender is not on this node, so a failed
         // connection here reports nothing for it (see the cluster docs).
-        match outbox.push_routed(&msg, 0, None, |_, _| {}) {
-            Ok(_) => Ok(()),
-            Err(PushError::Closed) => refuse(Status::NotFound, format!("{} is not online", msg.to)),
-            Err(PushError::Full | PushError::Stalled) => refuse(
-                Status::NotDelivered,
-                format!("{} is not keeping up; the message was not delivered", msg.to),
-            ),
+        let pushed = match outbox.push_routed(&msg, 0, None, |_, _| {}) {
+            Err(PushError::Full) if !self.send_wait.is_zero() => {
+                outbox.wait_for_room(&msg, self.send_wait, 0, None).await
+            }
+            other => other.map(drop),
+        };
+        match pushed {
+            Ok(()) => Ok(()),
+            Err(PushError::Closed) => refuse(Status::NotFound, not_online()),
+            Err(PushError::Full | PushError::Stalled) => {
+                refuse(Status::NotDelivered, not_keeping_up())
+            }
         }
     }
 

@@ -15,7 +15,7 @@ use bytes::{Bytes, BytesMut};
 use futures_util::StreamExt;
 use futures_util::future::BoxFuture;
 use relay_proto::{Destination, Message, MessageRef, Status, canonical_name, parse_destination};
-use tokio::sync::{Notify, mpsc};
+use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
@@ -26,9 +26,6 @@ use crate::router::{Claim, LocalRouter, Peers, Refused, Routed, Undelivered, Who
 
 /// How many times a claim reads again after losing a compare-and-set race.
 const RACES: usize = 16;
-
-/// Records waiting to be published; past this a sender waits (up to the send wait).
-const QUEUE: usize = 8192;
 
 /// The most bytes of records in one NATS message.
 const BATCH_BYTES: usize = 256 * 1024;
@@ -85,11 +82,26 @@ struct Holdings {
     by_key: HashMap<String, String>,
 }
 
+/// A presence entry as the view keeps it: shared, with its node's name ready for queuing.
+#[derive(Debug)]
+struct Remote {
+    presence: Presence,
+    node_name: Arc<str>,
+}
+
+impl std::ops::Deref for Remote {
+    type Target = Presence;
+
+    fn deref(&self) -> &Presence {
+        &self.presence
+    }
+}
+
 /// Who is online on which node, as the watched buckets say.
 #[derive(Debug, Default)]
 struct View {
     /// Presence key → entry.
-    by_key: HashMap<String, Presence>,
+    by_key: HashMap<String, Arc<Remote>>,
     /// Canonical name → presence key.
     by_name: HashMap<String, String>,
     by_addr: HashMap<SocketAddr, String>,
@@ -102,7 +114,8 @@ impl View {
         self.remove(&key);
         self.by_name.insert(presence.canonical.clone(), key.clone());
         self.by_addr.insert(presence.addr, key.clone());
-        self.by_key.insert(key, presence);
+        let node_name = Arc::from(presence.node.as_str());
+        self.by_key.insert(key, Arc::new(Remote { presence, node_name }));
     }
 
     fn remove(&mut self, key: &str) {
@@ -132,14 +145,6 @@ pub(crate) struct Parts {
     pub(crate) state: Arc<LinkState>,
 }
 
-/// Records for one node.
-struct Outgoing {
-    node: Arc<str>,
-    bytes: Bytes,
-    /// A chat message's sender, told if the other node never takes it in.
-    pending: Option<Pending>,
-}
-
 /// A forwarded chat message not yet acknowledged by the node it went to.
 struct Pending {
     sender: Arc<SenderRef>,
@@ -152,24 +157,44 @@ struct Unacked {
     number: u64,
     sent: Instant,
     pending: Vec<Pending>,
+    /// Their bytes, counted in the window.
+    bytes: usize,
 }
+
+/// Bytes of chat messages forwarded to other nodes and not yet acknowledged, past which
+/// senders wait (up to the send wait) as they would for a full receiver here: the
+/// cluster's flow control, so a busy link slows its senders instead of refusing them.
+const WINDOW: usize = 8 << 20;
 
 /// How long a forwarded message may go unacknowledged before its sender is told it was not
 /// delivered (the other node died, or the link was down that long).
 const ACK_TIMEOUT: Duration = Duration::from_secs(5);
 
-/// The NATS message being filled for one node.
-struct Open {
-    node: Arc<str>,
-    number: u64,
+/// One NATS message being filled for a node: its records, written in place by the senders
+/// (no copy or allocation per message), and the chat messages among them.
+struct Filling {
+    /// Starts with the [`Batch`] head, its number patched in when it is sealed.
     payload: BytesMut,
     pending: Vec<Pending>,
+    /// Bytes of chat messages in it, counted in the window.
+    pending_bytes: usize,
 }
 
-impl Open {
-    fn new(node: Arc<str>) -> Open {
-        Open { node, number: 0, payload: BytesMut::new(), pending: Vec::new() }
-    }
+/// What is queued for one node.
+#[derive(Default)]
+struct NodeQueue {
+    /// The NATS message being filled, if any.
+    filling: Option<Filling>,
+    /// Full ones, in order, waiting to be published.
+    sealed: std::collections::VecDeque<Filling>,
+    /// The number of the last NATS message sealed for this node.
+    number: u64,
+}
+
+/// Where a batch head's number sits: after the layout byte, the node name and the
+/// incarnation.
+fn number_at(node: &str) -> usize {
+    1 + 2 + node.len() + 8
 }
 
 /// The link. See the module docs.
@@ -183,15 +208,21 @@ pub(crate) struct Link {
     state: Arc<LinkState>,
     view: RwLock<View>,
     held: Mutex<Holdings>,
-    out: mpsc::Sender<Outgoing>,
-    /// Taken by the forwarder task when the router attaches.
-    out_rx: Mutex<Option<mpsc::Receiver<Outgoing>>>,
+    /// What is queued for each node, filled by the senders, published by one task.
+    queues: Mutex<HashMap<Arc<str>, NodeQueue>>,
+    /// Wakes that task.
+    queued: Notify,
     router: OnceLock<Weak<LocalRouter>>,
     send_wait: OnceLock<Duration>,
     /// The most bytes of records in one NATS message.
     batch_bytes: usize,
     /// What each node has not yet acknowledged, oldest first.
     unacked: Mutex<HashMap<Arc<str>, std::collections::VecDeque<Unacked>>>,
+    /// Bytes of chat messages queued or unacknowledged (see [`WINDOW`]).
+    inflight: std::sync::atomic::AtomicUsize,
+    /// Wakes senders waiting for the window.
+    room: Notify,
+    me: Weak<Link>,
     stop: CancellationToken,
     tasks: TaskTracker,
 }
@@ -242,8 +273,7 @@ impl Link {
     /// Starts following the buckets (returning once the view has caught up) and renewing the
     /// lease.
     pub(crate) async fn start(parts: Parts) -> Result<Arc<Link>, String> {
-        let (out, out_rx) = mpsc::channel(QUEUE);
-        let link = Arc::new(Link {
+        let link = Arc::new_cyclic(|me| Link {
             node: Arc::from(parts.node.as_str()),
             incarnation: incarnation(),
             client: parts.client,
@@ -253,12 +283,15 @@ impl Link {
             state: parts.state,
             view: RwLock::default(),
             held: Mutex::default(),
-            out,
-            out_rx: Mutex::new(Some(out_rx)),
+            queues: Mutex::default(),
+            queued: Notify::new(),
             router: OnceLock::new(),
             send_wait: OnceLock::new(),
             batch_bytes: BATCH_BYTES.min(parts.max_payload / 2).max(4096),
             unacked: Mutex::default(),
+            inflight: std::sync::atomic::AtomicUsize::new(0),
+            room: Notify::new(),
+            me: me.clone(),
             stop: CancellationToken::new(),
             tasks: TaskTracker::new(),
         });
@@ -304,9 +337,7 @@ impl Link {
             .await
             .map_err(|e| format!("could not subscribe to this node's subject: {e}"))?;
         self.tasks.spawn(self.clone().receive(subscriber));
-        if let Some(rx) = lock(&self.out_rx).take() {
-            self.tasks.spawn(self.clone().forward_out(rx));
-        }
+        self.tasks.spawn(self.clone().forward_out());
         // What was published so far reaches the server before the first client is served.
         let _ = self.client.flush().await;
         Ok(())
@@ -574,15 +605,15 @@ impl Link {
             for record in records {
                 match record {
                     Record::Deliver { recipient, origin, body } => {
-                        if let Err(reply) = router.deliver_forwarded(&recipient, &body) {
-                            self.reply_to(&origin, &reply).await;
+                        if let Err(reply) = router.deliver_forwarded(recipient, body).await {
+                            self.reply_to(&origin, &reply);
                         }
                     }
                     Record::Tell { canonical, token, keyed, body } => {
-                        router.tell_forwarded(&canonical, token, keyed, &body);
+                        router.tell_forwarded(canonical, token, keyed, body);
                     }
                     Record::Evict { canonical, token, status, detail } => {
-                        router.evict(&canonical, token, Status::from_index(status), &detail);
+                        router.evict(canonical, token, Status::from_index(status), detail);
                     }
                     Record::Ack { incarnation, upto } if incarnation == self.incarnation => {
                         self.acked(&batch.node, upto);
@@ -592,17 +623,29 @@ impl Link {
             }
             // Everything in it is taken in (queued for its receivers, or answered).
             let ack = Record::Ack { incarnation: batch.incarnation, upto: batch.number };
-            self.send(&batch.node, &ack, None).await;
+            self.send(&batch.node, &ack);
         }
     }
 
     /// `node` took in everything numbered up to `upto`.
     fn acked(&self, node: &str, upto: u64) {
-        let mut unacked = lock(&self.unacked);
-        if let Some(queue) = unacked.get_mut(node) {
-            while queue.front().is_some_and(|u| u.number <= upto) {
-                queue.pop_front();
+        let mut freed = 0;
+        {
+            let mut unacked = lock(&self.unacked);
+            if let Some(queue) = unacked.get_mut(node) {
+                while queue.front().is_some_and(|u| u.number <= upto) {
+                    freed += queue.pop_front().map_or(0, |u| u.bytes);
+                }
             }
+        }
+        self.free(freed);
+    }
+
+    /// `bytes` of the window are free again.
+    fn free(&self, bytes: usize) {
+        if bytes > 0 {
+            self.inflight.fetch_sub(bytes, Ordering::AcqRel);
+            self.room.notify_waiters();
         }
     }
 
@@ -619,17 +662,19 @@ impl Link {
 
     /// Fails what has waited past [`ACK_TIMEOUT`] for its acknowledgement.
     fn expire_unacked(&self) {
-        let mut expired = Vec::new();
+        let (mut expired, mut freed) = (Vec::new(), 0);
         {
             let mut unacked = lock(&self.unacked);
             for queue in unacked.values_mut() {
                 while queue.front().is_some_and(|u| u.sent.elapsed() > ACK_TIMEOUT) {
                     if let Some(u) = queue.pop_front() {
                         expired.extend(u.pending);
+                        freed += u.bytes;
                     }
                 }
             }
         }
+        self.free(freed);
         if !expired.is_empty() {
             tracing::warn!(
                 messages = expired.len(),
@@ -639,137 +684,186 @@ impl Link {
         }
     }
 
-    /// Queues `record` for `node`, waiting for room.
-    async fn send(&self, node: &str, record: &Record, pending: Option<Pending>) {
-        let mut bytes = BytesMut::new();
-        record.encode_into(&mut bytes);
-        let _ =
-            self.out.send(Outgoing { node: Arc::from(node), bytes: bytes.freeze(), pending }).await;
+    /// Queues `record` (not a chat message: a reply, an acknowledgement, an eviction) for
+    /// `node`. These are not held back by the window: they are what frees it.
+    fn send(&self, node: &str, record: &Record<'_>) {
+        self.append(
+            node,
+            |out| {
+                record.encode_into(out);
+                Ok(())
+            },
+            None,
+        );
     }
 
     /// Sends `reply` (about a message it forwarded) back to `origin`'s node.
-    async fn reply_to(&self, origin: &Origin, reply: &Message) {
+    fn reply_to(&self, origin: &Origin<'_>, reply: &Message) {
         let Some(body) = crate::router::stored_body(&reply.as_ref()) else { return };
         let record = Record::Tell {
-            canonical: origin.canonical.clone(),
+            canonical: origin.canonical,
             token: origin.token,
             keyed: origin.keyed,
-            body,
+            body: &body,
         };
-        // Waits for room: a reply is the only way its sender learns the message's fate.
-        self.send(&origin.node, &record, None).await;
+        self.send(origin.node, &record);
     }
 
-    /// Publishes queued records, as many per NATS message as there are for one node, and
-    /// fails what other nodes do not acknowledge in time.
-    async fn forward_out(self: Arc<Self>, mut rx: mpsc::Receiver<Outgoing>) {
-        let mut batch = Vec::with_capacity(256);
-        let mut open: Vec<Open> = Vec::new();
-        let mut numbers: HashMap<Arc<str>, u64> = HashMap::new();
+    /// Writes a record for `node` into the NATS message being filled for it (starting one,
+    /// or sealing a full one, as needed) and wakes the publisher. `write` may fail, leaving
+    /// nothing written. A chat message's `pending` is counted in the window.
+    fn append(
+        &self,
+        node: &str,
+        write: impl FnOnce(&mut BytesMut) -> Result<(), relay_proto::ProtoError>,
+        pending: Option<Pending>,
+    ) -> bool {
+        let mut queues = lock(&self.queues);
+        if !queues.contains_key(node) {
+            queues.insert(Arc::from(node), NodeQueue::default());
+        }
+        let Some(queue) = queues.get_mut(node) else { return false };
+        let filling = queue.filling.get_or_insert_with(|| {
+            let mut payload = BytesMut::with_capacity(self.batch_bytes.min(64 * 1024));
+            let head =
+                Batch { node: self.node.to_string(), incarnation: self.incarnation, number: 0 };
+            head.encode_into(&mut payload);
+            Filling { payload, pending: Vec::new(), pending_bytes: 0 }
+        });
+        let before = filling.payload.len();
+        if write(&mut filling.payload).is_err() {
+            filling.payload.truncate(before);
+            return false;
+        }
+        if let Some(pending) = pending {
+            let bytes = filling.payload.len() - before;
+            filling.pending.push(pending);
+            filling.pending_bytes += bytes;
+            self.inflight.fetch_add(bytes, Ordering::AcqRel);
+        }
+        if filling.payload.len() >= self.batch_bytes
+            && let Some(full) = queue.filling.take()
+        {
+            queue.sealed.push_back(full);
+        }
+        drop(queues);
+        self.queued.notify_one();
+        true
+    }
+
+    /// Publishes what is queued, as many records per NATS message as are waiting for one
+    /// node, and fails what other nodes do not acknowledge in time.
+    async fn forward_out(self: Arc<Self>) {
         let mut sweep = tokio::time::interval(Duration::from_millis(250));
         sweep.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
-            let got = tokio::select! {
+            tokio::select! {
                 () = self.stop.cancelled() => return,
                 _ = sweep.tick() => {
                     self.expire_unacked();
                     continue;
                 }
-                got = rx.recv_many(&mut batch, 1024) => got,
-            };
-            if got == 0 {
-                return;
+                () = self.queued.notified() => {}
             }
-            for outgoing in batch.drain(..) {
-                let at = match open.iter().position(|o| o.node == outgoing.node) {
-                    Some(at) => at,
-                    None => {
-                        open.push(Open::new(outgoing.node.clone()));
-                        open.len() - 1
+            // One yield: senders woken with this task add to the messages before they go,
+            // so a busy link sends fewer, fuller NATS messages (no added wait when idle).
+            tokio::task::yield_now().await;
+            loop {
+                let ready: Vec<(Arc<str>, u64, Filling)> = {
+                    let mut queues = lock(&self.queues);
+                    let mut ready = Vec::new();
+                    for (node, queue) in queues.iter_mut() {
+                        if let Some(filling) = queue.filling.take() {
+                            queue.sealed.push_back(filling);
+                        }
+                        while let Some(mut filling) = queue.sealed.pop_front() {
+                            queue.number += 1;
+                            let at = number_at(&self.node);
+                            filling.payload[at..at + 8]
+                                .copy_from_slice(&queue.number.to_le_bytes());
+                            ready.push((node.clone(), queue.number, filling));
+                        }
                     }
+                    ready
                 };
-                let o = &mut open[at];
-                if o.payload.is_empty() {
-                    let number = numbers.entry(o.node.clone()).or_insert(0);
-                    *number += 1;
-                    o.number = *number;
-                    let head = Batch {
-                        node: self.node.to_string(),
-                        incarnation: self.incarnation,
-                        number: o.number,
-                    };
-                    head.encode_into(&mut o.payload);
+                if ready.is_empty() {
+                    break;
                 }
-                o.payload.extend_from_slice(&outgoing.bytes);
-                o.pending.extend(outgoing.pending);
-                if o.payload.len() >= self.batch_bytes {
-                    self.flush(o).await;
-                }
-            }
-            for o in &mut open {
-                if !o.payload.is_empty() {
-                    self.flush(o).await;
+                for (node, number, filling) in ready {
+                    self.publish(&node, number, filling).await;
                 }
             }
         }
     }
 
-    /// Publishes `o`'s payload; its chat messages wait for their acknowledgement.
-    async fn flush(&self, o: &mut Open) {
-        let payload = o.payload.split().freeze();
-        let pending = std::mem::take(&mut o.pending);
+    /// Publishes one NATS message; its chat messages wait for their acknowledgement.
+    async fn publish(&self, node: &Arc<str>, number: u64, filling: Filling) {
+        let Filling { payload, pending, pending_bytes } = filling;
         if !self.state.up.load(Ordering::Acquire) {
+            self.free(pending_bytes);
             self.fail(pending, "the cluster link is down");
             return;
         }
-        if let Err(e) = self.client.publish(layout::node_subject(&o.node), payload).await {
-            tracing::warn!(node = %o.node, error = %e, "could not forward to another node");
+        if let Err(e) = self.client.publish(layout::node_subject(node), payload.freeze()).await {
+            tracing::warn!(%node, error = %e, "could not forward to another node");
+            self.free(pending_bytes);
             self.fail(pending, "the cluster link failed");
             return;
         }
         if !pending.is_empty() {
-            let unacked = Unacked { number: o.number, sent: Instant::now(), pending };
-            lock(&self.unacked).entry(o.node.clone()).or_default().push_back(unacked);
+            let unacked = Unacked { number, sent: Instant::now(), pending, bytes: pending_bytes };
+            lock(&self.unacked).entry(node.clone()).or_default().push_back(unacked);
         }
     }
 
-    /// Queues `record` for `node`; a future if the queue is full.
+    /// Queues a chat message for `node`, written by `write`, at once if the window has
+    /// room; otherwise a future that waits for room, up to the send wait (the message is
+    /// encoded now, as it borrows from the sender's frame).
     fn enqueue(
         &self,
-        node: &str,
-        record: &Record,
+        node: &Arc<str>,
+        write: impl Fn(&mut BytesMut) -> Result<(), relay_proto::ProtoError>,
         to: &str,
-        pending: Option<Pending>,
-    ) -> Result<Routed, (Undelivered, String)> {
-        let mut bytes = BytesMut::new();
-        record.encode_into(&mut bytes);
-        let outgoing = Outgoing { node: Arc::from(node), bytes: bytes.freeze(), pending };
-        match self.out.try_send(outgoing) {
-            Ok(()) => Ok(Routed::Queued),
-            Err(mpsc::error::TrySendError::Full(outgoing)) => {
-                let (out, to) = (self.out.clone(), to.to_owned());
-                let wait = self.send_wait.get().copied().unwrap_or(Duration::from_secs(1));
-                Ok(Routed::Full(Box::pin(async move {
-                    match tokio::time::timeout(wait, out.send(outgoing)).await {
-                        Ok(Ok(())) => Ok(()),
-                        _ => Err((Undelivered::Unreachable, to)),
-                    }
-                })))
-            }
-            Err(mpsc::error::TrySendError::Closed(_)) => {
-                Err((Undelivered::Unreachable, to.to_owned()))
-            }
+        pending: Pending,
+    ) -> Option<Result<Routed, (Undelivered, String)>> {
+        if self.inflight.load(Ordering::Acquire) < WINDOW {
+            return self.append(node, write, Some(pending)).then_some(Ok(Routed::Queued));
         }
+        let mut bytes = BytesMut::new();
+        write(&mut bytes).ok()?;
+        let (me, to, node) = (self.me.clone(), to.to_owned(), node.clone());
+        let wait = self.send_wait.get().copied().unwrap_or(Duration::from_secs(1));
+        Some(Ok(Routed::Full(Box::pin(async move {
+            let Some(link) = me.upgrade() else { return Err((Undelivered::Unreachable, to)) };
+            let deadline = tokio::time::Instant::now() + wait;
+            loop {
+                let notified = link.room.notified();
+                tokio::pin!(notified);
+                notified.as_mut().enable();
+                if link.inflight.load(Ordering::Acquire) < WINDOW {
+                    break;
+                }
+                if tokio::time::timeout_at(deadline, notified).await.is_err() {
+                    return Err((Undelivered::ReceiverFull, to));
+                }
+            }
+            let copy = |out: &mut BytesMut| {
+                out.extend_from_slice(&bytes);
+                Ok(())
+            };
+            link.append(&node, copy, Some(pending));
+            Ok(())
+        }))))
     }
 
     /// The holder of `canonical` on another node, if its node is alive.
-    fn remote(&self, canonical: &str) -> Option<Presence> {
+    fn remote(&self, canonical: &str) -> Option<Arc<Remote>> {
         let view = self.view.read().unwrap_or_else(PoisonError::into_inner);
         let key = view.by_name.get(canonical)?;
         self.remote_at(&view, key)
     }
 
-    fn remote_at(&self, view: &View, key: &str) -> Option<Presence> {
+    fn remote_at(&self, view: &View, key: &str) -> Option<Arc<Remote>> {
         let p = view.by_key.get(key)?;
         let elsewhere = *p.node != *self.node;
         (elsewhere && view.alive(&p.node, p.incarnation, self.lease)).then(|| p.clone())
@@ -798,19 +892,8 @@ impl Link {
     }
 
     fn send_evict(&self, node: &str, canonical: &str, token: u64, status: Status, detail: String) {
-        let record = Record::Evict {
-            canonical: canonical.to_owned(),
-            token,
-            status: status.index(),
-            detail,
-        };
-        let mut bytes = BytesMut::new();
-        record.encode_into(&mut bytes);
-        let outgoing = Outgoing { node: Arc::from(node), bytes: bytes.freeze(), pending: None };
-        let out = self.out.clone();
-        tokio::spawn(async move {
-            let _ = out.send(outgoing).await;
-        });
+        let record = Record::Evict { canonical, token, status: status.index(), detail: &detail };
+        self.send(node, &record);
     }
 }
 
@@ -942,20 +1025,17 @@ impl Peers for Link {
         if !self.state.up.load(Ordering::Acquire) {
             return Some(Err((Undelivered::Unreachable, to.to_owned())));
         }
-        let body = crate::router::stored_body(msg)?;
-        let record = Record::Deliver {
-            recipient: holder.canonical,
-            origin: Origin {
-                node: self.node.to_string(),
-                canonical: from.canonical().to_owned(),
-                token: from.token(),
-                keyed: from.key().is_some(),
-                v2: from.version() >= 2,
-            },
-            body,
+        let origin = Origin {
+            node: &self.node,
+            canonical: from.canonical(),
+            token: from.token(),
+            keyed: from.key().is_some(),
+            v2: from.version() >= 2,
         };
+        let write =
+            |out: &mut BytesMut| Record::encode_deliver(out, &holder.canonical, &origin, msg);
         let pending = Pending { sender: from.origin().clone(), id: msg.id, to: to.to_owned() };
-        Some(self.enqueue(&holder.node, &record, to, Some(pending)))
+        self.enqueue(&holder.node_name, write, to, pending)
     }
 
     fn tell(&self, sender: &SenderRef, msg: &MessageRef<'_>) -> bool {
@@ -965,12 +1045,13 @@ impl Peers for Link {
         }
         let Some(body) = crate::router::stored_body(msg) else { return false };
         let record = Record::Tell {
-            canonical: sender.canonical.clone(),
+            canonical: &sender.canonical,
             token: sender.token,
             keyed: sender.keyed,
-            body,
+            body: &body,
         };
-        matches!(self.enqueue(&holder.node, &record, &sender.canonical, None), Ok(Routed::Queued))
+        self.send(&holder.node_name, &record);
+        true
     }
 
     fn users(&self) -> Vec<(Arc<str>, SocketAddr)> {
@@ -978,7 +1059,7 @@ impl Peers for Link {
         view.by_key
             .keys()
             .filter_map(|key| self.remote_at(&view, key))
-            .map(|p| (Arc::from(p.display), p.addr))
+            .map(|p| (Arc::from(p.display.as_str()), p.addr))
             .collect()
     }
 
@@ -996,7 +1077,8 @@ impl Peers for Link {
 
     fn who(&self, name: &str) -> Option<Who> {
         let holder = self.remote(&canonical_name(name))?;
-        Some(Who::remote(holder.display, holder.addr, holder.node, holder.since, holder.version))
+        let p = &holder.presence;
+        Some(Who::remote(p.display.clone(), p.addr, p.node.clone(), p.since, p.version))
     }
 
     fn close(&self) -> BoxFuture<'_, ()> {

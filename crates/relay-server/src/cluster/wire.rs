@@ -51,40 +51,40 @@ impl Batch {
 /// One node-to-node record. A NATS message on a node's subject carries a [`Batch`] head and
 /// one or more records, each prefixed by its length (`u32`), so a busy link sends many in one
 /// NATS message.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub(crate) enum Record {
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Record<'a> {
     /// A chat message for `recipient` (a canonical name) online at the receiving node.
     Deliver {
         /// The recipient's canonical name.
-        recipient: String,
+        recipient: &'a str,
         /// Who sent it, for replies about it.
-        origin: Origin,
+        origin: Origin<'a>,
         /// The frame body to deliver (version 2 layout).
-        body: Bytes,
+        body: &'a [u8],
     },
     /// A reply or receipt for a sender online at the receiving node.
     Tell {
         /// The sender's canonical name.
-        canonical: String,
+        canonical: &'a str,
         /// Its registration (a guest is told only while that registration lasts).
         token: u64,
         /// A keyed sender is told whichever of its sessions is online.
         keyed: bool,
         /// The frame body to push (version 2 layout; the receiving node re-encodes it for a
         /// version 1 client).
-        body: Bytes,
+        body: &'a [u8],
     },
     /// Disconnect `canonical`'s holder (registration `token`, or any if 0), telling it
     /// `status` and `detail`: the operator's `kick`, or a guest displaced by a key holder.
     Evict {
         /// The holder's canonical name.
-        canonical: String,
+        canonical: &'a str,
         /// Its registration, or 0 for whoever holds the name.
         token: u64,
         /// The status of the closing reply (its index on the wire).
         status: u32,
         /// Its detail.
-        detail: String,
+        detail: &'a str,
     },
     /// The receiving node has taken in every message numbered up to `upto` that the node
     /// `incarnation` (the receiver of this record) sent it.
@@ -97,12 +97,12 @@ pub(crate) enum Record {
 }
 
 /// The sender of a forwarded message.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub(crate) struct Origin {
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct Origin<'a> {
     /// The node it is connected to.
-    pub(crate) node: String,
+    pub(crate) node: &'a str,
     /// Its canonical name.
-    pub(crate) canonical: String,
+    pub(crate) canonical: &'a str,
     /// Its registration on that node.
     pub(crate) token: u64,
     /// Its name is bound to a key.
@@ -167,7 +167,7 @@ impl<'a> Reader<'a> {
     }
 }
 
-impl Record {
+impl<'a> Record<'a> {
     /// Appends the record, prefixed by its length, to a NATS message's payload.
     pub(crate) fn encode_into(&self, out: &mut BytesMut) {
         let start = out.len();
@@ -177,8 +177,8 @@ impl Record {
             Record::Deliver { recipient, origin, body } => {
                 out.put_u8(DELIVER);
                 put_str(out, recipient);
-                put_str(out, &origin.node);
-                put_str(out, &origin.canonical);
+                put_str(out, origin.node);
+                put_str(out, origin.canonical);
                 out.put_u64_le(origin.token);
                 out.put_u8(u8::from(origin.keyed) | u8::from(origin.v2) << 1);
                 out.put_slice(body);
@@ -207,9 +207,41 @@ impl Record {
         out[start..start + 4].copy_from_slice(&len.to_le_bytes());
     }
 
+    /// Appends a [`Record::Deliver`] of `msg` (encoded here in the version 2 layout, with no
+    /// copy of its body in between), prefixed by its length. `Err` if `msg` does not encode.
+    pub(crate) fn encode_deliver(
+        out: &mut BytesMut,
+        recipient: &str,
+        origin: &Origin<'_>,
+        msg: &relay_proto::MessageRef<'_>,
+    ) -> Result<(), relay_proto::ProtoError> {
+        let start = out.len();
+        out.reserve(48 + recipient.len() + origin.node.len() + origin.canonical.len());
+        out.put_u32_le(0);
+        out.put_u8(LAYOUT);
+        out.put_u8(DELIVER);
+        put_str(out, recipient);
+        put_str(out, origin.node);
+        put_str(out, origin.canonical);
+        out.put_u64_le(origin.token);
+        out.put_u8(u8::from(origin.keyed) | u8::from(origin.v2) << 1);
+        let msg =
+            relay_proto::MessageRef { version: relay_proto::PROTOCOL_VERSION, seq: 0, ..*msg };
+        if let Err(e) = relay_proto::encode_body_ref(&msg, out) {
+            out.truncate(start);
+            return Err(e);
+        }
+        let len = u32::try_from(out.len() - start - 4).unwrap_or(u32::MAX);
+        out[start..start + 4].copy_from_slice(&len.to_le_bytes());
+        Ok(())
+    }
+
     /// Every record in a NATS message's payload, in order. Stops at the first that does not
     /// decode (what follows cannot be framed reliably).
-    pub(crate) fn decode_all(payload: &Bytes, start: usize) -> (Vec<Record>, Option<Malformed>) {
+    pub(crate) fn decode_all(
+        payload: &'a [u8],
+        start: usize,
+    ) -> (Vec<Record<'a>>, Option<Malformed>) {
         let mut records = Vec::new();
         let mut at = start;
         while at < payload.len() {
@@ -220,7 +252,7 @@ impl Record {
             let Some(end) = (at + 4).checked_add(len).filter(|&end| end <= payload.len()) else {
                 return (records, Some(Malformed));
             };
-            match Record::decode(payload.slice(at + 4..end)) {
+            match Record::decode(&payload[at + 4..end]) {
                 Ok(record) => records.push(record),
                 Err(e) => return (records, Some(e)),
             }
@@ -229,35 +261,33 @@ impl Record {
         (records, None)
     }
 
-    fn decode(bytes: Bytes) -> Result<Record, Malformed> {
-        let mut r = Reader(&bytes);
+    fn decode(bytes: &'a [u8]) -> Result<Record<'a>, Malformed> {
+        let mut r = Reader(bytes);
         if r.u8()? != LAYOUT {
             return Err(Malformed);
         }
         let record = match r.u8()? {
             DELIVER => {
-                let recipient = r.str()?.to_owned();
-                let node = r.str()?.to_owned();
-                let canonical = r.str()?.to_owned();
+                let recipient = r.str()?;
+                let node = r.str()?;
+                let canonical = r.str()?;
                 let token = r.u64()?;
                 let flags = r.u8()?;
-                let at = bytes.len() - r.rest().len();
                 let origin =
                     Origin { node, canonical, token, keyed: flags & 1 != 0, v2: flags & 2 != 0 };
-                Record::Deliver { recipient, origin, body: bytes.slice(at..) }
+                Record::Deliver { recipient, origin, body: r.rest() }
             }
             TELL => {
-                let canonical = r.str()?.to_owned();
+                let canonical = r.str()?;
                 let token = r.u64()?;
                 let keyed = r.u8()? != 0;
-                let at = bytes.len() - r.rest().len();
-                Record::Tell { canonical, token, keyed, body: bytes.slice(at..) }
+                Record::Tell { canonical, token, keyed, body: r.rest() }
             }
             EVICT => {
-                let canonical = r.str()?.to_owned();
+                let canonical = r.str()?;
                 let token = r.u64()?;
                 let status = r.u32()?;
-                let detail = r.str()?.to_owned();
+                let detail = r.str()?;
                 Record::Evict { canonical, token, status, detail }
             }
             ACK => Record::Ack { incarnation: r.u64()?, upto: r.u64()? },
@@ -362,25 +392,16 @@ pub(crate) fn kv_key(prefix: &str, s: &str) -> String {
 mod tests {
     use super::*;
 
-    fn origin() -> Origin {
-        Origin { node: "n1".into(), canonical: "alice".into(), token: 7, keyed: true, v2: true }
+    fn origin() -> Origin<'static> {
+        Origin { node: "n1", canonical: "alice", token: 7, keyed: true, v2: true }
     }
 
     #[test]
     fn records_round_trip_in_one_payload() {
         let records = vec![
-            Record::Deliver {
-                recipient: "bob".into(),
-                origin: origin(),
-                body: Bytes::from_static(b"frame"),
-            },
-            Record::Tell {
-                canonical: "ålice".into(),
-                token: 3,
-                keyed: false,
-                body: Bytes::from_static(b"reply"),
-            },
-            Record::Evict { canonical: "carol".into(), token: 0, status: 24, detail: "bye".into() },
+            Record::Deliver { recipient: "bob", origin: origin(), body: b"frame" },
+            Record::Tell { canonical: "ålice", token: 3, keyed: false, body: b"reply" },
+            Record::Evict { canonical: "carol", token: 0, status: 24, detail: "bye" },
             Record::Ack { incarnation: 5, upto: 9 },
         ];
         let head = Batch { node: "n1".into(), incarnation: 77, number: 3 };
@@ -398,19 +419,33 @@ mod tests {
     }
 
     #[test]
+    fn a_deliver_record_encoded_from_a_message_reads_back_as_one() {
+        let msg = relay_proto::MessageRef::deliver(9, "alice", "bob", b"hi");
+        let mut out = BytesMut::new();
+        Record::encode_deliver(&mut out, "bob", &origin(), &msg).unwrap();
+        let (records, error) = Record::decode_all(&out, 0);
+        assert_eq!(error, None);
+        let [Record::Deliver { recipient, origin: o, body }] = records[..] else {
+            panic!("{records:?}")
+        };
+        assert_eq!((recipient, o), ("bob", origin()));
+        let back = relay_proto::decode_ref(body).unwrap();
+        assert_eq!((back.id, back.from, back.to, back.content), (9, "alice", "bob", &b"hi"[..]));
+    }
+
+    #[test]
     fn truncated_and_garbage_payloads_are_refused_without_panicking() {
         let mut payload = BytesMut::new();
-        Record::Deliver { recipient: "bob".into(), origin: origin(), body: Bytes::new() }
-            .encode_into(&mut payload);
+        Record::Deliver { recipient: "bob", origin: origin(), body: b"" }.encode_into(&mut payload);
         let full = payload.freeze();
         for cut in 0..full.len() {
-            let (records, error) = Record::decode_all(&full.slice(..cut), 0);
+            let (records, error) = Record::decode_all(&full[..cut], 0);
             assert!(records.is_empty());
             assert_eq!(error.is_some(), cut > 0, "cut at {cut}");
         }
         // A length that points past the end, an unknown kind, an unknown layout.
         for bad in [&[255u8, 255, 255, 255, 1][..], &[2, 0, 0, 0, 1, 9], &[2, 0, 0, 0, 9, 1]] {
-            let (records, error) = Record::decode_all(&Bytes::copy_from_slice(bad), 0);
+            let (records, error) = Record::decode_all(bad, 0);
             assert!(records.is_empty() && error.is_some());
         }
         assert!(Presence::decode(b"\x01\xff\xff").is_err());
