@@ -642,8 +642,9 @@ impl LocalRouter {
             || self.peers.as_ref().is_some_and(|peers| peers.tell(sender, msg))
     }
 
-    /// [`LocalRouter::tell`], on this node only.
-    fn tell_here(&self, sender: &SenderRef, msg: &MessageRef<'_>) -> bool {
+    /// [`LocalRouter::tell`], on this node only (also the cluster link telling a sender here
+    /// the fate of a message it forwarded).
+    pub(crate) fn tell_here(&self, sender: &SenderRef, msg: &MessageRef<'_>) -> bool {
         let outbox = self
             .registry
             .with_name(&sender.canonical, |e| {
@@ -810,12 +811,6 @@ impl LocalRouter {
         };
         let sender = SenderRef { canonical: canonical.to_owned(), token, keyed, receipt: true };
         self.tell_here(&sender, &msg);
-    }
-
-    /// Pushes `msg` to `sender` if it is online on this node (the cluster link telling a
-    /// sender here the fate of a message it forwarded).
-    pub(crate) fn tell_local(&self, sender: &SenderRef, msg: &MessageRef<'_>) -> bool {
-        self.tell_here(sender, msg)
     }
 
     /// Disconnects registration `token` of `canonical` (any registration if 0), telling it

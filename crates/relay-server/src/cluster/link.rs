@@ -656,7 +656,7 @@ impl Link {
             let detail =
                 format!("{} is on another node and {why}; the message was not delivered", p.to);
             let reply = Message::reply(p.id, Status::NotDelivered, p.to, detail);
-            router.tell_local(&p.sender, &reply.as_ref());
+            router.tell_here(&p.sender, &reply.as_ref());
         }
     }
 
