@@ -294,6 +294,19 @@ async fn a_bound_key_works_on_every_node_and_displaces_a_guest_on_another() {
 }
 
 #[tokio::test]
+async fn a_second_node_with_a_running_nodes_name_is_refused() {
+    let nats = Nats::start().await;
+    let n1 = node(&nats, "twin").await;
+    let again = Cluster::connect(ClusterConfig::new(nats.url(), "twin").lease(LEASE)).await;
+    let error = again.err().expect("a second node named twin was let in").to_string();
+    assert!(error.contains("in use by a running node"), "{error}");
+    n1.stop().await;
+    // Once it has stopped (its lease deleted), the name is free again at once.
+    let later = within(Cluster::connect(ClusterConfig::new(nats.url(), "twin").lease(LEASE))).await;
+    assert!(later.is_ok(), "{later:?}");
+}
+
+#[tokio::test]
 async fn a_node_killed_with_sigkill_frees_its_names_within_the_lease() {
     let nats = Nats::start().await;
     let n1 = node(&nats, "n1").await;

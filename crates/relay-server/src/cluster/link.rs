@@ -296,6 +296,7 @@ impl Link {
             tasks: TaskTracker::new(),
         });
         link.state.up.store(true, Ordering::Release);
+        link.refuse_a_live_namesake().await?;
         // The lease first: this node is alive before it claims anything.
         link.nodes
             .put(link.node.as_ref(), encode_lease(link.incarnation))
@@ -309,6 +310,7 @@ impl Link {
             presence_ready.notified().await;
         };
         if tokio::time::timeout(Duration::from_secs(10), caught_up).await.is_err() {
+            link.stop.cancel();
             return Err("could not read who is online in the cluster within 10 s".into());
         }
         link.tasks.spawn(link.clone().renew_lease());
@@ -316,6 +318,36 @@ impl Link {
         link.forget_previous_run().await;
         tracing::info!(node = %link.node, lease = ?link.lease, "joined the cluster");
         Ok(link)
+    }
+
+    /// Refuses to start if a running node already uses this node's name (two nodes sharing a
+    /// subject and each other's names would corrupt both). A lease left by an earlier run of
+    /// this node is told apart by not being renewed: this waits up to half the lease (a live
+    /// node renews every quarter) when such a lease is there.
+    async fn refuse_a_live_namesake(&self) -> Result<(), String> {
+        let read = || async {
+            match self.nodes.entry(self.node.to_string()).await {
+                Ok(Some(e)) if e.operation == Operation::Put => Ok(Some(e.revision)),
+                Ok(_) => Ok(None),
+                Err(e) => Err(format!("could not read the nodes' leases: {e}")),
+            }
+        };
+        let Some(first) = read().await? else { return Ok(()) };
+        let deadline = Instant::now() + self.lease / 2;
+        while Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            match read().await? {
+                Some(revision) if revision != first => {
+                    return Err(format!(
+                        "node name {} is in use by a running node; give this one another --node",
+                        self.node
+                    ));
+                }
+                Some(_) => {}
+                None => return Ok(()),
+            }
+        }
+        Ok(())
     }
 
     /// This node's name.
