@@ -298,7 +298,7 @@ async fn a_second_node_with_a_running_nodes_name_is_refused() {
     let nats = Nats::start().await;
     let n1 = node(&nats, "twin").await;
     let again = Cluster::connect(ClusterConfig::new(nats.url(), "twin").lease(LEASE)).await;
-    let error = again.err().expect("a second node named twin was let in").to_string();
+    let error = again.expect_err("a second node named twin was let in").to_string();
     assert!(error.contains("in use by a running node"), "{error}");
     n1.stop().await;
     // Once it has stopped (its lease deleted), the name is free again at once.
