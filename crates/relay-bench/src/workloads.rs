@@ -32,14 +32,27 @@ async fn connect_receivers(
     progress: Option<&Progress>,
     keys: bool,
 ) -> Result<Vec<Receiver>, String> {
+    Ok(connect_timed(target, run, count, progress, keys).await?.0)
+}
+
+/// [`connect_receivers`], with how long each took to connect and register.
+async fn connect_timed(
+    target: &Target,
+    run: &str,
+    count: usize,
+    progress: Option<&Progress>,
+    keys: bool,
+) -> Result<(Vec<Receiver>, Vec<Duration>), String> {
     // Enough connects in flight to hide round trips, few enough not to overflow the server's
     // accept backlog.
     const IN_FLIGHT: usize = 64;
     let mut receivers: Vec<Option<Receiver>> = (0..count).map(|_| None).collect();
+    let mut took = Vec::with_capacity(count);
     let mut tasks = JoinSet::new();
-    let mut finished = |done: Result<(usize, Result<Receiver, String>), _>| {
-        let (i, receiver) = done.map_err(join_error)?;
+    let mut finished = |done: Result<(usize, Result<Receiver, String>, Duration), _>| {
+        let (i, receiver, elapsed) = done.map_err(join_error)?;
         receivers[i] = Some(receiver?);
+        took.push(elapsed);
         if let Some(progress) = progress {
             progress.add(1);
         }
@@ -52,12 +65,16 @@ async fn connect_receivers(
             finished(done)?;
         }
         let (target, run) = (target.clone(), run.to_string());
-        tasks.spawn(async move { (index, target.receiver(&run, index, keys).await) });
+        tasks.spawn(async move {
+            let start = Instant::now();
+            let receiver = target.receiver(&run, index, keys).await;
+            (index, receiver, start.elapsed())
+        });
     }
     while let Some(done) = tasks.join_next().await {
         finished(done)?;
     }
-    Ok(receivers.into_iter().flatten().collect())
+    Ok((receivers.into_iter().flatten().collect(), took))
 }
 
 /// A report: its heading line, then one indented `name  value` line per row.
@@ -502,6 +519,10 @@ pub struct ConnectionsReport {
     pub rss_after_kib: Option<u64>,
     /// Server RSS per client, in KiB.
     pub kib_per_client: Option<f64>,
+    /// Time to connect and register one client (64 at a time), median, in ms.
+    pub register_p50_ms: f64,
+    /// The same, 99th percentile.
+    pub register_p99_ms: f64,
 }
 
 /// Resident memory of process `pid` in KiB, from `/proc/PID/status`.
@@ -547,7 +568,13 @@ pub async fn connections(
         progress.display(format!("connections on {}", target.kind()), clients as u64, "clients");
     let start = Instant::now();
     let run = run_id("idle");
-    let held = connect_receivers(target, &run, clients, Some(&progress), keys).await?;
+    let (held, mut took) = connect_timed(target, &run, clients, Some(&progress), keys).await?;
+    took.sort_unstable();
+    let at = |q: f64| {
+        let i = ((took.len() as f64 * q).ceil() as usize).saturating_sub(1);
+        took.get(i).map_or(0.0, |d| d.as_secs_f64() * 1000.0)
+    };
+    let (register_p50_ms, register_p99_ms) = (at(0.50), at(0.99));
     let seconds = start.elapsed().as_secs_f64();
     drop(display);
     // Let the server finish any work the last registrations started before reading its memory.
@@ -566,6 +593,8 @@ pub async fn connections(
         rss_before_kib: before,
         rss_after_kib: after,
         kib_per_client,
+        register_p50_ms,
+        register_p99_ms,
     })
 }
 
@@ -576,7 +605,13 @@ impl ConnectionsReport {
         let heading =
             format!("connections on {}: {} idle clients{with}", self.target, self.clients);
         let rate = human(self.clients as f64 / self.seconds.max(1e-9));
-        let mut rows = vec![("connect all", format!("{:.2} s ({rate}/s)", self.seconds))];
+        let mut rows = vec![
+            ("connect all", format!("{:.2} s ({rate}/s)", self.seconds)),
+            (
+                "register p50",
+                format!("{:.2} ms (p99 {:.2} ms)", self.register_p50_ms, self.register_p99_ms),
+            ),
+        ];
         if let (Some(b), Some(a), Some(per)) =
             (self.rss_before_kib, self.rss_after_kib, self.kib_per_client)
         {
