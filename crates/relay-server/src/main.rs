@@ -143,8 +143,8 @@ struct Args {
     #[arg(long, value_name = "PORT")]
     tls_port: Option<u16>,
     /// Join a cluster through the NATS server at URL (with JetStream: `nats-server -js`).
-    /// Names, keys and who is online are then kept in NATS, shared by every node, and the
-    /// data directory is not used. See docs/CLUSTER.md.
+    /// Names, keys and who is online are then kept in NATS, shared by every node; the data
+    /// directory holds no names or messages. See docs/CLUSTER.md.
     #[arg(long, value_name = "URL")]
     cluster: Option<String>,
     /// This node's name in the cluster (letters, digits, '-', '_'); default HOST-PORT.
