@@ -142,6 +142,9 @@ pub enum Workload {
         /// stored), to measure the registration rate with signatures.
         #[arg(long)]
         keys: bool,
+        /// Registrations in flight at once (1: one at a time, each one's own latency).
+        #[arg(long, default_value_t = 64)]
+        in_flight: usize,
     },
 }
 
@@ -239,8 +242,8 @@ pub async fn run(cli: Cli) -> Result<String, String> {
             let report = crate::store::store(target, &options).await?;
             (report.table(), serde_json::to_string(&report))
         }
-        Workload::Connections { clients, server_pid, keys } => {
-            let options = ConnectionsOptions { clients, server_pid, keys };
+        Workload::Connections { clients, server_pid, keys, in_flight } => {
+            let options = ConnectionsOptions { clients, server_pid, keys, in_flight };
             let report = workloads::connections(target, &options).await?;
             (report.table(), serde_json::to_string(&report))
         }

@@ -76,7 +76,12 @@ pub async fn run(options: &CompareOptions) -> Result<Vec<Row>, String> {
     for (target, pid) in both.iter().zip([options.relay_pid, options.nats_pid]) {
         let report = workloads::connections(
             target,
-            &ConnectionsOptions { clients: options.clients, server_pid: pid, keys: false },
+            &ConnectionsOptions {
+                clients: options.clients,
+                server_pid: pid,
+                keys: false,
+                in_flight: 64,
+            },
         )
         .await?;
         eprintln!("{}", report.table().trim_end());

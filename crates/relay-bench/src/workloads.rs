@@ -32,8 +32,12 @@ async fn connect_receivers(
     progress: Option<&Progress>,
     keys: bool,
 ) -> Result<Vec<Receiver>, String> {
-    Ok(connect_timed(target, run, count, progress, keys).await?.0)
+    Ok(connect_timed(target, run, count, progress, keys, IN_FLIGHT).await?.0)
 }
+
+/// Connects in flight at once: enough to hide round trips, few enough not to overflow the
+/// server's accept backlog.
+const IN_FLIGHT: usize = 64;
 
 /// [`connect_receivers`], with how long each took to connect and register.
 async fn connect_timed(
@@ -42,10 +46,8 @@ async fn connect_timed(
     count: usize,
     progress: Option<&Progress>,
     keys: bool,
+    in_flight: usize,
 ) -> Result<(Vec<Receiver>, Vec<Duration>), String> {
-    // Enough connects in flight to hide round trips, few enough not to overflow the server's
-    // accept backlog.
-    const IN_FLIGHT: usize = 64;
     let mut receivers: Vec<Option<Receiver>> = (0..count).map(|_| None).collect();
     let mut took = Vec::with_capacity(count);
     let mut tasks = JoinSet::new();
@@ -59,7 +61,7 @@ async fn connect_timed(
         Ok::<_, String>(())
     };
     for index in 0..count {
-        if tasks.len() >= IN_FLIGHT
+        if tasks.len() >= in_flight.max(1)
             && let Some(done) = tasks.join_next().await
         {
             finished(done)?;
@@ -500,6 +502,8 @@ pub struct ConnectionsOptions {
     /// Relay only: each client registers with a new Ed25519 key (a signature per login, and
     /// a first claim the server binds and stores), instead of as a guest.
     pub keys: bool,
+    /// Registrations in flight at once.
+    pub in_flight: usize,
 }
 
 /// What a connections run measured.
@@ -519,7 +523,9 @@ pub struct ConnectionsReport {
     pub rss_after_kib: Option<u64>,
     /// Server RSS per client, in KiB.
     pub kib_per_client: Option<f64>,
-    /// Time to connect and register one client (64 at a time), median, in ms.
+    /// Registrations that were in flight at once.
+    pub in_flight: usize,
+    /// Time to connect and register one client, median, in ms.
     pub register_p50_ms: f64,
     /// The same, 99th percentile.
     pub register_p99_ms: f64,
@@ -561,14 +567,15 @@ pub async fn connections(
     target: &Target,
     options: &ConnectionsOptions,
 ) -> Result<ConnectionsReport, String> {
-    let ConnectionsOptions { clients, server_pid, keys } = *options;
+    let ConnectionsOptions { clients, server_pid, keys, in_flight } = *options;
     let before = server_pid.map(rss_kib).transpose()?;
     let progress = Progress::new();
     let display =
         progress.display(format!("connections on {}", target.kind()), clients as u64, "clients");
     let start = Instant::now();
     let run = run_id("idle");
-    let (held, mut took) = connect_timed(target, &run, clients, Some(&progress), keys).await?;
+    let (held, mut took) =
+        connect_timed(target, &run, clients, Some(&progress), keys, in_flight).await?;
     took.sort_unstable();
     let at = |q: f64| {
         let i = ((took.len() as f64 * q).ceil() as usize).saturating_sub(1);
@@ -593,6 +600,7 @@ pub async fn connections(
         rss_before_kib: before,
         rss_after_kib: after,
         kib_per_client,
+        in_flight,
         register_p50_ms,
         register_p99_ms,
     })
@@ -609,7 +617,10 @@ impl ConnectionsReport {
             ("connect all", format!("{:.2} s ({rate}/s)", self.seconds)),
             (
                 "register p50",
-                format!("{:.2} ms (p99 {:.2} ms)", self.register_p50_ms, self.register_p99_ms),
+                format!(
+                    "{:.2} ms (p99 {:.2} ms; {} in flight)",
+                    self.register_p50_ms, self.register_p99_ms, self.in_flight
+                ),
             ),
         ];
         if let (Some(b), Some(a), Some(per)) =

@@ -55,10 +55,12 @@ async fn latency_and_connections_report_what_they_measured() {
         report.p50_us > 0.0 && report.p50_us <= report.p99_us && report.p99_us <= report.max_us
     );
     let pid = std::process::id();
-    let options = ConnectionsOptions { clients: 50, server_pid: Some(pid), keys: false };
+    let options =
+        ConnectionsOptions { clients: 50, server_pid: Some(pid), keys: false, in_flight: 8 };
     let report = workloads::connections(&target, &options).await.unwrap();
     assert_eq!(report.clients, 50);
     assert!(report.kib_per_client.is_some());
+    assert!(report.register_p50_ms > 0.0 && report.register_p50_ms <= report.register_p99_ms);
     shutdown.cancel();
 }
 
@@ -67,9 +69,10 @@ async fn connections_with_keys_bind_every_name() {
     let data = tempfile::tempdir().unwrap();
     let config = Config { data_dir: data.path().to_path_buf(), ..Config::default() };
     let (target, shutdown) = server_with(config).await;
-    let options = ConnectionsOptions { clients: 40, server_pid: None, keys: true };
+    let options = ConnectionsOptions { clients: 40, server_pid: None, keys: true, in_flight: 1 };
     let report = workloads::connections(&target, &options).await.unwrap();
-    assert_eq!((report.clients, report.keys), (40, true));
+    assert_eq!((report.clients, report.keys, report.in_flight), (40, true, 1));
+    assert!(report.register_p50_ms > 0.0 && report.register_p50_ms <= report.register_p99_ms);
     shutdown.cancel();
 }
 
