@@ -56,6 +56,16 @@ pub(crate) enum Routed {
 /// is not kept while the sender waits.
 pub(crate) type Pending = BoxFuture<'static, Result<(), (Undelivered, String)>>;
 
+/// What became of a message another node forwarded.
+pub(crate) enum Forwarded {
+    /// Queued for its receiver (or dropped as undecodable).
+    Queued,
+    /// Not queued; this reply goes back to its sender.
+    Refused(Message),
+    /// The receiver's outbox is full: it may take it within the send wait.
+    Full,
+}
+
 /// Why a name could not be claimed.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub(crate) enum Refused {
@@ -760,47 +770,82 @@ impl LocalRouter {
     }
 
     /// A message another node forwarded for `recipient` (a canonical name it saw online
-    /// here). `Err` with the reply its sender should get if it cannot be queued. A full
-    /// receiver is waited for, up to the send wait, as a sender here would wait: the other
-    /// node's link is held meanwhile, which is what slows its senders down (see the cluster
-    /// docs).
+    /// here), queued at once if its outbox has room. [`Forwarded::Full`] if not: the link
+    /// parks it (see [`LocalRouter::deliver_forwarded`]) rather than make the other
+    /// receivers wait behind it.
+    pub(crate) fn try_deliver_forwarded(&self, recipient: &str, body: &[u8]) -> Forwarded {
+        let Some((msg, outbox)) = self.forwarded_to(recipient, body) else {
+            return Forwarded::Queued;
+        };
+        let outbox = match outbox {
+            Ok(outbox) => outbox,
+            Err(reply) => return Forwarded::Refused(reply),
+        };
+        // No sender token: a forwarded message's sender is not on this node, so a failed
+        // connection here reports nothing for it (see the cluster docs).
+        match outbox.push_routed(&msg, 0, None, |_, _| {}) {
+            Ok(_) => Forwarded::Queued,
+            Err(PushError::Full) if !self.send_wait.is_zero() => Forwarded::Full,
+            Err(e) => Forwarded::Refused(self.forward_refusal(&msg, e)),
+        }
+    }
+
+    /// [`LocalRouter::try_deliver_forwarded`], waiting up to the send wait for room in a full
+    /// receiver's outbox, as a sender on this node would wait. `Err` with the reply its
+    /// sender should get if it cannot be queued.
     pub(crate) async fn deliver_forwarded(
         &self,
         recipient: &str,
         body: &[u8],
     ) -> Result<(), Message> {
-        let msg = match relay_proto::decode_ref(body) {
-            Ok(msg) => msg,
-            Err(e) => {
-                tracing::warn!(error = %e, "a forwarded message does not decode; dropped");
-                return Ok(());
-            }
-        };
-        let refuse = |status, detail: String| {
-            self.metrics.refused(status);
-            Err(Message::reply(msg.id, status, msg.to, detail))
-        };
-        let not_online = || format!("{} is not online", msg.to);
-        let not_keeping_up =
-            || format!("{} is not keeping up; the message was not delivered", msg.to);
-        let Some(outbox) = self.registry.with_name(recipient, |e| e.outbox.clone()) else {
-            return refuse(Status::NotFound, not_online());
-        };
-        // No sender token: a forwarded message's sender is not on this node, so a failed
-        // connection here reports nothing for it (see the cluster docs).
+        let Some((msg, outbox)) = self.forwarded_to(recipient, body) else { return Ok(()) };
+        let outbox = outbox?;
         let pushed = match outbox.push_routed(&msg, 0, None, |_, _| {}) {
             Err(PushError::Full) if !self.send_wait.is_zero() => {
                 outbox.wait_for_room(&msg, self.send_wait, 0, None).await
             }
             other => other.map(drop),
         };
-        match pushed {
-            Ok(()) => Ok(()),
-            Err(PushError::Closed) => refuse(Status::NotFound, not_online()),
-            Err(PushError::Full | PushError::Stalled) => {
-                refuse(Status::NotDelivered, not_keeping_up())
+        pushed.map_err(|e| self.forward_refusal(&msg, e))
+    }
+
+    /// A forwarded message, decoded, and its recipient's outbox (or the reply for a
+    /// recipient not here). `None` if it does not decode (logged and dropped).
+    fn forwarded_to<'b>(
+        &self,
+        recipient: &str,
+        body: &'b [u8],
+    ) -> Option<(MessageRef<'b>, Result<Outbox, Message>)> {
+        let msg = match relay_proto::decode_ref(body) {
+            Ok(msg) => msg,
+            Err(e) => {
+                tracing::warn!(error = %e, "a forwarded message does not decode; dropped");
+                return None;
             }
-        }
+        };
+        let outbox = self.registry.with_name(recipient, |e| e.outbox.clone());
+        let outbox = outbox.ok_or_else(|| self.forward_refusal(&msg, PushError::Closed));
+        Some((msg, outbox))
+    }
+
+    /// The reply to the sender of a forwarded message refused because its receiver is not
+    /// keeping up; `None` if it does not decode.
+    pub(crate) fn refuse_forwarded(&self, body: &[u8]) -> Option<Message> {
+        let msg = relay_proto::decode_ref(body).ok()?;
+        Some(self.forward_refusal(&msg, PushError::Full))
+    }
+
+    /// The reply to the sender of a forwarded message that could not be queued.
+    fn forward_refusal(&self, msg: &MessageRef<'_>, why: PushError) -> Message {
+        let (status, detail) = match why {
+            PushError::Closed => (Status::NotFound, format!("{} is not online", msg.to)),
+            PushError::Full | PushError::Stalled => (
+                Status::NotDelivered,
+                format!("{} is not keeping up; the message was not delivered", msg.to),
+            ),
+        };
+        self.metrics.refused(status);
+        Message::reply(msg.id, status, msg.to, detail)
     }
 
     /// A reply or receipt another node sent for a sender online here.

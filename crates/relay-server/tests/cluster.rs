@@ -13,7 +13,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use common::process::ServerProcess;
-use common::{TestServer, WAIT, next_event, next_message, wait_until, within};
+use common::{RawPeer, TestServer, WAIT, next_event, next_message, wait_until, within};
 use relay_client::{Client, ConnectError, Event, Identity};
 use relay_proto::Status;
 use relay_server::cluster::{Cluster, ClusterConfig};
@@ -189,6 +189,38 @@ async fn chat_crosses_nodes_both_ways_and_every_node_lists_the_whole_cluster() {
     for server in [n1, n2, n3] {
         server.stop().await;
     }
+}
+
+#[tokio::test]
+async fn messages_to_a_full_receiver_on_another_node_are_refused_and_the_others_arrive_in_order() {
+    let nats = Nats::start().await;
+    let [n1, n2] = [node(&nats, "n1").await, node(&nats, "n2").await];
+    // Registered, then never reads: its outbox and socket fill up.
+    let _slow = RawPeer::connect_small_buffer(n2.addr).await.register_as("slow").await;
+    let (_fast, mut fast_events) = n2.connect("fast").await;
+    let (flooder, mut flooder_events) = n1.connect("flooder").await;
+    wait_until(|| lists(&n1, "slow") && lists(&n1, "fast")).await;
+    // 6 MiB for slow (far more than its 1 MiB outbox), with messages for fast among them.
+    let big = vec![b'x'; 4096];
+    let mut to_fast = 0;
+    for i in 0..1500 {
+        within(flooder.send("slow", &big)).await.unwrap();
+        if i % 10 == 0 {
+            within(flooder.send("fast", format!("{to_fast}"))).await.unwrap();
+            to_fast += 1;
+        }
+    }
+    // fast gets every one of its messages, in order: slow's wait on n2 does not hold the link.
+    for i in 0..to_fast {
+        assert_eq!(next_message(&mut fast_events).await, ("flooder".into(), format!("{i}")));
+    }
+    // What found no room at slow was refused, and its sender told; nothing sent to fast was.
+    match next_event(&mut flooder_events).await {
+        Event::Rejected { status: Status::NotDelivered, to, .. } => assert_eq!(to, "slow"),
+        other => panic!("expected slow's messages to be refused, got {other:?}"),
+    }
+    n1.stop().await;
+    n2.stop().await;
 }
 
 #[tokio::test]

@@ -22,7 +22,9 @@ use tokio_util::task::TaskTracker;
 use super::layout;
 use super::wire::{Batch, Origin, Presence, Record, decode_lease, encode_lease, kv_key};
 use crate::inbox::SenderRef;
-use crate::router::{Claim, LocalRouter, Peers, Refused, Routed, Undelivered, Who, now_ms};
+use crate::router::{
+    Claim, Forwarded, LocalRouter, Peers, Refused, Routed, Undelivered, Who, now_ms,
+};
 
 /// How many times a claim reads again after losing a compare-and-set race.
 const RACES: usize = 16;
@@ -197,6 +199,49 @@ fn number_at(node: &str) -> usize {
     1 + 2 + node.len() + 8
 }
 
+/// Who to tell about a forwarded message: an owned [`Origin`].
+#[derive(Clone, Debug)]
+struct ReplyTo {
+    node: String,
+    canonical: String,
+    token: u64,
+    keyed: bool,
+}
+
+impl From<&Origin<'_>> for ReplyTo {
+    fn from(origin: &Origin<'_>) -> ReplyTo {
+        ReplyTo {
+            node: origin.node.to_owned(),
+            canonical: origin.canonical.to_owned(),
+            token: origin.token,
+            keyed: origin.keyed,
+        }
+    }
+}
+
+/// A forwarded message parked for a receiver whose outbox was full.
+#[derive(Debug)]
+struct Parked {
+    body: Bytes,
+    reply_to: ReplyTo,
+}
+
+/// What the receiving side holds back: messages for full receivers, parked so that the link
+/// keeps flowing for everyone else, each receiver's in the order they came. A parked message
+/// is in this node's hands, as one queued in an outbox is: its NATS message is acknowledged,
+/// and its sender is told if it is refused in the end.
+#[derive(Debug, Default)]
+struct Parking {
+    queues: HashMap<String, std::collections::VecDeque<Arc<Parked>>>,
+    /// Bytes parked, all receivers together (at most [`PARKED_BYTES`]).
+    bytes: usize,
+}
+
+/// The most bytes of forwarded messages parked for full receivers on this node; past it, a
+/// message for a full receiver is refused at once (`NotDelivered`, its sender told), as one
+/// for a receiver not keeping up is on one server.
+const PARKED_BYTES: usize = 4 << 20;
+
 /// The link. See the module docs.
 pub(crate) struct Link {
     node: Arc<str>,
@@ -222,6 +267,8 @@ pub(crate) struct Link {
     inflight: std::sync::atomic::AtomicUsize,
     /// Wakes senders waiting for the window.
     room: Notify,
+    /// Forwarded messages waiting for full receivers here.
+    parking: Mutex<Parking>,
     me: Weak<Link>,
     stop: CancellationToken,
     tasks: TaskTracker,
@@ -291,6 +338,7 @@ impl Link {
             unacked: Mutex::default(),
             inflight: std::sync::atomic::AtomicUsize::new(0),
             room: Notify::new(),
+            parking: Mutex::default(),
             me: me.clone(),
             stop: CancellationToken::new(),
             tasks: TaskTracker::new(),
@@ -637,8 +685,24 @@ impl Link {
             for record in records {
                 match record {
                     Record::Deliver { recipient, origin, body } => {
-                        if let Err(reply) = router.deliver_forwarded(recipient, body).await {
-                            self.reply_to(&origin, &reply);
+                        // Behind messages already parked for this receiver, in order.
+                        let behind = lock(&self.parking).queues.contains_key(recipient);
+                        let forwarded = match behind {
+                            true => Forwarded::Full,
+                            false => router.try_deliver_forwarded(recipient, body),
+                        };
+                        match forwarded {
+                            Forwarded::Queued => {}
+                            Forwarded::Refused(reply) => {
+                                self.reply_to(&ReplyTo::from(&origin), &reply)
+                            }
+                            Forwarded::Full => {
+                                if !self.park(recipient, body, &origin)
+                                    && let Some(reply) = router.refuse_forwarded(body)
+                                {
+                                    self.reply_to(&ReplyTo::from(&origin), &reply);
+                                }
+                            }
                         }
                     }
                     Record::Tell { canonical, token, keyed, body } => {
@@ -653,9 +717,60 @@ impl Link {
                     Record::Ack { .. } => {}
                 }
             }
-            // Everything in it is taken in (queued for its receivers, or answered).
+            // Everything in it is in this node's hands (queued for its receivers, parked, or
+            // answered).
             let ack = Record::Ack { incarnation: batch.incarnation, upto: batch.number };
             self.send(&batch.node, &ack);
+        }
+    }
+
+    /// Parks a message for `recipient`, whose outbox is full, starting its drain if it is the
+    /// first; false if the parking is full.
+    fn park(&self, recipient: &str, body: &[u8], origin: &Origin<'_>) -> bool {
+        let first = {
+            let mut parking = lock(&self.parking);
+            if parking.bytes + body.len() > PARKED_BYTES {
+                return false;
+            }
+            parking.bytes += body.len();
+            let parked =
+                Parked { body: Bytes::copy_from_slice(body), reply_to: ReplyTo::from(origin) };
+            let first = !parking.queues.contains_key(recipient);
+            parking.queues.entry(recipient.to_owned()).or_default().push_back(Arc::new(parked));
+            first
+        };
+        if first && let Some(link) = self.me.upgrade() {
+            self.tasks.spawn(link.drain_parked(recipient.to_owned()));
+        }
+        true
+    }
+
+    /// Delivers what is parked for `recipient`, in order, each waiting up to the send wait
+    /// for room (then refused, its sender told).
+    async fn drain_parked(self: Arc<Self>, recipient: String) {
+        loop {
+            let next = {
+                let mut parking = lock(&self.parking);
+                let next = parking.queues.get(&recipient).and_then(|q| q.front().cloned());
+                if next.is_none() {
+                    parking.queues.remove(&recipient);
+                }
+                next
+            };
+            let Some(parked) = next else { return };
+            let Some(router) = self.router() else { return };
+            let delivered = tokio::select! {
+                () = self.stop.cancelled() => return,
+                delivered = router.deliver_forwarded(&recipient, &parked.body) => delivered,
+            };
+            if let Err(reply) = delivered {
+                self.reply_to(&parked.reply_to, &reply);
+            }
+            let mut parking = lock(&self.parking);
+            if let Some(queue) = parking.queues.get_mut(&recipient) {
+                queue.pop_front();
+            }
+            parking.bytes = parking.bytes.saturating_sub(parked.body.len());
         }
     }
 
@@ -730,15 +845,15 @@ impl Link {
     }
 
     /// Sends `reply` (about a message it forwarded) back to `origin`'s node.
-    fn reply_to(&self, origin: &Origin<'_>, reply: &Message) {
+    fn reply_to(&self, to: &ReplyTo, reply: &Message) {
         let Some(body) = crate::router::stored_body(&reply.as_ref()) else { return };
         let record = Record::Tell {
-            canonical: origin.canonical,
-            token: origin.token,
-            keyed: origin.keyed,
+            canonical: &to.canonical,
+            token: to.token,
+            keyed: to.keyed,
             body: &body,
         };
-        self.send(origin.node, &record);
+        self.send(&to.node, &record);
     }
 
     /// Writes a record for `node` into the NATS message being filled for it (starting one,
