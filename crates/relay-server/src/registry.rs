@@ -108,7 +108,7 @@ impl Default for Registry {
 
 /// An address in the form users see and type: an IPv4 client of a dual-stack (`::`) listener
 /// shows as `1.2.3.4:5`, not `[::ffff:1.2.3.4]:5`.
-fn canonical_addr(addr: SocketAddr) -> SocketAddr {
+pub(crate) fn canonical_addr(addr: SocketAddr) -> SocketAddr {
     match addr {
         SocketAddr::V6(v6) => match v6.ip().to_ipv4_mapped() {
             Some(v4) => SocketAddr::from((v4, v6.port())),

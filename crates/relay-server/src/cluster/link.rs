@@ -1067,7 +1067,8 @@ impl Peers for Link {
                 token: claim.token(),
                 guest: claim.key().is_none(),
                 since: now_ms(),
-                addr,
+                // As the registry shows it: `1.2.3.4:5`, not `[::ffff:1.2.3.4]:5`.
+                addr: crate::registry::canonical_addr(addr),
                 canonical: canonical.clone(),
                 display,
                 version: claim.version(),
