@@ -1237,17 +1237,31 @@ impl Peers for Link {
                 held.by_key.clear();
                 held.by_name.drain().map(|(_, h)| h).collect()
             };
-            for h in held {
-                let _ = self.online.delete_expect_revision(&h.key, Some(h.revision)).await;
+            // Bounded: with NATS down, each request would wait for its timeout, and the names
+            // and the lease lapse by themselves anyway.
+            let up = self.state.up.load(Ordering::Acquire);
+            let deletes = async {
+                for h in held {
+                    let _ = self.online.delete_expect_revision(&h.key, Some(h.revision)).await;
+                }
+            };
+            if up && tokio::time::timeout(Duration::from_secs(5), deletes).await.is_err() {
+                tracing::warn!(
+                    "not every name was removed from the cluster in time; they lapse with the lease"
+                );
             }
             // The releases already under way, then the lease: other nodes see this one gone.
             self.stop.cancel();
             self.tasks.close();
             let _ = tokio::time::timeout(Duration::from_secs(3), self.tasks.wait()).await;
-            if let Err(e) = self.nodes.delete(self.node.as_ref()).await {
-                tracing::debug!(error = %e, "lease not removed; it lapses by itself");
+            if up {
+                let lease = self.nodes.delete(self.node.as_ref());
+                if !matches!(tokio::time::timeout(Duration::from_secs(3), lease).await, Ok(Ok(())))
+                {
+                    tracing::debug!("lease not removed; it lapses by itself");
+                }
+                let _ = tokio::time::timeout(Duration::from_secs(3), self.client.flush()).await;
             }
-            let _ = self.client.flush().await;
         })
     }
 }
