@@ -351,8 +351,21 @@ impl Link {
             .await
             .map_err(|e| format!("could not write this node's lease: {e}"))?;
         let (nodes_ready, presence_ready) = (Arc::new(Notify::new()), Arc::new(Notify::new()));
-        link.tasks.spawn(link.clone().watch_nodes(nodes_ready.clone()));
-        link.tasks.spawn(link.clone().watch_presence(presence_ready.clone()));
+        let (nodes, online) = (link.nodes.clone(), link.online.clone());
+        // Leases are kept across restarts of the watch: they are renewed often, and expire
+        // by the time they carry.
+        let keep = |_: &Link| {};
+        let follow_leases =
+            link.clone().follow(nodes, "leases", nodes_ready.clone(), keep, Link::lease_changed);
+        let follow_online = link.clone().follow(
+            online,
+            "presence",
+            presence_ready.clone(),
+            Link::presence_restarted,
+            Link::presence_changed,
+        );
+        link.tasks.spawn(follow_leases);
+        link.tasks.spawn(follow_online);
         let caught_up = async {
             nodes_ready.notified().await;
             presence_ready.notified().await;
@@ -474,63 +487,23 @@ impl Link {
         }
     }
 
-    /// Follows the lease bucket. Notifies `ready` once it has read what was there.
-    async fn watch_nodes(self: Arc<Self>, ready: Arc<Notify>) {
+    /// Follows a bucket: calls `restart` each time its watch (re)starts, then `apply` for
+    /// every entry, from what is there to every change; notifies `ready` once it has read
+    /// what was there. A watch that ends (NATS gone) is started again a second later.
+    async fn follow(
+        self: Arc<Self>,
+        kv: kv::Store,
+        what: &'static str,
+        ready: Arc<Notify>,
+        restart: fn(&Link),
+        apply: fn(&Link, &kv::Entry),
+    ) {
         let mut ready = Some(ready);
         while !self.stop.is_cancelled() {
-            match self.nodes.watch_with_history(">").await {
-                // Never empty: this node's lease is written before the watch starts.
-                Ok(mut watch) => loop {
-                    let entry = tokio::select! {
-                        () = self.stop.cancelled() => return,
-                        entry = watch.next() => entry,
-                    };
-                    let Some(Ok(entry)) = entry else { break };
-                    {
-                        let mut view = self.view.write().unwrap_or_else(PoisonError::into_inner);
-                        match entry.operation {
-                            Operation::Put => match decode_lease(&entry.value) {
-                                Ok(incarnation) => {
-                                    view.nodes.insert(
-                                        entry.key.clone(),
-                                        (incarnation, written_at(&entry)),
-                                    );
-                                }
-                                Err(_) => tracing::warn!(node = %entry.key, "unreadable lease"),
-                            },
-                            Operation::Delete | Operation::Purge => {
-                                view.nodes.remove(&entry.key);
-                            }
-                        }
-                    }
-                    if entry.delta == 0
-                        && let Some(ready) = ready.take()
-                    {
-                        ready.notify_one();
-                    }
-                },
-                Err(e) => tracing::warn!(error = %e, "could not watch the nodes' leases; retrying"),
-            }
-            tokio::select! {
-                () = self.stop.cancelled() => return,
-                () = tokio::time::sleep(Duration::from_secs(1)) => {}
-            }
-        }
-    }
-
-    /// Follows the presence bucket. Notifies `ready` once it has read what was there.
-    async fn watch_presence(self: Arc<Self>, ready: Arc<Notify>) {
-        let mut ready = Some(ready);
-        while !self.stop.is_cancelled() {
-            match self.online.watch_with_history(">").await {
+            match kv.watch_with_history(">").await {
                 Ok(mut watch) => {
-                    // Read afresh: what was deleted while the watch was down is not replayed.
-                    {
-                        let mut view = self.view.write().unwrap_or_else(PoisonError::into_inner);
-                        let nodes = std::mem::take(&mut view.nodes);
-                        *view = View { nodes, ..View::default() };
-                    }
-                    if is_empty(&self.online).await
+                    restart(&self);
+                    if is_empty(&kv).await
                         && let Some(ready) = ready.take()
                     {
                         ready.notify_one();
@@ -541,7 +514,7 @@ impl Link {
                             entry = watch.next() => entry,
                         };
                         let Some(Ok(entry)) = entry else { break };
-                        self.presence_changed(&entry);
+                        apply(&self, &entry);
                         if entry.delta == 0
                             && let Some(ready) = ready.take()
                         {
@@ -549,11 +522,35 @@ impl Link {
                         }
                     }
                 }
-                Err(e) => tracing::warn!(error = %e, "could not watch who is online; retrying"),
+                Err(e) => tracing::warn!(error = %e, bucket = what, "could not watch; retrying"),
             }
             tokio::select! {
                 () = self.stop.cancelled() => return,
                 () = tokio::time::sleep(Duration::from_secs(1)) => {}
+            }
+        }
+    }
+
+    /// Reads the presence bucket afresh: what was deleted while its watch was down is not
+    /// replayed.
+    fn presence_restarted(&self) {
+        let mut view = self.view.write().unwrap_or_else(PoisonError::into_inner);
+        let nodes = std::mem::take(&mut view.nodes);
+        *view = View { nodes, ..View::default() };
+    }
+
+    /// A node's lease was renewed, or removed.
+    fn lease_changed(&self, entry: &kv::Entry) {
+        let mut view = self.view.write().unwrap_or_else(PoisonError::into_inner);
+        match entry.operation {
+            Operation::Put => match decode_lease(&entry.value) {
+                Ok(incarnation) => {
+                    view.nodes.insert(entry.key.clone(), (incarnation, written_at(entry)));
+                }
+                Err(_) => tracing::warn!(node = %entry.key, "unreadable lease"),
+            },
+            Operation::Delete | Operation::Purge => {
+                view.nodes.remove(&entry.key);
             }
         }
     }

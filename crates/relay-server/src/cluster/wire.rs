@@ -131,6 +131,16 @@ fn put_str(out: &mut BytesMut, s: &str) {
     out.put_slice(&s.as_bytes()[..end]);
 }
 
+/// A [`Record::Deliver`] after its layout byte, up to its body.
+fn put_deliver_head(out: &mut BytesMut, recipient: &str, origin: &Origin<'_>) {
+    out.put_u8(DELIVER);
+    put_str(out, recipient);
+    put_str(out, origin.node);
+    put_str(out, origin.canonical);
+    out.put_u64_le(origin.token);
+    out.put_u8(u8::from(origin.keyed) | u8::from(origin.v2) << 1);
+}
+
 /// Reads what [`put_str`] wrote and the rest of the bytes.
 struct Reader<'a>(&'a [u8]);
 
@@ -175,12 +185,7 @@ impl<'a> Record<'a> {
         out.put_u8(LAYOUT);
         match self {
             Record::Deliver { recipient, origin, body } => {
-                out.put_u8(DELIVER);
-                put_str(out, recipient);
-                put_str(out, origin.node);
-                put_str(out, origin.canonical);
-                out.put_u64_le(origin.token);
-                out.put_u8(u8::from(origin.keyed) | u8::from(origin.v2) << 1);
+                put_deliver_head(out, recipient, origin);
                 out.put_slice(body);
             }
             Record::Tell { canonical, token, keyed, body } => {
@@ -219,12 +224,7 @@ impl<'a> Record<'a> {
         out.reserve(48 + recipient.len() + origin.node.len() + origin.canonical.len());
         out.put_u32_le(0);
         out.put_u8(LAYOUT);
-        out.put_u8(DELIVER);
-        put_str(out, recipient);
-        put_str(out, origin.node);
-        put_str(out, origin.canonical);
-        out.put_u64_le(origin.token);
-        out.put_u8(u8::from(origin.keyed) | u8::from(origin.v2) << 1);
+        put_deliver_head(out, recipient, origin);
         let msg =
             relay_proto::MessageRef { version: relay_proto::PROTOCOL_VERSION, seq: 0, ..*msg };
         if let Err(e) = relay_proto::encode_body_ref(&msg, out) {
