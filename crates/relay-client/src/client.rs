@@ -2,6 +2,7 @@
 //! writes it; the program holds a cloneable [`Client`] to send and an [`Events`] stream to
 //! receive.
 
+use std::collections::VecDeque;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -364,7 +365,7 @@ impl Client {
         tokio::spawn(
             Reader {
                 events: incoming.clone(),
-                batch: Vec::new(),
+                batch: VecDeque::new(),
                 last_from: None,
                 // Not a `Client`: when the program drops every `Client`, the connection ends
                 // (see `Drop for Inner`), even though the reader still runs.
@@ -433,10 +434,12 @@ impl Client {
     /// A chat message for `to` with the next id, if the destination is valid and it fits
     /// the frame limit.
     fn checked<'a>(&self, to: &'a str, content: &'a [u8]) -> Result<MessageRef<'a>, SendError> {
-        parse_destination(to).map_err(|e| SendError::InvalidDestination {
-            to: to.to_string(),
-            reason: e.to_string(),
-        })?;
+        check_destination(to)?;
+        self.sized(to, content)
+    }
+
+    /// A chat message for `to` (already checked) with the next id, if it fits the frame limit.
+    fn sized<'a>(&self, to: &'a str, content: &'a [u8]) -> Result<MessageRef<'a>, SendError> {
         let msg = MessageRef::send(self.next_id(), to, content);
         let len = encoded_len_ref(&msg);
         if len > self.inner.max_frame_len {
@@ -449,7 +452,7 @@ impl Client {
     /// together, which costs one lock and at most one wake-up for the lot instead of one per
     /// message. For programs that send in bursts.
     pub fn batch(&self) -> Batch {
-        Batch { client: self.clone(), frames: BytesMut::new(), count: 0 }
+        Batch { client: self.clone(), frames: BytesMut::new(), count: 0, checked_to: String::new() }
     }
 
     /// Asks for the users online; the answer arrives as [`Event::Users`] with the returned id.
@@ -507,6 +510,9 @@ pub struct Batch {
     client: Client,
     frames: BytesMut,
     count: usize,
+    /// The last destination that passed the checks: a burst to one receiver checks its name
+    /// once, not once per message.
+    checked_to: String,
 }
 
 impl Batch {
@@ -517,7 +523,12 @@ impl Batch {
     /// # Errors
     /// [`SendError::InvalidDestination`] or [`SendError::TooLarge`]; the batch is unchanged.
     pub fn add(&mut self, to: &str, content: impl AsRef<[u8]>) -> Result<u64, SendError> {
-        let msg = self.client.checked(to, content.as_ref())?;
+        if to != self.checked_to {
+            check_destination(to)?;
+            self.checked_to.clear();
+            self.checked_to.push_str(to);
+        }
+        let msg = self.client.sized(to, content.as_ref())?;
         self.client.inner.outgoing.encode(&msg, &mut self.frames).map_err(|_| {
             SendError::TooLarge { len: encoded_len_ref(&msg), max: self.client.inner.max_frame_len }
         })?;
@@ -562,6 +573,13 @@ impl Drop for Inner {
     fn drop(&mut self) {
         self.outgoing.close(None);
     }
+}
+
+/// Whether `to` is a valid destination: a user name or a client's `ip:port`.
+fn check_destination(to: &str) -> Result<(), SendError> {
+    parse_destination(to)
+        .map(|_| ())
+        .map_err(|e| SendError::InvalidDestination { to: to.to_string(), reason: e.to_string() })
 }
 
 /// Where a connection goes, and from where.
@@ -681,7 +699,7 @@ fn first_id() -> u64 {
 struct Reader {
     events: Arc<Incoming>,
     /// Events from the current read, handed to the program together before the next read.
-    batch: Vec<Event>,
+    batch: VecDeque<Event>,
     /// The sender of the last message: consecutive messages from one sender share the name.
     last_from: Option<Arc<str>>,
     /// For answering pings.
@@ -906,7 +924,7 @@ impl Reader {
 
     /// Queues an event for the program; it is handed over by the next [`Reader::flush`].
     fn emit(&mut self, event: Event) {
-        self.batch.push(event);
+        self.batch.push_back(event);
     }
 
     /// Hands the queued events to the program, waiting for it to make room if it is behind.

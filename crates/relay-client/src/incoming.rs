@@ -61,7 +61,7 @@ impl Incoming {
     /// behind is eventually dropped by the server instead of growing this queue), unless
     /// `wait` is false, in which case events that do not fit are dropped. Events for a
     /// program that dropped its [`Events`] are dropped.
-    pub(crate) async fn deliver(&self, batch: &mut Vec<Event>, wait: bool) {
+    pub(crate) async fn deliver(&self, batch: &mut VecDeque<Event>, wait: bool) {
         if batch.is_empty() {
             return;
         }
@@ -77,7 +77,14 @@ impl Incoming {
                     batch.truncate(self.max_queued.saturating_sub(waiting));
                 }
                 (waiting < self.max_queued || !wait).then(|| {
-                    state.queue.extend(batch.drain(..));
+                    if waiting == 0 {
+                        // The usual case under load (the program took everything): the batch
+                        // becomes the queue and the reader gets the emptied one back, with
+                        // its room, instead of moving every event.
+                        std::mem::swap(&mut state.queue, batch);
+                    } else {
+                        state.queue.append(batch);
+                    }
                     waiting == 0
                 })
             })
@@ -265,9 +272,9 @@ mod tests {
     async fn events_arrive_in_order_across_batches_then_none_after_the_end() {
         let shared = Incoming::new(100);
         let mut events = Events::new(shared.clone(), None);
-        shared.deliver(&mut vec![message(1), message(2)], true).await;
+        shared.deliver(&mut VecDeque::from([message(1), message(2)]), true).await;
         assert_eq!(events.next().await, Some(message(1)));
-        shared.deliver(&mut vec![message(3)], true).await;
+        shared.deliver(&mut VecDeque::from([message(3)]), true).await;
         shared.end();
         assert_eq!(ids(&mut events), vec![2, 3]);
         assert_eq!(events.next().await, None);
@@ -277,9 +284,12 @@ mod tests {
     async fn a_full_queue_makes_the_reader_wait_until_the_program_takes() {
         let shared = Incoming::new(2);
         let mut events = Events::new(shared.clone(), None);
-        shared.deliver(&mut vec![message(1), message(2)], true).await;
+        shared.deliver(&mut VecDeque::from([message(1), message(2)]), true).await;
         let reader = shared.clone();
-        let third = tokio::spawn(async move { reader.deliver(&mut vec![message(3)], true).await });
+        let third =
+            tokio::spawn(
+                async move { reader.deliver(&mut VecDeque::from([message(3)]), true).await },
+            );
         tokio::task::yield_now().await;
         assert!(!third.is_finished(), "the reader must wait for room");
         assert_eq!(events.try_next(), Some(message(1)));
@@ -291,7 +301,7 @@ mod tests {
     async fn without_waiting_what_does_not_fit_is_dropped() {
         let shared = Incoming::new(2);
         let mut events = Events::new(shared.clone(), None);
-        shared.deliver(&mut vec![message(1), message(2), message(3)], false).await;
+        shared.deliver(&mut VecDeque::from([message(1), message(2), message(3)]), false).await;
         assert_eq!(ids(&mut events), vec![1, 2]);
     }
 
@@ -299,15 +309,17 @@ mod tests {
     async fn a_program_that_drops_its_events_never_blocks_the_reader() {
         let shared = Incoming::new(1);
         let events = Events::new(shared.clone(), None);
-        shared.deliver(&mut vec![message(1)], true).await;
+        shared.deliver(&mut VecDeque::from([message(1)]), true).await;
         let reader = shared.clone();
         let blocked =
-            tokio::spawn(async move { reader.deliver(&mut vec![message(2)], true).await });
+            tokio::spawn(
+                async move { reader.deliver(&mut VecDeque::from([message(2)]), true).await },
+            );
         tokio::task::yield_now().await;
         drop(events);
         tokio::time::timeout(Duration::from_secs(20), blocked).await.unwrap().unwrap();
         // And later batches are dropped at once.
-        shared.deliver(&mut vec![message(3)], true).await;
+        shared.deliver(&mut VecDeque::from([message(3)]), true).await;
     }
 
     #[tokio::test]
@@ -320,7 +332,7 @@ mod tests {
             (first, second)
         });
         tokio::task::yield_now().await;
-        shared.deliver(&mut vec![message(7)], true).await;
+        shared.deliver(&mut VecDeque::from([message(7)]), true).await;
         tokio::task::yield_now().await;
         shared.end();
         let got = tokio::time::timeout(Duration::from_secs(20), program).await.unwrap().unwrap();
