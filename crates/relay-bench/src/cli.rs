@@ -13,12 +13,13 @@ use crate::target::Target;
 use crate::workloads::{self, ConnectionsOptions, FlowOptions, LatencyOptions};
 
 /// Load generator for relay-server; `--target nats://HOST:PORT` runs the same workloads against
-/// a nats-server.
+/// a nats-server (`async-nats://HOST:PORT`: through async-nats, the official client).
 #[derive(Debug, Parser)]
 #[command(name = "relay-bench", version)]
 pub struct Cli {
     /// Server to drive: HOST:PORT or relay://HOST:PORT for relay-server, nats://HOST:PORT for
-    /// nats-server.
+    /// nats-server through relay-bench's minimal client, async-nats://HOST:PORT for nats-server
+    /// through async-nats.
     #[arg(long, global = true, default_value = "127.0.0.1:8080", value_parser = Target::parse)]
     pub target: Target,
     /// Connect the senders here instead of --target (the receivers stay on --target): with
@@ -82,7 +83,8 @@ pub enum Workload {
         /// The relay-server, HOST:PORT.
         #[arg(long, default_value = "127.0.0.1:8080", value_parser = Target::parse)]
         relay: Target,
-        /// The nats-server, nats://HOST:PORT.
+        /// The nats-server, nats://HOST:PORT (driven through both the minimal client and
+        /// async-nats).
         #[arg(long, default_value = "nats://127.0.0.1:4222", value_parser = Target::parse)]
         nats: Target,
         /// relay-server's process id, for its memory per idle client.

@@ -114,6 +114,10 @@ pub async fn run(options: &CompareOptions) -> Result<Vec<Row>, String> {
         ("pairs 1000 x 64 B", "pairs", 1000, 1000, options.messages, 64),
     ];
     let pids = [options.relay_pid, options.nats_pid];
+    // relay's reports of the first three flows, and the minimal NATS client's of the first,
+    // for the rows below that compare them with other runs.
+    let mut relay_flows = Vec::new();
+    let mut nats_pairs = None;
     for (metric, workload, senders, receivers, messages, size) in flows {
         let flow =
             FlowOptions { senders, receivers, messages, size, stall: options.stall, keys: false };
@@ -143,6 +147,36 @@ pub async fn run(options: &CompareOptions) -> Result<Vec<Row>, String> {
                 better: Better::Lower,
             });
         }
+        if relay_flows.len() < 3 {
+            let mut reports = reports.into_iter();
+            if let (Some(relay), Some(nats)) = (reports.next(), reports.next()) {
+                relay_flows.push((metric, workload, flow, relay));
+                nats_pairs.get_or_insert(nats);
+            }
+        }
+    }
+
+    // Library to library: the minimal NATS client above shows what nats-server alone can do,
+    // but a program using NATS runs a client library (a reader task, a hand-off per message
+    // to the subscriber), as relay's runs use relay's. The same flows through async-nats.
+    let library = options.nats.async_nats();
+    let mut library_pairs = None;
+    for (metric, workload, flow, relay) in &relay_flows {
+        let report = workloads::flow(&library, &library, workload, flow).await?;
+        eprintln!("{}", report.table().trim_end());
+        rows.push(flow_row(&format!("async-nats: {metric}, msgs/s"), relay, &report));
+        library_pairs.get_or_insert(report);
+    }
+    // Receipts on: every relay client holds a key, so receivers acknowledge what they take and
+    // senders get delivery receipts. NATS has nothing like it; its rows are the plain flows.
+    if let (Some((metric, workload, flow, _)), Some(nats), Some(library)) =
+        (relay_flows.first(), &nats_pairs, &library_pairs)
+    {
+        let keyed = FlowOptions { keys: true, ..*flow };
+        let relay = workloads::flow(&options.relay, &options.relay, workload, &keyed).await?;
+        eprintln!("{}", relay.table().trim_end());
+        rows.push(flow_row(&format!("receipts: {metric}, msgs/s"), &relay, nats));
+        rows.push(flow_row(&format!("receipts, async-nats: {metric}"), &relay, library));
     }
 
     for rate in [20_000, 100_000] {
@@ -242,6 +276,11 @@ pub fn report(runs: &[Vec<Row>]) -> String {
             100.0 * many / few
         ));
     }
+    out.push_str(
+        "rows without a prefix drive nats-server through relay-bench's minimal NATS client (the \
+         server's own limit); 'async-nats:' rows through async-nats, the official Rust client; \
+         'receipts' rows run relay with keys (acknowledgements and delivery receipts on)\n",
+    );
     out.push_str(&format!("runs: {}\n", runs.len()));
     out
 }

@@ -29,19 +29,27 @@ fn base_config() -> ClientConfig {
 pub enum Target {
     /// A relay-server at `host:port`.
     Relay(String),
-    /// A nats-server at `host:port`: receiver `i` subscribes to `bench.i`, senders publish to
-    /// it.
+    /// A nats-server at `host:port`, driven by this crate's minimal client ([`nats`]): receiver
+    /// `i` subscribes to a subject of its own, senders publish to it. It does the least a
+    /// client can per message, so it shows what the server alone can do.
     Nats(String),
+    /// The same nats-server driven through async-nats, the official Rust client: what a
+    /// program using NATS runs, to compare with relay through its own client library.
+    AsyncNats(String),
 }
 
 impl Target {
-    /// Parses `HOST:PORT` or `relay://HOST:PORT` (a relay-server) or `nats://HOST:PORT`.
+    /// Parses `HOST:PORT` or `relay://HOST:PORT` (a relay-server), `nats://HOST:PORT` (a
+    /// nats-server, minimal client) or `async-nats://HOST:PORT` (a nats-server, async-nats).
     pub fn parse(s: &str) -> Result<Target, String> {
         let (kind, addr) = match s.split_once("://") {
             Some(("relay", addr)) => ("relay", addr),
             Some(("nats", addr)) => ("nats", addr),
+            Some(("async-nats", addr)) => ("async-nats", addr),
             Some((scheme, _)) => {
-                return Err(format!("unknown scheme {scheme}://; use relay:// or nats://"));
+                return Err(format!(
+                    "unknown scheme {scheme}://; use relay://, nats:// or async-nats://"
+                ));
             }
             None => ("relay", s),
         };
@@ -50,15 +58,25 @@ impl Target {
         }
         Ok(match kind {
             "nats" => Target::Nats(addr.to_string()),
+            "async-nats" => Target::AsyncNats(addr.to_string()),
             _ => Target::Relay(addr.to_string()),
         })
     }
 
-    /// `relay` or `nats`.
+    /// The same nats-server through async-nats (itself for anything else).
+    pub fn async_nats(&self) -> Target {
+        match self {
+            Target::Nats(addr) => Target::AsyncNats(addr.clone()),
+            other => other.clone(),
+        }
+    }
+
+    /// `relay`, `nats` or `async-nats`.
     pub fn kind(&self) -> &'static str {
         match self {
             Target::Relay(_) => "relay",
             Target::Nats(_) => "nats",
+            Target::AsyncNats(_) => "async-nats",
         }
     }
 
@@ -82,6 +100,17 @@ impl Target {
                     .await
                     .map_err(|e| format!("nats {addr}: {e}"))?;
                 Ok(Receiver::Nats(sub))
+            }
+            Target::AsyncNats(addr) => {
+                let client = async_nats_client(addr).await?;
+                let subject = receiver_name(run, index);
+                let sub = client
+                    .subscribe(subject)
+                    .await
+                    .map_err(|e| format!("async-nats {addr}: {e}"))?;
+                // The subscription is in place once the server has answered a round trip.
+                client.flush().await.map_err(|e| format!("async-nats {addr}: {e}"))?;
+                Ok(Receiver::AsyncNats { _client: client, sub })
             }
         }
     }
@@ -118,8 +147,14 @@ impl Target {
             Target::Nats(addr) => Ok(Sender::Nats(
                 nats::Publisher::connect(addr).await.map_err(|e| format!("nats {addr}: {e}"))?,
             )),
+            Target::AsyncNats(addr) => Ok(Sender::AsyncNats(async_nats_client(addr).await?)),
         }
     }
+}
+
+/// A connection through async-nats with its defaults.
+async fn async_nats_client(addr: &str) -> Result<async_nats::Client, String> {
+    async_nats::connect(addr).await.map_err(|e| format!("async-nats {addr}: {e}"))
 }
 
 impl fmt::Display for Target {
@@ -127,6 +162,7 @@ impl fmt::Display for Target {
         match self {
             Target::Relay(addr) => write!(f, "relay://{addr}"),
             Target::Nats(addr) => write!(f, "nats://{addr}"),
+            Target::AsyncNats(addr) => write!(f, "async-nats://{addr}"),
         }
     }
 }
@@ -147,6 +183,13 @@ pub enum Receiver {
     },
     /// A NATS subscription.
     Nats(nats::Subscriber),
+    /// A NATS subscription through async-nats.
+    AsyncNats {
+        /// Keeps the connection open.
+        _client: async_nats::Client,
+        /// Where messages arrive.
+        sub: async_nats::Subscriber,
+    },
 }
 
 impl Receiver {
@@ -172,6 +215,12 @@ impl Receiver {
                         Err(e) => Err(e.to_string()),
                     };
                 }
+                Receiver::AsyncNats { sub, .. } => {
+                    return match futures_util::StreamExt::next(sub).await {
+                        Some(msg) => Ok(msg.payload),
+                        None => Err("the subscription ended".into()),
+                    };
+                }
             }
         }
     }
@@ -189,6 +238,14 @@ impl Receiver {
                 Ok(None)
             }
             Receiver::Nats(sub) => sub.try_next().map_err(|e| e.to_string()),
+            Receiver::AsyncNats { sub, .. } => {
+                use futures_util::FutureExt;
+                match futures_util::StreamExt::next(sub).now_or_never() {
+                    Some(Some(msg)) => Ok(Some(msg.payload)),
+                    Some(None) => Err("the subscription ended".into()),
+                    None => Ok(None),
+                }
+            }
         }
     }
 
@@ -228,6 +285,8 @@ pub enum Sender {
     Relay(Batch),
     /// A NATS publisher.
     Nats(nats::Publisher),
+    /// A NATS connection through async-nats (which batches its own writes).
+    AsyncNats(async_nats::Client),
 }
 
 impl Sender {
@@ -245,6 +304,10 @@ impl Sender {
             Sender::Nats(publisher) => {
                 publisher.publish(to, payload).await.map_err(|e| e.to_string())
             }
+            Sender::AsyncNats(client) => client
+                .publish(to.to_string(), Bytes::copy_from_slice(payload))
+                .await
+                .map_err(|e| e.to_string()),
         }
     }
 
@@ -253,6 +316,7 @@ impl Sender {
         match self {
             Sender::Relay(batch) => batch.send().await.map_err(|e| e.to_string()),
             Sender::Nats(publisher) => publisher.flush().await.map_err(|e| e.to_string()),
+            Sender::AsyncNats(client) => client.flush().await.map_err(|e| e.to_string()),
         }
     }
 
@@ -264,6 +328,11 @@ impl Sender {
                 batch.client().offline().await.map_err(|e| e.to_string())
             }
             Sender::Nats(publisher) => publisher.close().await.map_err(|e| e.to_string()),
+            Sender::AsyncNats(client) => {
+                // Everything published has reached the server once it answers a round trip.
+                client.flush().await.map_err(|e| e.to_string())?;
+                client.drain().await.map_err(|e| e.to_string())
+            }
         }
     }
 }

@@ -110,6 +110,8 @@ async fn keyed_flows_with_receipts_and_the_store_workload_count_everything() {
 fn targets_parse() {
     assert_eq!(Target::parse("127.0.0.1:8080"), Ok(Target::Relay("127.0.0.1:8080".into())));
     assert_eq!(Target::parse("nats://h:4222"), Ok(Target::Nats("h:4222".into())));
+    assert_eq!(Target::parse("async-nats://h:4222"), Ok(Target::AsyncNats("h:4222".into())));
+    assert_eq!(Target::Nats("h:1".into()).async_nats(), Target::AsyncNats("h:1".into()));
     assert!(Target::parse("http://h:1").is_err());
     assert!(Target::parse("nohost").is_err());
 }
