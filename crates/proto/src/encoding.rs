@@ -195,8 +195,13 @@ pub fn decode_body(body: &[u8]) -> Result<Message, ProtoError> {
 /// # Errors
 /// [`ProtoError::Malformed`] for anything that is not exactly one valid message.
 pub fn decode_ref(body: &[u8]) -> Result<MessageRef<'_>, ProtoError> {
-    // bincode takes its limit as a const generic, so pick the smallest power of two that
-    // holds the body from a fixed ladder.
+    if let Some(msg) = read_valid(body) {
+        return Ok(msg);
+    }
+    // Not a valid message: bincode decodes it under its limit and says what is wrong. (It
+    // accepts exactly what `read_valid` does; the tests check both ways.) bincode takes its
+    // limit as a const generic, so pick the smallest power of two that holds the body from a
+    // fixed ladder.
     macro_rules! ladder {
         ($($limit:literal)*) => {
             $(if body.len() <= $limit { return decode_limited::<$limit>(body); })*
@@ -223,6 +228,80 @@ fn decode_limited<const LIMIT: usize>(body: &[u8]) -> Result<MessageRef<'_>, Pro
     Ok(msg)
 }
 
+/// The message in `body` if it is exactly one valid message, read with plain slice
+/// operations: the layout [`Wire`] reads, and the same checks (kind, flags, lengths within the
+/// body, UTF-8 text, no trailing bytes), without bincode's error plumbing, which cost several
+/// times the reading on every message both ends handle. It reads nothing past `body` and
+/// allocates nothing, so it needs no limit of its own; `None` sends the body to bincode for
+/// the error.
+#[inline]
+fn read_valid(body: &[u8]) -> Option<MessageRef<'_>> {
+    if body.len() > MAX_FRAME_LEN_CEILING {
+        return None;
+    }
+    let (head, rest) = body.split_first_chunk::<14>()?;
+    let [v0, v1, i0, i1, i2, i3, i4, i5, i6, i7, k0, k1, k2, k3] = *head;
+    let version = u16::from_le_bytes([v0, v1]);
+    let id = u64::from_le_bytes([i0, i1, i2, i3, i4, i5, i6, i7]);
+    let (kind, rest) = match u32::from_le_bytes([k0, k1, k2, k3]) {
+        5 => {
+            let (status, rest) = rest.split_first_chunk::<4>()?;
+            (Kind::Reply(Status::from_index(u32::from_le_bytes(*status))), rest)
+        }
+        index => (plain_kind(index)?, rest),
+    };
+    let (&[register, exit], rest) = rest.split_first_chunk::<2>()?;
+    let (register, exit) = (flag(register).ok()?, flag(exit).ok()?);
+    let (to, rest) = plain_field(rest)?;
+    let (from, rest) = plain_field(rest)?;
+    let (content, rest) = plain_field(rest)?;
+    let (to, from) = (std::str::from_utf8(to).ok()?, std::str::from_utf8(from).ok()?);
+    let (seq, time, rest) = if has_v2_layout(version) {
+        let (seq, rest) = rest.split_first_chunk::<8>()?;
+        let (time, rest) = rest.split_first_chunk::<8>()?;
+        (u64::from_le_bytes(*seq), u64::from_le_bytes(*time), rest)
+    } else {
+        (0, 0, rest)
+    };
+    rest.is_empty().then_some(MessageRef {
+        version,
+        id,
+        kind,
+        register,
+        exit,
+        to,
+        from,
+        content,
+        seq,
+        time,
+    })
+}
+
+/// A length-prefixed field at the start of `rest`, and what follows it, if the length fits.
+#[inline]
+fn plain_field(rest: &[u8]) -> Option<(&[u8], &[u8])> {
+    let (len, rest) = rest.split_first_chunk::<8>()?;
+    let len = usize::try_from(u64::from_le_bytes(*len)).ok()?;
+    (len <= rest.len()).then(|| rest.split_at(len))
+}
+
+/// The kind at `index`, but for a reply (index 5), which carries a status after it.
+#[inline]
+fn plain_kind(index: u32) -> Option<Kind> {
+    Some(match index {
+        0 => Kind::Chat,
+        1 => Kind::ListUsers,
+        2 => Kind::Users,
+        3 => Kind::Ping,
+        4 => Kind::Pong,
+        6 => Kind::Hello,
+        7 => Kind::Greeting,
+        8 => Kind::Ack,
+        9 => Kind::Delivered,
+        _ => return None,
+    })
+}
+
 /// A [`MessageRef`] read by hand from the layout serde's derive gives it under [`WIRE`]
 /// (little-endian, fixed-width integers): version `u16`, id `u64`, kind `u32` (and a `u32`
 /// status for a reply), two flag bytes, then `to`, `from` and `content`, each a `u64` length
@@ -240,25 +319,19 @@ impl<'de, Context> BorrowDecode<'de, Context> for Wire<'de> {
         let version = u16::from_le_bytes([v0, v1]);
         let id = u64::from_le_bytes([i0, i1, i2, i3, i4, i5, i6, i7]);
         let (kind, [register, exit]) = match u32::from_le_bytes([k0, k1, k2, k3]) {
-            0 => (Kind::Chat, fixed(d)?),
-            1 => (Kind::ListUsers, fixed(d)?),
-            2 => (Kind::Users, fixed(d)?),
-            3 => (Kind::Ping, fixed(d)?),
-            4 => (Kind::Pong, fixed(d)?),
             5 => {
                 let [s0, s1, s2, s3, register, exit] = fixed(d)?;
                 // An index this version does not know is a status of a newer server.
                 let status = Status::from_index(u32::from_le_bytes([s0, s1, s2, s3]));
                 (Kind::Reply(status), [register, exit])
             }
-            6 => (Kind::Hello, fixed(d)?),
-            7 => (Kind::Greeting, fixed(d)?),
-            8 => (Kind::Ack, fixed(d)?),
-            9 => (Kind::Delivered, fixed(d)?),
-            found => {
-                const ALL: AllowedEnumVariants = AllowedEnumVariants::Range { min: 0, max: 9 };
-                return Err(unexpected::<Kind>(found, &ALL));
-            }
+            index => match plain_kind(index) {
+                Some(kind) => (kind, fixed(d)?),
+                None => {
+                    const ALL: AllowedEnumVariants = AllowedEnumVariants::Range { min: 0, max: 9 };
+                    return Err(unexpected::<Kind>(index, &ALL));
+                }
+            },
         };
         let (register, exit) = (flag(register)?, flag(exit)?);
         let to = text(d)?;
@@ -459,6 +532,34 @@ mod tests {
             assert_eq!(decode_body(&body).unwrap(), msg);
             let derived = bincode::serde::encode_to_vec(&msg, WIRE).unwrap();
             assert_eq!(&body[..], &derived[..]);
+        }
+    }
+
+    /// Every valid message takes the plain path (bincode only ever sees invalid bodies), and
+    /// it reads what bincode reads.
+    #[test]
+    fn valid_messages_are_read_without_bincode() {
+        let mut all = vec![
+            Message::deliver(9, "alice", "bob", vec![0u8, 255, 10, 13]),
+            Message::register(1, "zoë"),
+            Message::ping(7).closing(),
+            Message::ack(5),
+            Message::delivered("bob", &[3, u64::MAX], 9),
+            Message::send(1, "b", vec![b'x'; 70_000]),
+        ];
+        for i in 0..30 {
+            all.push(Message::reply(i, Status::from_index(i as u32), "carol", "why"));
+        }
+        for version in [0, 1, 2, 3, u16::MAX] {
+            all.push(Message::send(u64::MAX, "é", "hi").with_version(version));
+        }
+        for msg in all {
+            let body = encode(&msg);
+            let plain = read_valid(&body).map(|m| m.to_message());
+            assert_eq!(plain.as_ref(), Some(&msg), "{msg:?}");
+            let (Wire(by_bincode), _) =
+                bincode::borrow_decode_from_slice(&body, WIRE.with_limit::<131072>()).unwrap();
+            assert_eq!(by_bincode.to_message(), msg);
         }
     }
 
