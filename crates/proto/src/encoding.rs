@@ -9,11 +9,13 @@
 //! bincode allocates for it. Without a limit bincode would allocate the claimed length up front,
 //! and a 9-byte body claiming 2^40 bytes would abort the process.
 //!
-//! Encoding goes through serde. Decoding, which both ends do for every message, goes through
-//! bincode's own `BorrowDecode` trait with a hand-written impl of the same layout ([`Wire`]):
-//! serde's field-by-field visitor took 70 ns per 64-byte message, most of it moving bincode's
-//! large error type around, and the impl takes a fraction of that. bincode still drives it,
-//! with the same limit; tests check it accepts and rejects exactly what serde's derive does.
+//! Encoding writes the bytes serde's derive would write, through bincode's writer
+//! ([`WireOut`]). Decoding, which both ends do for every message, first reads the layout with
+//! plain slice operations ([`read_valid`]: 15 ns for a 64-byte message, where serde's
+//! field-by-field visitor took 70 and bincode's `BorrowDecode` with a hand-written impl 37,
+//! most of it moving bincode's large error type around). A body that is not exactly one valid
+//! message goes to bincode ([`Wire`], under the limit below), which rejects it and says why.
+//! Tests check that both paths accept and reject exactly what serde's derive does.
 
 use bincode::config::{self, Configuration, Fixint, LittleEndian, NoLimit};
 use bincode::de::read::BorrowReader;
