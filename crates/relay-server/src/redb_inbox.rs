@@ -151,7 +151,7 @@ pub(crate) fn get_meta(
 /// sender is keyed), the sender's token, the message id and its time (u64 LE each), the
 /// sender's canonical name (a length byte, then the name), then the frame body to deliver,
 /// its `seq` already set.
-fn put_record(segment: &mut Vec<u8>, envelope: &Envelope, seq: u64) {
+pub(crate) fn put_record(segment: &mut Vec<u8>, envelope: &Envelope, seq: u64) {
     let sender = &envelope.sender;
     let name = &sender.canonical.as_bytes()[..sender.canonical.len().min(255)];
     let len = 8 + 2 + 24 + 1 + name.len() + envelope.body.len();
@@ -172,18 +172,18 @@ fn put_record(segment: &mut Vec<u8>, envelope: &Envelope, seq: u64) {
 }
 
 /// One record of a segment, decoded.
-struct Record<'a> {
-    seq: u64,
-    sender: SenderRef,
-    id: u64,
-    time: u64,
-    body: &'a [u8],
+pub(crate) struct Record<'a> {
+    pub(crate) seq: u64,
+    pub(crate) sender: SenderRef,
+    pub(crate) id: u64,
+    pub(crate) time: u64,
+    pub(crate) body: &'a [u8],
     /// The whole record, length prefix included (to copy it into a rewritten segment).
     raw: &'a [u8],
 }
 
 /// The records of a segment, in order; `Err` where it is damaged (and nothing after).
-fn records(mut segment: &[u8]) -> impl Iterator<Item = Result<Record<'_>, ()>> {
+pub(crate) fn records(mut segment: &[u8]) -> impl Iterator<Item = Result<Record<'_>, ()>> {
     std::iter::from_fn(move || {
         if segment.is_empty() {
             return None;

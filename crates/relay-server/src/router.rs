@@ -773,7 +773,12 @@ impl LocalRouter {
     /// here), queued at once if its outbox has room. [`Forwarded::Full`] if not: the link
     /// parks it (see [`LocalRouter::deliver_forwarded`]) rather than make the other
     /// receivers wait behind it.
-    pub(crate) fn try_deliver_forwarded(&self, recipient: &str, body: &[u8]) -> Forwarded {
+    pub(crate) fn try_deliver_forwarded(
+        &self,
+        recipient: &str,
+        body: &[u8],
+        origin: &Arc<SenderRef>,
+    ) -> Forwarded {
         let Some((msg, outbox)) = self.forwarded_to(recipient, body) else {
             return Forwarded::Queued;
         };
@@ -782,8 +787,12 @@ impl LocalRouter {
             Err(reply) => return Forwarded::Refused(reply),
         };
         // No sender token: a forwarded message's sender is not on this node, so a failed
-        // connection here reports nothing for it (see the cluster docs).
-        match outbox.push_routed(&msg, 0, None, |_, _| {}) {
+        // connection here reports nothing for it (see the cluster docs). Its origin is kept
+        // for a key holder's receipts, which go back through the cluster.
+        let pushed = outbox.push_routed(&msg, 0, Some(origin), |m, recipient| {
+            self.store_forwarded(origin, m, recipient);
+        });
+        match pushed {
             Ok(_) => Forwarded::Queued,
             Err(PushError::Full) if !self.send_wait.is_zero() => Forwarded::Full,
             Err(e) => Forwarded::Refused(self.forward_refusal(&msg, e)),
@@ -797,16 +806,57 @@ impl LocalRouter {
         &self,
         recipient: &str,
         body: &[u8],
+        origin: &Arc<SenderRef>,
     ) -> Result<(), Message> {
         let Some((msg, outbox)) = self.forwarded_to(recipient, body) else { return Ok(()) };
         let outbox = outbox?;
-        let pushed = match outbox.push_routed(&msg, 0, None, |_, _| {}) {
+        let pushed = outbox.push_routed(&msg, 0, Some(origin), |m, recipient| {
+            self.store_forwarded(origin, m, recipient);
+        });
+        let pushed = match pushed {
             Err(PushError::Full) if !self.send_wait.is_zero() => {
-                outbox.wait_for_room(&msg, self.send_wait, 0, None).await
+                outbox.wait_for_room(&msg, self.send_wait, 0, Some(origin)).await
             }
             other => other.map(drop),
         };
         pushed.map_err(|e| self.forward_refusal(&msg, e))
+    }
+
+    /// Stores a forwarded message for a key holder whose session is reading its inbox (it
+    /// goes in behind what is stored). Its sender, on another node, learns nothing new, as for
+    /// a delivered message, unless it cannot be stored.
+    fn store_forwarded(&self, origin: &Arc<SenderRef>, msg: &MessageRef<'_>, recipient: &str) {
+        let (Some(inbox), Some(body)) = (&self.inbox, stored_body(msg)) else { return };
+        let envelope = Envelope {
+            recipient: recipient.to_owned(),
+            body,
+            seq: None,
+            id: msg.id,
+            time: msg.time,
+            sender: origin.clone(),
+        };
+        let (me, origin, to, id) = (self.me.clone(), origin.clone(), msg.to.to_owned(), msg.id);
+        inbox.append(
+            envelope,
+            Box::new(move |appended| {
+                let (status, detail) = match appended {
+                    Ok(Appended::Stored(_)) => return,
+                    Ok(Appended::NotBound) => (Status::NotFound, format!("{to} is not online")),
+                    // A version 1 sender (no receipts) knows no `InboxFull`.
+                    Ok(Appended::Full(full)) => {
+                        let status =
+                            if origin.receipt { Status::InboxFull } else { Status::NotDelivered };
+                        (status, format!("not stored for {to}: {full}"))
+                    }
+                    Err(e) => (Status::NotDelivered, format!("not stored for {to}: {e}")),
+                };
+                if let Some(router) = me.upgrade() {
+                    router.metrics.refused(status);
+                    let reply = Message::reply(id, status, to, detail);
+                    router.tell(&origin, &reply.as_ref());
+                }
+            }),
+        );
     }
 
     /// A forwarded message, decoded, and its recipient's outbox (or the reply for a

@@ -203,12 +203,16 @@ impl Server {
     ) -> Result<Server, StartError> {
         config.validate().map_err(StartError::Config)?;
         let link = cluster.link.clone();
+        let inbox = match config.auth {
+            AuthMode::None => None,
+            _ => Some(Arc::new(cluster.inbox(config.inbox).await?) as Arc<dyn InboxStore>),
+        };
         let stores = Stores {
             names: match config.auth {
                 AuthMode::None => None,
                 _ => Some(Arc::new(cluster.names) as Arc<dyn NameStore>),
             },
-            inbox: None,
+            inbox,
             peers: Some(link.clone() as Arc<dyn Peers>),
             node: Some(link.node().to_owned()),
         };

@@ -107,10 +107,14 @@ const LEASE: Duration = Duration::from_secs(2);
 
 /// A node of the cluster, in process.
 async fn node(nats: &Nats, name: &str) -> TestServer {
+    node_with(nats, name, Config::default()).await
+}
+
+async fn node_with(nats: &Nats, name: &str, config: Config) -> TestServer {
     let cluster =
         within(Cluster::connect(ClusterConfig::new(nats.url(), name).lease(LEASE))).await.unwrap();
     let dir = tempfile::tempdir().unwrap();
-    let config = Config { data_dir: dir.path().to_path_buf(), ..Config::default() };
+    let config = Config { data_dir: dir.path().to_path_buf(), ..config };
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let server = within(Server::in_cluster(listener, config, cluster)).await.unwrap();
     let addr = server.local_addr().unwrap();
@@ -350,8 +354,13 @@ async fn a_node_killed_with_sigkill_frees_its_names_within_the_lease() {
     .await;
     let (_frank, _frank_events) =
         within(Client::connect(&doomed.addr.to_string(), "frank")).await.unwrap();
+    // A key holder there too: once the node is known dead, messages for her are stored.
+    let (_gina, _gina_events) =
+        within(Client::builder(doomed.addr.to_string(), "gina").identity(key(15)).connect())
+            .await
+            .unwrap();
     let (alice, mut alice_events) = n1.connect("alice").await;
-    wait_until(|| lists(&n1, "frank")).await;
+    wait_until(|| lists(&n1, "frank") && lists(&n1, "gina")).await;
     assert!(matches!(
         Client::connect(&n1.url(), "frank").await,
         Err(ConnectError::NameTaken { .. })
@@ -373,6 +382,12 @@ async fn a_node_killed_with_sigkill_frees_its_names_within_the_lease() {
     wait_until(|| !lists(&n1, "frank")).await;
     let id = alice.send("frank", "are you there?").await.unwrap();
     assert_eq!(next_event(&mut alice_events).await, Event::NotFound { id, to: "frank".into() });
+    wait_until(|| !lists(&n1, "gina")).await;
+    let id = alice.send("gina", "kept for you").await.unwrap();
+    assert_eq!(next_event(&mut alice_events).await, Event::Stored { id, to: "gina".into() });
+    let (_gina, mut gina_events) =
+        within(Client::builder(n1.url(), "gina").identity(key(15)).connect()).await.unwrap();
+    assert_eq!(next_chat(&mut gina_events).await.1, "kept for you");
     // And the name can be claimed again.
     let reclaimed = within(async {
         loop {
@@ -530,4 +545,243 @@ async fn a_node_cut_off_past_its_lease_loses_its_names_and_disconnects_their_hol
     shutdown.cancel();
     within(task).await.unwrap();
     n1.stop().await;
+}
+
+/// The next chat message, skipping receipts and `Stored` notices; with its sequence number.
+async fn next_chat(events: &mut relay_client::Events) -> (String, String, u64) {
+    loop {
+        match next_event(events).await {
+            Event::Message { from, content, seq, .. } => {
+                return (from.to_string(), String::from_utf8_lossy(&content).into_owned(), seq);
+            }
+            Event::Delivered { .. } | Event::Stored { .. } => {}
+            other => panic!("expected a message, got {other:?}"),
+        }
+    }
+}
+
+/// Waits until `events` has said `Delivered` for every id in `ids` (anything else but
+/// messages and `Stored` fails the test).
+async fn receipts_for(events: &mut relay_client::Events, ids: &[u64]) {
+    let mut missing: std::collections::BTreeSet<u64> = ids.iter().copied().collect();
+    while !missing.is_empty() {
+        match next_event(events).await {
+            Event::Delivered { ids, .. } => {
+                for id in ids {
+                    missing.remove(&id);
+                }
+            }
+            Event::Stored { .. } | Event::Message { .. } => {}
+            other => panic!("expected receipts, got {other:?}"),
+        }
+    }
+}
+
+#[tokio::test]
+async fn an_inbox_filled_through_one_node_is_drained_at_another_exactly_once_in_order() {
+    let nats = Nats::start().await;
+    let [n1, n2] = [node(&nats, "n1").await, node(&nats, "n2").await];
+    // Bob binds his name at n2, then leaves.
+    let (bob, _events) =
+        within(Client::builder(n2.url(), "bob").identity(key(7)).connect()).await.unwrap();
+    within(bob.offline()).await.unwrap();
+    wait_until(|| !lists(&n1, "bob")).await;
+
+    // Alice, at n1, sends while he is offline: every message is stored.
+    let (alice, mut alice_events) =
+        within(Client::builder(n1.url(), "alice").identity(key(8)).connect()).await.unwrap();
+    let mut ids = Vec::new();
+    for i in 0..300 {
+        ids.push(alice.send("bob", format!("{i}")).await.unwrap());
+    }
+    for &id in &ids {
+        match next_event(&mut alice_events).await {
+            Event::Stored { id: got, .. } => assert_eq!(got, id),
+            other => panic!("expected Stored, got {other:?}"),
+        }
+    }
+    // Every node sees them (the console's `inboxes`).
+    let totals = within(n2.handle.inboxes()).await.unwrap();
+    assert_eq!((totals.recipients, totals.messages), (1, 300), "{totals:?}");
+    // Then she leaves, and the node she stored through stops: nothing was kept there.
+    within(alice.offline()).await.unwrap();
+    n1.stop().await;
+
+    // He logs in at n2: all of them, in order, once.
+    let (bob, mut bob_events) =
+        within(Client::builder(n2.url(), "bob").identity(key(7)).connect()).await.unwrap();
+    let mut last = 0;
+    for i in 0..300 {
+        let (from, text, seq) = next_chat(&mut bob_events).await;
+        assert_eq!((from.as_str(), text), ("alice", format!("{i}")));
+        assert!(seq > last, "numbers only grow: {seq} after {last}");
+        last = seq;
+    }
+    // Alice was offline: her receipts waited in her own inbox, for any node.
+    let (alice, mut alice_events) =
+        within(Client::builder(n2.url(), "alice").identity(key(8)).connect()).await.unwrap();
+    receipts_for(&mut alice_events, &ids).await;
+    alice.send("bob", "live now").await.unwrap();
+    let (_, text, seq) = next_chat(&mut bob_events).await;
+    assert_eq!(text, "live now");
+    assert!(seq > last);
+
+    // At a node started later: nothing is delivered twice, and what was stored meanwhile
+    // comes first.
+    within(bob.offline()).await.unwrap();
+    wait_until(|| !lists(&n2, "bob")).await;
+    let id = alice.send("bob", "while you were away").await.unwrap();
+    loop {
+        match next_event(&mut alice_events).await {
+            Event::Stored { id: got, .. } if got == id => break,
+            Event::Delivered { .. } => {}
+            other => panic!("expected Stored, got {other:?}"),
+        }
+    }
+    let n3 = node(&nats, "n3").await;
+    let (_bob, mut bob_events) =
+        within(Client::builder(n3.url(), "bob").identity(key(7)).connect()).await.unwrap();
+    let (_, text, _) = next_chat(&mut bob_events).await;
+    assert_eq!(text, "while you were away");
+    alice.send("bob", "and live at n3").await.unwrap();
+    let (_, text, _) = next_chat(&mut bob_events).await;
+    assert_eq!(text, "and live at n3");
+    receipts_for(&mut alice_events, &[id]).await;
+
+    // The operator's purge empties an inbox for every node.
+    let (dora, _events) =
+        within(Client::builder(n3.url(), "dora").identity(key(14)).connect()).await.unwrap();
+    within(dora.offline()).await.unwrap();
+    wait_until(|| !lists(&n2, "dora")).await;
+    for i in 0..3 {
+        alice.send("dora", format!("{i}")).await.unwrap();
+    }
+    let mut stored = 0;
+    while stored < 3 {
+        match next_event(&mut alice_events).await {
+            Event::Stored { .. } => stored += 1,
+            Event::Delivered { .. } => {}
+            other => panic!("expected Stored, got {other:?}"),
+        }
+    }
+    assert_eq!(within(n3.handle.purge("dora")).await.unwrap(), 3);
+    let (_dora, mut dora_events) =
+        within(Client::builder(n2.url(), "dora").identity(key(14)).connect()).await.unwrap();
+    alice.send("dora", "after the purge").await.unwrap();
+    let (_, text, _) = next_chat(&mut dora_events).await;
+    assert_eq!(text, "after the purge");
+    for server in [n2, n3] {
+        server.stop().await;
+    }
+}
+
+#[tokio::test]
+async fn two_nodes_storing_for_one_recipient_at_once_keep_each_senders_order() {
+    let nats = Nats::start().await;
+    let [n1, n2, n3] = three_nodes(&nats).await;
+    let (carol, _events) =
+        within(Client::builder(n3.url(), "carol").identity(key(9)).connect()).await.unwrap();
+    within(carol.offline()).await.unwrap();
+    wait_until(|| !lists(&n1, "carol") && !lists(&n2, "carol")).await;
+
+    let (a, mut a_events) =
+        within(Client::builder(n1.url(), "a").identity(key(10)).connect()).await.unwrap();
+    let (b, mut b_events) =
+        within(Client::builder(n2.url(), "b").identity(key(11)).connect()).await.unwrap();
+    // Both at once, so their appends race for carol's inbox.
+    let send = |client: Client, tag: &'static str| async move {
+        for i in 0..150 {
+            client.send("carol", format!("{tag}{i}")).await.unwrap();
+        }
+    };
+    tokio::join!(send(a.clone(), "a"), send(b.clone(), "b"));
+    for events in [&mut a_events, &mut b_events] {
+        for _ in 0..150 {
+            match next_event(events).await {
+                Event::Stored { .. } => {}
+                other => panic!("expected Stored, got {other:?}"),
+            }
+        }
+    }
+    let (_carol, mut carol_events) =
+        within(Client::builder(n3.url(), "carol").identity(key(9)).connect()).await.unwrap();
+    let (mut next_a, mut next_b, mut last) = (0, 0, 0);
+    for _ in 0..300 {
+        let (from, text, seq) = next_chat(&mut carol_events).await;
+        assert!(seq > last, "numbers only grow");
+        last = seq;
+        match from.as_str() {
+            "a" => {
+                assert_eq!(text, format!("a{next_a}"));
+                next_a += 1;
+            }
+            "b" => {
+                assert_eq!(text, format!("b{next_b}"));
+                next_b += 1;
+            }
+            other => panic!("from {other}"),
+        }
+    }
+    assert_eq!((next_a, next_b), (150, 150));
+    for server in [n1, n2, n3] {
+        server.stop().await;
+    }
+}
+
+#[tokio::test]
+async fn receipts_for_live_messages_travel_back_across_nodes() {
+    let nats = Nats::start().await;
+    let [n1, n2] = [node(&nats, "n1").await, node(&nats, "n2").await];
+    let (dave, mut dave_events) =
+        within(Client::builder(n2.url(), "dave").identity(key(12)).connect()).await.unwrap();
+    let (erin, mut erin_events) =
+        within(Client::builder(n1.url(), "erin").identity(key(13)).connect()).await.unwrap();
+    wait_until(|| lists(&n1, "dave") && lists(&n2, "erin")).await;
+    let mut ids = Vec::new();
+    for i in 0..50 {
+        ids.push(erin.send("dave", format!("{i}")).await.unwrap());
+    }
+    for i in 0..50 {
+        let (_, text, _) = next_chat(&mut dave_events).await;
+        assert_eq!(text, format!("{i}"));
+    }
+    receipts_for(&mut erin_events, &ids).await;
+    drop(dave);
+    for server in [n1, n2] {
+        server.stop().await;
+    }
+}
+
+#[tokio::test]
+async fn a_stored_message_too_old_is_removed_and_its_sender_told_once() {
+    let nats = Nats::start().await;
+    let mut config = Config { inbox_sweep: Duration::from_millis(100), ..Config::default() };
+    config.inbox.max_age_ms = 300;
+    // Both nodes sweep the same stream.
+    let n1 = node_with(&nats, "n1", config.clone()).await;
+    let n2 = node_with(&nats, "n2", config).await;
+    let (hank, _events) =
+        within(Client::builder(n2.url(), "hank").identity(key(16)).connect()).await.unwrap();
+    within(hank.offline()).await.unwrap();
+    wait_until(|| !lists(&n1, "hank")).await;
+    let (alice, mut alice_events) = n1.connect("alice").await;
+    let id = alice.send("hank", "too late").await.unwrap();
+    assert_eq!(next_event(&mut alice_events).await, Event::Stored { id, to: "hank".into() });
+    match next_event(&mut alice_events).await {
+        Event::Rejected { id: got, status: Status::Expired, .. } => assert_eq!(got, id),
+        other => panic!("expected Expired, got {other:?}"),
+    }
+    // It is gone for every node: hank's first message is the next one.
+    let (_hank, mut hank_events) =
+        within(Client::builder(n1.url(), "hank").identity(key(16)).connect()).await.unwrap();
+    let id = alice.send("hank", "fresh").await.unwrap();
+    assert_eq!(next_chat(&mut hank_events).await.1, "fresh");
+    // And alice heard of the expiry once: the next thing she hears is this message's receipt
+    // or nothing at all, never a second Expired.
+    if let Ok(event) = tokio::time::timeout(Duration::from_millis(500), alice_events.next()).await {
+        assert!(!matches!(event, Some(Event::Rejected { .. })), "{event:?} after {id}");
+    }
+    for server in [n1, n2] {
+        server.stop().await;
+    }
 }

@@ -224,6 +224,32 @@ impl From<&Origin<'_>> for ReplyTo {
 struct Parked {
     body: Bytes,
     reply_to: ReplyTo,
+    /// Its sender, for a key holder's receipt.
+    sender: Arc<SenderRef>,
+}
+
+/// The sender of a forwarded message as the router keeps it (for receipts, and stored with
+/// what a key holder did not acknowledge): the previous one's if the same, so a busy sender's
+/// messages share one.
+fn sender_of(last: &mut Option<Arc<SenderRef>>, origin: &Origin<'_>) -> Arc<SenderRef> {
+    match last {
+        Some(sender)
+            if sender.token == origin.token
+                && sender.canonical == origin.canonical
+                && sender.keyed == origin.keyed
+                && sender.receipt == origin.v2 =>
+        {
+            sender.clone()
+        }
+        _ => last
+            .insert(Arc::new(SenderRef {
+                canonical: origin.canonical.to_owned(),
+                token: origin.token,
+                keyed: origin.keyed,
+                receipt: origin.v2,
+            }))
+            .clone(),
+    }
 }
 
 /// What the receiving side holds back: messages for full receivers, parked so that the link
@@ -664,6 +690,7 @@ impl Link {
 
     /// Takes in what other nodes forward here.
     async fn receive(self: Arc<Self>, mut subscriber: async_nats::Subscriber) {
+        let mut last_sender = None;
         loop {
             let message = tokio::select! {
                 () = self.stop.cancelled() => return,
@@ -682,11 +709,12 @@ impl Link {
             for record in records {
                 match record {
                     Record::Deliver { recipient, origin, body } => {
+                        let sender = sender_of(&mut last_sender, &origin);
                         // Behind messages already parked for this receiver, in order.
                         let behind = lock(&self.parking).queues.contains_key(recipient);
                         let forwarded = match behind {
                             true => Forwarded::Full,
-                            false => router.try_deliver_forwarded(recipient, body),
+                            false => router.try_deliver_forwarded(recipient, body, &sender),
                         };
                         match forwarded {
                             Forwarded::Queued => {}
@@ -694,7 +722,7 @@ impl Link {
                                 self.reply_to(&ReplyTo::from(&origin), &reply)
                             }
                             Forwarded::Full => {
-                                if !self.park(recipient, body, &origin)
+                                if !self.park(recipient, body, &origin, sender)
                                     && let Some(reply) = router.refuse_forwarded(body)
                                 {
                                     self.reply_to(&ReplyTo::from(&origin), &reply);
@@ -723,15 +751,24 @@ impl Link {
 
     /// Parks a message for `recipient`, whose outbox is full, starting its drain if it is the
     /// first; false if the parking is full.
-    fn park(&self, recipient: &str, body: &[u8], origin: &Origin<'_>) -> bool {
+    fn park(
+        &self,
+        recipient: &str,
+        body: &[u8],
+        origin: &Origin<'_>,
+        sender: Arc<SenderRef>,
+    ) -> bool {
         let first = {
             let mut parking = lock(&self.parking);
             if parking.bytes + body.len() > PARKED_BYTES {
                 return false;
             }
             parking.bytes += body.len();
-            let parked =
-                Parked { body: Bytes::copy_from_slice(body), reply_to: ReplyTo::from(origin) };
+            let parked = Parked {
+                body: Bytes::copy_from_slice(body),
+                reply_to: ReplyTo::from(origin),
+                sender,
+            };
             let first = !parking.queues.contains_key(recipient);
             parking.queues.entry(recipient.to_owned()).or_default().push_back(Arc::new(parked));
             first
@@ -758,7 +795,7 @@ impl Link {
             let Some(router) = self.router() else { return };
             let delivered = tokio::select! {
                 () = self.stop.cancelled() => return,
-                delivered = router.deliver_forwarded(&recipient, &parked.body) => delivered,
+                delivered = router.deliver_forwarded(&recipient, &parked.body, &parked.sender) => delivered,
             };
             if let Err(reply) = delivered {
                 self.reply_to(&parked.reply_to, &reply);

@@ -14,6 +14,7 @@
 //!
 //! [`NameStore`]: crate::names::NameStore
 
+mod inbox;
 mod link;
 mod names;
 mod wire;
@@ -23,6 +24,9 @@ use std::time::Duration;
 
 use async_nats::jetstream::{self, kv};
 
+use crate::inbox::InboxLimits;
+
+pub(crate) use inbox::NatsInbox;
 pub(crate) use link::Link;
 pub(crate) use names::NatsNames;
 
@@ -156,6 +160,8 @@ async fn bucket(
 pub struct Cluster {
     pub(crate) names: NatsNames,
     pub(crate) link: Arc<Link>,
+    js: jetstream::Context,
+    max_payload: usize,
 }
 
 impl Cluster {
@@ -203,7 +209,16 @@ impl Cluster {
         })
         .await
         .map_err(nats)?;
-        Ok(Cluster { names: NatsNames::new(names), link })
+        Ok(Cluster { names: NatsNames::new(names), link, js, max_payload })
+    }
+
+    /// Opens the inboxes (the stream `relay_inbox`), making the stream if this is the first
+    /// node.
+    pub(crate) async fn inbox(&self, limits: InboxLimits) -> Result<NatsInbox, ClusterError> {
+        let names = self.names.clone();
+        NatsInbox::open(self.js.clone(), names.clone(), names.bucket(), limits, self.max_payload)
+            .await
+            .map_err(|error| ClusterError::Nats { url: "(connected)".into(), error })
     }
 
     /// This node's name.

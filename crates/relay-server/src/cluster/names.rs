@@ -62,6 +62,32 @@ impl NatsNames {
         NatsNames { kv }
     }
 
+    /// The bucket (the inboxes keep their counters in it too).
+    pub(crate) fn bucket(&self) -> kv::Store {
+        self.kv.clone()
+    }
+
+    /// Raises `canonical`'s epoch to at least `epoch` (a live session's, reserved by the
+    /// inbox), so every later login numbers above it.
+    pub(crate) async fn raise_epoch(&self, canonical: &str, epoch: u64) -> Result<(), StoreError> {
+        for _ in 0..RACES {
+            let Some((mut record, revision)) = self.record(canonical).await? else {
+                return Err(StoreError(format!("{canonical:?} is no longer bound")));
+            };
+            if record.epoch >= epoch {
+                return Ok(());
+            }
+            record.epoch = epoch;
+            let value = Bytes::from(redb_store::encode(&record));
+            match self.kv.update(name_key(canonical), value, revision).await {
+                Ok(_) => return Ok(()),
+                Err(e) if e.kind() == UpdateErrorKind::WrongLastRevision => continue,
+                Err(e) => return Err(failed("update", e)),
+            }
+        }
+        Err(StoreError(format!("{canonical} is being claimed too busily; try again")))
+    }
+
     async fn record(&self, canonical: &str) -> Result<Option<(NameRecord, u64)>, StoreError> {
         let (entry, _) = live(&self.kv, &name_key(canonical)).await?;
         Ok(entry.and_then(|e| {
