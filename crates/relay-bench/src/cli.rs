@@ -132,6 +132,19 @@ pub enum Workload {
         #[arg(long, default_value_t = 0)]
         rate: u64,
     },
+    /// Relay only: C clients send, paced, to names nobody holds; time to each `NotFound`
+    /// (in a cluster, answered from the node's view of who is online where).
+    NotFound {
+        /// Sending clients.
+        #[arg(long, default_value_t = 4)]
+        clients: usize,
+        /// Messages per second, all clients together.
+        #[arg(long, default_value_t = 2_000)]
+        rate: u64,
+        /// How long to send.
+        #[arg(long, default_value = "5s", value_parser = parse_duration)]
+        duration: Duration,
+    },
     /// C idle registered clients: time to connect them, and the server's memory per client.
     Connections {
         /// Clients to open (raise `ulimit -n` for many).
@@ -242,6 +255,12 @@ pub async fn run(cli: Cli) -> Result<String, String> {
                 stall: cli.stall,
             };
             let report = crate::store::store(target, &options).await?;
+            (report.table(), serde_json::to_string(&report))
+        }
+        Workload::NotFound { clients, rate, duration } => {
+            let options =
+                crate::not_found::NotFoundOptions { clients, rate, duration, stall: cli.stall };
+            let report = crate::not_found::not_found(target, &options).await?;
             (report.table(), serde_json::to_string(&report))
         }
         Workload::Connections { clients, server_pid, keys, in_flight } => {

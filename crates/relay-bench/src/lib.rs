@@ -8,6 +8,7 @@
 pub mod cli;
 pub mod compare;
 pub mod nats;
+pub mod not_found;
 pub mod payload;
 pub mod progress;
 pub mod store;

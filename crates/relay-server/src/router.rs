@@ -205,11 +205,19 @@ pub(crate) trait Peers: Send + Sync + std::fmt::Debug + 'static {
     /// Registration `token` of `canonical` left this node: its cluster-wide claim goes too.
     fn release(&self, canonical: &str, token: u64);
 
-    /// Forwards `msg` from `from` to `to` if another node holds `to`; `None` if none does.
+    /// Changes whenever what the link knows of who is where changes, and at least every
+    /// quarter second (a lease lapses by time): a [`PeerRoute`] found under another stamp is
+    /// stale.
+    fn stamp(&self) -> u64;
+
+    /// Where `to` leads if another (live) node holds it; `None` if none does.
+    fn route(&self, to: &str) -> Option<PeerRoute>;
+
+    /// Forwards `msg` from `from` along `route`; `None` if it cannot be written.
     fn forward(
         &self,
         from: &Claim,
-        to: &str,
+        route: &PeerRoute,
         msg: &MessageRef<'_>,
     ) -> Option<Result<Routed, (Undelivered, String)>>;
 
@@ -267,10 +275,27 @@ impl Who {
 /// same receiver many times in a row; remembering where the last message went skips the
 /// registry lookup (a hash and a shard lock) for the next one. The entry is dropped as soon as
 /// that outbox turns out to be closed, so a name freed and claimed again is looked up afresh.
+/// In a cluster, the last destination on another node is remembered the same way, while the
+/// link's stamp stays the same.
 #[derive(Debug, Default)]
 pub(crate) struct RouteCache {
     to: String,
     outbox: Option<Outbox>,
+    peer: Option<PeerRoute>,
+}
+
+/// Where a destination on another node leads, as the cluster link found it (see
+/// [`Peers::route`]).
+#[derive(Clone, Debug)]
+pub(crate) struct PeerRoute {
+    /// The destination as the sender wrote it.
+    pub(crate) to: Arc<str>,
+    /// The receiver's canonical name.
+    pub(crate) recipient: Arc<str>,
+    /// The receiver's node.
+    pub(crate) node: Arc<str>,
+    /// The link's stamp when it was found.
+    pub(crate) stamp: u64,
 }
 
 impl RouteCache {
@@ -1116,10 +1141,19 @@ impl Routing for LocalRouter {
             return Err((Undelivered::TooLarge, to.to_owned()));
         }
         let Some(outbox) = routes.resolve(to, |to| self.lookup(to)) else {
-            if let Some(peers) = &self.peers
-                && let Some(forwarded) = peers.forward(from, to, &msg)
-            {
-                return forwarded;
+            if let Some(peers) = &self.peers {
+                // Not here: the last remote route if the link's view is unchanged, otherwise
+                // a fresh look (parsing the destination, and the view's lookups, once per
+                // change rather than once per message).
+                let stamp = peers.stamp();
+                if !routes.peer.as_ref().is_some_and(|r| r.stamp == stamp && *r.to == *to) {
+                    routes.peer = peers.route(to);
+                }
+                if let Some(route) = &routes.peer
+                    && let Some(forwarded) = peers.forward(from, route, &msg)
+                {
+                    return forwarded;
+                }
             }
             return self.store_offline(from, &msg, to);
         };

@@ -23,7 +23,7 @@ use super::layout;
 use super::wire::{Batch, Origin, Presence, Record, decode_lease, encode_lease, kv_key};
 use crate::inbox::SenderRef;
 use crate::router::{
-    Claim, Forwarded, LocalRouter, Peers, Refused, Routed, Undelivered, Who, now_ms,
+    Claim, Forwarded, LocalRouter, PeerRoute, Peers, Refused, Routed, Undelivered, Who, now_ms,
 };
 
 /// How many times a claim reads again after losing a compare-and-set race.
@@ -89,6 +89,8 @@ struct Holdings {
 struct Remote {
     presence: Presence,
     node_name: Arc<str>,
+    /// The holder's canonical name, shared by the routes that lead to it.
+    canonical: Arc<str>,
 }
 
 impl std::ops::Deref for Remote {
@@ -117,13 +119,14 @@ impl View {
         self.by_name.insert(presence.canonical.clone(), key.clone());
         self.by_addr.insert(presence.addr, key.clone());
         let node_name = Arc::from(presence.node.as_str());
-        self.by_key.insert(key, Arc::new(Remote { presence, node_name }));
+        let canonical = Arc::from(presence.canonical.as_str());
+        self.by_key.insert(key, Arc::new(Remote { presence, node_name, canonical }));
     }
 
     fn remove(&mut self, key: &str) {
         if let Some(old) = self.by_key.remove(key) {
-            if self.by_name.get(&old.canonical).is_some_and(|k| k == key) {
-                self.by_name.remove(&old.canonical);
+            if self.by_name.get(&*old.canonical).is_some_and(|k| k == key) {
+                self.by_name.remove(&*old.canonical);
             }
             if self.by_addr.get(&old.addr).is_some_and(|k| k == key) {
                 self.by_addr.remove(&old.addr);
@@ -151,7 +154,7 @@ pub(crate) struct Parts {
 struct Pending {
     sender: Arc<SenderRef>,
     id: u64,
-    to: String,
+    to: Arc<str>,
 }
 
 /// One NATS message's chat messages, until the receiving node acknowledges it.
@@ -278,6 +281,8 @@ pub(crate) struct Link {
     lease: Duration,
     state: Arc<LinkState>,
     view: RwLock<View>,
+    /// Bumped whenever `view` changes and every sweep (see [`Peers::stamp`]).
+    stamp: std::sync::atomic::AtomicU64,
     held: Mutex<Holdings>,
     /// What is queued for each node, filled by the senders, published by one task.
     queues: Mutex<HashMap<Arc<str>, NodeQueue>>,
@@ -355,6 +360,7 @@ impl Link {
             lease: parts.lease,
             state: parts.state,
             view: RwLock::default(),
+            stamp: std::sync::atomic::AtomicU64::new(0),
             held: Mutex::default(),
             queues: Mutex::default(),
             queued: Notify::new(),
@@ -563,6 +569,7 @@ impl Link {
         let mut view = self.view.write().unwrap_or_else(PoisonError::into_inner);
         let nodes = std::mem::take(&mut view.nodes);
         *view = View { nodes, ..View::default() };
+        self.stamp.fetch_add(1, Ordering::AcqRel);
     }
 
     /// A node's lease was renewed, or removed.
@@ -579,6 +586,7 @@ impl Link {
                 view.nodes.remove(&entry.key);
             }
         }
+        self.stamp.fetch_add(1, Ordering::AcqRel);
     }
 
     fn presence_changed(&self, entry: &kv::Entry) {
@@ -628,6 +636,7 @@ impl Link {
             Some(presence) => view.put(entry.key.clone(), presence),
             None => view.remove(&entry.key),
         }
+        self.stamp.fetch_add(1, Ordering::AcqRel);
     }
 
     /// After NATS comes back, checks every name this node holds is still its own in the
@@ -836,7 +845,7 @@ impl Link {
         for p in pending {
             let detail =
                 format!("{} is on another node and {why}; the message was not delivered", p.to);
-            let reply = Message::reply(p.id, Status::NotDelivered, p.to, detail);
+            let reply = Message::reply(p.id, Status::NotDelivered, &*p.to, detail);
             router.tell_here(&p.sender, &reply.as_ref());
         }
     }
@@ -942,6 +951,8 @@ impl Link {
                 () = self.stop.cancelled() => return,
                 _ = sweep.tick() => {
                     self.expire_unacked();
+                    // Routes found before now are looked at again: a lease may have lapsed.
+                    self.stamp.fetch_add(1, Ordering::AcqRel);
                     continue;
                 }
                 () = self.queued.notified() => {}
@@ -1189,12 +1200,13 @@ impl Peers for Link {
         });
     }
 
-    fn forward(
-        &self,
-        from: &Claim,
-        to: &str,
-        msg: &MessageRef<'_>,
-    ) -> Option<Result<Routed, (Undelivered, String)>> {
+    fn stamp(&self) -> u64 {
+        self.stamp.load(Ordering::Acquire)
+    }
+
+    fn route(&self, to: &str) -> Option<PeerRoute> {
+        // Taken first: a change while looking makes the route stale at once.
+        let stamp = self.stamp();
         let holder = match parse_destination(to) {
             Ok(Destination::Name(name)) => self.remote(&canonical_name(name))?,
             Ok(Destination::Addr(addr)) => {
@@ -1204,6 +1216,21 @@ impl Peers for Link {
             }
             Err(_) => return None,
         };
+        Some(PeerRoute {
+            to: Arc::from(to),
+            recipient: holder.canonical.clone(),
+            node: holder.node_name.clone(),
+            stamp,
+        })
+    }
+
+    fn forward(
+        &self,
+        from: &Claim,
+        route: &PeerRoute,
+        msg: &MessageRef<'_>,
+    ) -> Option<Result<Routed, (Undelivered, String)>> {
+        let to = &*route.to;
         if !self.state.up.load(Ordering::Acquire) {
             return Some(Err((Undelivered::Unreachable, to.to_owned())));
         }
@@ -1215,9 +1242,9 @@ impl Peers for Link {
             v2: from.version() >= 2,
         };
         let write =
-            |out: &mut BytesMut| Record::encode_deliver(out, &holder.canonical, &origin, msg);
-        let pending = Pending { sender: from.origin().clone(), id: msg.id, to: to.to_owned() };
-        self.enqueue(&holder.node_name, write, to, pending)
+            |out: &mut BytesMut| Record::encode_deliver(out, &route.recipient, &origin, msg);
+        let pending = Pending { sender: from.origin().clone(), id: msg.id, to: route.to.clone() };
+        self.enqueue(&route.node, write, to, pending)
     }
 
     fn tell(&self, sender: &SenderRef, msg: &MessageRef<'_>) -> bool {
