@@ -115,3 +115,19 @@ fn targets_parse() {
     assert!(Target::parse("http://h:1").is_err());
     assert!(Target::parse("nohost").is_err());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn not_found_times_an_answer_for_every_message() {
+    let (target, shutdown) = server().await;
+    let options = relay_bench::not_found::NotFoundOptions {
+        clients: 2,
+        rate: 400,
+        duration: Duration::from_millis(500),
+        stall: Duration::from_secs(20),
+    };
+    let report = relay_bench::not_found::not_found(&target, &options).await.unwrap();
+    assert!(report.sent >= 100, "{report:?}");
+    assert_eq!((report.answered, report.other), (report.sent, 0));
+    assert!(report.max_us > 0.0 && report.p50_us <= report.p99_us);
+    shutdown.cancel();
+}

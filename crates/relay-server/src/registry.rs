@@ -91,6 +91,9 @@ pub(crate) struct Registry {
     hasher: RandomState,
     next_token: AtomicU64,
     len: AtomicUsize,
+    /// How many names have been opened to routing: a destination that was not here stays
+    /// not here until this moves (see [`Registry::opened`]).
+    opened: AtomicU64,
 }
 
 impl Default for Registry {
@@ -102,6 +105,7 @@ impl Default for Registry {
             hasher: RandomState::new(),
             next_token: AtomicU64::new(1),
             len: AtomicUsize::new(0),
+            opened: AtomicU64::new(0),
         }
     }
 }
@@ -226,7 +230,15 @@ impl Registry {
         // one (same port, earlier connection) is overwritten and its token no longer matches.
         write(self.addr_shard(&addr)).by_addr.insert(addr, (canonical, token));
         self.len.fetch_add(1, Ordering::Relaxed);
+        // After the entry is in: whoever reads the new count finds it.
+        self.opened.fetch_add(1, Ordering::Release);
         true
+    }
+
+    /// How many names have been opened to routing so far. Read it before a lookup that
+    /// misses: while it has not moved, the same lookup misses again.
+    pub(crate) fn opened(&self) -> u64 {
+        self.opened.load(Ordering::Acquire)
     }
 
     /// Removes a guest holding `canonical` and closes its connection: a key holder takes the

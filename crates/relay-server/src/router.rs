@@ -281,6 +281,10 @@ impl Who {
 pub(crate) struct RouteCache {
     to: String,
     outbox: Option<Outbox>,
+    /// The last destination not found here, and the registry's count of opened names then:
+    /// it is not here either while that count has not moved (a destination on another node
+    /// is not looked up here for every message).
+    missed: Option<(String, u64)>,
     peer: Option<PeerRoute>,
 }
 
@@ -304,12 +308,22 @@ impl RouteCache {
     fn resolve(
         &mut self,
         to: &str,
+        opened: u64,
         lookup: impl FnOnce(&str) -> Option<Outbox>,
     ) -> Option<&Outbox> {
         let hit = self.outbox.as_ref().is_some_and(|outbox| self.to == to && !outbox.is_closed());
         if !hit {
             self.outbox = None;
-            let found = lookup(to)?;
+            if self.missed.as_ref().is_some_and(|(missed, at)| *at == opened && missed == to) {
+                return None;
+            }
+            let Some(found) = lookup(to) else {
+                let missed = self.missed.get_or_insert_with(|| (String::new(), opened));
+                missed.0.clear();
+                missed.0.push_str(to);
+                missed.1 = opened;
+                return None;
+            };
             // Reuses the string's buffer: no allocation while destinations stay short.
             self.to.clear();
             self.to.push_str(to);
@@ -454,6 +468,17 @@ const DRAIN_PAGE: usize = 256 * 1024;
 /// The sender of what the server itself stores (a receipt): nobody to tell.
 fn nobody() -> Arc<SenderRef> {
     Arc::new(SenderRef { canonical: String::new(), token: 0, keyed: false, receipt: false })
+}
+
+/// A forwarded frame body, decoded; `None` (logged) if it does not decode.
+fn decode_forwarded(body: &[u8]) -> Option<MessageRef<'_>> {
+    match relay_proto::decode_ref(body) {
+        Ok(msg) => Some(msg),
+        Err(e) => {
+            tracing::warn!(error = %e, "a forwarded message does not decode; dropped");
+            None
+        }
+    }
 }
 
 /// `msg` as a stored frame body: the version 2 layout, its number left for the store to set.
@@ -803,13 +828,16 @@ impl LocalRouter {
         recipient: &str,
         body: &[u8],
         origin: &Arc<SenderRef>,
+        routes: &mut RouteCache,
     ) -> Forwarded {
-        let Some((msg, outbox)) = self.forwarded_to(recipient, body) else {
-            return Forwarded::Queued;
-        };
-        let outbox = match outbox {
-            Ok(outbox) => outbox,
-            Err(reply) => return Forwarded::Refused(reply),
+        let Some(msg) = decode_forwarded(body) else { return Forwarded::Queued };
+        // The link's last recipient, as a connection remembers its last destination.
+        let opened = self.registry.opened();
+        let found = routes.resolve(recipient, opened, |recipient| {
+            self.registry.with_name(recipient, |e| e.outbox.clone())
+        });
+        let Some(outbox) = found else {
+            return Forwarded::Refused(self.forward_refusal(&msg, PushError::Closed));
         };
         // No sender token: a forwarded message's sender is not on this node, so a failed
         // connection here reports nothing for it (see the cluster docs). Its origin is kept
@@ -891,13 +919,7 @@ impl LocalRouter {
         recipient: &str,
         body: &'b [u8],
     ) -> Option<(MessageRef<'b>, Result<Outbox, Message>)> {
-        let msg = match relay_proto::decode_ref(body) {
-            Ok(msg) => msg,
-            Err(e) => {
-                tracing::warn!(error = %e, "a forwarded message does not decode; dropped");
-                return None;
-            }
-        };
+        let msg = decode_forwarded(body)?;
         let outbox = self.registry.with_name(recipient, |e| e.outbox.clone());
         let outbox = outbox.ok_or_else(|| self.forward_refusal(&msg, PushError::Closed));
         Some((msg, outbox))
@@ -1140,7 +1162,8 @@ impl Routing for LocalRouter {
         if len > self.max_frame_len {
             return Err((Undelivered::TooLarge, to.to_owned()));
         }
-        let Some(outbox) = routes.resolve(to, |to| self.lookup(to)) else {
+        let opened = self.registry.opened();
+        let Some(outbox) = routes.resolve(to, opened, |to| self.lookup(to)) else {
             if let Some(peers) = &self.peers {
                 // Not here: the last remote route if the link's view is unchanged, otherwise
                 // a fresh look (parsing the destination, and the view's lookups, once per
@@ -1334,5 +1357,36 @@ impl Routing for LocalRouter {
                 peers.close().await;
             }
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_missed_destination_is_looked_up_again_only_once_a_name_was_opened() {
+        let mut routes = RouteCache::default();
+        let lookups = std::cell::Cell::new(0);
+        let lookup = |found: Option<Outbox>| {
+            lookups.set(lookups.get() + 1);
+            found
+        };
+        assert!(routes.resolve("bob", 7, |_| lookup(None)).is_none());
+        // Nothing opened since: not looked up again.
+        assert!(routes.resolve("bob", 7, |_| lookup(None)).is_none());
+        assert_eq!(lookups.get(), 1);
+        // Another destination is looked up.
+        assert!(routes.resolve("carol", 7, |_| lookup(None)).is_none());
+        assert_eq!(lookups.get(), 2);
+        // A name opened since: bob is looked up, found, and remembered.
+        let outbox = Outbox::new(1024);
+        assert!(routes.resolve("bob", 8, |_| lookup(Some(outbox.clone()))).is_some());
+        assert!(routes.resolve("bob", 8, |_| lookup(None)).is_some());
+        assert_eq!(lookups.get(), 3);
+        // Its outbox closed: looked up afresh.
+        outbox.close(None);
+        assert!(routes.resolve("bob", 8, |_| lookup(None)).is_none());
+        assert_eq!(lookups.get(), 4);
     }
 }

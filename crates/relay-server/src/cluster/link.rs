@@ -23,7 +23,8 @@ use super::layout;
 use super::wire::{Batch, Origin, Presence, Record, decode_lease, encode_lease, kv_key};
 use crate::inbox::SenderRef;
 use crate::router::{
-    Claim, Forwarded, LocalRouter, PeerRoute, Peers, Refused, Routed, Undelivered, Who, now_ms,
+    Claim, Forwarded, LocalRouter, PeerRoute, Peers, Refused, RouteCache, Routed, Undelivered, Who,
+    now_ms,
 };
 
 /// How many times a claim reads again after losing a compare-and-set race.
@@ -700,6 +701,7 @@ impl Link {
     /// Takes in what other nodes forward here.
     async fn receive(self: Arc<Self>, mut subscriber: async_nats::Subscriber) {
         let mut last_sender = None;
+        let mut routes = RouteCache::default();
         loop {
             let message = tokio::select! {
                 () = self.stop.cancelled() => return,
@@ -723,7 +725,9 @@ impl Link {
                         let behind = lock(&self.parking).queues.contains_key(recipient);
                         let forwarded = match behind {
                             true => Forwarded::Full,
-                            false => router.try_deliver_forwarded(recipient, body, &sender),
+                            false => {
+                                router.try_deliver_forwarded(recipient, body, &sender, &mut routes)
+                            }
                         };
                         match forwarded {
                             Forwarded::Queued => {}
@@ -913,6 +917,9 @@ impl Link {
             queues.insert(Arc::from(node), NodeQueue::default());
         }
         let Some(queue) = queues.get_mut(node) else { return false };
+        // The publisher is woken for the first record of a NATS message only: it takes the
+        // whole message, with whatever was added after that wake-up.
+        let fresh = queue.filling.is_none();
         let filling = queue.filling.get_or_insert_with(|| {
             let mut payload = BytesMut::with_capacity(self.batch_bytes.min(64 * 1024));
             let head =
@@ -923,6 +930,10 @@ impl Link {
         let before = filling.payload.len();
         if write(&mut filling.payload).is_err() {
             filling.payload.truncate(before);
+            if fresh {
+                // Nothing in it: no publisher was woken for it.
+                queue.filling = None;
+            }
             return false;
         }
         if let Some(pending) = pending {
@@ -937,7 +948,9 @@ impl Link {
             queue.sealed.push_back(full);
         }
         drop(queues);
-        self.queued.notify_one();
+        if fresh {
+            self.queued.notify_one();
+        }
         true
     }
 
