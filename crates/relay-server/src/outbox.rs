@@ -531,6 +531,11 @@ impl Outbox {
         }
     }
 
+    /// Whether this is a keyed session's outbox (its messages can go to an inbox).
+    pub(crate) fn is_tracked(&self) -> bool {
+        self.state().tracked.is_some()
+    }
+
     /// Makes this a keyed session's outbox: delivered messages are kept until acknowledged
     /// (at most `window` bytes of them), and until [`Outbox::go_live`] everything routed here
     /// goes to the inbox of `recipient`. Called during registration, before anyone can route

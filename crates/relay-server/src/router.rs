@@ -847,8 +847,41 @@ impl LocalRouter {
         });
         match pushed {
             Ok(_) => Forwarded::Queued,
-            Err(PushError::Full) if !self.send_wait.is_zero() => Forwarded::Full,
-            Err(e) => Forwarded::Refused(self.forward_refusal(&msg, e)),
+            // A guest's waits (parked by the link) for room, as a sender here would wait; a key
+            // holder's goes to its inbox at once, with what follows, in order (parking it
+            // would let later messages overtake it once the parking is full).
+            Err(PushError::Full) if !self.send_wait.is_zero() && !outbox.is_tracked() => {
+                Forwarded::Full
+            }
+            Err(e) => match self.overflow_forwarded(outbox, &msg, origin, e) {
+                Ok(()) => Forwarded::Queued,
+                Err(reply) => Forwarded::Refused(reply),
+            },
+        }
+    }
+
+    /// A forwarded message that found no room: a key holder's inbox takes it (and what follows,
+    /// until a drain catches up), as for a sender on this node (see [`LocalRouter::overflow`]);
+    /// anyone else's is refused, the reply for its sender returned.
+    fn overflow_forwarded(
+        &self,
+        outbox: &Outbox,
+        msg: &MessageRef<'_>,
+        origin: &Arc<SenderRef>,
+        why: PushError,
+    ) -> Result<(), Message> {
+        let overflow = outbox.overflow(msg, |m, recipient| {
+            self.store_forwarded(origin, m, recipient);
+        });
+        match overflow {
+            Overflow::Started { after, recipient } => {
+                tracing::debug!(%recipient, "receiver not keeping up; its messages go to its inbox");
+                self.spawn_drain(outbox.clone(), recipient.to_string(), after);
+                Ok(())
+            }
+            Overflow::Storing => Ok(()),
+            Overflow::NotTracked => Err(self.forward_refusal(msg, why)),
+            Overflow::Closed => Err(self.forward_refusal(msg, PushError::Closed)),
         }
     }
 
@@ -872,7 +905,13 @@ impl LocalRouter {
             }
             other => other.map(drop),
         };
-        pushed.map_err(|e| self.forward_refusal(&msg, e))
+        match pushed {
+            Ok(()) => Ok(()),
+            Err(e @ (PushError::Full | PushError::Stalled)) => {
+                self.overflow_forwarded(&outbox, &msg, origin, e)
+            }
+            Err(e) => Err(self.forward_refusal(&msg, e)),
+        }
     }
 
     /// Stores a forwarded message for a key holder whose session is reading its inbox (it

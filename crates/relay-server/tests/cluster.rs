@@ -785,3 +785,61 @@ async fn a_stored_message_too_old_is_removed_and_its_sender_told_once() {
         server.stop().await;
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_key_holder_falling_behind_messages_from_another_node_gets_them_later_from_its_inbox() {
+    let nats = Nats::start().await;
+    let config = Config {
+        outbox_bytes: 128 * 1024,
+        send_wait: Duration::from_millis(100),
+        // Not read for a while on purpose: not a slow consumer to drop.
+        write_timeout: Duration::from_secs(120),
+        ..Config::default()
+    };
+    let n1 = node_with(&nats, "n1", config.clone()).await;
+    let n2 = node_with(&nats, "n2", config).await;
+    let (_bob, mut bob_events) =
+        within(Client::builder(n2.url(), "bob").identity(key(17)).connect()).await.unwrap();
+    let (alice, mut alice_events) =
+        within(Client::builder(n1.url(), "alice").identity(key(18)).connect()).await.unwrap();
+    wait_until(|| lists(&n1, "bob")).await;
+    // Bob takes nothing while alice, on the other node, sends far more than his outbox, the
+    // kernel's buffers, his client's queue and the link's window hold (32 MiB).
+    const N: usize = 2000;
+    let filler = "x".repeat(16 * 1024);
+    let mut ids = Vec::with_capacity(N);
+    for i in 0..N {
+        ids.push(alice.send("bob", format!("{i:05} {filler}")).await.unwrap());
+    }
+    // What did not fit went to his inbox rather than being refused.
+    within(async {
+        while within(n2.handle.inboxes()).await.unwrap().messages == 0 {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await;
+    // Bob catches up: every message once, in the order sent.
+    let mut last = 0;
+    for i in 0..N {
+        let (from, text, seq) = next_chat(&mut bob_events).await;
+        assert_eq!(from, "alice");
+        assert_eq!(&text[..5], format!("{i:05}"), "message {i} out of order");
+        assert!(seq > last, "numbers only grow");
+        last = seq;
+    }
+    // And alice hears that each was delivered; none was refused.
+    let mut missing: std::collections::BTreeSet<u64> = ids.iter().copied().collect();
+    while !missing.is_empty() {
+        match next_event(&mut alice_events).await {
+            Event::Delivered { ids, .. } => {
+                for id in ids {
+                    missing.remove(&id);
+                }
+            }
+            other => panic!("alice was told {other:?}"),
+        }
+    }
+    for server in [n1, n2] {
+        server.stop().await;
+    }
+}

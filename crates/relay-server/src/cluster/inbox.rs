@@ -147,6 +147,10 @@ struct Appender {
     pending: Vec<(Envelope, AppendDone)>,
     busy: bool,
     tail: Option<Tail>,
+    /// Appends handed in, and (shared with their answers) how many have been answered: a read
+    /// waits for those handed in before it (see [`Inner::read_page`]).
+    submitted: u64,
+    answered: Arc<std::sync::atomic::AtomicU64>,
 }
 
 struct Inner {
@@ -158,6 +162,8 @@ struct Inner {
     /// Most bytes of records in one segment.
     max_segment: usize,
     appenders: Mutex<HashMap<String, Appender>>,
+    /// Woken whenever an append is answered.
+    answered: Arc<tokio::sync::Notify>,
     /// Per recipient, the segments this node last read: (stream sequence, highest message
     /// number in it), to turn an acknowledged number into a purge.
     read: Mutex<HashMap<String, Vec<(u64, u64)>>>,
@@ -220,6 +226,7 @@ impl NatsInbox {
                 limits,
                 max_segment: max_payload.saturating_sub(4096).max(4096),
                 appenders: Mutex::new(HashMap::new()),
+                answered: Arc::new(tokio::sync::Notify::new()),
                 read: Mutex::new(HashMap::new()),
             }),
         })
@@ -501,6 +508,21 @@ impl Inner {
         max_bytes: usize,
         live: bool,
     ) -> Result<Page, StoreError> {
+        // What this node was asked to store for the recipient before this read is in the
+        // stream first: a session reading its inbox must not go live with some of its
+        // messages still on their way in (they would be numbered after its live ones).
+        let before = self.appenders().get(recipient).map(|a| (a.answered.clone(), a.submitted));
+        if let Some((answered, submitted)) = before {
+            loop {
+                let woken = self.answered.notified();
+                tokio::pin!(woken);
+                woken.as_mut().enable();
+                if answered.load(std::sync::atomic::Ordering::Acquire) >= submitted {
+                    break;
+                }
+                woken.await;
+            }
+        }
         let subject = subject(recipient);
         let (meta, _) = self.get_meta(recipient).await?;
         let floor = after.max(meta.acked);
@@ -707,6 +729,13 @@ impl InboxStore for NatsInbox {
         let start = {
             let mut appenders = self.inner.appenders();
             let appender = appenders.entry(recipient.clone()).or_default();
+            appender.submitted += 1;
+            let (answered, woken) = (appender.answered.clone(), self.inner.answered.clone());
+            let done: AppendDone = Box::new(move |result| {
+                done(result);
+                answered.fetch_add(1, std::sync::atomic::Ordering::Release);
+                woken.notify_waiters();
+            });
             appender.pending.push((envelope, done));
             !std::mem::replace(&mut appender.busy, true)
         };
