@@ -843,3 +843,42 @@ async fn a_key_holder_falling_behind_messages_from_another_node_gets_them_later_
         server.stop().await;
     }
 }
+
+#[tokio::test]
+async fn stored_messages_survive_nats_being_killed_and_a_store_during_the_outage_is_refused() {
+    let mut nats = Nats::start().await;
+    let [n1, n2] = [node(&nats, "n1").await, node(&nats, "n2").await];
+    let (ivy, _events) =
+        within(Client::builder(n2.url(), "ivy").identity(key(19)).connect()).await.unwrap();
+    within(ivy.offline()).await.unwrap();
+    wait_until(|| !lists(&n1, "ivy")).await;
+    let (alice, mut alice_events) = n1.connect("alice").await;
+    for i in 0..50 {
+        let id = alice.send("ivy", format!("{i}")).await.unwrap();
+        assert_eq!(next_event(&mut alice_events).await, Event::Stored { id, to: "ivy".into() });
+    }
+    // NATS killed (SIGKILL): a message for ivy now gets a typed refusal, never Stored.
+    nats.stop();
+    let id = alice.send("ivy", "during").await.unwrap();
+    match next_event(&mut alice_events).await {
+        Event::Rejected { id: got, status: Status::NotDelivered, .. } if got == id => {}
+        Event::NotFound { id: got, .. } if got == id => {}
+        other => panic!("expected a refusal, got {other:?}"),
+    }
+    nats.start_again().await;
+    // Every message acknowledged as stored before the kill is still there.
+    let (_ivy, mut ivy_events) = within(async {
+        loop {
+            match Client::builder(n2.url(), "ivy").identity(key(19)).connect().await {
+                Ok(connected) => return connected,
+                Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
+            }
+        }
+    })
+    .await;
+    for i in 0..50 {
+        assert_eq!(next_chat(&mut ivy_events).await.1, format!("{i}"));
+    }
+    n1.stop().await;
+    n2.stop().await;
+}
