@@ -820,9 +820,9 @@ impl LocalRouter {
     }
 
     /// A message another node forwarded for `recipient` (a canonical name it saw online
-    /// here), queued at once if its outbox has room. [`Forwarded::Full`] if not: the link
-    /// parks it (see [`LocalRouter::deliver_forwarded`]) rather than make the other
-    /// receivers wait behind it.
+    /// here), queued at once if its outbox has room. If not: a key holder's inbox takes it;
+    /// for anyone else [`Forwarded::Full`], and the link parks it (see
+    /// [`LocalRouter::deliver_forwarded`]) rather than make the other receivers wait behind it.
     pub(crate) fn try_deliver_forwarded(
         &self,
         recipient: &str,
