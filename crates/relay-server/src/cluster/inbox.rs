@@ -38,6 +38,7 @@ use std::time::{Duration, Instant};
 
 use async_nats::HeaderMap;
 use async_nats::jetstream::context::PublishErrorKind;
+use async_nats::jetstream::message::StreamMessage;
 use async_nats::jetstream::stream::{self, DirectGetErrorKind};
 use async_nats::jetstream::{self, kv};
 use bytes::Bytes;
@@ -296,18 +297,28 @@ impl Inner {
         Err(StoreError(format!("the inbox of {recipient} is too busy; try again")))
     }
 
-    /// The next segment of `subject` at or after stream sequence `from`, if any.
-    async fn next_segment(&self, subject: &str, from: u64) -> Result<Option<Segment>, StoreError> {
+    /// The next stream message on `subject` (which may be a wildcard) at or after stream
+    /// sequence `from`, if any.
+    async fn next_message(
+        &self,
+        subject: &str,
+        from: u64,
+    ) -> Result<Option<StreamMessage>, StoreError> {
         match self.stream.direct_get_next_for_subject(subject, Some(from)).await {
-            Ok(msg) => Ok(Some(Segment {
-                sequence: msg.sequence,
-                numbering: header(&msg.headers, STATE).and_then(Numbering::parse),
-                live: header(&msg.headers, LIVE).and_then(|v| v.parse().ok()),
-                payload: msg.payload,
-            })),
+            Ok(msg) => Ok(Some(msg)),
             Err(e) if e.kind() == DirectGetErrorKind::NotFound => Ok(None),
             Err(e) => Err(failed("read", e)),
         }
+    }
+
+    /// The next segment of `subject` at or after stream sequence `from`, if any.
+    async fn next_segment(&self, subject: &str, from: u64) -> Result<Option<Segment>, StoreError> {
+        Ok(self.next_message(subject, from).await?.map(|msg| Segment {
+            sequence: msg.sequence,
+            numbering: header(&msg.headers, STATE).and_then(Numbering::parse),
+            live: header(&msg.headers, LIVE).and_then(|v| v.parse().ok()),
+            payload: msg.payload,
+        }))
     }
 
     /// Reads `recipient`'s tail: its numbering, what is waiting, and the name's epoch. `None`
@@ -631,13 +642,7 @@ impl Inner {
         let mut at = 1;
         let mut floors: HashMap<String, u64> = HashMap::new();
         let mut waiting = std::collections::HashSet::new();
-        while let Some(msg) =
-            match self.stream.direct_get_next_for_subject(SUBJECTS, Some(at)).await {
-                Ok(msg) => Some(msg),
-                Err(e) if e.kind() == DirectGetErrorKind::NotFound => None,
-                Err(e) => return Err(failed("read", e)),
-            }
-        {
+        while let Some(msg) = self.next_message(SUBJECTS, at).await? {
             at = msg.sequence + 1;
             let recipient = recipient_of(&msg.subject);
             let floor = match floors.get(&recipient) {
@@ -669,13 +674,7 @@ impl Inner {
     async fn expire_before(&self, cutoff: u64) -> Result<Vec<ExpiredMessage>, StoreError> {
         let mut expired = Vec::new();
         let mut at = 1;
-        while let Some(msg) =
-            match self.stream.direct_get_next_for_subject(SUBJECTS, Some(at)).await {
-                Ok(msg) => Some(msg),
-                Err(e) if e.kind() == DirectGetErrorKind::NotFound => None,
-                Err(e) => return Err(failed("read", e)),
-            }
-        {
+        while let Some(msg) = self.next_message(SUBJECTS, at).await? {
             let time = u64::try_from(msg.time.unix_timestamp_nanos() / 1_000_000).unwrap_or(0);
             if time >= cutoff {
                 break;

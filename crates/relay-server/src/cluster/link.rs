@@ -893,14 +893,22 @@ impl Link {
 
     /// Sends `reply` (about a message it forwarded) back to `origin`'s node.
     fn reply_to(&self, to: &ReplyTo, reply: &Message) {
-        let Some(body) = crate::router::stored_body(&reply.as_ref()) else { return };
-        let record = Record::Tell {
-            canonical: &to.canonical,
-            token: to.token,
-            keyed: to.keyed,
-            body: &body,
-        };
-        self.send(&to.node, &record);
+        self.send_tell(&to.node, &to.canonical, to.token, to.keyed, &reply.as_ref());
+    }
+
+    /// Sends `msg` to `node` for the sender `canonical` (registration `token`) there; false if
+    /// it does not encode.
+    fn send_tell(
+        &self,
+        node: &str,
+        canonical: &str,
+        token: u64,
+        keyed: bool,
+        msg: &MessageRef<'_>,
+    ) -> bool {
+        let Some(body) = crate::router::stored_body(msg) else { return false };
+        self.send(node, &Record::Tell { canonical, token, keyed, body: &body });
+        true
     }
 
     /// Writes a record for `node` into the NATS message being filled for it (starting one,
@@ -1265,15 +1273,7 @@ impl Peers for Link {
         if !sender.keyed && holder.token != sender.token {
             return false;
         }
-        let Some(body) = crate::router::stored_body(msg) else { return false };
-        let record = Record::Tell {
-            canonical: &sender.canonical,
-            token: sender.token,
-            keyed: sender.keyed,
-            body: &body,
-        };
-        self.send(&holder.node_name, &record);
-        true
+        self.send_tell(&holder.node_name, &sender.canonical, sender.token, sender.keyed, msg)
     }
 
     fn users(&self) -> Vec<(Arc<str>, SocketAddr)> {
