@@ -57,6 +57,25 @@ fn clamp(len: usize) -> usize {
 }
 
 impl MessageCodec {
+    /// The body length of the frame at the front of `src` if all of it is there, consuming
+    /// nothing: `None` until it is. Keeps no state, so a caller can ask again after more
+    /// bytes arrive, and take the body in place (see [`FrameReader::buffered_body`]).
+    ///
+    /// # Errors
+    /// [`ProtoError::FrameTooLarge`] as soon as a header over the limit is there.
+    ///
+    /// [`FrameReader::buffered_body`]: crate::FrameReader::buffered_body
+    pub fn complete_frame(&self, src: &[u8]) -> Result<Option<usize>, ProtoError> {
+        let Some(header) = src.first_chunk::<FRAME_HEADER_LEN>() else { return Ok(None) };
+        let len = u32::from_be_bytes(*header);
+        let max = self.max_frame_len;
+        if usize::try_from(len).map_or(true, |len| len > max) {
+            return Err(ProtoError::FrameTooLarge { len: u64::from(len), max });
+        }
+        let len = len as usize;
+        Ok((src.len() - FRAME_HEADER_LEN >= len).then_some(len))
+    }
+
     /// Splits the next complete frame's body off the front of `src`, without decoding it;
     /// `None` until a whole frame is buffered. Callers decode it with
     /// [`decode_ref`](crate::decode_ref) to read the message in place.

@@ -8,12 +8,12 @@
 use std::io;
 use std::task::{Context, Poll};
 
-use bytes::BytesMut;
+use bytes::{Buf, BytesMut};
 use tokio::io::AsyncRead;
 use tokio::net::tcp::OwnedReadHalf;
-use tokio_util::codec::Decoder;
 
 use crate::codec::MessageCodec;
+use crate::encoding::decode_body;
 use crate::error::ProtoError;
 use crate::limits::FRAME_HEADER_LEN;
 use crate::message::Message;
@@ -114,12 +114,22 @@ pub struct FrameReader<S = OwnedReadHalf> {
     read: S,
     buf: BytesMut,
     codec: MessageCodec,
+    /// Bytes at the front of `buf` that belong to the frame last lent out by
+    /// [`FrameReader::buffered_body`]: dropped on the next call to the reader.
+    consumed: usize,
 }
 
 impl<S: Source> FrameReader<S> {
     /// Reads frames from `read`, decoding them with `codec` (whose limit applies).
     pub fn new(read: S, codec: MessageCodec) -> FrameReader<S> {
-        FrameReader { read, buf: BytesMut::new(), codec }
+        FrameReader { read, buf: BytesMut::new(), codec, consumed: 0 }
+    }
+
+    /// Drops the frame last lent out, if any.
+    fn settle(&mut self) {
+        if self.consumed > 0 {
+            self.buf.advance(std::mem::take(&mut self.consumed));
+        }
     }
 
     /// Changes the frame limit for frames not yet started.
@@ -132,6 +142,7 @@ impl<S: Source> FrameReader<S> {
     /// buffer per read is a large malloc each time, which is slow (glibc consolidates its
     /// free lists on every large request).
     pub fn release_if_empty(&mut self) {
+        self.settle();
         if self.buf.is_empty() && self.buf.capacity() > 0 {
             self.buf = BytesMut::new();
         }
@@ -142,22 +153,44 @@ impl<S: Source> FrameReader<S> {
     /// # Errors
     /// A frame over the limit or a body that does not decode.
     pub fn buffered(&mut self) -> Result<Option<Message>, ProtoError> {
-        self.codec.decode(&mut self.buf)
+        match self.buffered_body()? {
+            Some(body) => decode_body(body).map(Some),
+            None => Ok(None),
+        }
     }
 
-    /// The body of the next complete frame already in the buffer, if any, not yet decoded:
-    /// decode it in place with [`decode_ref`](crate::decode_ref). Never waits.
+    /// The body of the next complete frame already in the buffer, if any, lent in place (not
+    /// split off: no reference count to take and drop per frame): decode it with
+    /// [`decode_ref`](crate::decode_ref). It stays in the buffer until the next call to this
+    /// reader. Never waits.
+    ///
+    /// # Errors
+    /// A frame over the limit.
+    pub fn buffered_body(&mut self) -> Result<Option<&[u8]>, ProtoError> {
+        self.settle();
+        let Some(len) = self.codec.complete_frame(&self.buf)? else { return Ok(None) };
+        let end = FRAME_HEADER_LEN + len;
+        self.consumed = end;
+        Ok(self.buf.get(FRAME_HEADER_LEN..end))
+    }
+
+    /// The body of the next complete frame already in the buffer, if any, split off (owned,
+    /// for a caller that keeps part of it) and not yet decoded: decode it in place with
+    /// [`decode_ref`](crate::decode_ref). Never waits.
     ///
     /// # Errors
     /// A frame over the limit.
     pub fn buffered_frame(&mut self) -> Result<Option<BytesMut>, ProtoError> {
-        self.codec.decode_frame(&mut self.buf)
+        self.settle();
+        let Some(len) = self.codec.complete_frame(&self.buf)? else { return Ok(None) };
+        self.buf.advance(FRAME_HEADER_LEN);
+        Ok(Some(self.buf.split_to(len)))
     }
 
-    /// Whether part of a frame is buffered (after [`FrameReader::buffered_frame`] said no whole
+    /// Whether part of a frame is buffered (after [`FrameReader::buffered_body`] said no whole
     /// one is): a frame has started and not finished.
     pub fn has_partial_frame(&self) -> bool {
-        !self.buf.is_empty()
+        self.buf.len() > self.consumed
     }
 
     /// Waits for bytes and reads what is there. Returns `Ok(false)` at a clean end of stream.
@@ -170,6 +203,7 @@ impl<S: Source> FrameReader<S> {
         // Read at most a frame's worth (and at most `READ_CHUNK`): before registration the
         // limit is small, so a socket that sends a few bytes and stalls holds little.
         let chunk = READ_CHUNK.min(self.codec.max_frame_len() + FRAME_HEADER_LEN);
+        self.settle();
         let (read, buf) = (&mut self.read, &mut self.buf);
         match std::future::poll_fn(|cx| read.poll_read_some(cx, buf, chunk)).await {
             Ok(0) if self.buf.is_empty() => Ok(false),
@@ -192,6 +226,76 @@ impl<S: Source> FrameReader<S> {
                 Ok(false) => return None,
                 Err(e) => return Some(Err(e)),
             }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::encoding::decode_ref;
+    use tokio::io::AsyncWriteExt;
+    use tokio_util::codec::Encoder;
+
+    /// The frames of `msgs`, back to back, as a peer sends them.
+    fn wire(msgs: &[Message]) -> Vec<u8> {
+        let mut codec = MessageCodec::new(crate::DEFAULT_MAX_FRAME_LEN);
+        let mut out = BytesMut::new();
+        for msg in msgs {
+            codec.encode(msg, &mut out).unwrap();
+        }
+        out.to_vec()
+    }
+
+    /// Frames cut anywhere, even inside a header, come out whole and in order, each lent in
+    /// place until the next call; a frame cut short shows as partial meanwhile.
+    #[tokio::test]
+    async fn bodies_are_lent_whole_however_the_bytes_arrive() {
+        let msgs: Vec<Message> =
+            (1..=40).map(|i| Message::send(i, "bob", "x".repeat(i as usize * 7))).collect();
+        let bytes = wire(&msgs);
+        for cut in [1, 3, 5, 64, 1000] {
+            let (mut tx, rx) = tokio::io::duplex(64 * 1024);
+            let mut reader =
+                FrameReader::new(Stream::new(rx), MessageCodec::new(crate::DEFAULT_MAX_FRAME_LEN));
+            let sending = bytes.clone();
+            let writer = tokio::spawn(async move {
+                for piece in sending.chunks(cut) {
+                    tx.write_all(piece).await.unwrap();
+                    tokio::task::yield_now().await;
+                }
+            });
+            let mut got = Vec::new();
+            while got.len() < msgs.len() {
+                match reader.buffered_body().unwrap() {
+                    Some(body) => got.push(decode_ref(body).unwrap().id),
+                    None => assert!(reader.fill().await.unwrap(), "ended early (cut {cut})"),
+                }
+            }
+            assert!(!reader.has_partial_frame());
+            writer.await.unwrap();
+            assert!(!reader.fill().await.unwrap(), "a clean end after the last frame");
+            assert_eq!(got, (1..=40).collect::<Vec<u64>>(), "cut {cut}");
+        }
+    }
+
+    /// An owned frame and a lent body can be taken from one reader in turn; a header over the
+    /// limit is refused as soon as it is there, before its body.
+    #[tokio::test]
+    async fn owned_and_lent_frames_mix_and_an_oversized_header_is_refused_at_once() {
+        let (mut tx, rx) = tokio::io::duplex(64 * 1024);
+        let mut reader = FrameReader::new(Stream::new(rx), MessageCodec::new(1024));
+        let mut bytes = wire(&[Message::send(1, "bob", "a"), Message::send(2, "bob", "b")]);
+        bytes.extend_from_slice(&5000u32.to_be_bytes());
+        tx.write_all(&bytes).await.unwrap();
+        assert!(reader.fill().await.unwrap());
+        let lent = reader.buffered_body().unwrap().map(|b| decode_ref(b).unwrap().id);
+        assert_eq!(lent, Some(1));
+        let owned = reader.buffered_frame().unwrap().unwrap();
+        assert_eq!(decode_ref(&owned).unwrap().id, 2);
+        match reader.buffered_body() {
+            Err(ProtoError::FrameTooLarge { len: 5000, max: 1024 }) => {}
+            other => panic!("expected the header to be refused, got {other:?}"),
         }
     }
 }

@@ -524,7 +524,7 @@ impl<S: Source> Connection<S> {
             let waiting: Slow<'_> = {
                 // Every complete frame already read is handled before going back to the select
                 // below, so a busy connection pays for the select once per read, not per frame.
-                let frame = match self.frames.buffered_frame() {
+                let frame = match self.frames.buffered_body() {
                     Ok(Some(frame)) => {
                         if fresh {
                             fresh = false;
@@ -609,7 +609,7 @@ impl<S: Source> Connection<S> {
                 tally.bytes += frame.len() as u64 + 4;
                 // Decoded in place: routing copies the message straight into the receiver's
                 // outbox, with no owned message in between.
-                let msg = match decode_ref(&frame) {
+                let msg = match decode_ref(frame) {
                     Ok(msg) => msg,
                     Err(e) => return self.protocol_error(e),
                 };
@@ -646,12 +646,14 @@ impl<S: Source> Connection<S> {
                     }
                     Ok(Request::ListUsers { id, after }) => {
                         // A listing costs the server far more than the request costs the
-                        // client: a token bucket per connection.
+                        // client: a token bucket per connection. (`after` is owned first: it
+                        // is borrowed from the frame, which is lent by the reader.)
+                        let after = after.to_string();
                         let allowed = listings.take(self.config());
                         if !allowed {
                             debug!(peer = %self.peer, %name, "user listing rate-limited");
                         }
-                        let (this, after) = (&*self, after.to_string());
+                        let this = &*self;
                         Box::pin(async move {
                             // Answered only once every earlier message of this connection
                             // has its answer from the store: a client (a script at the end of

@@ -42,6 +42,9 @@ pub(crate) enum PushError {
 /// burst does not pin a large buffer.
 const MAX_KEPT_BUFFER: usize = 64 * 1024;
 
+/// The least room a keyed session's next queue starts with, when the writer's batch is kept.
+const KEPT_BATCH_ROOM: usize = 4 * 1024;
+
 /// A cloneable handle to one connection's outbox.
 #[derive(Clone, Debug)]
 pub(crate) struct Outbox {
@@ -75,7 +78,7 @@ struct Tracked {
     /// Messages sent to the store while `storing`: the drain goes live only if none came
     /// after its last read.
     submitted: u64,
-    /// Unacknowledged frames (length prefix and body), in `entries`' order.
+    /// Where the unacknowledged frames are, in `entries`' order.
     frames: FrameLog,
     entries: VecDeque<Entry>,
     /// Who sent the entries: `(number of the first, sender)` wherever the sender changes, so
@@ -119,16 +122,38 @@ pub(crate) struct Unacked {
     pub(crate) stored: bool,
 }
 
-/// One unacknowledged message, as kept: small, as a busy keyed session has one per message
-/// in flight (its sender is in the runs of [`Tracked::senders`]).
+/// One unacknowledged message, as kept: small (24 bytes), as a busy keyed session has one per
+/// message in flight, and writing them is a cache miss each (its sender is in the runs of
+/// [`Tracked::senders`]).
 #[derive(Clone, Copy, Debug)]
 struct Entry {
     seq: u64,
+    /// The sender's id for it.
     id: u64,
-    /// Its frame's length in the log.
-    len: u32,
-    /// It came from the inbox: acknowledging it removes it there.
-    stored: bool,
+    /// Where its frame starts: in the batch the writer took it in, or in the queue.
+    at: u32,
+    /// Its frame's length (length prefix and body; under 2 GiB, as frames are at most 16
+    /// MiB), and in the top bit whether it came from the inbox (acknowledging it then removes
+    /// it there).
+    len_stored: u32,
+}
+
+/// The bit of [`Entry::len_stored`] that marks a message from the inbox.
+const STORED_BIT: u32 = 1 << 31;
+
+impl Entry {
+    fn new(seq: u64, id: u64, at: u32, len: usize, stored: bool) -> Entry {
+        let len = u32::try_from(len).unwrap_or(u32::MAX) & !STORED_BIT;
+        Entry { seq, id, at, len_stored: if stored { len | STORED_BIT } else { len } }
+    }
+
+    fn len(&self) -> usize {
+        (self.len_stored & !STORED_BIT) as usize
+    }
+
+    fn stored(&self) -> bool {
+        self.len_stored & STORED_BIT != 0
+    }
 }
 
 impl Tracked {
@@ -241,82 +266,115 @@ pub(crate) fn wire_size(encoded_len: usize) -> usize {
     FRAME_HEADER_LEN + encoded_len
 }
 
-/// Frames kept until acknowledged, in chunks: appended at the back, forgotten at the front,
-/// and never moved (one growing buffer would be shifted back to its start, every frame still
-/// in it copied, each time it ran out of room).
+/// Where a keyed session's unacknowledged frames are: in batches the writer took, kept until
+/// every such frame in them is acknowledged, or still in the queue. A busy session's batches
+/// are kept as they are, shared with the writer, never copied: copying each delivered frame
+/// into a log of its own cost a busy keyed session about a tenth of the server's time, as the
+/// log holds what is in flight in the sockets (about a megabyte per busy receiver), so every
+/// copy went to memory out of the cache.
+///
+/// What counts against the window is what is held: whole kept batches (with any replies or
+/// pings between the messages), and the unacknowledged frames still queued. So a client that
+/// never acknowledges holds at most the window, whatever else it is sent.
 #[derive(Debug, Default)]
 struct FrameLog {
-    chunks: VecDeque<BytesMut>,
-    /// An emptied chunk, kept for the next one.
-    spare: Option<BytesMut>,
-    len: usize,
+    /// Taken batches that hold unacknowledged frames, each with how many it holds.
+    batches: VecDeque<(Bytes, usize)>,
+    /// How many unacknowledged frames are still in the queue (they come after the batches'),
+    /// and their bytes.
+    queued: usize,
+    queued_bytes: usize,
+    /// Bytes of the kept batches.
+    held: usize,
 }
 
-/// Bytes per chunk (a larger frame gets a chunk of its own size).
-const LOG_CHUNK: usize = 64 * 1024;
-
 impl FrameLog {
+    /// Bytes held for unacknowledged frames: what the window counts.
     fn len(&self) -> usize {
-        self.len
+        self.held + self.queued_bytes
     }
 
     fn is_empty(&self) -> bool {
-        self.len == 0
+        self.len() == 0
     }
 
-    /// Appends one frame; a frame never spans two chunks.
-    fn push(&mut self, frame: &[u8]) {
-        let fits = self.chunks.back().is_some_and(|c| c.capacity() - c.len() >= frame.len());
-        if !fits {
-            let chunk = match self.spare.take() {
-                Some(spare) if spare.capacity() >= frame.len() => spare,
-                _ => BytesMut::with_capacity(frame.len().max(LOG_CHUNK)),
-            };
-            self.chunks.push_back(chunk);
-        }
-        if let Some(chunk) = self.chunks.back_mut() {
-            chunk.extend_from_slice(frame);
-        }
-        self.len += frame.len();
+    /// A frame of `len` bytes was queued.
+    fn push(&mut self, len: usize) {
+        self.queued += 1;
+        self.queued_bytes += len;
     }
 
-    /// Forgets the first `len` bytes (whole frames).
-    fn forget(&mut self, mut len: usize) {
-        while len > 0 {
-            let many = self.chunks.len() > 1;
-            let Some(front) = self.chunks.front_mut() else { break };
-            let n = len.min(front.len());
-            front.advance(n);
-            len -= n;
-            self.len -= n;
-            if front.is_empty() {
-                // Emptied: its whole allocation is reclaimed (nothing else refers to it, so
-                // `reserve` rewinds it rather than allocating), and it is kept for reuse.
-                if many {
-                    if let Some(mut done) = self.chunks.pop_front() {
-                        done.clear();
-                        done.reserve(LOG_CHUNK);
-                        if self.spare.is_none() && done.capacity() <= 2 * LOG_CHUNK {
-                            self.spare = Some(done);
-                        }
-                    }
-                } else {
-                    front.clear();
-                    front.reserve(LOG_CHUNK);
+    /// Whether the queue holds unacknowledged frames (then the batch taken from it is kept).
+    fn has_queued(&self) -> bool {
+        self.queued > 0
+    }
+
+    /// The writer took the queue: `batch` holds its frames, to be kept while some are
+    /// unacknowledged.
+    fn taken(&mut self, batch: Bytes) {
+        if self.queued > 0 {
+            self.held += batch.len();
+            self.batches.push_back((batch, self.queued));
+        }
+        self.queued = 0;
+        self.queued_bytes = 0;
+    }
+
+    /// Forgets the oldest frame, of `len` bytes. A client may acknowledge a number it has not
+    /// been sent yet (then the frame is still in the queue, and is forgotten there).
+    fn forget(&mut self, len: usize) {
+        match self.batches.front_mut() {
+            Some((_, count)) => {
+                *count -= 1;
+                if *count == 0
+                    && let Some((batch, _)) = self.batches.pop_front()
+                {
+                    self.held -= batch.len();
                 }
+            }
+            None => {
+                self.queued = self.queued.saturating_sub(1);
+                self.queued_bytes = self.queued_bytes.saturating_sub(len);
             }
         }
     }
 
-    /// Takes the next frame of `len` bytes off the front.
-    fn pop(&mut self, len: usize) -> Bytes {
-        let Some(front) = self.chunks.front_mut() else { return Bytes::new() };
-        let frame = front.split_to(len.min(front.len())).freeze();
-        self.len -= frame.len();
-        if front.is_empty() && self.chunks.len() > 1 {
-            self.chunks.pop_front();
-        }
+    /// Takes the oldest frame, described by `entry`, as its body (`queue` is the outbox's).
+    fn pop(&mut self, entry: &Entry, queue: &[u8]) -> Bytes {
+        let (at, len) = (entry.at as usize, entry.len());
+        let body = at + FRAME_HEADER_LEN.min(len)..at + len;
+        let frame = match self.batches.front() {
+            Some((batch, _)) if body.end <= batch.len() => batch.slice(body),
+            Some(_) => Bytes::new(),
+            None => Bytes::copy_from_slice(queue.get(body).unwrap_or_default()),
+        };
+        self.forget(len);
         frame
+    }
+}
+
+/// A frame's offset in its buffer, as an [`Entry`] keeps it (the queue is bounded far below
+/// 4 GiB).
+fn offset(start: usize) -> u32 {
+    u32::try_from(start).unwrap_or(u32::MAX)
+}
+
+/// A batch of frames the writer took (see [`Outbox::take`]): its own buffer, given back for
+/// reuse once written, or one a keyed session keeps for its unacknowledged frames.
+#[derive(Debug, PartialEq, Eq)]
+pub(crate) enum Batch {
+    Own(BytesMut),
+    Kept(Bytes),
+}
+
+impl std::ops::Deref for Batch {
+    type Target = [u8];
+
+    fn deref(&self) -> &[u8] {
+        match self {
+            Batch::Own(batch) => batch,
+            Batch::Kept(batch) => batch,
+        }
     }
 }
 
@@ -327,11 +385,15 @@ fn hand_over(state: &mut State) {
     let Some(on_close) = tracked.on_close.take() else { return };
     let mut entries = Vec::with_capacity(tracked.entries.len());
     let mut frames = std::mem::take(&mut tracked.frames);
+    let queue = &state.queue;
     tracked.pop_upto(u64::MAX, |entry, sender| {
-        let mut frame = frames.pop(entry.len as usize);
-        frame.advance(FRAME_HEADER_LEN.min(frame.len()));
-        let unacked =
-            Unacked { seq: entry.seq, id: entry.id, sender: sender.clone(), stored: entry.stored };
+        let frame = frames.pop(&entry, queue);
+        let unacked = Unacked {
+            seq: entry.seq,
+            id: entry.id,
+            sender: sender.clone(),
+            stored: entry.stored(),
+        };
         entries.push((unacked, frame));
     });
     tracked.frames = FrameLog::default();
@@ -522,9 +584,8 @@ impl Outbox {
                 let seq = state.next_seq;
                 state.next_seq += 1;
                 if let Some(tracked) = state.tracked.as_mut() {
-                    tracked.frames.push(&state.queue[start..]);
-                    let len = u32::try_from(size).unwrap_or(u32::MAX);
-                    tracked.keep(Entry { seq, id: msg.id, len, stored: false }, origin);
+                    tracked.frames.push(size);
+                    tracked.keep(Entry::new(seq, msg.id, offset(start), size, false), origin);
                 }
             }
             Ok((Delivery::Queued, was_empty))
@@ -609,9 +670,8 @@ impl Outbox {
                 let len = u32::try_from(item.body.len()).unwrap_or(u32::MAX);
                 state.queue.extend_from_slice(&len.to_be_bytes());
                 state.queue.extend_from_slice(&item.body);
-                tracked.frames.push(&state.queue[start..]);
-                let len = u32::try_from(size).unwrap_or(u32::MAX);
-                let entry = Entry { seq: item.seq, id: item.id, len, stored: true };
+                tracked.frames.push(size);
+                let entry = Entry::new(item.seq, item.id, offset(start), size, true);
                 tracked.keep(entry, item.sender.receipt.then_some(&item.sender));
                 Some(Ok(was_empty))
             })
@@ -658,10 +718,12 @@ impl Outbox {
         {
             let mut state = self.state();
             let Some(tracked) = state.tracked.as_mut() else { return acked };
-            let mut release = 0;
+            // Out while `pop_upto` borrows the rest (moving it is a few words).
+            let mut frames = std::mem::take(&mut tracked.frames);
+            let before = frames.len();
             tracked.pop_upto(upto, |entry, sender| {
-                release += entry.len as usize;
-                if entry.stored {
+                frames.forget(entry.len());
+                if entry.stored() {
                     acked.stored_upto = Some(entry.seq);
                 }
                 if let Some(sender) = sender {
@@ -673,10 +735,11 @@ impl Outbox {
                     }
                 }
             });
-            if release == 0 {
+            let released = frames.len() < before;
+            tracked.frames = frames;
+            if !released {
                 return acked;
             }
-            tracked.frames.forget(release);
         }
         self.shared.handoff.wake_producers();
         acked
@@ -826,7 +889,7 @@ impl Outbox {
     ///
     /// The bytes stay counted against the limit until the buffer comes back through
     /// [`Outbox::written`], so a batch the socket is still chewing on keeps holding its share.
-    pub(crate) async fn take(&self) -> Option<BytesMut> {
+    pub(crate) async fn take(&self) -> Option<Batch> {
         self.shared
             .handoff
             .consume(|state| {
@@ -836,7 +899,27 @@ impl Outbox {
                     // The writer's runs were cleared when its last batch came back.
                     std::mem::swap(&mut state.runs, &mut state.taken_runs);
                     state.taken = batch.len();
-                    return Some(Some(batch));
+                    let Some(tracked) = state.tracked.as_mut() else {
+                        return Some(Some(Batch::Own(batch)));
+                    };
+                    if !tracked.frames.has_queued() {
+                        return Some(Some(Batch::Own(batch)));
+                    }
+                    if batch.len() < batch.capacity() / 2 {
+                        // Mostly empty room (a quiet session): a copy the size of the frames
+                        // is kept, not the room, and the buffer comes back for reuse.
+                        tracked.frames.taken(Bytes::copy_from_slice(&batch));
+                        return Some(Some(Batch::Own(batch)));
+                    }
+                    let batch = batch.freeze();
+                    tracked.frames.taken(batch.clone());
+                    // The batch is not coming back: the next queue starts with room for
+                    // about as much, rather than growing (and copying) from nothing.
+                    if state.queue.capacity() == 0 {
+                        let room = batch.len().clamp(KEPT_BATCH_ROOM, MAX_KEPT_BUFFER);
+                        state.queue = BytesMut::with_capacity(room);
+                    }
+                    return Some(Some(Batch::Kept(batch)));
                 }
                 if self.is_closed() {
                     // Done for good: give back the buffers now, not when the last handle
@@ -854,14 +937,21 @@ impl Outbox {
 
     /// Hands back a batch from [`Outbox::take`] once it has been written, releasing its bytes
     /// and waking senders waiting for room. The buffer is kept for reuse.
-    pub(crate) fn written(&self, mut batch: BytesMut) {
+    pub(crate) fn written(&self, batch: Batch) {
         {
             let mut state = self.state();
             state.taken = 0;
             state.stalled = false;
             state.written += 1;
             state.taken_runs.clear();
-            batch.clear();
+            // A kept batch stays with the frames it holds until they are acknowledged.
+            let batch = match batch {
+                Batch::Own(mut batch) => {
+                    batch.clear();
+                    batch
+                }
+                Batch::Kept(_) => BytesMut::new(),
+            };
             if state.release && state.queue.is_empty() {
                 state.release = false;
                 state.queue = BytesMut::new();
@@ -979,7 +1069,7 @@ mod tests {
         let mut codec = relay_proto::MessageCodec::new(relay_proto::DEFAULT_MAX_FRAME_LEN);
         codec.encode(&a, &mut expected).unwrap();
         codec.encode(&b, &mut expected).unwrap();
-        assert_eq!(batch, expected);
+        assert_eq!(&batch[..], &expected[..]);
         assert_eq!(messages(&batch), vec![a, b]);
     }
 
@@ -1152,5 +1242,138 @@ mod tests {
         outbox.release_if_idle();
         let state = outbox.state();
         assert_eq!((state.queue.capacity(), state.spare.capacity()), (0, 0));
+    }
+
+    /// `(seq, id)` of each message a session handed over when it ended.
+    type Handed = Arc<std::sync::Mutex<Vec<(u64, u64)>>>;
+
+    /// A keyed session whose on-close hand-over is collected, live from number 1.
+    fn keyed(window: usize) -> (Outbox, Handed) {
+        let outbox = Outbox::new(1 << 20);
+        outbox.set_session(2, 1);
+        let handed = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let into = handed.clone();
+        outbox.track(
+            "bob".into(),
+            window,
+            Box::new(move |_, unacked| {
+                for (entry, body) in unacked {
+                    // The body handed over is the frame as delivered, without its prefix.
+                    let msg = decode_body(&body).unwrap();
+                    assert_eq!((msg.seq, msg.id), (entry.seq, entry.id));
+                    into.lock().unwrap().push((entry.seq, entry.id));
+                }
+            }),
+        );
+        assert!(outbox.go_live(0, 1));
+        (outbox, handed)
+    }
+
+    fn deliver(outbox: &Outbox, id: u64) {
+        let content = format!("message {id}");
+        let msg = MessageRef::deliver(id, "alice", "bob", content.as_bytes());
+        assert_eq!(outbox.push_routed(&msg, 7, None, |_, _| {}), Ok(Delivery::Queued));
+    }
+
+    /// A keyed session's unacknowledged frames are kept where they are (in the batch the
+    /// writer took, not copied, or still in the queue), and whatever was not acknowledged when
+    /// it ends is handed over whole, in order, wherever it was.
+    #[tokio::test]
+    async fn a_keyed_session_hands_over_what_was_not_acknowledged_wherever_it_is() {
+        let (outbox, handed) = keyed(1 << 20);
+        for id in 1..=3 {
+            deliver(&outbox, id);
+        }
+        let batch = within(outbox.take()).await.unwrap();
+        assert!(matches!(batch, Batch::Kept(_)), "the batch is kept for its frames");
+        outbox.written(batch);
+        for id in 4..=5 {
+            deliver(&outbox, id);
+        }
+        // The first is acknowledged; the second batch is taken and still being written.
+        assert!(outbox.ack(1).receipts.is_empty(), "no sender asked for receipts");
+        let second = within(outbox.take()).await.unwrap();
+        deliver(&outbox, 6);
+        assert_eq!(outbox.queue().unacked, 5);
+        outbox.close(None);
+        drop(second);
+        let seqs: Vec<(u64, u64)> = (2..=6).map(|n| (n, n)).collect();
+        assert_eq!(*handed.lock().unwrap(), seqs);
+    }
+
+    /// A client that acknowledges numbers it was not sent yet only forgets them (they are
+    /// still written); the window counts them out, and nothing is handed over for them.
+    #[tokio::test]
+    async fn acknowledging_ahead_forgets_frames_still_queued() {
+        let (outbox, handed) = keyed(1 << 20);
+        for id in 1..=3 {
+            deliver(&outbox, id);
+        }
+        outbox.ack(2);
+        assert_eq!(outbox.queue().unacked, 1);
+        let batch = within(outbox.take()).await.unwrap();
+        assert_eq!(messages(&batch).len(), 3, "everything queued is still written");
+        outbox.written(batch);
+        outbox.ack(u64::MAX);
+        assert_eq!(outbox.queue().unacked, 0);
+        assert!(outbox.state().tracked.as_ref().unwrap().frames.is_empty());
+        deliver(&outbox, 4);
+        outbox.close(None);
+        assert_eq!(*handed.lock().unwrap(), vec![(4, 4)]);
+    }
+
+    /// The window counts unacknowledged bytes: full, a push is refused until an
+    /// acknowledgement frees room, and a batch with no frame left to keep is let go.
+    #[tokio::test]
+    async fn the_window_fills_and_acknowledgements_free_it() {
+        let size = wire_size(encoded_len_ref(&MessageRef {
+            version: 2,
+            seq: 1,
+            ..MessageRef::deliver(1, "alice", "bob", b"message 1")
+        }));
+        let (outbox, _) = keyed(2 * size);
+        deliver(&outbox, 1);
+        deliver(&outbox, 2);
+        let msg = MessageRef::deliver(3, "alice", "bob", b"message 3");
+        assert_eq!(outbox.push_routed(&msg, 7, None, |_, _| {}), Err(PushError::Full));
+        let batch = within(outbox.take()).await.unwrap();
+        outbox.written(batch);
+        outbox.ack(2);
+        assert!(outbox.state().tracked.as_ref().unwrap().frames.batches.is_empty());
+        deliver(&outbox, 3);
+    }
+
+    /// What a session that never acknowledges holds is bounded by the window, whatever else
+    /// it is sent: the replies that share a kept batch with a message count too. A quiet
+    /// session's batch is kept as a copy the size of its frames, and its buffer reused.
+    #[tokio::test]
+    async fn kept_batches_count_whole_against_the_window() {
+        let (outbox, _) = keyed(10_000);
+        let reply = Message::reply(1, relay_proto::Status::NotFound, "x", "y".repeat(3500));
+        for id in 1..=3 {
+            deliver(&outbox, id);
+            outbox.push(&reply.as_ref()).unwrap();
+            let batch = within(outbox.take()).await.unwrap();
+            outbox.written(batch);
+        }
+        let msg = MessageRef::deliver(4, "alice", "bob", b"message 4");
+        assert_eq!(outbox.push_routed(&msg, 7, None, |_, _| {}), Err(PushError::Full));
+        outbox.ack(1);
+        deliver(&outbox, 4);
+
+        // Quiet: one small message in a large buffer.
+        let (outbox, handed) = keyed(10_000);
+        outbox.state().queue.reserve(32 * 1024);
+        deliver(&outbox, 1);
+        let batch = within(outbox.take()).await.unwrap();
+        assert!(matches!(batch, Batch::Own(_)), "the buffer comes back");
+        outbox.written(batch);
+        let state = outbox.state();
+        assert!(state.spare.capacity() >= 32 * 1024, "and is kept for reuse");
+        let log = &state.tracked.as_ref().unwrap().frames;
+        assert!(log.len() < 200, "the copy is the frame's size, not the buffer's");
+        drop(state);
+        outbox.close(None);
+        assert_eq!(*handed.lock().unwrap(), vec![(1, 1)]);
     }
 }
