@@ -78,13 +78,12 @@ struct Tracked {
     /// Messages sent to the store while `storing`: the drain goes live only if none came
     /// after its last read.
     submitted: u64,
-    /// Where the unacknowledged frames are, in `entries`' order.
+    /// Where the unacknowledged frames are, in `runs`' order.
     frames: FrameLog,
-    entries: VecDeque<Entry>,
-    /// Who sent the entries: `(number of the first, sender)` wherever the sender changes, so
-    /// a message costs no reference count of its sender (an atomic on a line the receiver's
-    /// acknowledgements would bounce between cores), only a run of them does.
-    senders: VecDeque<(u64, Option<Arc<SenderRef>>)>,
+    /// The unacknowledged messages, in runs.
+    runs: VecDeque<Run>,
+    /// How many messages the runs hold.
+    unacked: usize,
     /// Most bytes in `frames`: past it, pushes wait for acknowledgements like for room.
     window: usize,
     /// Called once, under the lock, when the session ends ([`Outbox::seal`] or a close), with
@@ -101,7 +100,7 @@ impl std::fmt::Debug for Tracked {
         f.debug_struct("Tracked")
             .field("recipient", &self.recipient)
             .field("storing", &self.storing)
-            .field("unacked", &self.entries.len())
+            .field("unacked", &self.unacked)
             .finish_non_exhaustive()
     }
 }
@@ -122,66 +121,84 @@ pub(crate) struct Unacked {
     pub(crate) stored: bool,
 }
 
-/// One unacknowledged message, as kept: small (24 bytes), as a busy keyed session has one per
-/// message in flight, and writing them is a cache miss each (its sender is in the runs of
-/// [`Tracked::senders`]).
-#[derive(Clone, Copy, Debug)]
-struct Entry {
+/// A run of unacknowledged messages: consecutive numbers and consecutive ids from one sender,
+/// all from the inbox or none. A busy flow is one run, so keeping a message costs a count, not
+/// an entry of its own: a busy keyed session has a megabyte or so in flight, and writing an
+/// entry per message into that much memory was a cache miss each, a tenth of the server's
+/// time. (Each message's frame is found again by its number, see [`hand_over`].)
+#[derive(Debug)]
+struct Run {
+    /// The first message's number and its sender's id for it.
     seq: u64,
-    /// The sender's id for it.
     id: u64,
-    /// Where its frame starts: in the batch the writer took it in, or in the queue.
-    at: u32,
-    /// Its frame's length (length prefix and body; under 2 GiB, as frames are at most 16
-    /// MiB), and in the top bit whether it came from the inbox (acknowledging it then removes
-    /// it there).
-    len_stored: u32,
+    count: usize,
+    /// They came from the inbox: acknowledging them removes them there.
+    stored: bool,
+    /// Who to send the receipts; `None` for what needs none (receipts).
+    sender: Option<Arc<SenderRef>>,
 }
 
-/// The bit of [`Entry::len_stored`] that marks a message from the inbox.
-const STORED_BIT: u32 = 1 << 31;
-
-impl Entry {
-    fn new(seq: u64, id: u64, at: u32, len: usize, stored: bool) -> Entry {
-        let len = u32::try_from(len).unwrap_or(u32::MAX) & !STORED_BIT;
-        Entry { seq, id, at, len_stored: if stored { len | STORED_BIT } else { len } }
+impl Run {
+    fn extends(&self, seq: u64, id: u64, stored: bool, sender: Option<&Arc<SenderRef>>) -> bool {
+        let next = self.count as u64;
+        self.seq.wrapping_add(next) == seq
+            && self.id.wrapping_add(next) == id
+            && self.stored == stored
+            && match (&self.sender, sender) {
+                (Some(last), Some(sender)) => Arc::ptr_eq(last, sender),
+                (None, None) => true,
+                _ => false,
+            }
     }
+}
 
-    fn len(&self) -> usize {
-        (self.len_stored & !STORED_BIT) as usize
-    }
+/// The first `count` messages of a run, taken off it.
+struct Span<'a> {
+    seq: u64,
+    id: u64,
+    count: usize,
+    stored: bool,
+    sender: &'a Option<Arc<SenderRef>>,
+}
 
-    fn stored(&self) -> bool {
-        self.len_stored & STORED_BIT != 0
+impl Span<'_> {
+    /// Each message's number and id.
+    fn each(&self) -> impl Iterator<Item = (u64, u64)> + use<> {
+        let (seq, id) = (self.seq, self.id);
+        (0..self.count as u64).map(move |i| (seq.wrapping_add(i), id.wrapping_add(i)))
     }
 }
 
 impl Tracked {
-    /// Keeps `entry`, sent by `sender`.
-    fn keep(&mut self, entry: Entry, sender: Option<&Arc<SenderRef>>) {
-        let same = match (self.senders.back(), sender) {
-            (Some((_, Some(last))), Some(sender)) => Arc::ptr_eq(last, sender),
-            (Some((_, None)), None) => true,
-            _ => false,
-        };
-        if !same {
-            self.senders.push_back((entry.seq, sender.cloned()));
+    /// Keeps message number `seq` (the sender's `id`), sent by `sender`.
+    fn keep(&mut self, seq: u64, id: u64, stored: bool, sender: Option<&Arc<SenderRef>>) {
+        self.unacked += 1;
+        if let Some(run) = self.runs.back_mut()
+            && run.extends(seq, id, stored, sender)
+        {
+            run.count += 1;
+            return;
         }
-        self.entries.push_back(entry);
+        self.runs.push_back(Run { seq, id, count: 1, stored, sender: sender.cloned() });
     }
 
-    /// Takes the entries numbered up to `upto` off the front, each with its sender.
-    fn pop_upto(&mut self, upto: u64, mut each: impl FnMut(Entry, &Option<Arc<SenderRef>>)) {
-        while let Some(&entry) = self.entries.front() {
-            if entry.seq > upto {
+    /// Takes the messages numbered up to `upto` off the front, a span of a run at a time.
+    fn pop_upto(&mut self, upto: u64, mut each: impl FnMut(Span<'_>)) {
+        while let Some(run) = self.runs.front_mut() {
+            if run.seq > upto {
                 break;
             }
-            self.entries.pop_front();
-            while self.senders.get(1).is_some_and(|&(first, _)| first <= entry.seq) {
-                self.senders.pop_front();
+            let count = usize::try_from(upto - run.seq).map_or(run.count, |n| run.count.min(n + 1));
+            let (seq, id) = (run.seq, run.id);
+            self.unacked -= count;
+            each(Span { seq, id, count, stored: run.stored, sender: &run.sender });
+            if count == run.count {
+                self.runs.pop_front();
+            } else {
+                run.seq = seq.wrapping_add(count as u64);
+                run.id = id.wrapping_add(count as u64);
+                run.count -= count;
             }
-            let sender = self.senders.front().map(|(_, s)| s);
-            each(entry, sender.unwrap_or(&None));
         }
     }
 }
@@ -286,7 +303,14 @@ struct FrameLog {
     queued_bytes: usize,
     /// Bytes of the kept batches.
     held: usize,
+    /// A batch all of whose frames were acknowledged, emptied for the next queue: reused
+    /// rather than freed, as a busy session would otherwise allocate (and page in) one per
+    /// batch.
+    spare: Option<BytesMut>,
 }
+
+/// The largest batch kept for reuse as a queue.
+const MAX_REUSED_BATCH: usize = 1024 * 1024;
 
 impl FrameLog {
     /// Bytes held for unacknowledged frames: what the window counts.
@@ -320,43 +344,61 @@ impl FrameLog {
         self.queued_bytes = 0;
     }
 
-    /// Forgets the oldest frame, of `len` bytes. A client may acknowledge a number it has not
-    /// been sent yet (then the frame is still in the queue, and is forgotten there).
-    fn forget(&mut self, len: usize) {
-        match self.batches.front_mut() {
-            Some((_, count)) => {
-                *count -= 1;
-                if *count == 0
-                    && let Some((batch, _)) = self.batches.pop_front()
-                {
-                    self.held -= batch.len();
+    /// Forgets the oldest `count` frames. A client may acknowledge a number it has not been
+    /// sent yet (then the frame is still in the queue, and is forgotten there; its bytes count
+    /// until the writer takes it).
+    fn forget(&mut self, mut count: usize) {
+        while count > 0 {
+            let Some((_, held)) = self.batches.front_mut() else {
+                self.queued = self.queued.saturating_sub(count);
+                if self.queued == 0 {
+                    self.queued_bytes = 0;
                 }
-            }
-            None => {
-                self.queued = self.queued.saturating_sub(1);
-                self.queued_bytes = self.queued_bytes.saturating_sub(len);
+                return;
+            };
+            let n = count.min(*held);
+            *held -= n;
+            count -= n;
+            if *held == 0
+                && let Some((batch, _)) = self.batches.pop_front()
+            {
+                self.held -= batch.len();
+                // Unique once the writer has let go of it.
+                if self.spare.is_none()
+                    && let Ok(mut batch) = batch.try_into_mut()
+                    && batch.capacity() <= MAX_REUSED_BATCH
+                {
+                    batch.clear();
+                    self.spare = Some(batch);
+                }
             }
         }
     }
-
-    /// Takes the oldest frame, described by `entry`, as its body (`queue` is the outbox's).
-    fn pop(&mut self, entry: &Entry, queue: &[u8]) -> Bytes {
-        let (at, len) = (entry.at as usize, entry.len());
-        let body = at + FRAME_HEADER_LEN.min(len)..at + len;
-        let frame = match self.batches.front() {
-            Some((batch, _)) if body.end <= batch.len() => batch.slice(body),
-            Some(_) => Bytes::new(),
-            None => Bytes::copy_from_slice(queue.get(body).unwrap_or_default()),
-        };
-        self.forget(len);
-        frame
-    }
 }
 
-/// A frame's offset in its buffer, as an [`Entry`] keeps it (the queue is bounded far below
-/// 4 GiB).
-fn offset(start: usize) -> u32 {
-    u32::try_from(start).unwrap_or(u32::MAX)
+/// The bodies of the frames in `frames` (back to back, length-prefixed) that carry the numbers
+/// `numbers` yields, in order: how a session's unacknowledged messages are found in what it
+/// holds (only they carry those numbers, in that order; other frames carry none, or an
+/// acknowledged one). `found` is given each one's body, as a range of `frames`.
+fn find_numbered(
+    mut frames: &[u8],
+    numbers: &mut std::iter::Peekable<impl Iterator<Item = u64>>,
+    mut found: impl FnMut(std::ops::Range<usize>),
+) {
+    let mut at = 0;
+    while let Some(&want) = numbers.peek()
+        && let Some(header) = frames.first_chunk::<FRAME_HEADER_LEN>()
+    {
+        let len = u32::from_be_bytes(*header) as usize;
+        let body = at + FRAME_HEADER_LEN..at + FRAME_HEADER_LEN + len;
+        let Some(bytes) = frames.get(FRAME_HEADER_LEN..FRAME_HEADER_LEN + len) else { return };
+        if relay_proto::decode_ref(bytes).is_ok_and(|msg| msg.seq == want) {
+            found(body);
+            numbers.next();
+        }
+        frames = &frames[FRAME_HEADER_LEN + len..];
+        at += FRAME_HEADER_LEN + len;
+    }
 }
 
 /// A batch of frames the writer took (see [`Outbox::take`]): its own buffer, given back for
@@ -383,18 +425,31 @@ fn hand_over(state: &mut State) {
     let Some(tracked) = state.tracked.as_mut() else { return };
     tracked.sealed = true;
     let Some(on_close) = tracked.on_close.take() else { return };
-    let mut entries = Vec::with_capacity(tracked.entries.len());
-    let mut frames = std::mem::take(&mut tracked.frames);
+    // Each message's frame, found by its number in the kept batches, then in the queue.
+    let mut numbers = tracked.runs.iter().flat_map(|run| {
+        let (seq, count) = (run.seq, run.count as u64);
+        (0..count).map(move |i| seq.wrapping_add(i))
+    });
+    let mut numbers = numbers.by_ref().peekable();
+    let mut bodies = Vec::with_capacity(tracked.unacked);
+    for (batch, _) in &tracked.frames.batches {
+        find_numbered(batch, &mut numbers, |body| bodies.push(batch.slice(body)));
+    }
     let queue = &state.queue;
-    tracked.pop_upto(u64::MAX, |entry, sender| {
-        let frame = frames.pop(&entry, queue);
-        let unacked = Unacked {
-            seq: entry.seq,
-            id: entry.id,
-            sender: sender.clone(),
-            stored: entry.stored(),
-        };
-        entries.push((unacked, frame));
+    find_numbered(queue, &mut numbers, |body| bodies.push(Bytes::copy_from_slice(&queue[body])));
+    if bodies.len() != tracked.unacked {
+        // A bug, not a client's doing: say so rather than hand over less in silence.
+        tracing::error!(recipient = %tracked.recipient, unacked = tracked.unacked,
+            found = bodies.len(), "some unacknowledged messages' frames were not found");
+    }
+    let mut bodies = bodies.into_iter();
+    let mut entries = Vec::with_capacity(tracked.unacked);
+    tracked.pop_upto(u64::MAX, |span| {
+        for (seq, id) in span.each() {
+            let Some(body) = bodies.next() else { return };
+            let unacked = Unacked { seq, id, sender: span.sender.clone(), stored: span.stored };
+            entries.push((unacked, body));
+        }
     });
     tracked.frames = FrameLog::default();
     on_close(&tracked.recipient, entries);
@@ -476,7 +531,7 @@ impl Outbox {
         let state = self.state();
         QueueState {
             bytes: (state.queue.len() + state.taken) as u64,
-            unacked: state.tracked.as_ref().map_or(0, |t| t.entries.len() as u64),
+            unacked: state.tracked.as_ref().map_or(0, |t| t.unacked as u64),
             version: state.version,
         }
     }
@@ -578,14 +633,13 @@ impl Outbox {
                 let at = state.queue.len();
                 state.runs.push((at, sender));
             }
-            let start = state.queue.len();
             put_frame(&mut state.queue, &msg, size);
             if sequenced {
                 let seq = state.next_seq;
                 state.next_seq += 1;
                 if let Some(tracked) = state.tracked.as_mut() {
                     tracked.frames.push(size);
-                    tracked.keep(Entry::new(seq, msg.id, offset(start), size, false), origin);
+                    tracked.keep(seq, msg.id, false, origin);
                 }
             }
             Ok((Delivery::Queued, was_empty))
@@ -607,8 +661,8 @@ impl Outbox {
             storing: true,
             submitted: 0,
             frames: FrameLog::default(),
-            entries: VecDeque::new(),
-            senders: VecDeque::new(),
+            runs: VecDeque::new(),
+            unacked: 0,
             window,
             on_close: Some(on_close),
             sealed: false,
@@ -666,13 +720,12 @@ impl Outbox {
                     return None;
                 }
                 let was_empty = state.queue.is_empty();
-                let start = state.queue.len();
                 let len = u32::try_from(item.body.len()).unwrap_or(u32::MAX);
                 state.queue.extend_from_slice(&len.to_be_bytes());
                 state.queue.extend_from_slice(&item.body);
                 tracked.frames.push(size);
-                let entry = Entry::new(item.seq, item.id, offset(start), size, true);
-                tracked.keep(entry, item.sender.receipt.then_some(&item.sender));
+                let sender = item.sender.receipt.then_some(&item.sender);
+                tracked.keep(item.seq, item.id, true, sender);
                 Some(Ok(was_empty))
             })
             .await?;
@@ -718,26 +771,26 @@ impl Outbox {
         {
             let mut state = self.state();
             let Some(tracked) = state.tracked.as_mut() else { return acked };
+            let before = tracked.unacked;
             // Out while `pop_upto` borrows the rest (moving it is a few words).
             let mut frames = std::mem::take(&mut tracked.frames);
-            let before = frames.len();
-            tracked.pop_upto(upto, |entry, sender| {
-                frames.forget(entry.len());
-                if entry.stored() {
-                    acked.stored_upto = Some(entry.seq);
+            tracked.pop_upto(upto, |span| {
+                frames.forget(span.count);
+                if span.stored {
+                    acked.stored_upto = Some(span.seq.wrapping_add(span.count as u64 - 1));
                 }
-                if let Some(sender) = sender {
+                if let Some(sender) = span.sender {
+                    let ids = span.each().map(|(_, id)| id);
                     match acked.receipts.last_mut() {
-                        Some((last, ids)) if Arc::ptr_eq(last, sender) || **last == **sender => {
-                            ids.push(entry.id)
+                        Some((last, due)) if Arc::ptr_eq(last, sender) || **last == **sender => {
+                            due.extend(ids)
                         }
-                        _ => acked.receipts.push((sender.clone(), vec![entry.id])),
+                        _ => acked.receipts.push((sender.clone(), ids.collect())),
                     }
                 }
             });
-            let released = frames.len() < before;
             tracked.frames = frames;
-            if !released {
+            if tracked.unacked == before {
                 return acked;
             }
         }
@@ -915,6 +968,11 @@ impl Outbox {
                     tracked.frames.taken(batch.clone());
                     // The batch is not coming back: the next queue starts with room for
                     // about as much, rather than growing (and copying) from nothing.
+                    if state.queue.capacity() == 0
+                        && let Some(spare) = tracked.frames.spare.take()
+                    {
+                        state.queue = spare;
+                    }
                     if state.queue.capacity() == 0 {
                         let room = batch.len().clamp(KEPT_BATCH_ROOM, MAX_KEPT_BUFFER);
                         state.queue = BytesMut::with_capacity(room);
@@ -1375,5 +1433,51 @@ mod tests {
         drop(state);
         outbox.close(None);
         assert_eq!(*handed.lock().unwrap(), vec![(1, 1)]);
+    }
+
+    fn sender(name: &str) -> Arc<SenderRef> {
+        Arc::new(SenderRef { canonical: name.into(), token: 1, keyed: true, receipt: true })
+    }
+
+    /// Messages are kept in runs (consecutive numbers and ids from one sender); an
+    /// acknowledgement that ends inside a run owes receipts for exactly the ids it covers, and
+    /// what is left of the run is handed over with the right ids when the session ends.
+    #[tokio::test]
+    async fn runs_split_where_acknowledged_and_keep_their_ids() {
+        let (outbox, handed) = keyed(1 << 20);
+        let (alice, carol) = (sender("alice"), sender("carol"));
+        let mut send = |id: u64, from: &Arc<SenderRef>| {
+            let msg = MessageRef::deliver(id, &from.canonical, "bob", b"hi");
+            assert_eq!(outbox.push_routed(&msg, 7, Some(from), |_, _| {}), Ok(Delivery::Queued));
+        };
+        // alice 10..=14 (one run), carol 3, alice 20 (a gap in ids: a new run), alice 21.
+        for id in 10..=14 {
+            send(id, &alice);
+        }
+        send(3, &carol);
+        send(20, &alice);
+        send(21, &alice);
+        assert_eq!(outbox.state().tracked.as_ref().unwrap().runs.len(), 3);
+        let batch = within(outbox.take()).await.unwrap();
+        outbox.written(batch);
+
+        let acked = outbox.ack(3);
+        let due: Vec<(String, Vec<u64>)> =
+            acked.receipts.iter().map(|(s, ids)| (s.canonical.clone(), ids.clone())).collect();
+        assert_eq!(due, vec![("alice".into(), vec![10, 11, 12])]);
+        let acked = outbox.ack(7);
+        let due: Vec<(String, Vec<u64>)> =
+            acked.receipts.iter().map(|(s, ids)| (s.canonical.clone(), ids.clone())).collect();
+        assert_eq!(
+            due,
+            vec![
+                ("alice".into(), vec![13, 14]),
+                ("carol".into(), vec![3]),
+                ("alice".into(), vec![20])
+            ]
+        );
+        assert_eq!(outbox.queue().unacked, 1);
+        outbox.close(None);
+        assert_eq!(*handed.lock().unwrap(), vec![(8, 21)]);
     }
 }
