@@ -1446,7 +1446,7 @@ mod tests {
     async fn runs_split_where_acknowledged_and_keep_their_ids() {
         let (outbox, handed) = keyed(1 << 20);
         let (alice, carol) = (sender("alice"), sender("carol"));
-        let mut send = |id: u64, from: &Arc<SenderRef>| {
+        let send = |id: u64, from: &Arc<SenderRef>| {
             let msg = MessageRef::deliver(id, &from.canonical, "bob", b"hi");
             assert_eq!(outbox.push_routed(&msg, 7, Some(from), |_, _| {}), Ok(Delivery::Queued));
         };
