@@ -68,8 +68,10 @@ pub struct Config {
     /// Limits on messages stored for offline users: per inbox (default 10,000 messages and
     /// 64 MiB), for the whole store (default 1 GiB), and by age (default 7 days).
     pub inbox: InboxLimits,
-    /// Bytes of messages delivered to a keyed client and not yet acknowledged (default
-    /// 2 MiB); past it, messages for it wait for acknowledgements as for room in its outbox.
+    /// Bytes held for messages delivered to a keyed client and not yet acknowledged (default
+    /// 2 MiB): the frames are kept as the writer wrote them, so replies written in the same
+    /// batch count too. Past it, messages for it wait for acknowledgements as for room in its
+    /// outbox.
     pub unacked_window: usize,
     /// How often stored messages past the age limit are removed (default 1 min).
     pub inbox_sweep: Duration,

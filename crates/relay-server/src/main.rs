@@ -116,8 +116,9 @@ struct Args {
     /// are told when it expires).
     #[arg(long, default_value = "7d", value_parser = parse_duration)]
     inbox_max_age: Duration,
-    /// Bytes of messages delivered to a keyed client and not yet acknowledged; past it,
-    /// messages for it wait as for a full outbox.
+    /// Bytes held for messages delivered to a keyed client and not yet acknowledged (with
+    /// whatever was written to it in the same batches); past it, messages for it wait as for
+    /// a full outbox.
     #[arg(long, default_value_t = Config::default().unacked_window)]
     unacked_window: usize,
     /// Bytes the kernel may hold unsent for one client (TCP_NOTSENT_LOWAT; 0: the kernel's

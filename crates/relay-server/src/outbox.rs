@@ -4,7 +4,8 @@
 //! sender's connection does the encoding while the message is still in its cache, nothing is
 //! allocated per message, and the writer task takes the whole buffer in one go and writes it
 //! with as few syscalls as the socket allows. Two buffers take turns: while the writer writes
-//! one, senders fill the other.
+//! one, senders fill the other. A keyed session keeps each batch it was sent, as written,
+//! until its client has acknowledged every message in it (see [`FrameLog`]).
 //!
 //! A full outbox pushes back: [`Outbox::wait_for_room`] waits a bounded time for the writer to
 //! make room, so a sender that outruns a healthy receiver is slowed to its pace instead of
