@@ -882,3 +882,268 @@ async fn stored_messages_survive_nats_being_killed_and_a_store_during_the_outage
     n1.stop().await;
     n2.stop().await;
 }
+
+/// NATS killed and restarted in the middle of a stream of cross-node messages: every message
+/// is either delivered (once) or refused to its sender, never both and never neither, even
+/// those that were on their way when NATS went down.
+#[tokio::test]
+async fn nats_killed_mid_stream_leaves_every_cross_node_message_delivered_or_refused() {
+    use std::collections::{HashMap, HashSet};
+    let mut nats = Nats::start().await;
+    let [n1, n2] = [node(&nats, "n1").await, node(&nats, "n2").await];
+    let (alice, mut alice_events) = n1.connect("alice").await;
+    let (_bob, mut bob_events) = n2.connect("bob").await;
+    wait_until(|| lists(&n1, "bob")).await;
+
+    // What bob got and what alice was refused, by message number.
+    let delivered = std::sync::Arc::new(std::sync::Mutex::new(Vec::<u64>::new()));
+    let got = delivered.clone();
+    let bob_reads = tokio::spawn(async move {
+        while let Some(event) = bob_events.next().await {
+            if let Event::Message { content, .. } = event {
+                let n = std::str::from_utf8(&content).unwrap().parse::<u64>().unwrap();
+                got.lock().unwrap().push(n);
+            }
+        }
+    });
+    let refused = std::sync::Arc::new(std::sync::Mutex::new(HashSet::<u64>::new()));
+    let told = refused.clone();
+    let alice_reads = tokio::spawn(async move {
+        while let Some(event) = alice_events.next().await {
+            if let Event::Rejected { id, .. } | Event::NotFound { id, .. } = event {
+                told.lock().unwrap().insert(id);
+            }
+        }
+    });
+
+    // A steady stream, going on while NATS dies (a second in) and comes back (a second later).
+    let outage = tokio::spawn(async move {
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        nats.stop();
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        nats.start_again().await;
+        nats
+    });
+    let mut ids = HashMap::new();
+    let started = Instant::now();
+    let mut n = 0u64;
+    while started.elapsed() < Duration::from_secs(4) {
+        for _ in 0..20 {
+            ids.insert(alice.send("bob", n.to_string()).await.unwrap(), n);
+            n += 1;
+        }
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+    let _nats = within(outage).await.unwrap();
+    // Every message's fate is known once the unacknowledged ones have timed out.
+    let accounted = || {
+        let delivered: HashSet<u64> = delivered.lock().unwrap().iter().copied().collect();
+        let refused = refused.lock().unwrap();
+        ids.iter().all(|(id, n)| delivered.contains(n) || refused.contains(id))
+    };
+    let all = tokio::time::timeout(Duration::from_secs(30), async {
+        while !accounted() {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    })
+    .await;
+    let delivered_list = delivered.lock().unwrap().clone();
+    let delivered: HashSet<u64> = delivered_list.iter().copied().collect();
+    let refused = refused.lock().unwrap().clone();
+    let silent: Vec<u64> = ids
+        .iter()
+        .filter(|(id, n)| !delivered.contains(n) && !refused.contains(id))
+        .map(|(_, n)| *n)
+        .collect();
+    let both: Vec<u64> = ids
+        .iter()
+        .filter(|(id, n)| delivered.contains(n) && refused.contains(id))
+        .map(|(_, n)| *n)
+        .collect();
+    println!(
+        "{} sent, {} delivered, {} refused, {} neither, {} both",
+        ids.len(),
+        delivered.len(),
+        refused.len(),
+        silent.len(),
+        both.len()
+    );
+    assert!(all.is_ok() && silent.is_empty(), "lost without a word: {silent:?}");
+    assert!(both.is_empty(), "refused, yet delivered: {both:?}");
+    assert_eq!(delivered.len(), delivered_list.len(), "a message was delivered twice");
+    bob_reads.abort();
+    alice_reads.abort();
+    n1.stop().await;
+    n2.stop().await;
+}
+
+/// A TCP proxy to NATS that can silently drop what a node sends, as a connection that dies
+/// with bytes written into it does, and then reset the connection (the node reconnects).
+struct Lossy {
+    addr: std::net::SocketAddr,
+    dropping: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    reset: tokio::sync::watch::Sender<u64>,
+}
+
+impl Lossy {
+    async fn to(nats: &Nats) -> Lossy {
+        use std::sync::atomic::Ordering;
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let dropping = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let (reset, reset_rx) = tokio::sync::watch::channel(0u64);
+        let (port, drop_flag) = (nats.port, dropping.clone());
+        tokio::spawn(async move {
+            while let Ok((client, _)) = listener.accept().await {
+                let (mut reset_rx, dropping) = (reset_rx.clone(), drop_flag.clone());
+                reset_rx.mark_unchanged();
+                tokio::spawn(async move {
+                    let Ok(server) = tokio::net::TcpStream::connect(("127.0.0.1", port)).await
+                    else {
+                        return;
+                    };
+                    let (mut client_r, mut client_w) = client.into_split();
+                    let (mut server_r, mut server_w) = server.into_split();
+                    let up = async {
+                        let mut buf = vec![0u8; 64 * 1024];
+                        loop {
+                            let n = client_r.read(&mut buf).await.unwrap_or(0);
+                            if n == 0 {
+                                return;
+                            }
+                            if !dropping.load(Ordering::Relaxed)
+                                && server_w.write_all(&buf[..n]).await.is_err()
+                            {
+                                return;
+                            }
+                        }
+                    };
+                    tokio::select! {
+                        () = up => {}
+                        _ = tokio::io::copy(&mut server_r, &mut client_w) => {}
+                        _ = reset_rx.changed() => {}
+                    }
+                });
+            }
+        });
+        Lossy { addr, dropping, reset }
+    }
+
+    fn url(&self) -> String {
+        format!("nats://{}", self.addr)
+    }
+}
+
+/// Messages a node forwarded into a NATS connection that then died without passing them on
+/// are reported to their senders as not delivered, although the node reconnects at once and
+/// the other node acknowledges what comes after them (an acknowledgement covers every number
+/// up to its own, so without the gap it reports they would pass as taken in).
+#[tokio::test]
+async fn messages_lost_in_a_dying_nats_connection_are_reported_to_their_senders() {
+    use std::collections::{HashMap, HashSet};
+    use std::sync::atomic::Ordering;
+    let nats = Nats::start().await;
+    let n2 = node(&nats, "n2").await;
+    let lossy = Lossy::to(&nats).await;
+    let cluster =
+        within(Cluster::connect(ClusterConfig::new(lossy.url(), "n1").lease(LEASE))).await.unwrap();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let server = within(Server::in_cluster(listener, Config::default(), cluster)).await.unwrap();
+    let n1_addr = server.local_addr().unwrap().to_string();
+    let shutdown = CancellationToken::new();
+    let task = tokio::spawn(server.run(shutdown.clone()));
+
+    let (alice, mut alice_events) = within(Client::connect(&n1_addr, "alice")).await.unwrap();
+    let (_bob, mut bob_events) = n2.connect("bob").await;
+    wait_until(|| lists(&n2, "alice")).await;
+    // n1 sees bob once its view has him.
+    let probe = alice.send("bob", "probe").await.unwrap();
+    loop {
+        tokio::select! {
+            event = next_event(&mut alice_events) => match event {
+                Event::NotFound { id, .. } if id == probe => {
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    alice.send("bob", "probe").await.unwrap();
+                }
+                other => panic!("unexpected {other:?}"),
+            },
+            (_, text) = next_message(&mut bob_events) => if text == "probe" { break },
+        }
+    }
+
+    let delivered = std::sync::Arc::new(std::sync::Mutex::new(HashSet::<u64>::new()));
+    let got = delivered.clone();
+    let bob_reads = tokio::spawn(async move {
+        while let Some(event) = bob_events.next().await {
+            if let Event::Message { content, .. } = event
+                && let Ok(n) = std::str::from_utf8(&content).unwrap_or("").parse::<u64>()
+            {
+                got.lock().unwrap().insert(n);
+            }
+        }
+    });
+    let refused = std::sync::Arc::new(std::sync::Mutex::new(HashSet::<u64>::new()));
+    let told = refused.clone();
+    let alice_reads = tokio::spawn(async move {
+        while let Some(event) = alice_events.next().await {
+            if let Event::Rejected { id, .. } | Event::NotFound { id, .. } = event {
+                told.lock().unwrap().insert(id);
+            }
+        }
+    });
+
+    // A steady stream; for 300 ms of it, what n1 sends NATS vanishes, then its connection
+    // is reset (it reconnects at once).
+    let mut ids = HashMap::new();
+    let started = Instant::now();
+    let (mut dropped, mut reset) = (false, false);
+    let mut n = 0u64;
+    while started.elapsed() < Duration::from_millis(1500) {
+        for _ in 0..20 {
+            ids.insert(alice.send("bob", n.to_string()).await.unwrap(), n);
+            n += 1;
+        }
+        if !dropped && started.elapsed() > Duration::from_millis(300) {
+            lossy.dropping.store(true, Ordering::Relaxed);
+            dropped = true;
+        }
+        if !reset && started.elapsed() > Duration::from_millis(600) {
+            lossy.dropping.store(false, Ordering::Relaxed);
+            lossy.reset.send_modify(|r| *r += 1);
+            reset = true;
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let accounted = || {
+        let (delivered, refused) = (delivered.lock().unwrap(), refused.lock().unwrap());
+        ids.iter().all(|(id, n)| delivered.contains(n) || refused.contains(id))
+    };
+    // Well within the 5 s after which an unacknowledged message is refused anyway: the gap
+    // is what tells.
+    let in_time = tokio::time::timeout(Duration::from_secs(4), async {
+        while !accounted() {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await;
+    let (delivered, refused) = (delivered.lock().unwrap().clone(), refused.lock().unwrap().clone());
+    let silent = ids.iter().filter(|(id, n)| !delivered.contains(n) && !refused.contains(id));
+    let silent: Vec<u64> = silent.map(|(_, n)| *n).collect();
+    let both = ids.iter().filter(|(id, n)| delivered.contains(n) && refused.contains(id)).count();
+    println!(
+        "{} sent, {} delivered, {} refused, {} unaccounted for after 4 s, {both} both",
+        ids.len(),
+        delivered.len(),
+        refused.len(),
+        silent.len()
+    );
+    assert!(!refused.is_empty(), "nothing was lost: the test did not drop anything");
+    assert!(in_time.is_ok(), "not delivered and not refused: {silent:?}");
+    assert_eq!(both, 0, "refused, yet delivered");
+    bob_reads.abort();
+    alice_reads.abort();
+    shutdown.cancel();
+    within(task).await.unwrap();
+    n2.stop().await;
+}

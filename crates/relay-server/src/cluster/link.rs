@@ -20,7 +20,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use super::layout;
-use super::wire::{Batch, Origin, Presence, Record, decode_lease, encode_lease, kv_key};
+use super::wire::{Batch, Gaps, Origin, Presence, Record, decode_lease, encode_lease, kv_key};
 use crate::inbox::SenderRef;
 use crate::router::{
     Claim, Forwarded, LocalRouter, PeerRoute, Peers, Refused, RouteCache, Routed, Undelivered, Who,
@@ -201,6 +201,35 @@ struct NodeQueue {
 /// incarnation.
 fn number_at(node: &str) -> usize {
     1 + 2 + node.len() + 8
+}
+
+/// The numbers of the NATS messages received from each other node, as far as gaps go.
+#[derive(Default)]
+struct Received {
+    /// Per node: its incarnation, the highest number received from it, and the latest gaps.
+    nodes: HashMap<String, (u64, u64, Gaps)>,
+}
+
+impl Received {
+    /// Notes `batch`; returns the gaps to report with its acknowledgement. The first message
+    /// seen from a node's incarnation (this node restarted, or it did) counts everything
+    /// numbered before it as not received: what was on its way to this node's previous run
+    /// was lost with it.
+    fn saw(&mut self, batch: &Batch) -> Gaps {
+        let seen = match self.nodes.get_mut(&batch.node) {
+            Some(seen) => seen,
+            None => self.nodes.entry(batch.node.clone()).or_default(),
+        };
+        let (incarnation, last, gaps) = seen;
+        if *incarnation != batch.incarnation {
+            (*incarnation, *last, *gaps) = (batch.incarnation, 0, Gaps::default());
+        }
+        if batch.number > *last + 1 {
+            gaps.push(*last + 1, batch.number - 1);
+        }
+        *last = (*last).max(batch.number);
+        *gaps
+    }
 }
 
 /// Who to tell about a forwarded message: an owned [`Origin`].
@@ -700,6 +729,7 @@ impl Link {
 
     /// Takes in what other nodes forward here.
     async fn receive(self: Arc<Self>, mut subscriber: async_nats::Subscriber) {
+        let mut received = Received::default();
         let mut last_sender = None;
         let mut routes = RouteCache::default();
         loop {
@@ -749,15 +779,18 @@ impl Link {
                     Record::Evict { canonical, token, status, detail } => {
                         router.evict(canonical, token, Status::from_index(status), detail);
                     }
-                    Record::Ack { incarnation, upto } if incarnation == self.incarnation => {
-                        self.acked(&batch.node, upto);
+                    Record::Ack { incarnation, upto, lost } if incarnation == self.incarnation => {
+                        self.acked(&batch.node, upto, &lost);
                     }
                     Record::Ack { .. } => {}
                 }
             }
             // Everything in it is in this node's hands (queued for its receivers, parked, or
-            // answered).
-            let ack = Record::Ack { incarnation: batch.incarnation, upto: batch.number };
+            // answered). Numbers skipped since the last message from that node never arrived
+            // (a NATS connection died with them; or they were never sent, when that node's
+            // link was down): say so, or the cumulative acknowledgement would cover them.
+            let lost = received.saw(&batch);
+            let ack = Record::Ack { incarnation: batch.incarnation, upto: batch.number, lost };
             self.send(&batch.node, &ack);
         }
     }
@@ -821,18 +854,35 @@ impl Link {
         }
     }
 
-    /// `node` took in everything numbered up to `upto`.
-    fn acked(&self, node: &str, upto: u64) {
-        let mut freed = 0;
+    /// `node` took in everything numbered up to `upto`, except the numbers in `lost`: their
+    /// senders are told their messages were not delivered (first, so a cumulative
+    /// acknowledgement never counts a message that never arrived as taken in).
+    fn acked(&self, node: &str, upto: u64, lost: &Gaps) {
+        let (mut freed, mut failed) = (0, Vec::new());
         {
             let mut unacked = lock(&self.unacked);
             if let Some(queue) = unacked.get_mut(node) {
+                if !lost.is_empty() {
+                    queue.retain_mut(|u| {
+                        if !lost.contains(u.number) {
+                            return true;
+                        }
+                        failed.append(&mut u.pending);
+                        freed += u.bytes;
+                        false
+                    });
+                }
                 while queue.front().is_some_and(|u| u.number <= upto) {
                     freed += queue.pop_front().map_or(0, |u| u.bytes);
                 }
             }
         }
         self.free(freed);
+        if !failed.is_empty() {
+            tracing::warn!(%node, messages = failed.len(),
+                "forwarded messages never reached the other node; their senders are told");
+            self.fail(failed, "its server never got it");
+        }
     }
 
     /// `bytes` of the window are free again.
@@ -1337,5 +1387,32 @@ impl Peers for Link {
                 let _ = tokio::time::timeout(Duration::from_secs(3), self.client.flush()).await;
             }
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn batch(node: &str, incarnation: u64, number: u64) -> Batch {
+        Batch { node: node.into(), incarnation, number }
+    }
+
+    /// Numbers skipped are reported, per node and incarnation; the first message from a new
+    /// incarnation of a node, or the first one seen at all, reports everything before it.
+    #[test]
+    fn received_numbers_report_their_gaps() {
+        let mut received = Received::default();
+        assert!(received.saw(&batch("a", 1, 1)).is_empty());
+        assert!(received.saw(&batch("a", 1, 2)).is_empty());
+        let gaps = received.saw(&batch("a", 1, 5));
+        assert!(gaps.contains(3) && gaps.contains(4) && !gaps.contains(2) && !gaps.contains(5));
+        // Repeated with later acknowledgements, in case one is lost.
+        assert!(received.saw(&batch("a", 1, 6)).contains(4));
+        // Another node's numbers are its own; one first seen at 3 lost 1 and 2.
+        let other = received.saw(&batch("b", 9, 3));
+        assert!(other.contains(1) && other.contains(2) && !other.contains(3));
+        // Node a restarted: numbering starts again, and so do its gaps.
+        assert!(received.saw(&batch("a", 2, 1)).is_empty());
     }
 }

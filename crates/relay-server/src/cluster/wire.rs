@@ -87,13 +87,51 @@ pub(crate) enum Record<'a> {
         detail: &'a str,
     },
     /// The receiving node has taken in every message numbered up to `upto` that the node
-    /// `incarnation` (the receiver of this record) sent it.
+    /// `incarnation` (the receiver of this record) sent it, except those in `lost`, which
+    /// never arrived.
     Ack {
         /// The incarnation the acknowledged messages came from.
         incarnation: u64,
         /// The highest message number taken in.
         upto: u64,
+        /// The latest ranges of numbers that never arrived (a NATS connection that died with
+        /// them in it): repeated in every acknowledgement, so one lost acknowledgement does
+        /// not make them look delivered.
+        lost: Gaps,
     },
+}
+
+/// Ranges of message numbers a node never received from another: the latest [`Gaps::MAX`].
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub(crate) struct Gaps {
+    ranges: [(u64, u64); Gaps::MAX],
+    len: u8,
+}
+
+impl Gaps {
+    /// How many ranges an acknowledgement carries.
+    pub(crate) const MAX: usize = 4;
+
+    /// Adds `from..=to`, forgetting the oldest range if there are [`Gaps::MAX`] already.
+    pub(crate) fn push(&mut self, from: u64, to: u64) {
+        let len = usize::from(self.len);
+        if len == Gaps::MAX {
+            self.ranges.rotate_left(1);
+            self.ranges[Gaps::MAX - 1] = (from, to);
+        } else {
+            self.ranges[len] = (from, to);
+            self.len += 1;
+        }
+    }
+
+    /// Whether `number` is in one of the ranges.
+    pub(crate) fn contains(&self, number: u64) -> bool {
+        self.ranges[..usize::from(self.len)].iter().any(|&(from, to)| (from..=to).contains(&number))
+    }
+
+    pub(crate) fn is_empty(&self) -> bool {
+        self.len == 0
+    }
 }
 
 /// The sender of a forwarded message.
@@ -175,6 +213,10 @@ impl<'a> Reader<'a> {
     fn rest(&mut self) -> &'a [u8] {
         std::mem::take(&mut self.0)
     }
+
+    fn rest_len(&self) -> usize {
+        self.0.len()
+    }
 }
 
 impl<'a> Record<'a> {
@@ -202,10 +244,15 @@ impl<'a> Record<'a> {
                 out.put_u32_le(*status);
                 put_str(out, detail);
             }
-            Record::Ack { incarnation, upto } => {
+            Record::Ack { incarnation, upto, lost } => {
                 out.put_u8(ACK);
                 out.put_u64_le(*incarnation);
                 out.put_u64_le(*upto);
+                out.put_u8(lost.len);
+                for &(from, to) in &lost.ranges[..usize::from(lost.len)] {
+                    out.put_u64_le(from);
+                    out.put_u64_le(to);
+                }
             }
         }
         let len = u32::try_from(out.len() - start - 4).unwrap_or(u32::MAX);
@@ -290,7 +337,19 @@ impl<'a> Record<'a> {
                 let detail = r.str()?;
                 Record::Evict { canonical, token, status, detail }
             }
-            ACK => Record::Ack { incarnation: r.u64()?, upto: r.u64()? },
+            ACK => {
+                let (incarnation, upto) = (r.u64()?, r.u64()?);
+                let mut lost = Gaps::default();
+                // A node from before gaps were reported sends none.
+                let count = if r.rest_len() == 0 { 0 } else { usize::from(r.u8()?) };
+                if count > Gaps::MAX {
+                    return Err(Malformed);
+                }
+                for _ in 0..count {
+                    lost.push(r.u64()?, r.u64()?);
+                }
+                Record::Ack { incarnation, upto, lost }
+            }
             _ => return Err(Malformed),
         };
         Ok(record)
@@ -392,6 +451,36 @@ pub(crate) fn kv_key(prefix: &str, s: &str) -> String {
 mod tests {
     use super::*;
 
+    fn gaps(ranges: &[(u64, u64)]) -> Gaps {
+        let mut gaps = Gaps::default();
+        for &(from, to) in ranges {
+            gaps.push(from, to);
+        }
+        gaps
+    }
+
+    /// Gaps keep the latest ranges; an acknowledgement from a node that reports none (an
+    /// older one) reads as having none; more ranges than allowed is malformed.
+    #[test]
+    fn acknowledgements_carry_the_latest_gaps() {
+        let g = gaps(&[(1, 1), (3, 4), (6, 6), (8, 9), (11, 20)]);
+        assert!(!g.contains(1), "the oldest range is forgotten past the limit");
+        assert!(g.contains(4) && g.contains(15) && !g.contains(5) && !g.contains(21));
+
+        let mut old = BytesMut::new();
+        old.put_u8(LAYOUT);
+        old.put_u8(ACK);
+        old.put_u64_le(5);
+        old.put_u64_le(9);
+        assert_eq!(
+            Record::decode(&old),
+            Ok(Record::Ack { incarnation: 5, upto: 9, lost: Gaps::default() })
+        );
+        let mut too_many = old.clone();
+        too_many.put_u8(5);
+        assert_eq!(Record::decode(&too_many), Err(Malformed));
+    }
+
     fn origin() -> Origin<'static> {
         Origin { node: "n1", canonical: "alice", token: 7, keyed: true, v2: true }
     }
@@ -402,7 +491,8 @@ mod tests {
             Record::Deliver { recipient: "bob", origin: origin(), body: b"frame" },
             Record::Tell { canonical: "ålice", token: 3, keyed: false, body: b"reply" },
             Record::Evict { canonical: "carol", token: 0, status: 24, detail: "bye" },
-            Record::Ack { incarnation: 5, upto: 9 },
+            Record::Ack { incarnation: 5, upto: 9, lost: Gaps::default() },
+            Record::Ack { incarnation: 5, upto: 12, lost: gaps(&[(3, 4), (10, 11)]) },
         ];
         let head = Batch { node: "n1".into(), incarnation: 77, number: 3 };
         let mut payload = BytesMut::new();
