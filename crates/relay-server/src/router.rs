@@ -839,10 +839,10 @@ impl LocalRouter {
         let Some(outbox) = found else {
             return Forwarded::Refused(self.forward_refusal(&msg, PushError::Closed));
         };
-        // No sender token: a forwarded message's sender is not on this node, so a failed
-        // connection here reports nothing for it (see the cluster docs). Its origin is kept
-        // for a key holder's receipts, which go back through the cluster.
-        let pushed = outbox.push_routed(&msg, 0, Some(origin), |m, recipient| {
+        // The sender's token at its node: if this connection fails with the message unwritten,
+        // that registration is told through the cluster (see `report_undelivered`). Its
+        // origin is kept for a key holder's receipts, which go back through the cluster too.
+        let pushed = outbox.push_routed(&msg, origin.token, Some(origin), |m, recipient| {
             self.store_forwarded(origin, m, recipient);
         });
         match pushed {
@@ -896,12 +896,12 @@ impl LocalRouter {
     ) -> Result<(), Message> {
         let Some((msg, outbox)) = self.forwarded_to(recipient, body) else { return Ok(()) };
         let outbox = outbox?;
-        let pushed = outbox.push_routed(&msg, 0, Some(origin), |m, recipient| {
+        let pushed = outbox.push_routed(&msg, origin.token, Some(origin), |m, recipient| {
             self.store_forwarded(origin, m, recipient);
         });
         let pushed = match pushed {
             Err(PushError::Full) if !self.send_wait.is_zero() => {
-                outbox.wait_for_room(&msg, self.send_wait, 0, Some(origin)).await
+                outbox.wait_for_room(&msg, self.send_wait, origin.token, Some(origin)).await
             }
             other => other.map(drop),
         };
@@ -1264,11 +1264,25 @@ impl Routing for LocalRouter {
             // replies about its predecessor's messages. If the sender is gone too, or not
             // reading either, there is no one left to tell.
             let from = canonical_name(&msg.from);
-            let _ = self.registry.with_name(&from, |e| {
+            let here = self.registry.with_name(&from, |e| {
                 if e.token == sender {
                     let _ = e.outbox.push(&reply.as_ref());
                 }
             });
+            // Not on this node: a message forwarded from another, which keeps its sender's
+            // registration there; told through the cluster if it is still online (never
+            // stored: a guest's refusal, or a live notice).
+            if here.is_none()
+                && let Some(peers) = &self.peers
+            {
+                let sender = SenderRef {
+                    canonical: from.into_owned(),
+                    token: sender,
+                    keyed: false,
+                    receipt: false,
+                };
+                peers.tell(&sender, &reply.as_ref());
+            }
         }
     }
 

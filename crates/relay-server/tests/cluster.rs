@@ -1147,3 +1147,58 @@ async fn messages_lost_in_a_dying_nats_connection_are_reported_to_their_senders(
     within(task).await.unwrap();
     n2.stop().await;
 }
+
+/// A guest receiver whose connection is dropped with forwarded messages still queued for it:
+/// their sender, on another node, is told each was not delivered, as a sender on the same
+/// node is.
+#[tokio::test]
+async fn a_receiver_dropped_with_forwarded_messages_queued_has_their_sender_told() {
+    use bytes::Bytes;
+    let nats = Nats::start().await;
+    let n1 = node(&nats, "n1").await;
+    let config = Config {
+        outbox_bytes: 256 * 1024,
+        write_timeout: Duration::from_millis(500),
+        ..Config::default()
+    };
+    let n2 = node_with(&nats, "n2", config).await;
+    let sink = RawPeer::connect_small_buffer(n2.addr).await.register_as("sink").await;
+    let (alice, mut alice_events) = n1.connect("alice").await;
+    wait_until(|| lists(&n1, "sink")).await;
+
+    // Flood the sink (it reads nothing) until it is dropped as a slow consumer; whatever was
+    // queued for it then is reported back across the cluster (the reports may come after
+    // the sink is gone from n1's view, so they are waited for).
+    let payload = Bytes::from(vec![b'x'; 32 * 1024]);
+    let mut stranded = 0;
+    let mut gone = false;
+    within(async {
+        while stranded == 0 {
+            if !gone {
+                alice.send("sink", payload.clone()).await.unwrap();
+            }
+            let event = match alice_events.try_next() {
+                Some(event) => event,
+                None if gone => next_event(&mut alice_events).await,
+                None => {
+                    tokio::time::sleep(Duration::from_millis(2)).await;
+                    continue;
+                }
+            };
+            match event {
+                Event::Rejected { status: Status::NotDelivered, detail, .. } => {
+                    if detail.contains("disconnected") {
+                        stranded += 1;
+                    }
+                }
+                Event::NotFound { .. } => gone = true,
+                other => panic!("unexpected {other:?}"),
+            }
+        }
+    })
+    .await;
+    drop(sink);
+    assert!(stranded > 0, "the sender was not told about the messages stranded at the other node");
+    n1.stop().await;
+    n2.stop().await;
+}
