@@ -888,6 +888,17 @@ async fn stored_messages_survive_nats_being_killed_and_a_store_during_the_outage
 /// those that were on their way when NATS went down.
 #[tokio::test]
 async fn nats_killed_mid_stream_leaves_every_cross_node_message_delivered_or_refused() {
+    nats_killed_mid_stream(Duration::from_secs(1)).await;
+}
+
+/// The same with NATS gone longer than a forwarded message may wait for its acknowledgement
+/// (5 s): what was on its way when NATS went down must not be refused and then delivered.
+#[tokio::test]
+async fn nats_gone_longer_than_the_ack_timeout_leaves_no_message_both_refused_and_delivered() {
+    nats_killed_mid_stream(Duration::from_secs(6)).await;
+}
+
+async fn nats_killed_mid_stream(outage: Duration) {
     use std::collections::{HashMap, HashSet};
     let mut nats = Nats::start().await;
     let [n1, n2] = [node(&nats, "n1").await, node(&nats, "n2").await];
@@ -917,24 +928,24 @@ async fn nats_killed_mid_stream_leaves_every_cross_node_message_delivered_or_ref
     });
 
     // A steady stream, going on while NATS dies (a second in) and comes back (a second later).
-    let outage = tokio::spawn(async move {
+    let down = tokio::spawn(async move {
         tokio::time::sleep(Duration::from_secs(1)).await;
         nats.stop();
-        tokio::time::sleep(Duration::from_secs(1)).await;
+        tokio::time::sleep(outage).await;
         nats.start_again().await;
         nats
     });
     let mut ids = HashMap::new();
     let started = Instant::now();
     let mut n = 0u64;
-    while started.elapsed() < Duration::from_secs(4) {
+    while started.elapsed() < outage + Duration::from_secs(3) {
         for _ in 0..20 {
             ids.insert(alice.send("bob", n.to_string()).await.unwrap(), n);
             n += 1;
         }
         tokio::time::sleep(Duration::from_millis(2)).await;
     }
-    let _nats = within(outage).await.unwrap();
+    let _nats = within(down).await.unwrap();
     // Every message's fate is known once the unacknowledged ones have timed out.
     let accounted = || {
         let delivered: HashSet<u64> = delivered.lock().unwrap().iter().copied().collect();
