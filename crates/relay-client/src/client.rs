@@ -934,3 +934,45 @@ impl Reader {
         self.events.deliver(&mut self.batch, wait).await;
     }
 }
+
+/// The receiving side's per-frame work, without a connection, for the criterion benches
+/// (`cargo bench -p relay-client`); see [`crate::bench`].
+pub(crate) struct FrameDecoder {
+    reader: Reader,
+    codec: MessageCodec,
+}
+
+impl FrameDecoder {
+    pub(crate) fn new() -> FrameDecoder {
+        let codec = MessageCodec::new(relay_proto::DEFAULT_MAX_FRAME_LEN);
+        let reader = Reader {
+            events: Incoming::new(usize::MAX),
+            batch: VecDeque::new(),
+            last_from: None,
+            outgoing: Arc::new(Outgoing::new(
+                MessageCodec::new(relay_proto::DEFAULT_MAX_FRAME_LEN),
+                usize::MAX,
+            )),
+            going_offline: Arc::new(AtomicBool::new(false)),
+            pending_users: Vec::new(),
+            pending_bytes: 0,
+            last_seq: 0,
+            ping_interval: Duration::from_secs(3600),
+            idle_timeout: Duration::from_secs(3600),
+        };
+        FrameDecoder { reader, codec }
+    }
+
+    /// Takes every complete frame off the front of `read` (what one socket read brought) as
+    /// the connection's reader does, each becoming its event; returns the events, in order.
+    pub(crate) fn decode(&mut self, read: &mut BytesMut) -> &mut VecDeque<Event> {
+        while let Ok(Some(len)) = self.codec.complete_frame(read) {
+            read.advance(relay_proto::FRAME_HEADER_LEN);
+            let frame = read.split_to(len);
+            if let Ok(Some(Ok(event))) = self.reader.read_frame(frame) {
+                let _ = self.reader.handle(event);
+            }
+        }
+        &mut self.reader.batch
+    }
+}

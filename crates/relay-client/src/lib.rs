@@ -43,3 +43,31 @@ pub use incoming::Events;
 pub use keys::{KeyError, create_key, default_key_path, load_key, load_or_create_key};
 pub use relay_proto::{Identity, NameError, PublicKey, Status, User, name_key};
 pub use tls::{Tls, TlsError};
+
+/// The library's per-message work without a connection, for its criterion benches (`cargo
+/// bench -p relay-client`). Not part of the API: it may change or go at any time.
+#[doc(hidden)]
+pub mod bench {
+    use std::collections::VecDeque;
+
+    use bytes::BytesMut;
+
+    use crate::Event;
+
+    /// Turns received frames into events exactly as a connection's reader does.
+    pub struct FrameDecoder(crate::client::FrameDecoder);
+
+    impl FrameDecoder {
+        /// A decoder in a fresh session's state.
+        #[allow(clippy::new_without_default)]
+        pub fn new() -> FrameDecoder {
+            FrameDecoder(crate::client::FrameDecoder::new())
+        }
+
+        /// Takes every complete frame off the front of `read` (one socket read's bytes);
+        /// returns the events they became, to be taken (or cleared) by the caller.
+        pub fn decode(&mut self, read: &mut BytesMut) -> &mut VecDeque<Event> {
+            self.0.decode(read)
+        }
+    }
+}
