@@ -1077,6 +1077,10 @@ impl Outbox {
             state.queue = BytesMut::new();
             state.spare = BytesMut::new();
             state.runs = Vec::new();
+            if let Some(tracked) = state.tracked.as_mut() {
+                // A keyed session's batch kept for reuse (up to a megabyte) goes too.
+                tracked.frames.spare = None;
+            }
         }
     }
 }
@@ -1480,5 +1484,24 @@ mod tests {
         assert_eq!(outbox.queue().unacked, 1);
         outbox.close(None);
         assert_eq!(*handed.lock().unwrap(), vec![(8, 21)]);
+    }
+
+    /// A busy keyed session reuses the batches its client has acknowledged, and gives the one
+    /// it keeps for that back when it goes quiet.
+    #[tokio::test]
+    async fn an_acknowledged_batch_is_reused_and_freed_when_idle() {
+        let (outbox, _) = keyed(1 << 20);
+        let content = vec![b'x'; 1000];
+        for id in 1..=40 {
+            let msg = MessageRef::deliver(id, "alice", "bob", &content);
+            outbox.push_routed(&msg, 7, None, |_, _| {}).unwrap();
+        }
+        let batch = within(outbox.take()).await.unwrap();
+        assert!(matches!(batch, Batch::Kept(_)));
+        outbox.written(batch);
+        outbox.ack(40);
+        assert!(outbox.state().tracked.as_ref().unwrap().frames.spare.is_some());
+        outbox.release_if_idle();
+        assert!(outbox.state().tracked.as_ref().unwrap().frames.spare.is_none());
     }
 }
