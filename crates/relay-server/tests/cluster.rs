@@ -1213,3 +1213,118 @@ async fn a_receiver_dropped_with_forwarded_messages_queued_has_their_sender_told
     n1.stop().await;
     n2.stop().await;
 }
+
+/// A node cut off from NATS for longer than a forwarded message waits for its
+/// acknowledgement (5 s), in the middle of a stream to another node: the messages that
+/// reached the other node just before the cut (their acknowledgements lost with the
+/// connection) must not be refused to their sender, and those lost with the connection must
+/// be; every message is one or the other once the node is back.
+#[tokio::test]
+async fn a_node_cut_off_longer_than_the_ack_timeout_tells_each_sender_the_true_fate() {
+    use std::collections::{HashMap, HashSet};
+    let nats = Nats::start().await;
+    let n2 = node(&nats, "n2").await;
+    let partition = Partition::to(&nats).await;
+    let cluster = within(Cluster::connect(ClusterConfig::new(partition.url(), "n1").lease(LEASE)))
+        .await
+        .unwrap();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let server = within(Server::in_cluster(listener, Config::default(), cluster)).await.unwrap();
+    let n1_addr = server.local_addr().unwrap().to_string();
+    let shutdown = CancellationToken::new();
+    let task = tokio::spawn(server.run(shutdown.clone()));
+
+    let (alice, mut alice_events) = within(Client::connect(&n1_addr, "alice")).await.unwrap();
+    let (_bob, mut bob_events) = n2.connect("bob").await;
+    wait_until(|| lists(&n2, "alice")).await;
+    let probe = alice.send("bob", "probe").await.unwrap();
+    loop {
+        tokio::select! {
+            event = next_event(&mut alice_events) => match event {
+                Event::NotFound { id, .. } if id == probe => {
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    alice.send("bob", "probe").await.unwrap();
+                }
+                other => panic!("unexpected {other:?}"),
+            },
+            (_, text) = next_message(&mut bob_events) => if text == "probe" { break },
+        }
+    }
+    let delivered = std::sync::Arc::new(std::sync::Mutex::new(HashSet::<u64>::new()));
+    let got = delivered.clone();
+    let bob_reads = tokio::spawn(async move {
+        while let Some(event) = bob_events.next().await {
+            if let Event::Message { content, .. } = event
+                && let Ok(n) = std::str::from_utf8(&content).unwrap_or("").parse::<u64>()
+            {
+                got.lock().unwrap().insert(n);
+            }
+        }
+    });
+    let refused = std::sync::Arc::new(std::sync::Mutex::new(HashSet::<u64>::new()));
+    let told = refused.clone();
+    let alice_reads = tokio::spawn(async move {
+        while let Some(event) = alice_events.next().await {
+            if let Event::Rejected { id, .. } | Event::NotFound { id, .. } = event {
+                told.lock().unwrap().insert(id);
+            }
+        }
+    });
+
+    // A steady stream, cut off half a second in, for 6 s.
+    let mut ids = HashMap::new();
+    let started = Instant::now();
+    let (mut cut, mut healed) = (false, false);
+    let mut n = 0u64;
+    while started.elapsed() < Duration::from_millis(7500) {
+        for _ in 0..20 {
+            ids.insert(alice.send("bob", n.to_string()).await.unwrap(), n);
+            n += 1;
+        }
+        if !cut && started.elapsed() > Duration::from_millis(500) {
+            partition.set_cut(true);
+            cut = true;
+        }
+        if !healed && started.elapsed() > Duration::from_millis(6500) {
+            partition.set_cut(false);
+            healed = true;
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let accounted = || {
+        let (delivered, refused) = (delivered.lock().unwrap(), refused.lock().unwrap());
+        ids.iter().all(|(id, n)| delivered.contains(n) || refused.contains(id))
+    };
+    let in_time = tokio::time::timeout(Duration::from_secs(30), async {
+        while !accounted() {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await;
+    let (delivered, refused) = (delivered.lock().unwrap().clone(), refused.lock().unwrap().clone());
+    let silent: Vec<u64> = ids
+        .iter()
+        .filter(|(id, n)| !delivered.contains(n) && !refused.contains(id))
+        .map(|(_, n)| *n)
+        .collect();
+    let both: Vec<u64> = ids
+        .iter()
+        .filter(|(id, n)| delivered.contains(n) && refused.contains(id))
+        .map(|(_, n)| *n)
+        .collect();
+    println!(
+        "{} sent, {} delivered, {} refused, {} neither, {} both",
+        ids.len(),
+        delivered.len(),
+        refused.len(),
+        silent.len(),
+        both.len()
+    );
+    assert!(in_time.is_ok(), "not delivered and not refused: {silent:?}");
+    assert!(both.is_empty(), "refused, yet delivered: {both:?}");
+    bob_reads.abort();
+    alice_reads.abort();
+    shutdown.cancel();
+    within(task).await.unwrap();
+    n2.stop().await;
+}
