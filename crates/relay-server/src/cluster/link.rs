@@ -42,12 +42,16 @@ pub(crate) struct LinkState {
     lost: AtomicBool,
     /// Wakes the re-assertion after a reconnect.
     reconnected: Notify,
+    /// When the connection to NATS last came up: a forwarded message's wait for its
+    /// acknowledgement counts from then at the earliest (see [`Link::expire_unacked`]).
+    up_since: Mutex<Option<Instant>>,
 }
 
 impl LinkState {
     pub(crate) fn event(&self, event: async_nats::Event) {
         match event {
             async_nats::Event::Connected => {
+                *lock(&self.up_since) = Some(Instant::now());
                 self.up.store(true, Ordering::Release);
                 if self.lost.load(Ordering::Acquire) {
                     tracing::info!("reconnected to NATS; re-asserting this node's names");
@@ -172,9 +176,16 @@ struct Unacked {
 /// cluster's flow control, so a busy link slows its senders instead of refusing them.
 const WINDOW: usize = 8 << 20;
 
-/// How long a forwarded message may go unacknowledged before its sender is told it was not
-/// delivered (the other node died, or the link was down that long).
+/// How long a forwarded message may go unacknowledged, while this node is connected to NATS,
+/// before its sender is told it was not delivered (the other node died, or never got it).
 const ACK_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// How long one may go unacknowledged in all, through an outage of this node's link. While
+/// the link is down its wait is not over: what sat in the NATS client's buffer when the link
+/// dropped is sent when it comes back, and may well be delivered (telling its sender
+/// otherwise first would be telling it wrong). After a reconnect it waits [`ACK_TIMEOUT`]
+/// again, and the nodes it waits on are asked (see [`Link::probe_after_reconnect`]).
+const OUTAGE_ACK_TIMEOUT: Duration = Duration::from_secs(60);
 
 /// One NATS message being filled for a node: its records, written in place by the senders
 /// (no copy or allocation per message), and the chat messages among them.
@@ -203,6 +214,9 @@ fn number_at(node: &str) -> usize {
     1 + 2 + node.len() + 8
 }
 
+/// Most nodes whose numbering [`Received`] follows.
+const MAX_NODES_SEEN: usize = 1024;
+
 /// The numbers of the NATS messages received from each other node, as far as gaps go.
 #[derive(Default)]
 struct Received {
@@ -216,6 +230,11 @@ impl Received {
     /// numbered before it as not received: what was on its way to this node's previous run
     /// was lost with it.
     fn saw(&mut self, batch: &Batch) -> Gaps {
+        // Node names come from the network: a bounded map, started afresh if something
+        // invents names (every node then counts as first seen again).
+        if self.nodes.len() >= MAX_NODES_SEEN && !self.nodes.contains_key(&batch.node) {
+            self.nodes.clear();
+        }
         let seen = match self.nodes.get_mut(&batch.node) {
             Some(seen) => seen,
             None => self.nodes.entry(batch.node.clone()).or_default(),
@@ -224,7 +243,7 @@ impl Received {
         if *incarnation != batch.incarnation {
             (*incarnation, *last, *gaps) = (batch.incarnation, 0, Gaps::default());
         }
-        if batch.number > *last + 1 {
+        if batch.number > last.saturating_add(1) {
             gaps.push(*last + 1, batch.number - 1);
         }
         *last = (*last).max(batch.number);
@@ -679,6 +698,7 @@ impl Link {
                 () = self.state.reconnected.notified() => {}
             }
             self.state.lost.store(false, Ordering::Release);
+            self.probe_after_reconnect();
             let held: Vec<(String, String, u64, Bytes)> = lock(&self.held)
                 .by_name
                 .iter()
@@ -724,6 +744,21 @@ impl Link {
                 }
             }
             tracing::info!(names = count, "re-asserted this node's names");
+        }
+    }
+
+    /// Sends an empty NATS message to every node that owes this one acknowledgements: each
+    /// acknowledges it with everything it got before it and the gaps, which settles the fate
+    /// of what was on its way when the link dropped (their acknowledgements, sent while this
+    /// node was away, were lost; what sat in the client's buffer was sent before this).
+    fn probe_after_reconnect(&self) {
+        let owed: Vec<Arc<str>> = lock(&self.unacked)
+            .iter()
+            .filter(|(_, queue)| !queue.is_empty())
+            .map(|(node, _)| node.clone())
+            .collect();
+        for node in owed {
+            self.append(&node, |_| Ok(()), None);
         }
     }
 
@@ -862,7 +897,9 @@ impl Link {
         {
             let mut unacked = lock(&self.unacked);
             if let Some(queue) = unacked.get_mut(node) {
-                if !lost.is_empty() {
+                // The gaps are repeated in every acknowledgement: look through the queue only
+                // if one reaches what is still waiting.
+                if queue.front().is_some_and(|first| lost.reaches(first.number)) {
                     queue.retain_mut(|u| {
                         if !lost.contains(u.number) {
                             return true;
@@ -907,10 +944,25 @@ impl Link {
     /// Fails what has waited past [`ACK_TIMEOUT`] for its acknowledgement.
     fn expire_unacked(&self) {
         let (mut expired, mut freed) = (Vec::new(), 0);
+        let up_since = *lock(&self.state.up_since);
+        let up = self.state.up.load(Ordering::Acquire);
+        let overdue = |u: &Unacked| {
+            let waited = u.sent.elapsed();
+            if waited > OUTAGE_ACK_TIMEOUT {
+                return true;
+            }
+            if !up {
+                // The wait goes on: what was buffered is sent on reconnecting.
+                return false;
+            }
+            // Sent before the last reconnect: its wait counts from the reconnect.
+            let since = up_since.filter(|&since| since > u.sent).map_or(waited, |s| s.elapsed());
+            since > ACK_TIMEOUT
+        };
         {
             let mut unacked = lock(&self.unacked);
             for queue in unacked.values_mut() {
-                while queue.front().is_some_and(|u| u.sent.elapsed() > ACK_TIMEOUT) {
+                while queue.front().is_some_and(overdue) {
                     if let Some(u) = queue.pop_front() {
                         expired.extend(u.pending);
                         freed += u.bytes;

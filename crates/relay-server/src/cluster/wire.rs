@@ -129,8 +129,14 @@ impl Gaps {
         self.ranges[..usize::from(self.len)].iter().any(|&(from, to)| (from..=to).contains(&number))
     }
 
+    #[cfg(test)]
     pub(crate) fn is_empty(&self) -> bool {
         self.len == 0
+    }
+
+    /// Whether a range ends at `number` or after it.
+    pub(crate) fn reaches(&self, number: u64) -> bool {
+        self.ranges[..usize::from(self.len)].iter().any(|&(_, to)| to >= number)
     }
 }
 
@@ -466,6 +472,7 @@ mod tests {
         let g = gaps(&[(1, 1), (3, 4), (6, 6), (8, 9), (11, 20)]);
         assert!(!g.contains(1), "the oldest range is forgotten past the limit");
         assert!(g.contains(4) && g.contains(15) && !g.contains(5) && !g.contains(21));
+        assert!(g.reaches(20) && !g.reaches(21) && !Gaps::default().reaches(0));
 
         let mut old = BytesMut::new();
         old.put_u8(LAYOUT);
