@@ -941,7 +941,9 @@ impl Link {
         }
     }
 
-    /// Fails what has waited past [`ACK_TIMEOUT`] for its acknowledgement.
+    /// Fails what has waited past [`ACK_TIMEOUT`] for its acknowledgement while the link was
+    /// up (counted from the last reconnect for what was sent before it), or past
+    /// [`OUTAGE_ACK_TIMEOUT`] in all.
     fn expire_unacked(&self) {
         let (mut expired, mut freed) = (Vec::new(), 0);
         let up_since = *lock(&self.state.up_since);
