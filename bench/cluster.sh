@@ -15,12 +15,8 @@ ROUNDS=${ROUNDS:-3}
 NATS_PORT=${NATS_PORT:-14230}
 A=${A:-18101} B=${B:-18102} PLAIN=${PLAIN:-18103}
 
-if ! command -v nats-server >/dev/null 2>&1; then
-    echo "installing nats-server from Debian..." >&2
-    if [ "$(id -u)" -eq 0 ]; then SUDO=""; else SUDO="sudo"; fi
-    $SUDO apt-get update -qq
-    $SUDO apt-get install -y -qq nats-server >/dev/null
-fi
+. bench/lib.sh
+ensure_nats_server
 cargo build --release -q -p relay-server -p relay-bench
 bench=target/release/relay-bench
 server=target/release/relay-server

@@ -17,12 +17,8 @@ RELAY_PORT=${RELAY_PORT:-18080}
 NATS_PORT=${NATS_PORT:-14222}
 OUT=${OUT:-target/bench/compare-$(date +%Y%m%d-%H%M%S).jsonl}
 
-if ! command -v nats-server >/dev/null 2>&1; then
-    echo "installing nats-server from Debian..." >&2
-    if [ "$(id -u)" -eq 0 ]; then SUDO=""; else SUDO="sudo"; fi
-    $SUDO apt-get update -qq
-    $SUDO apt-get install -y -qq nats-server >/dev/null
-fi
+. bench/lib.sh
+ensure_nats_server
 
 cargo build --release -q -p relay-server -p relay-bench
 # 10,000 idle clients on each side of loopback need that many descriptors and more.

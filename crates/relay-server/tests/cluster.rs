@@ -111,8 +111,13 @@ async fn node(nats: &Nats, name: &str) -> TestServer {
 }
 
 async fn node_with(nats: &Nats, name: &str, config: Config) -> TestServer {
+    node_via(nats.url(), name, config).await
+}
+
+/// A node reaching NATS at `url` (through a proxy, say).
+async fn node_via(url: String, name: &str, config: Config) -> TestServer {
     let cluster =
-        within(Cluster::connect(ClusterConfig::new(nats.url(), name).lease(LEASE))).await.unwrap();
+        within(Cluster::connect(ClusterConfig::new(url, name).lease(LEASE))).await.unwrap();
     let dir = tempfile::tempdir().unwrap();
     let config = Config { data_dir: dir.path().to_path_buf(), ..config };
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -507,17 +512,9 @@ async fn a_node_cut_off_past_its_lease_loses_its_names_and_disconnects_their_hol
     let nats = Nats::start().await;
     let n1 = node(&nats, "n1").await;
     let partition = Partition::to(&nats).await;
-    let cluster = within(Cluster::connect(ClusterConfig::new(partition.url(), "cut").lease(LEASE)))
-        .await
-        .unwrap();
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let server = within(Server::in_cluster(listener, Config::default(), cluster)).await.unwrap();
-    let cut_addr = server.local_addr().unwrap();
-    let shutdown = CancellationToken::new();
-    let task = tokio::spawn(server.run(shutdown.clone()));
+    let cut_node = node_via(partition.url(), "cut", Config::default()).await;
 
-    let (_gina, mut gina_events) =
-        within(Client::connect(&cut_addr.to_string(), "gina")).await.unwrap();
+    let (_gina, mut gina_events) = within(Client::connect(&cut_node.url(), "gina")).await.unwrap();
     wait_until(|| lists(&n1, "gina")).await;
     partition.set_cut(true);
     // Past the lease, gina's name is free on n1, and someone takes it.
@@ -542,8 +539,7 @@ async fn a_node_cut_off_past_its_lease_loses_its_names_and_disconnects_their_hol
         }
         other => panic!("expected gina to be disconnected, got {other:?}"),
     }
-    shutdown.cancel();
-    within(task).await.unwrap();
+    cut_node.stop().await;
     n1.stop().await;
 }
 
@@ -899,33 +895,12 @@ async fn nats_gone_longer_than_the_ack_timeout_leaves_no_message_both_refused_an
 }
 
 async fn nats_killed_mid_stream(outage: Duration) {
-    use std::collections::{HashMap, HashSet};
     let mut nats = Nats::start().await;
     let [n1, n2] = [node(&nats, "n1").await, node(&nats, "n2").await];
-    let (alice, mut alice_events) = n1.connect("alice").await;
-    let (_bob, mut bob_events) = n2.connect("bob").await;
+    let (alice, alice_events) = n1.connect("alice").await;
+    let (_bob, bob_events) = n2.connect("bob").await;
     wait_until(|| lists(&n1, "bob")).await;
-
-    // What bob got and what alice was refused, by message number.
-    let delivered = std::sync::Arc::new(std::sync::Mutex::new(Vec::<u64>::new()));
-    let got = delivered.clone();
-    let bob_reads = tokio::spawn(async move {
-        while let Some(event) = bob_events.next().await {
-            if let Event::Message { content, .. } = event {
-                let n = std::str::from_utf8(&content).unwrap().parse::<u64>().unwrap();
-                got.lock().unwrap().push(n);
-            }
-        }
-    });
-    let refused = std::sync::Arc::new(std::sync::Mutex::new(HashSet::<u64>::new()));
-    let told = refused.clone();
-    let alice_reads = tokio::spawn(async move {
-        while let Some(event) = alice_events.next().await {
-            if let Event::Rejected { id, .. } | Event::NotFound { id, .. } = event {
-                told.lock().unwrap().insert(id);
-            }
-        }
-    });
+    let mut fates = Fates::watch(alice_events, bob_events);
 
     // A steady stream, going on while NATS dies (a second in) and comes back (a second later).
     let down = tokio::spawn(async move {
@@ -935,57 +910,146 @@ async fn nats_killed_mid_stream(outage: Duration) {
         nats.start_again().await;
         nats
     });
-    let mut ids = HashMap::new();
     let started = Instant::now();
-    let mut n = 0u64;
     while started.elapsed() < outage + Duration::from_secs(3) {
-        for _ in 0..20 {
-            ids.insert(alice.send("bob", n.to_string()).await.unwrap(), n);
-            n += 1;
-        }
+        fates.send_some(&alice, "bob").await;
         tokio::time::sleep(Duration::from_millis(2)).await;
     }
     let _nats = within(down).await.unwrap();
     // Every message's fate is known once the unacknowledged ones have timed out.
-    let accounted = || {
-        let delivered: HashSet<u64> = delivered.lock().unwrap().iter().copied().collect();
-        let refused = refused.lock().unwrap();
-        ids.iter().all(|(id, n)| delivered.contains(n) || refused.contains(id))
-    };
-    let all = tokio::time::timeout(Duration::from_secs(30), async {
-        while !accounted() {
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-    })
-    .await;
-    let delivered_list = delivered.lock().unwrap().clone();
-    let delivered: HashSet<u64> = delivered_list.iter().copied().collect();
-    let refused = refused.lock().unwrap().clone();
-    let silent: Vec<u64> = ids
-        .iter()
-        .filter(|(id, n)| !delivered.contains(n) && !refused.contains(id))
-        .map(|(_, n)| *n)
-        .collect();
-    let both: Vec<u64> = ids
-        .iter()
-        .filter(|(id, n)| delivered.contains(n) && refused.contains(id))
-        .map(|(_, n)| *n)
-        .collect();
-    println!(
-        "{} sent, {} delivered, {} refused, {} neither, {} both",
-        ids.len(),
-        delivered.len(),
-        refused.len(),
-        silent.len(),
-        both.len()
+    let outcome = fates.settle(Duration::from_secs(30)).await;
+    assert!(
+        outcome.in_time && outcome.silent.is_empty(),
+        "lost without a word: {:?}",
+        outcome.silent
     );
-    assert!(all.is_ok() && silent.is_empty(), "lost without a word: {silent:?}");
-    assert!(both.is_empty(), "refused, yet delivered: {both:?}");
-    assert_eq!(delivered.len(), delivered_list.len(), "a message was delivered twice");
-    bob_reads.abort();
-    alice_reads.abort();
+    assert!(outcome.both.is_empty(), "refused, yet delivered: {:?}", outcome.both);
+    assert!(!outcome.duplicated, "a message was delivered twice");
     n1.stop().await;
     n2.stop().await;
+}
+
+/// A stream of numbered messages from a sender to a receiver, and the fate of each: delivered
+/// (the receiver got it) or refused (the sender was told).
+struct Fates {
+    /// Each message's id, with its number (its content).
+    sent: std::collections::HashMap<u64, u64>,
+    /// The numbers the receiver got, in order.
+    delivered: std::sync::Arc<std::sync::Mutex<Vec<u64>>>,
+    /// The ids the sender was told were not delivered.
+    refused: std::sync::Arc<std::sync::Mutex<std::collections::HashSet<u64>>>,
+    readers: [tokio::task::JoinHandle<()>; 2],
+}
+
+/// What [`Fates::settle`] found.
+struct Outcome {
+    /// Every message was delivered or refused in time.
+    in_time: bool,
+    /// Numbers neither delivered nor refused.
+    silent: Vec<u64>,
+    /// Numbers both delivered and refused.
+    both: Vec<u64>,
+    refused: usize,
+    /// A number was delivered more than once.
+    duplicated: bool,
+}
+
+impl Fates {
+    /// Follows the sender's and the receiver's events (content that is not a number, a probe
+    /// say, is not counted).
+    fn watch(mut sender: relay_client::Events, mut receiver: relay_client::Events) -> Fates {
+        let delivered = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let refused = std::sync::Arc::new(std::sync::Mutex::new(std::collections::HashSet::new()));
+        let (got, told) = (delivered.clone(), refused.clone());
+        let receiving = tokio::spawn(async move {
+            while let Some(event) = receiver.next().await {
+                if let Event::Message { content, .. } = event
+                    && let Ok(n) = std::str::from_utf8(&content).unwrap_or("").parse::<u64>()
+                {
+                    got.lock().unwrap().push(n);
+                }
+            }
+        });
+        let sending = tokio::spawn(async move {
+            while let Some(event) = sender.next().await {
+                if let Event::Rejected { id, .. } | Event::NotFound { id, .. } = event {
+                    told.lock().unwrap().insert(id);
+                }
+            }
+        });
+        Fates { sent: Default::default(), delivered, refused, readers: [receiving, sending] }
+    }
+
+    /// Sends the next 20 numbers to `to`.
+    async fn send_some(&mut self, client: &Client, to: &str) {
+        for _ in 0..20 {
+            let n = self.sent.len() as u64;
+            self.sent.insert(client.send(to, n.to_string()).await.unwrap(), n);
+        }
+    }
+
+    /// Waits up to `wait` until every message was delivered or refused, then says how it
+    /// went (and prints it).
+    async fn settle(self, wait: Duration) -> Outcome {
+        let accounted = || {
+            let (delivered, refused) =
+                (self.delivered.lock().unwrap(), self.refused.lock().unwrap());
+            self.sent.iter().all(|(id, n)| delivered.contains(n) || refused.contains(id))
+        };
+        let in_time = tokio::time::timeout(wait, async {
+            while !accounted() {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        })
+        .await
+        .is_ok();
+        for reader in &self.readers {
+            reader.abort();
+        }
+        let list = self.delivered.lock().unwrap().clone();
+        let delivered: std::collections::HashSet<u64> = list.iter().copied().collect();
+        let refused = self.refused.lock().unwrap().clone();
+        let (mut silent, mut both) = (Vec::new(), Vec::new());
+        for (id, n) in &self.sent {
+            match (delivered.contains(n), refused.contains(id)) {
+                (false, false) => silent.push(*n),
+                (true, true) => both.push(*n),
+                _ => {}
+            }
+        }
+        println!(
+            "{} sent, {} delivered, {} refused, {} neither after {wait:?}, {} both",
+            self.sent.len(),
+            delivered.len(),
+            refused.len(),
+            silent.len(),
+            both.len()
+        );
+        let duplicated = delivered.len() != list.len();
+        Outcome { in_time, silent, both, refused: refused.len(), duplicated }
+    }
+}
+
+/// Connects alice at `n1` and bob at `n2`, and waits until a message from alice reaches bob
+/// (n1's view has him); returns alice and the fates of what she sends bob from then on.
+async fn alice_to_bob(n1: &TestServer, n2: &TestServer) -> (Client, Client, Fates) {
+    let (alice, mut alice_events) = within(Client::connect(&n1.url(), "alice")).await.unwrap();
+    let (bob, mut bob_events) = n2.connect("bob").await;
+    wait_until(|| lists(n2, "alice")).await;
+    let probe = alice.send("bob", "probe").await.unwrap();
+    loop {
+        tokio::select! {
+            event = next_event(&mut alice_events) => match event {
+                Event::NotFound { id, .. } if id == probe => {
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    alice.send("bob", "probe").await.unwrap();
+                }
+                other => panic!("unexpected {other:?}"),
+            },
+            (_, text) = next_message(&mut bob_events) => if text == "probe" { break },
+        }
+    }
+    (alice, bob, Fates::watch(alice_events, bob_events))
 }
 
 /// A TCP proxy to NATS that can silently drop what a node sends, as a connection that dies
@@ -1052,69 +1116,19 @@ impl Lossy {
 /// up to its own, so without the gap it reports they would pass as taken in).
 #[tokio::test]
 async fn messages_lost_in_a_dying_nats_connection_are_reported_to_their_senders() {
-    use std::collections::{HashMap, HashSet};
     use std::sync::atomic::Ordering;
     let nats = Nats::start().await;
     let n2 = node(&nats, "n2").await;
     let lossy = Lossy::to(&nats).await;
-    let cluster =
-        within(Cluster::connect(ClusterConfig::new(lossy.url(), "n1").lease(LEASE))).await.unwrap();
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let server = within(Server::in_cluster(listener, Config::default(), cluster)).await.unwrap();
-    let n1_addr = server.local_addr().unwrap().to_string();
-    let shutdown = CancellationToken::new();
-    let task = tokio::spawn(server.run(shutdown.clone()));
-
-    let (alice, mut alice_events) = within(Client::connect(&n1_addr, "alice")).await.unwrap();
-    let (_bob, mut bob_events) = n2.connect("bob").await;
-    wait_until(|| lists(&n2, "alice")).await;
-    // n1 sees bob once its view has him.
-    let probe = alice.send("bob", "probe").await.unwrap();
-    loop {
-        tokio::select! {
-            event = next_event(&mut alice_events) => match event {
-                Event::NotFound { id, .. } if id == probe => {
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                    alice.send("bob", "probe").await.unwrap();
-                }
-                other => panic!("unexpected {other:?}"),
-            },
-            (_, text) = next_message(&mut bob_events) => if text == "probe" { break },
-        }
-    }
-
-    let delivered = std::sync::Arc::new(std::sync::Mutex::new(HashSet::<u64>::new()));
-    let got = delivered.clone();
-    let bob_reads = tokio::spawn(async move {
-        while let Some(event) = bob_events.next().await {
-            if let Event::Message { content, .. } = event
-                && let Ok(n) = std::str::from_utf8(&content).unwrap_or("").parse::<u64>()
-            {
-                got.lock().unwrap().insert(n);
-            }
-        }
-    });
-    let refused = std::sync::Arc::new(std::sync::Mutex::new(HashSet::<u64>::new()));
-    let told = refused.clone();
-    let alice_reads = tokio::spawn(async move {
-        while let Some(event) = alice_events.next().await {
-            if let Event::Rejected { id, .. } | Event::NotFound { id, .. } = event {
-                told.lock().unwrap().insert(id);
-            }
-        }
-    });
+    let n1 = node_via(lossy.url(), "n1", Config::default()).await;
+    let (alice, _bob, mut fates) = alice_to_bob(&n1, &n2).await;
 
     // A steady stream; for 300 ms of it, what n1 sends NATS vanishes, then its connection
     // is reset (it reconnects at once).
-    let mut ids = HashMap::new();
     let started = Instant::now();
     let (mut dropped, mut reset) = (false, false);
-    let mut n = 0u64;
     while started.elapsed() < Duration::from_millis(1500) {
-        for _ in 0..20 {
-            ids.insert(alice.send("bob", n.to_string()).await.unwrap(), n);
-            n += 1;
-        }
+        fates.send_some(&alice, "bob").await;
         if !dropped && started.elapsed() > Duration::from_millis(300) {
             lossy.dropping.store(true, Ordering::Relaxed);
             dropped = true;
@@ -1126,36 +1140,13 @@ async fn messages_lost_in_a_dying_nats_connection_are_reported_to_their_senders(
         }
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
-    let accounted = || {
-        let (delivered, refused) = (delivered.lock().unwrap(), refused.lock().unwrap());
-        ids.iter().all(|(id, n)| delivered.contains(n) || refused.contains(id))
-    };
     // Well within the 5 s after which an unacknowledged message is refused anyway: the gap
     // is what tells.
-    let in_time = tokio::time::timeout(Duration::from_secs(4), async {
-        while !accounted() {
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-    })
-    .await;
-    let (delivered, refused) = (delivered.lock().unwrap().clone(), refused.lock().unwrap().clone());
-    let silent = ids.iter().filter(|(id, n)| !delivered.contains(n) && !refused.contains(id));
-    let silent: Vec<u64> = silent.map(|(_, n)| *n).collect();
-    let both = ids.iter().filter(|(id, n)| delivered.contains(n) && refused.contains(id)).count();
-    println!(
-        "{} sent, {} delivered, {} refused, {} unaccounted for after 4 s, {both} both",
-        ids.len(),
-        delivered.len(),
-        refused.len(),
-        silent.len()
-    );
-    assert!(!refused.is_empty(), "nothing was lost: the test did not drop anything");
-    assert!(in_time.is_ok(), "not delivered and not refused: {silent:?}");
-    assert_eq!(both, 0, "refused, yet delivered");
-    bob_reads.abort();
-    alice_reads.abort();
-    shutdown.cancel();
-    within(task).await.unwrap();
+    let outcome = fates.settle(Duration::from_secs(4)).await;
+    assert!(outcome.refused > 0, "nothing was lost: the test did not drop anything");
+    assert!(outcome.in_time, "not delivered and not refused: {:?}", outcome.silent);
+    assert_eq!(outcome.both.len(), 0, "refused, yet delivered");
+    n1.stop().await;
     n2.stop().await;
 }
 
@@ -1221,66 +1212,17 @@ async fn a_receiver_dropped_with_forwarded_messages_queued_has_their_sender_told
 /// be; every message is one or the other once the node is back.
 #[tokio::test]
 async fn a_node_cut_off_longer_than_the_ack_timeout_tells_each_sender_the_true_fate() {
-    use std::collections::{HashMap, HashSet};
     let nats = Nats::start().await;
     let n2 = node(&nats, "n2").await;
     let partition = Partition::to(&nats).await;
-    let cluster = within(Cluster::connect(ClusterConfig::new(partition.url(), "n1").lease(LEASE)))
-        .await
-        .unwrap();
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let server = within(Server::in_cluster(listener, Config::default(), cluster)).await.unwrap();
-    let n1_addr = server.local_addr().unwrap().to_string();
-    let shutdown = CancellationToken::new();
-    let task = tokio::spawn(server.run(shutdown.clone()));
-
-    let (alice, mut alice_events) = within(Client::connect(&n1_addr, "alice")).await.unwrap();
-    let (_bob, mut bob_events) = n2.connect("bob").await;
-    wait_until(|| lists(&n2, "alice")).await;
-    let probe = alice.send("bob", "probe").await.unwrap();
-    loop {
-        tokio::select! {
-            event = next_event(&mut alice_events) => match event {
-                Event::NotFound { id, .. } if id == probe => {
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                    alice.send("bob", "probe").await.unwrap();
-                }
-                other => panic!("unexpected {other:?}"),
-            },
-            (_, text) = next_message(&mut bob_events) => if text == "probe" { break },
-        }
-    }
-    let delivered = std::sync::Arc::new(std::sync::Mutex::new(HashSet::<u64>::new()));
-    let got = delivered.clone();
-    let bob_reads = tokio::spawn(async move {
-        while let Some(event) = bob_events.next().await {
-            if let Event::Message { content, .. } = event
-                && let Ok(n) = std::str::from_utf8(&content).unwrap_or("").parse::<u64>()
-            {
-                got.lock().unwrap().insert(n);
-            }
-        }
-    });
-    let refused = std::sync::Arc::new(std::sync::Mutex::new(HashSet::<u64>::new()));
-    let told = refused.clone();
-    let alice_reads = tokio::spawn(async move {
-        while let Some(event) = alice_events.next().await {
-            if let Event::Rejected { id, .. } | Event::NotFound { id, .. } = event {
-                told.lock().unwrap().insert(id);
-            }
-        }
-    });
+    let n1 = node_via(partition.url(), "n1", Config::default()).await;
+    let (alice, _bob, mut fates) = alice_to_bob(&n1, &n2).await;
 
     // A steady stream, cut off half a second in, for 6 s.
-    let mut ids = HashMap::new();
     let started = Instant::now();
     let (mut cut, mut healed) = (false, false);
-    let mut n = 0u64;
     while started.elapsed() < Duration::from_millis(7500) {
-        for _ in 0..20 {
-            ids.insert(alice.send("bob", n.to_string()).await.unwrap(), n);
-            n += 1;
-        }
+        fates.send_some(&alice, "bob").await;
         if !cut && started.elapsed() > Duration::from_millis(500) {
             partition.set_cut(true);
             cut = true;
@@ -1291,40 +1233,9 @@ async fn a_node_cut_off_longer_than_the_ack_timeout_tells_each_sender_the_true_f
         }
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
-    let accounted = || {
-        let (delivered, refused) = (delivered.lock().unwrap(), refused.lock().unwrap());
-        ids.iter().all(|(id, n)| delivered.contains(n) || refused.contains(id))
-    };
-    let in_time = tokio::time::timeout(Duration::from_secs(30), async {
-        while !accounted() {
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-    })
-    .await;
-    let (delivered, refused) = (delivered.lock().unwrap().clone(), refused.lock().unwrap().clone());
-    let silent: Vec<u64> = ids
-        .iter()
-        .filter(|(id, n)| !delivered.contains(n) && !refused.contains(id))
-        .map(|(_, n)| *n)
-        .collect();
-    let both: Vec<u64> = ids
-        .iter()
-        .filter(|(id, n)| delivered.contains(n) && refused.contains(id))
-        .map(|(_, n)| *n)
-        .collect();
-    println!(
-        "{} sent, {} delivered, {} refused, {} neither, {} both",
-        ids.len(),
-        delivered.len(),
-        refused.len(),
-        silent.len(),
-        both.len()
-    );
-    assert!(in_time.is_ok(), "not delivered and not refused: {silent:?}");
-    assert!(both.is_empty(), "refused, yet delivered: {both:?}");
-    bob_reads.abort();
-    alice_reads.abort();
-    shutdown.cancel();
-    within(task).await.unwrap();
+    let outcome = fates.settle(Duration::from_secs(30)).await;
+    assert!(outcome.in_time, "not delivered and not refused: {:?}", outcome.silent);
+    assert!(outcome.both.is_empty(), "refused, yet delivered: {:?}", outcome.both);
+    n1.stop().await;
     n2.stop().await;
 }
