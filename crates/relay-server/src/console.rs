@@ -143,7 +143,16 @@ where
                 text
             }
             "help" | "?" => format!("{HELP}\n"),
-            "stats" => stats(&server.stats(), server.online()),
+            "stats" => {
+                let mut out = stats(&server.stats(), server.online());
+                match server.cluster_connected() {
+                    Some(true) => out.push_str("cluster: connected to NATS\n"),
+                    Some(false) => out
+                        .push_str("cluster: NATS unreachable; serving this node's clients only\n"),
+                    None => {}
+                }
+                out
+            }
             cmd if cmd.starts_with("who") => match argument(cmd, "who") {
                 None => format!("usage: who NAME\n{HELP}\n"),
                 Some(name) => match server.who(name) {

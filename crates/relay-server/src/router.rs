@@ -169,6 +169,9 @@ pub(crate) trait Routing: Send + Sync + std::fmt::Debug + 'static {
     /// Bytes queued for the clients online and not yet written to them.
     fn queued_bytes(&self) -> u64;
 
+    /// Whether this node's link to the rest of the cluster is up; `None` for a server alone.
+    fn cluster_connected(&self) -> Option<bool>;
+
     /// Unbinds a name from its key (the operator's `release`), disconnecting its holder if
     /// online; returns what was bound.
     fn unbind<'a>(&'a self, name: &'a str)
@@ -233,6 +236,9 @@ pub(crate) trait Peers: Send + Sync + std::fmt::Debug + 'static {
 
     /// What is known of `name`'s holder on another node.
     fn who(&self, name: &str) -> Option<Who>;
+
+    /// Whether the link to the rest of the cluster is up now.
+    fn connected(&self) -> bool;
 
     /// The server has stopped: give up this node's lease and stop the link's tasks.
     fn close(&self) -> BoxFuture<'_, ()>;
@@ -1326,6 +1332,10 @@ impl Routing for LocalRouter {
 
     fn queued_bytes(&self) -> u64 {
         self.registry.queued_bytes()
+    }
+
+    fn cluster_connected(&self) -> Option<bool> {
+        self.peers.as_ref().map(|peers| peers.connected())
     }
 
     fn unbind<'a>(

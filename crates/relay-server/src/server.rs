@@ -107,6 +107,12 @@ impl ServerHandle {
         self.shared.router.who(name)
     }
 
+    /// In cluster mode, whether this node is connected to NATS now (the console's `stats`
+    /// shows it); `None` for a server alone.
+    pub fn cluster_connected(&self) -> Option<bool> {
+        self.shared.router.cluster_connected()
+    }
+
     /// The server's counters (the console's `stats`; the metrics endpoint serves the same).
     pub fn stats(&self) -> Snapshot {
         self.shared.metrics.snapshot()

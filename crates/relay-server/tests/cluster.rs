@@ -424,7 +424,10 @@ async fn nats_restarting_mid_traffic_keeps_local_chat_and_refuses_cross_node_sen
 
     nats.stop();
     // Cross-node sends get a typed refusal once the node knows NATS is gone (not a hang,
-    // not silence).
+    // not silence). A message sent before it noticed is in the NATS client's buffer and
+    // waits for the link to come back (see the mid-stream tests), so wait for the node to
+    // notice first.
+    wait_until(|| n1.handle.cluster_connected() == Some(false)).await;
     let id = alice.send("bob", "during").await.unwrap();
     match next_event(&mut alice_events).await {
         Event::Rejected { id: got, status: Status::NotDelivered, .. } if got == id => {}

@@ -1407,6 +1407,10 @@ impl Peers for Link {
         Some(Who::remote(p.display.clone(), p.addr, p.node.clone(), p.since, p.version))
     }
 
+    fn connected(&self) -> bool {
+        self.state.up.load(Ordering::Acquire)
+    }
+
     fn close(&self) -> BoxFuture<'_, ()> {
         Box::pin(async move {
             // Whatever is still held (clients that did not finish leaving) is given up now.
