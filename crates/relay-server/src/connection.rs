@@ -16,6 +16,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, trace, warn};
 
 use crate::config::Config;
+use crate::keepalive::{Keepalive, Verdict};
 use crate::metrics::Metrics;
 use crate::outbox::{Outbox, PushError, Unwritten};
 use crate::router::{
@@ -495,15 +496,13 @@ impl<S: Source> Connection<S> {
         let ping_interval = self.config().ping_interval;
         let idle_timeout = self.config().idle_timeout;
         let frame_timeout = self.config().frame_timeout;
-        let mut last_heard = Instant::now();
+        let mut keepalive = Keepalive::new(ping_interval, idle_timeout, Instant::now());
         // Only whole frames are signs of life: a read counts (as of when it was made) once a
         // whole frame came out of it, so a client trickling bytes is not kept alive by them.
-        let mut read_at = last_heard;
+        let mut read_at = keepalive.last_heard();
         let mut fresh = false;
         // When the frame now partly buffered was first seen unfinished.
         let mut partial_since: Option<Instant> = None;
-        let mut ping_id: u64 = 0;
-        let mut pinged = false;
         let mut routes = RouteCache::default();
         let mut listings = Bucket::full(self.config());
         // Messages routed and bytes received, counted here and added to the server's
@@ -514,7 +513,7 @@ impl<S: Source> Connection<S> {
         let mut now = now_ms();
         // The timer is re-armed only when it fires, not on every message: a read costs just
         // the `last_heard` update.
-        let timer = tokio::time::sleep_until(last_heard + ping_interval);
+        let timer = tokio::time::sleep_until(read_at + ping_interval);
         tokio::pin!(timer);
         loop {
             // The work a message leaves that may wait (a reply, a busy receiver) is set up
@@ -528,8 +527,7 @@ impl<S: Source> Connection<S> {
                     Ok(Some(frame)) => {
                         if fresh {
                             fresh = false;
-                            last_heard = read_at;
-                            pinged = false;
+                            keepalive.heard(read_at);
                         }
                         partial_since = None;
                         frame
@@ -548,47 +546,14 @@ impl<S: Source> Connection<S> {
                                 timer.as_mut().reset(due);
                             }
                         }
+                        // Biased: what the client sent is read before the timer judges its
+                        // silence (after a long wait for a busy receiver, say, its answer to a
+                        // ping may be waiting in the socket).
                         tokio::select! {
+                            biased;
                             () = shutdown.cancelled() => return shutting_down(),
                             end = &mut self.writer, if self.writer_end.is_none() => {
                                 return self.writer_finished(end);
-                            }
-                            () = &mut timer => {
-                                if let Some(since) = partial_since
-                                    && since.elapsed() >= frame_timeout
-                                {
-                                    info!(peer = %self.peer, %name,
-                                        "a frame was not finished in time; disconnecting");
-                                    return closing(0, Status::FrameTimeout, "",
-                                        "a frame you started was not finished in time");
-                                }
-                                // Quiet for a while: give back the buffers.
-                                self.frames.release_if_empty();
-                                self.outbox.release_if_idle();
-                                let silent = last_heard.elapsed();
-                                if silent >= idle_timeout {
-                                    info!(peer = %self.peer, %name,
-                                        "no answer to ping; disconnecting");
-                                    return closing(0, Status::IdleTimeout, "", "no answer to ping");
-                                }
-                                if silent >= ping_interval && !pinged {
-                                    pinged = true;
-                                    ping_id += 1;
-                                    trace!(peer = %self.peer, %name, "ping");
-                                    // Never waits: a full outbox means the client is being sent
-                                    // plenty, and whether it reads shows in the writer's timeout.
-                                    let ping = Message::ping(ping_id);
-                                    let pushed = self.outbox.push(&ping.as_ref());
-                                    if let Err(PushError::Closed) = pushed {
-                                        return None;
-                                    }
-                                }
-                                let next = if pinged { idle_timeout } else { ping_interval };
-                                let mut due = last_heard + next;
-                                if let Some(since) = partial_since {
-                                    due = due.min(since + frame_timeout);
-                                }
-                                timer.as_mut().reset(due);
                             }
                             filled = self.frames.fill() => match filled {
                                 Ok(true) => {
@@ -602,6 +567,54 @@ impl<S: Source> Connection<S> {
                                 }
                                 Err(e) => return self.protocol_error(e),
                             },
+                            () = &mut timer => {
+                                if let Some(since) = partial_since
+                                    && since.elapsed() >= frame_timeout
+                                {
+                                    info!(peer = %self.peer, %name,
+                                        "a frame was not finished in time; disconnecting");
+                                    return closing(0, Status::FrameTimeout, "",
+                                        "a frame you started was not finished in time");
+                                }
+                                // Quiet for a while: give back the buffers.
+                                self.frames.release_if_empty();
+                                self.outbox.release_if_idle();
+                                let mut due = loop {
+                                    let now = Instant::now();
+                                    match keepalive.tick(now, self.outbox.written_bytes()) {
+                                        Verdict::Wait(due) => break due,
+                                        Verdict::Ping(id) => {
+                                            trace!(peer = %self.peer, %name, "ping");
+                                            // Never waits: a full outbox means the client is
+                                            // being sent plenty, and whether it reads is the
+                                            // writer's timeout to judge until there is room.
+                                            let ping = Message::ping(id);
+                                            let end = match self.outbox.push_at(&ping.as_ref()) {
+                                                Ok(end) => Some(end),
+                                                Err(PushError::Closed) => return None,
+                                                Err(_) => None,
+                                            };
+                                            keepalive.pinged(id, end, now);
+                                        }
+                                        Verdict::Idle => {
+                                            info!(peer = %self.peer, %name,
+                                                "no answer to ping; disconnecting");
+                                            return closing(0, Status::IdleTimeout, "",
+                                                "no answer to ping");
+                                        }
+                                        Verdict::NotReading => {
+                                            warn!(peer = %self.peer, %name,
+                                                "no answer to a ping sent after what it was sent; disconnecting: not reading");
+                                            return closing(0, Status::SlowConsumer, "",
+                                                "you are not reading what you are sent");
+                                        }
+                                    }
+                                };
+                                if let Some(since) = partial_since {
+                                    due = due.min(since + frame_timeout);
+                                }
+                                timer.as_mut().reset(due);
+                            }
                         }
                         continue;
                     }
@@ -669,7 +682,10 @@ impl<S: Source> Connection<S> {
                         })
                     }
                     Ok(Request::Ping { id }) => Box::pin(self.reply(Message::pong(id))),
-                    Ok(Request::Pong { .. }) => continue,
+                    Ok(Request::Pong { id }) => {
+                        keepalive.pong(id, read_at);
+                        continue;
+                    }
                     Ok(Request::Ack { seq, .. }) => {
                         self.shared.router.acked(claim, seq);
                         continue;

@@ -34,6 +34,7 @@ mod connection;
 mod console;
 mod inbox;
 mod journal;
+mod keepalive;
 mod metrics;
 mod names;
 mod outbox;

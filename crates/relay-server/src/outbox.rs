@@ -249,6 +249,9 @@ struct State {
     stalled: bool,
     /// How many times the writer has written, to tell a stuck receiver from a busy one.
     written: u64,
+    /// How many bytes the writer has written in all: with the bytes taken and queued, where
+    /// in the stream a frame queued now ends (see [`Outbox::push_at`]).
+    written_bytes: u64,
     /// The protocol version of the client: every frame is encoded in its layout.
     version: u16,
     /// The sequence number the next delivered chat message gets (version 2).
@@ -558,6 +561,24 @@ impl Outbox {
     /// numbers follow queue order.
     pub(crate) fn push(&self, msg: &MessageRef<'_>) -> Result<(), PushError> {
         self.push_from(msg, 0)
+    }
+
+    /// [`Outbox::push`], returning where in the stream of bytes written to the client the
+    /// frame ends: once the client answers it (a ping), it has read everything up to there.
+    pub(crate) fn push_at(&self, msg: &MessageRef<'_>) -> Result<u64, PushError> {
+        let mut state = self.state();
+        let (_, first) = self.push_locked(&mut state, msg, 0, None, |_, _| {})?;
+        let end = state.written_bytes + (state.taken + state.queue.len()) as u64;
+        drop(state);
+        if first {
+            self.shared.handoff.wake_consumer();
+        }
+        Ok(end)
+    }
+
+    /// How many bytes have been written to the client in all.
+    pub(crate) fn written_bytes(&self) -> u64 {
+        self.state().written_bytes
     }
 
     /// [`Outbox::push`] for a chat message routed from the connection registered with
@@ -999,6 +1020,7 @@ impl Outbox {
     pub(crate) fn written(&self, batch: Batch) {
         {
             let mut state = self.state();
+            state.written_bytes += state.taken as u64;
             state.taken = 0;
             state.stalled = false;
             state.written += 1;
@@ -1245,6 +1267,39 @@ mod tests {
         let batch = within(outbox.take()).await.unwrap();
         outbox.written(batch);
         within(push_within(&outbox, &msg, long)).await.unwrap();
+    }
+
+    /// Issue 11's busy receiver: it keeps writing, but every slot it frees is taken by another
+    /// sender before the waiting one gets it. The waiting sender gives up after its wait in
+    /// total (`Full`), instead of waiting as long as the others keep winning (the old rule
+    /// restarted the wait whenever the receiver wrote: this test then ran out its 5 s of
+    /// competition with the sender still held).
+    #[tokio::test]
+    async fn a_sender_outrun_for_every_freed_slot_gives_up_after_its_wait_in_total() {
+        let msg = Message::send(1, "bob", vec![0u8; 100]);
+        let outbox = Outbox::new(size_of(&msg));
+        outbox.push(&msg.as_ref()).unwrap();
+        let wait = Duration::from_millis(200);
+        let victim = {
+            let outbox = outbox.clone();
+            let msg = msg.clone();
+            tokio::spawn(async move {
+                let start = std::time::Instant::now();
+                (push_within(&outbox, &msg, wait).await, start.elapsed())
+            })
+        };
+        let competition = std::time::Instant::now();
+        while !victim.is_finished() && competition.elapsed() < Duration::from_secs(5) {
+            // The receiver writes one message; another sender takes the room at once, before
+            // the waiting one runs (this runtime has one thread: it runs only at the sleep).
+            let batch = within(outbox.take()).await.unwrap();
+            outbox.written(batch);
+            outbox.push(&msg.as_ref()).unwrap();
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        let (result, held) = within(victim).await.unwrap();
+        assert_eq!(result, Err(PushError::Full), "held {held:?}");
+        assert!(held < Duration::from_secs(2), "held {held:?} with a wait of {wait:?}");
     }
 
     #[tokio::test]

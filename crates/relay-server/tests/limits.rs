@@ -86,6 +86,45 @@ async fn a_peer_that_never_answers_pings_is_dropped_and_its_name_freed() {
     server.stop().await;
 }
 
+/// A client that keeps sending but never reads what it is sent (here 64 KiB, which the
+/// kernel's socket buffers take whole, so no write ever waits and the writer's timeout never
+/// sees it) is found out by the ping that goes behind what it was sent, and dropped as a slow
+/// consumer. Before, it was kept for as long as it sent something.
+#[tokio::test]
+async fn a_client_that_sends_but_never_reads_is_dropped_as_a_slow_consumer() {
+    use futures_util::SinkExt;
+    let server = TestServer::with_config(Config {
+        ping_interval: Duration::from_millis(200),
+        idle_timeout: Duration::from_millis(600),
+        ..config()
+    })
+    .await;
+    let mut mute = RawPeer::register(server.addr, "mute").await;
+    let (alice, _alice_events) = server.connect("alice").await;
+    for _ in 0..4 {
+        alice.send("mute", vec![b'm'; 16 * 1024]).await.unwrap();
+    }
+    // It sends a frame every 50 ms (never idle), and reads nothing until it is dropped.
+    let sending = tokio::spawn(async move {
+        for id in 100.. {
+            if mute.framed.send(Message::ping(id)).await.is_err() {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            if id > 100 + 20 * 60 {
+                panic!("still connected after a minute");
+            }
+        }
+        mute
+    });
+    server.wait_until_gone("mute").await;
+    let mut mute = within(sending).await.unwrap();
+    assert_eq!(mute.closing_status().await, Some(Status::SlowConsumer));
+    assert_eq!(server.handle.stats().slow_consumers, 1);
+    drop(alice);
+    server.stop().await;
+}
+
 #[tokio::test]
 async fn a_receiver_that_never_reads_costs_its_senders_nothing_but_a_typed_reply() {
     let server = TestServer::with_config(Config {
@@ -521,11 +560,13 @@ async fn the_kernel_holds_a_bounded_backlog_for_a_client_that_never_reads() {
     // kernel memory, none of it counted against the outbox.
     let unbounded = kernel_bytes_for_a_client_that_never_reads(0).await;
     assert!(unbounded > 2 * bounded, "unbounded {unbounded} vs bounded {bounded}");
-    // A bound of the outbox's size.
-    let mib = kernel_bytes_for_a_client_that_never_reads(1 << 20).await;
-    assert!(mib <= (1 << 20) + 256 * 1024, "{mib} bytes with a 1 MiB bound");
+    // The default: a bound of the outbox's size.
+    let default = Config::default().kernel_unsent;
+    assert_eq!(default, 1 << 20);
+    let mib = kernel_bytes_for_a_client_that_never_reads(default).await;
+    assert!(mib <= (1 << 20) + 256 * 1024, "{mib} bytes with the default 1 MiB bound");
     println!(
         "kernel send queue for a client that reads nothing: {unbounded} bytes unbounded, \
-         {mib} with a 1 MiB bound, {bounded} with 128 KiB"
+         {mib} with the default 1 MiB bound, {bounded} with 128 KiB"
     );
 }

@@ -1,0 +1,219 @@
+//! When to ping a registered client, and when to give up on it.
+//!
+//! Two questions, answered with one ping at a time:
+//! - **Is it there?** A client that has sent no whole frame for the ping interval is pinged;
+//!   one still silent at the idle timeout, after having had the time to answer, is dropped
+//!   (`IdleTimeout`). It is never dropped without a ping: a session the server itself held
+//!   (waiting for a busy receiver) looks silent, but was not.
+//! - **Does it read?** A client that has been written to since it last showed it reads is
+//!   pinged too, even while it sends. The ping goes behind everything written before it, so
+//!   its answer (a `Pong` with the same id) shows the client read all of that. One that does
+//!   not answer within the idle timeout is not reading (`SlowConsumer`), however much it
+//!   sends: the kernel's socket buffer may have taken everything written to it, so the
+//!   writer's own timeout never sees it.
+
+use std::time::Duration;
+
+use tokio::time::Instant;
+
+/// A ping waiting for its answer.
+#[derive(Clone, Copy, Debug)]
+struct Probe {
+    id: u64,
+    /// Where the ping ends in the stream of bytes written to the client.
+    end: u64,
+    sent: Instant,
+}
+
+/// What the session should do now (see [`Keepalive::tick`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Verdict {
+    /// Nothing to do before this time.
+    Wait(Instant),
+    /// Send `Ping` with this id, then report it with [`Keepalive::pinged`].
+    Ping(u64),
+    /// Silent, and the ping went unanswered: drop it as idle.
+    Idle,
+    /// It sends, but did not answer a ping sent after what it was written: not reading.
+    NotReading,
+}
+
+/// One session's keepalive state.
+#[derive(Debug)]
+pub(crate) struct Keepalive {
+    ping_interval: Duration,
+    idle_timeout: Duration,
+    /// When the client's last whole frame was read.
+    last_heard: Instant,
+    last_id: u64,
+    probe: Option<Probe>,
+    /// How far into the stream the client has shown it read, and when it did.
+    confirmed: u64,
+    confirmed_at: Instant,
+    /// A ping could not be queued (the outbox was full): not before then again.
+    retry_at: Option<Instant>,
+}
+
+impl Keepalive {
+    pub(crate) fn new(ping_interval: Duration, idle_timeout: Duration, now: Instant) -> Self {
+        Keepalive {
+            ping_interval,
+            idle_timeout,
+            last_heard: now,
+            last_id: 0,
+            probe: None,
+            confirmed: 0,
+            confirmed_at: now,
+            retry_at: None,
+        }
+    }
+
+    /// When the client's last whole frame was read.
+    pub(crate) fn last_heard(&self) -> Instant {
+        self.last_heard
+    }
+
+    /// A whole frame read at `at` (a sign of life).
+    pub(crate) fn heard(&mut self, at: Instant) {
+        self.last_heard = at;
+    }
+
+    /// The client answered ping `id`.
+    pub(crate) fn pong(&mut self, id: u64, now: Instant) {
+        if let Some(probe) = self.probe.filter(|p| p.id == id) {
+            self.confirmed = probe.end;
+            self.confirmed_at = now;
+            self.probe = None;
+        }
+    }
+
+    /// Ping `id` was queued, ending at `end` in the stream (`None`: no room for it).
+    pub(crate) fn pinged(&mut self, id: u64, end: Option<u64>, now: Instant) {
+        match end {
+            Some(end) => {
+                self.probe = Some(Probe { id, end, sent: now });
+                self.retry_at = None;
+            }
+            None => self.retry_at = Some(now + self.answer_time().min(self.ping_interval)),
+        }
+    }
+
+    /// How long a client has to answer a ping before it may be dropped as idle.
+    fn answer_time(&self) -> Duration {
+        self.idle_timeout.saturating_sub(self.ping_interval)
+    }
+
+    /// What to do at `now`, `written` bytes having been written to the client in all.
+    pub(crate) fn tick(&mut self, now: Instant, written: u64) -> Verdict {
+        let silent = now.saturating_duration_since(self.last_heard);
+        if let Some(probe) = self.probe {
+            let waited = now.saturating_duration_since(probe.sent);
+            if silent >= self.idle_timeout && waited >= self.answer_time() {
+                return Verdict::Idle;
+            }
+            if waited >= self.idle_timeout {
+                return Verdict::NotReading;
+            }
+            let idle_at =
+                (self.last_heard + self.idle_timeout).max(probe.sent + self.answer_time());
+            return Verdict::Wait(idle_at.min(probe.sent + self.idle_timeout));
+        }
+        let unread = written > self.confirmed;
+        let mut due = self.last_heard + self.ping_interval;
+        if unread {
+            due = due.min(self.confirmed_at + self.ping_interval);
+        }
+        if let Some(retry) = self.retry_at {
+            due = due.max(retry);
+        }
+        if due <= now {
+            self.last_id += 1;
+            return Verdict::Ping(self.last_id);
+        }
+        Verdict::Wait(due)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const PING: Duration = Duration::from_secs(30);
+    const IDLE: Duration = Duration::from_secs(60);
+
+    fn secs(n: u64) -> Duration {
+        Duration::from_secs(n)
+    }
+
+    #[test]
+    fn a_silent_client_is_pinged_then_dropped_only_after_time_to_answer() {
+        let t0 = Instant::now();
+        let mut k = Keepalive::new(PING, IDLE, t0);
+        assert_eq!(k.tick(t0 + secs(10), 0), Verdict::Wait(t0 + PING));
+        assert_eq!(k.tick(t0 + PING, 0), Verdict::Ping(1));
+        k.pinged(1, Some(100), t0 + PING);
+        assert_eq!(k.tick(t0 + secs(59), 0), Verdict::Wait(t0 + IDLE));
+        assert_eq!(k.tick(t0 + IDLE, 0), Verdict::Idle);
+    }
+
+    #[test]
+    fn a_session_held_long_is_pinged_first_not_dropped() {
+        // Nothing heard for three idle timeouts (the server held the session): a ping, and
+        // the time to answer it.
+        let t0 = Instant::now();
+        let mut k = Keepalive::new(PING, IDLE, t0);
+        let late = t0 + secs(180);
+        assert_eq!(k.tick(late, 0), Verdict::Ping(1));
+        k.pinged(1, Some(10), late);
+        assert_eq!(k.tick(late + secs(1), 0), Verdict::Wait(late + IDLE - PING));
+        k.pong(1, late + secs(2));
+        k.heard(late + secs(2));
+        assert_eq!(k.tick(late + secs(3), 10), Verdict::Wait(late + secs(2) + PING));
+    }
+
+    #[test]
+    fn a_client_that_sends_but_never_reads_is_found_out() {
+        let t0 = Instant::now();
+        let mut k = Keepalive::new(PING, IDLE, t0);
+        // Written to, and sending all the time: pinged after the interval anyway.
+        k.heard(t0 + secs(29));
+        assert_eq!(k.tick(t0 + PING, 5_000), Verdict::Ping(1));
+        k.pinged(1, Some(5_100), t0 + PING);
+        // It keeps sending (frames, even pongs with other ids), never this ping's answer.
+        for s in (31..90).step_by(5) {
+            k.heard(t0 + secs(s));
+            k.pong(7, t0 + secs(s));
+            assert!(matches!(k.tick(t0 + secs(s), 9_000), Verdict::Wait(_)), "at {s} s");
+        }
+        assert_eq!(k.tick(t0 + PING + IDLE, 9_000), Verdict::NotReading);
+    }
+
+    #[test]
+    fn a_client_that_reads_is_probed_once_per_interval_and_kept() {
+        let t0 = Instant::now();
+        let mut k = Keepalive::new(PING, IDLE, t0);
+        let mut confirmed_at = t0;
+        for round in 1..=5u64 {
+            // Written to and sending: probed one interval after it last showed it reads.
+            let now = confirmed_at + PING;
+            k.heard(now);
+            assert_eq!(k.tick(now - secs(1), round * 1000), Verdict::Wait(now));
+            assert_eq!(k.tick(now, round * 1000), Verdict::Ping(round));
+            k.pinged(round, Some(round * 1000 + 10), now);
+            confirmed_at = now + secs(1);
+            k.pong(round, confirmed_at);
+            // Nothing written since the ping was answered: no new one before it is silent.
+            assert_eq!(k.tick(now + secs(2), round * 1000 + 10), Verdict::Wait(now + PING));
+        }
+    }
+
+    #[test]
+    fn a_ping_without_room_is_tried_again_later() {
+        let t0 = Instant::now();
+        let mut k = Keepalive::new(PING, IDLE, t0);
+        assert_eq!(k.tick(t0 + PING, 0), Verdict::Ping(1));
+        k.pinged(1, None, t0 + PING);
+        assert_eq!(k.tick(t0 + secs(31), 0), Verdict::Wait(t0 + PING + PING));
+        assert_eq!(k.tick(t0 + secs(60), 0), Verdict::Ping(2));
+    }
+}
