@@ -12,7 +12,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
-use common::{RawPeer, TestServer, next_message, within};
+use common::{RawPeer, TestServer, next_message, wait_until, within};
 use relay_client::Event;
 use relay_proto::{ServerEvent, Status};
 use relay_server::Config;
@@ -102,91 +102,99 @@ async fn a_busy_receiver_holds_a_sender_no_longer_than_the_send_wait() {
     server.stop().await;
 }
 
-/// A sender whose messages wait for a busy receiver, one after another, is not being silent:
-/// the server was not reading it meanwhile. It is pinged, and dropped only if it does not
-/// answer, never straight after the waits (here 12 messages of one write wait about 250 ms
-/// each, twice the idle timeout in all).
+/// A sender whose message waits for a busy receiver is not being silent: the server was not
+/// reading it meanwhile. After a wait longer than the idle timeout it is pinged, and dropped
+/// only if it does not answer (before, it was dropped at once as idle, never pinged).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_sender_held_by_a_busy_receiver_is_pinged_not_dropped_as_idle() {
-    use bytes::BytesMut;
-    use tokio_util::codec::Encoder;
+    let idle_timeout = Duration::from_millis(2800);
     let config = Config {
-        outbox_bytes: 17 * 1024,
+        outbox_bytes: 16 * 1024 + 4,
         max_frame_len: 16 * 1024,
-        send_wait: Duration::from_secs(5),
-        ping_interval: Duration::from_millis(300),
-        idle_timeout: Duration::from_millis(1500),
-        // The kernel holds little for the receiver, so its outbox stays full.
+        send_wait: Duration::from_secs(10),
+        ping_interval: Duration::from_secs(2),
+        idle_timeout,
+        // The kernel holds little for the receiver, so its outbox fills.
         kernel_unsent: 4096,
         ..Config::default()
     };
     let server = TestServer::with_config(config).await;
-    const MESSAGES: u64 = 12;
 
-    // The receiver takes one message every 250 ms, and pings the server as it goes (so it is
-    // never idle itself); it answers pings at once.
-    let mut slow = RawPeer::connect_small_buffer(server.addr).await.register_as("slow").await;
-    let receiving = tokio::spawn(async move {
-        let mut got = 0;
-        let mut ping = 100;
-        while got < MESSAGES {
-            match slow.recv().await {
-                Some(ServerEvent::Message { from, .. }) if from == "victim" => got += 1,
-                Some(ServerEvent::Ping { id }) => {
-                    slow.send(relay_proto::Message::pong(id)).await;
-                    continue;
+    // The receiver stops reading for 3.5 s (sending a frame every 200 ms, so it is not idle),
+    // then reads everything and answers pings. (The server's ping behind what it was written
+    // comes 2 s after it registered; it has until 4.8 s to answer.)
+    let slow = RawPeer::connect_small_buffer(server.addr).await.register_as("slow").await;
+    let registered = Instant::now();
+    let (resume, resumed) = tokio::sync::oneshot::channel::<()>();
+    let reading = tokio::spawn(async move {
+        let mut slow = slow;
+        let pause = tokio::time::sleep(Duration::from_millis(3500));
+        tokio::pin!(pause);
+        let mut id = 100;
+        loop {
+            tokio::select! {
+                () = &mut pause => break,
+                () = tokio::time::sleep(Duration::from_millis(200)) => {
+                    id += 1;
+                    slow.send(relay_proto::Message::ping(id)).await;
                 }
-                Some(ServerEvent::Pong { .. }) => continue,
-                Some(other) => panic!("unexpected {other:?}"),
+            }
+        }
+        let _ = resume.send(());
+        loop {
+            match slow.recv().await {
+                Some(ServerEvent::Ping { id }) => slow.send(relay_proto::Message::pong(id)).await,
+                Some(ServerEvent::Message { from, .. }) if from == "victim" => return slow,
+                Some(_) => {}
                 None => panic!("the receiver was disconnected"),
             }
-            ping += 1;
-            slow.send(relay_proto::Message::ping(ping)).await;
-            tokio::time::sleep(Duration::from_millis(250)).await;
         }
-        got
     });
 
-    // The victim writes all its messages at once, then only answers the server.
-    let mut victim = RawPeer::register(server.addr, "victim").await;
-    let mut burst = BytesMut::new();
-    let mut codec = relay_proto::MessageCodec::new(16 * 1024);
-    for id in 0..MESSAGES {
-        let msg = relay_proto::Message::send(10 + id, "slow", vec![b'v'; 15 * 1024]);
-        codec.encode(msg, &mut burst).unwrap();
+    // Another sender fills its outbox (and what the kernel takes).
+    let (filler, _filler_events) = server.connect("filler").await;
+    for _ in 0..40 {
+        filler.send("slow", vec![b'f'; 1000]).await.unwrap();
     }
-    victim.send_raw(&burst).await;
-    let (done, mut finished) = tokio::sync::oneshot::channel::<()>();
-    let answering = tokio::spawn(async move {
-        let (mut pings, mut asked) = (0, false);
+    wait_until(|| server.handle.who("slow").is_some_and(|w| w.queued_bytes > 12 * 1024)).await;
+
+    // The victim's message waits for room until the receiver reads again: about 3 s, longer
+    // than the idle timeout. Then it answers whatever the server sends it.
+    let mut victim = RawPeer::register(server.addr, "victim").await;
+    let start = Instant::now();
+    victim.send(relay_proto::Message::send(1, "slow", vec![b'v'; 1000])).await;
+    victim.send(relay_proto::Message::send(2, "nobody", "still there?")).await;
+    let mut pings = 0;
+    within(async {
         loop {
-            let event = tokio::select! {
-                event = victim.recv() => event,
-                _ = &mut finished, if !asked => {
-                    asked = true;
-                    // Still connected: a message to nobody gets its answer.
-                    victim.send(relay_proto::Message::send(999, "nobody", "still here?")).await;
-                    continue;
-                }
-            };
-            match event {
+            match victim.recv().await {
                 Some(ServerEvent::Ping { id }) => {
                     pings += 1;
                     victim.send(relay_proto::Message::pong(id)).await;
                 }
                 Some(ServerEvent::Reply { status, closing: true, detail, .. }) => {
-                    panic!("the victim was disconnected: {status:?} {detail}")
+                    panic!(
+                        "the victim was dropped after {:?}: {status:?} {detail}",
+                        start.elapsed()
+                    )
                 }
-                Some(ServerEvent::Reply { id: 999, status: Status::NotFound, .. }) => return pings,
+                Some(ServerEvent::Reply { id: 2, status: Status::NotFound, .. }) => break,
                 Some(other) => panic!("unexpected {other:?}"),
                 None => panic!("the victim's connection ended"),
             }
         }
-    });
-    let delivered = within(receiving).await.unwrap();
-    assert_eq!(delivered, MESSAGES);
-    done.send(()).unwrap();
-    let pings = within(answering).await.unwrap();
-    println!("the victim answered {pings} pings");
+    })
+    .await;
+    let held = start.elapsed();
+    within(resumed).await.unwrap();
+    let slow = within(reading).await.unwrap();
+    println!(
+        "the victim was held {held:?} (idle timeout {idle_timeout:?}), answered {pings} pings; \
+         the receiver paused {:?} after registering",
+        Duration::from_millis(3500)
+    );
+    assert!(held > idle_timeout, "held only {held:?}: the test did not hold the victim");
+    assert!(registered.elapsed() > Duration::from_millis(3500));
+    drop((filler, slow, victim));
     server.stop().await;
 }
