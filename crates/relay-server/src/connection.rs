@@ -16,7 +16,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, trace, warn};
 
 use crate::config::Config;
-use crate::keepalive::{Keepalive, Verdict};
+use crate::keepalive::{Keepalive, Timing, Verdict};
 use crate::metrics::Metrics;
 use crate::outbox::{Outbox, PushError, Unwritten};
 use crate::router::{
@@ -493,10 +493,8 @@ impl<S: Source> Connection<S> {
     /// session. Pings the client when it has been quiet, and drops it when it stays silent.
     async fn chat(&mut self, claim: &Claim, shutdown: &CancellationToken) -> Farewell {
         let name = claim.name().clone();
-        let ping_interval = self.config().ping_interval;
-        let idle_timeout = self.config().idle_timeout;
         let frame_timeout = self.config().frame_timeout;
-        let mut keepalive = Keepalive::new(ping_interval, idle_timeout, Instant::now());
+        let mut keepalive = Keepalive::new(Instant::now());
         // Only whole frames are signs of life: a read counts (as of when it was made) once a
         // whole frame came out of it, so a client trickling bytes is not kept alive by them.
         let mut read_at = keepalive.last_heard();
@@ -513,7 +511,7 @@ impl<S: Source> Connection<S> {
         let mut now = now_ms();
         // The timer is re-armed only when it fires, not on every message: a read costs just
         // the `last_heard` update.
-        let timer = tokio::time::sleep_until(read_at + ping_interval);
+        let timer = tokio::time::sleep_until(read_at + self.config().ping_interval);
         tokio::pin!(timer);
         loop {
             // The work a message leaves that may wait (a reply, a busy receiver) is set up
@@ -579,9 +577,16 @@ impl<S: Source> Connection<S> {
                                 // Quiet for a while: give back the buffers.
                                 self.frames.release_if_empty();
                                 self.outbox.release_if_idle();
+                                // Read from the config here, not kept in every connection's
+                                // task.
+                                let config = self.config();
+                                let timing = Timing {
+                                    ping_interval: config.ping_interval,
+                                    idle_timeout: config.idle_timeout,
+                                };
                                 let mut due = loop {
                                     let now = Instant::now();
-                                    match keepalive.tick(now, self.outbox.written_bytes()) {
+                                    match keepalive.tick(timing, now, self.outbox.written_bytes()) {
                                         Verdict::Wait(due) => break due,
                                         Verdict::Ping(id) => {
                                             trace!(peer = %self.peer, %name, "ping");
@@ -594,7 +599,7 @@ impl<S: Source> Connection<S> {
                                                 Err(PushError::Closed) => return None,
                                                 Err(_) => None,
                                             };
-                                            keepalive.pinged(id, end, now);
+                                            keepalive.pinged(end, now);
                                         }
                                         Verdict::Idle => {
                                             info!(peer = %self.peer, %name,
@@ -683,7 +688,7 @@ impl<S: Source> Connection<S> {
                     }
                     Ok(Request::Ping { id }) => Box::pin(self.reply(Message::pong(id))),
                     Ok(Request::Pong { id }) => {
-                        keepalive.pong(id, read_at);
+                        keepalive.pong(id);
                         continue;
                     }
                     Ok(Request::Ack { seq, .. }) => {

@@ -16,15 +16,6 @@ use std::time::Duration;
 
 use tokio::time::Instant;
 
-/// A ping waiting for its answer.
-#[derive(Clone, Copy, Debug)]
-struct Probe {
-    id: u64,
-    /// Where the ping ends in the stream of bytes written to the client.
-    end: u64,
-    sent: Instant,
-}
-
 /// What the session should do now (see [`Keepalive::tick`]).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) enum Verdict {
@@ -38,34 +29,40 @@ pub(crate) enum Verdict {
     NotReading,
 }
 
-/// One session's keepalive state.
+/// The session's timing settings.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Timing {
+    pub(crate) ping_interval: Duration,
+    pub(crate) idle_timeout: Duration,
+}
+
+impl Timing {
+    /// How long a client has to answer a ping before it may be dropped as idle.
+    fn answer_time(self) -> Duration {
+        self.idle_timeout.saturating_sub(self.ping_interval)
+    }
+}
+
+/// One session's keepalive state. Kept small: it is part of every connection's task, idle or
+/// not (56 bytes; the settings are passed in, not copied here).
 #[derive(Debug)]
 pub(crate) struct Keepalive {
-    ping_interval: Duration,
-    idle_timeout: Duration,
     /// When the client's last whole frame was read.
     last_heard: Instant,
+    /// When the last ping was sent (or found no room).
+    pinged_at: Instant,
+    /// The last ping's id.
     last_id: u64,
-    probe: Option<Probe>,
-    /// How far into the stream the client has shown it read, and when it did.
+    /// Where the ping waiting for its answer ends in the stream of bytes written to the
+    /// client; 0 if none waits.
+    waiting_end: u64,
+    /// How far into the stream the client has shown it read.
     confirmed: u64,
-    confirmed_at: Instant,
-    /// A ping could not be queued (the outbox was full): not before then again.
-    retry_at: Option<Instant>,
 }
 
 impl Keepalive {
-    pub(crate) fn new(ping_interval: Duration, idle_timeout: Duration, now: Instant) -> Self {
-        Keepalive {
-            ping_interval,
-            idle_timeout,
-            last_heard: now,
-            last_id: 0,
-            probe: None,
-            confirmed: 0,
-            confirmed_at: now,
-            retry_at: None,
-        }
+    pub(crate) fn new(now: Instant) -> Self {
+        Keepalive { last_heard: now, pinged_at: now, last_id: 0, waiting_end: 0, confirmed: 0 }
     }
 
     /// When the client's last whole frame was read.
@@ -79,53 +76,41 @@ impl Keepalive {
     }
 
     /// The client answered ping `id`.
-    pub(crate) fn pong(&mut self, id: u64, now: Instant) {
-        if let Some(probe) = self.probe.filter(|p| p.id == id) {
-            self.confirmed = probe.end;
-            self.confirmed_at = now;
-            self.probe = None;
+    pub(crate) fn pong(&mut self, id: u64) {
+        if self.waiting_end > 0 && id == self.last_id {
+            self.confirmed = self.waiting_end;
+            self.waiting_end = 0;
         }
     }
 
-    /// Ping `id` was queued, ending at `end` in the stream (`None`: no room for it).
-    pub(crate) fn pinged(&mut self, id: u64, end: Option<u64>, now: Instant) {
-        match end {
-            Some(end) => {
-                self.probe = Some(Probe { id, end, sent: now });
-                self.retry_at = None;
-            }
-            None => self.retry_at = Some(now + self.answer_time().min(self.ping_interval)),
-        }
-    }
-
-    /// How long a client has to answer a ping before it may be dropped as idle.
-    fn answer_time(&self) -> Duration {
-        self.idle_timeout.saturating_sub(self.ping_interval)
+    /// Ping `id` was queued, ending at `end` in the stream (`None`: no room for it; another
+    /// is tried later).
+    pub(crate) fn pinged(&mut self, end: Option<u64>, now: Instant) {
+        self.pinged_at = now;
+        self.waiting_end = end.unwrap_or(0);
     }
 
     /// What to do at `now`, `written` bytes having been written to the client in all.
-    pub(crate) fn tick(&mut self, now: Instant, written: u64) -> Verdict {
+    pub(crate) fn tick(&mut self, t: Timing, now: Instant, written: u64) -> Verdict {
         let silent = now.saturating_duration_since(self.last_heard);
-        if let Some(probe) = self.probe {
-            let waited = now.saturating_duration_since(probe.sent);
-            if silent >= self.idle_timeout && waited >= self.answer_time() {
+        let since_ping = now.saturating_duration_since(self.pinged_at);
+        if self.waiting_end > 0 {
+            if silent >= t.idle_timeout && since_ping >= t.answer_time() {
                 return Verdict::Idle;
             }
-            if waited >= self.idle_timeout {
+            if since_ping >= t.idle_timeout {
                 return Verdict::NotReading;
             }
-            let idle_at =
-                (self.last_heard + self.idle_timeout).max(probe.sent + self.answer_time());
-            return Verdict::Wait(idle_at.min(probe.sent + self.idle_timeout));
+            let idle_at = (self.last_heard + t.idle_timeout).max(self.pinged_at + t.answer_time());
+            return Verdict::Wait(idle_at.min(self.pinged_at + t.idle_timeout));
         }
-        let unread = written > self.confirmed;
-        let mut due = self.last_heard + self.ping_interval;
-        if unread {
-            due = due.min(self.confirmed_at + self.ping_interval);
+        let mut due = self.last_heard + t.ping_interval;
+        if written > self.confirmed {
+            // Written to since it last showed it reads: probed once per interval.
+            due = due.min(self.pinged_at + t.ping_interval);
         }
-        if let Some(retry) = self.retry_at {
-            due = due.max(retry);
-        }
+        // Never sooner after the last ping (or attempt) than this.
+        due = due.max(self.pinged_at + t.answer_time().min(t.ping_interval));
         if due <= now {
             self.last_id += 1;
             return Verdict::Ping(self.last_id);
@@ -140,20 +125,26 @@ mod tests {
 
     const PING: Duration = Duration::from_secs(30);
     const IDLE: Duration = Duration::from_secs(60);
+    const T: Timing = Timing { ping_interval: PING, idle_timeout: IDLE };
 
     fn secs(n: u64) -> Duration {
         Duration::from_secs(n)
     }
 
     #[test]
+    fn it_stays_small() {
+        assert!(std::mem::size_of::<Keepalive>() <= 56);
+    }
+
+    #[test]
     fn a_silent_client_is_pinged_then_dropped_only_after_time_to_answer() {
         let t0 = Instant::now();
-        let mut k = Keepalive::new(PING, IDLE, t0);
-        assert_eq!(k.tick(t0 + secs(10), 0), Verdict::Wait(t0 + PING));
-        assert_eq!(k.tick(t0 + PING, 0), Verdict::Ping(1));
-        k.pinged(1, Some(100), t0 + PING);
-        assert_eq!(k.tick(t0 + secs(59), 0), Verdict::Wait(t0 + IDLE));
-        assert_eq!(k.tick(t0 + IDLE, 0), Verdict::Idle);
+        let mut k = Keepalive::new(t0);
+        assert_eq!(k.tick(T, t0 + secs(10), 0), Verdict::Wait(t0 + PING));
+        assert_eq!(k.tick(T, t0 + PING, 0), Verdict::Ping(1));
+        k.pinged(Some(100), t0 + PING);
+        assert_eq!(k.tick(T, t0 + secs(59), 0), Verdict::Wait(t0 + IDLE));
+        assert_eq!(k.tick(T, t0 + IDLE, 0), Verdict::Idle);
     }
 
     #[test]
@@ -161,59 +152,58 @@ mod tests {
         // Nothing heard for three idle timeouts (the server held the session): a ping, and
         // the time to answer it.
         let t0 = Instant::now();
-        let mut k = Keepalive::new(PING, IDLE, t0);
+        let mut k = Keepalive::new(t0);
         let late = t0 + secs(180);
-        assert_eq!(k.tick(late, 0), Verdict::Ping(1));
-        k.pinged(1, Some(10), late);
-        assert_eq!(k.tick(late + secs(1), 0), Verdict::Wait(late + IDLE - PING));
-        k.pong(1, late + secs(2));
+        assert_eq!(k.tick(T, late, 0), Verdict::Ping(1));
+        k.pinged(Some(10), late);
+        assert_eq!(k.tick(T, late + secs(1), 0), Verdict::Wait(late + IDLE - PING));
+        k.pong(1);
         k.heard(late + secs(2));
-        assert_eq!(k.tick(late + secs(3), 10), Verdict::Wait(late + secs(2) + PING));
+        assert_eq!(k.tick(T, late + secs(3), 10), Verdict::Wait(late + secs(2) + PING));
     }
 
     #[test]
     fn a_client_that_sends_but_never_reads_is_found_out() {
         let t0 = Instant::now();
-        let mut k = Keepalive::new(PING, IDLE, t0);
+        let mut k = Keepalive::new(t0);
         // Written to, and sending all the time: pinged after the interval anyway.
         k.heard(t0 + secs(29));
-        assert_eq!(k.tick(t0 + PING, 5_000), Verdict::Ping(1));
-        k.pinged(1, Some(5_100), t0 + PING);
+        assert_eq!(k.tick(T, t0 + PING, 5_000), Verdict::Ping(1));
+        k.pinged(Some(5_100), t0 + PING);
         // It keeps sending (frames, even pongs with other ids), never this ping's answer.
         for s in (31..90).step_by(5) {
             k.heard(t0 + secs(s));
-            k.pong(7, t0 + secs(s));
-            assert!(matches!(k.tick(t0 + secs(s), 9_000), Verdict::Wait(_)), "at {s} s");
+            k.pong(7);
+            assert!(matches!(k.tick(T, t0 + secs(s), 9_000), Verdict::Wait(_)), "at {s} s");
         }
-        assert_eq!(k.tick(t0 + PING + IDLE, 9_000), Verdict::NotReading);
+        assert_eq!(k.tick(T, t0 + PING + IDLE, 9_000), Verdict::NotReading);
     }
 
     #[test]
     fn a_client_that_reads_is_probed_once_per_interval_and_kept() {
         let t0 = Instant::now();
-        let mut k = Keepalive::new(PING, IDLE, t0);
-        let mut confirmed_at = t0;
+        let mut k = Keepalive::new(t0);
+        let mut now = t0;
         for round in 1..=5u64 {
-            // Written to and sending: probed one interval after it last showed it reads.
-            let now = confirmed_at + PING;
+            // Written to and sending: probed one interval after the last probe.
+            now += PING;
             k.heard(now);
-            assert_eq!(k.tick(now - secs(1), round * 1000), Verdict::Wait(now));
-            assert_eq!(k.tick(now, round * 1000), Verdict::Ping(round));
-            k.pinged(round, Some(round * 1000 + 10), now);
-            confirmed_at = now + secs(1);
-            k.pong(round, confirmed_at);
+            assert_eq!(k.tick(T, now - secs(1), round * 1000), Verdict::Wait(now));
+            assert_eq!(k.tick(T, now, round * 1000), Verdict::Ping(round));
+            k.pinged(Some(round * 1000 + 10), now);
+            k.pong(round);
             // Nothing written since the ping was answered: no new one before it is silent.
-            assert_eq!(k.tick(now + secs(2), round * 1000 + 10), Verdict::Wait(now + PING));
+            assert_eq!(k.tick(T, now + secs(2), round * 1000 + 10), Verdict::Wait(now + PING));
         }
     }
 
     #[test]
     fn a_ping_without_room_is_tried_again_later() {
         let t0 = Instant::now();
-        let mut k = Keepalive::new(PING, IDLE, t0);
-        assert_eq!(k.tick(t0 + PING, 0), Verdict::Ping(1));
-        k.pinged(1, None, t0 + PING);
-        assert_eq!(k.tick(t0 + secs(31), 0), Verdict::Wait(t0 + PING + PING));
-        assert_eq!(k.tick(t0 + secs(60), 0), Verdict::Ping(2));
+        let mut k = Keepalive::new(t0);
+        assert_eq!(k.tick(T, t0 + PING, 0), Verdict::Ping(1));
+        k.pinged(None, t0 + PING);
+        assert_eq!(k.tick(T, t0 + secs(31), 0), Verdict::Wait(t0 + PING + PING));
+        assert_eq!(k.tick(T, t0 + secs(60), 0), Verdict::Ping(2));
     }
 }
