@@ -490,7 +490,8 @@ impl<S: Source> Connection<S> {
     }
 
     /// Registered phase: act on each message until the client leaves or something ends the
-    /// session. Pings the client when it has been quiet, and drops it when it stays silent.
+    /// session. Pings the client when it has been quiet or written to (see [`Keepalive`]), and
+    /// drops it when it stays silent or does not read.
     async fn chat(&mut self, claim: &Claim, shutdown: &CancellationToken) -> Farewell {
         let name = claim.name().clone();
         let frame_timeout = self.config().frame_timeout;
