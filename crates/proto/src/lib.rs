@@ -48,8 +48,8 @@ pub use auth::{
 };
 pub use codec::MessageCodec;
 pub use encoding::{
-    decode_body, decode_ref, encode_body, encode_body_ref, encoded_len, encoded_len_ref,
-    has_v2_layout, set_seq_in_body,
+    ChatBytes, decode_body, decode_ref, encode_body, encode_body_ref, encoded_len, encoded_len_ref,
+    has_v2_layout, read_chat, set_seq_in_body,
 };
 pub use error::ProtoError;
 pub use event::{ServerEvent, User};

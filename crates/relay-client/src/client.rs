@@ -11,7 +11,7 @@ use std::time::Duration;
 use bytes::{Buf, BytesMut};
 use relay_proto::{
     FrameReader, Identity, Kind, Message, MessageCodec, MessageRef, ProtoError, ServerEvent,
-    Source, Status, User, decode_ref, encoded_len_ref, parse_destination, validate_name,
+    Source, Status, User, decode_ref, encoded_len_ref, parse_destination, read_chat, validate_name,
 };
 use tokio::io::{AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
@@ -367,6 +367,7 @@ impl Client {
                 events: incoming.clone(),
                 batch: VecDeque::new(),
                 last_from: None,
+                last_to: Vec::new(),
                 // Not a `Client`: when the program drops every `Client`, the connection ends
                 // (see `Drop for Inner`), even though the reader still runs.
                 outgoing,
@@ -702,6 +703,9 @@ struct Reader {
     batch: VecDeque<Event>,
     /// The sender of the last message: consecutive messages from one sender share the name.
     last_from: Option<Arc<str>>,
+    /// The destination of the last message (this client's name as its sender wrote it),
+    /// known to be valid text.
+    last_to: Vec<u8>,
     /// For answering pings.
     outgoing: Arc<Outgoing>,
     going_offline: Arc<AtomicBool>,
@@ -794,12 +798,30 @@ impl Reader {
 
     /// Decodes one frame. A chat message, nearly all of the traffic, becomes an event at once,
     /// its content the frame itself trimmed to the content (no copy) and its sender's name
-    /// shared with the previous message's when it is the same (no allocation); anything else
-    /// comes back as a [`ServerEvent`] (or why it is not a valid one) for [`Reader::handle`].
+    /// shared with the previous message's when it is the same (no allocation, and no UTF-8
+    /// check of names already checked); anything else comes back as a [`ServerEvent`] (or why
+    /// it is not a valid one) for [`Reader::handle`].
     fn read_frame(
         &mut self,
         mut frame: BytesMut,
     ) -> Result<Option<Result<ServerEvent, String>>, relay_proto::ProtoError> {
+        if let Some(chat) = read_chat(&frame)
+            && self.known_destination(chat.to)
+            && let Some(from) = self.sender(chat.from)
+        {
+            let (id, len, seq, time) = (chat.id, chat.content.len(), chat.seq, chat.time);
+            if self.duplicate(seq) {
+                return Ok(None);
+            }
+            let offset = chat.content.as_ptr() as usize - frame.as_ptr() as usize;
+            // Trimming the frame to the content, rather than slicing it, saves a reference
+            // count increment and decrement per message.
+            frame.advance(offset);
+            frame.truncate(len);
+            self.emit(Event::Message { id, from, content: frame.freeze(), seq, time });
+            return Ok(None);
+        }
+        // Anything else (or a chat message with a name that is not UTF-8: decoding says so).
         let msg = decode_ref(&frame)?;
         if msg.kind == Kind::Delivered && !msg.register && !msg.exit {
             // A receipt per batch of messages sent: read in place, without an owned copy of
@@ -818,24 +840,33 @@ impl Reader {
             }
             return Ok(None);
         }
-        if msg.kind != Kind::Chat || msg.register || msg.exit {
-            return Ok(Some(ServerEvent::parse(msg.to_message())));
+        Ok(Some(ServerEvent::parse(msg.to_message())))
+    }
+
+    /// Whether `to`, a chat message's destination (this client's name, as its sender wrote
+    /// it), is valid text: the same bytes as the last one checked, or checked now.
+    fn known_destination(&mut self, to: &[u8]) -> bool {
+        if *self.last_to == *to {
+            return true;
         }
-        let from = match &self.last_from {
-            Some(last) if **last == *msg.from => last.clone(),
-            _ => self.last_from.insert(Arc::from(msg.from)).clone(),
-        };
-        let (id, len, seq, time) = (msg.id, msg.content.len(), msg.seq, msg.time);
-        if self.duplicate(seq) {
-            return Ok(None);
+        if std::str::from_utf8(to).is_err() {
+            return false;
         }
-        let offset = msg.content.as_ptr() as usize - frame.as_ptr() as usize;
-        // Trimming the frame to the content, rather than slicing it, saves a reference count
-        // increment and decrement per message.
-        frame.advance(offset);
-        frame.truncate(len);
-        self.emit(Event::Message { id, from, content: frame.freeze(), seq, time });
-        Ok(None)
+        self.last_to.clear();
+        self.last_to.extend_from_slice(to);
+        true
+    }
+
+    /// The sender's name: shared with the previous message's when it is the same, otherwise
+    /// checked as UTF-8 and kept for the next. `None` if it is not valid text.
+    fn sender(&mut self, from: &[u8]) -> Option<Arc<str>> {
+        if let Some(last) = &self.last_from
+            && last.as_bytes() == from
+        {
+            return Some(last.clone());
+        }
+        let from = std::str::from_utf8(from).ok()?;
+        Some(self.last_from.insert(Arc::from(from)).clone())
     }
 
     /// Whether a message numbered `seq` was seen already (then it is acknowledged again, so
@@ -949,6 +980,7 @@ impl FrameDecoder {
             events: Incoming::new(usize::MAX),
             batch: VecDeque::new(),
             last_from: None,
+            last_to: Vec::new(),
             outgoing: Arc::new(Outgoing::new(
                 MessageCodec::new(relay_proto::DEFAULT_MAX_FRAME_LEN),
                 usize::MAX,

@@ -34,6 +34,8 @@ enum Mode {
     Deaf,
     /// Sends these messages, then reads everything and answers nothing.
     Sends(Vec<Message>),
+    /// Sends these messages, then these bytes as they are, then reads everything.
+    SendsRaw(Vec<Message>, Vec<u8>),
     /// Sends this many pings, then never reads again.
     PingFlood(u64),
 }
@@ -65,10 +67,14 @@ async fn fake_server(mode: Mode) -> (String, mpsc::UnboundedReceiver<u64>) {
             .send(Message::reply(register.id, Status::Registered, register.from, "welcome"))
             .await
             .unwrap();
-        if let Mode::Sends(script) = &mode {
+        if let Mode::Sends(script) | Mode::SendsRaw(script, _) = &mode {
             for msg in script {
                 framed.send(msg.clone()).await.unwrap();
             }
+        }
+        if let Mode::SendsRaw(_, bytes) = &mode {
+            use tokio::io::AsyncWriteExt;
+            framed.get_mut().write_all(bytes).await.unwrap();
         }
         if let Mode::PingFlood(count) = mode {
             for id in 1..=count {
@@ -213,6 +219,39 @@ async fn an_unknown_reply_status_refuses_its_message_and_the_session_goes_on() {
     match tokio::time::timeout(WAIT, events.next()).await.unwrap() {
         Some(Event::Message { id: 8, content, .. }) => assert_eq!(&content[..], b"still here"),
         other => panic!("expected the next message, got {other:?}"),
+    }
+}
+
+/// A chat message whose sender's name is not UTF-8 is a protocol error, even right after
+/// valid messages from a sender of the same length (names already checked are not checked
+/// again, but new bytes always are).
+#[tokio::test]
+async fn a_sender_name_that_is_not_utf8_ends_the_session_after_the_valid_messages() {
+    let script = vec![
+        Message::deliver(1, "bob", "alice", "one"),
+        Message::deliver(2, "bob", "alice", "two"),
+    ];
+    let mut frame = Vec::new();
+    let bad = Message::deliver(3, "bob", "alice", "three");
+    let mut encoded = bytes::BytesMut::new();
+    relay_proto::encode_body(&bad, &mut encoded).unwrap();
+    let mut body = encoded.to_vec();
+    let at = body.windows(3).position(|w| w == b"bob").unwrap();
+    body[at..at + 3].copy_from_slice(&[0xff, 0xfe, 0xfd]);
+    frame.extend_from_slice(&(body.len() as u32).to_be_bytes());
+    frame.extend_from_slice(&body);
+    let (addr, _pings) = fake_server(Mode::SendsRaw(script, frame)).await;
+    let (_client, mut events) =
+        Client::connect_with(&addr, "alice", ClientConfig::default()).await.unwrap();
+    for id in [1, 2] {
+        match tokio::time::timeout(WAIT, events.next()).await.unwrap() {
+            Some(Event::Message { id: got, from, .. }) if got == id => assert_eq!(&*from, "bob"),
+            other => panic!("expected message {id}, got {other:?}"),
+        }
+    }
+    match tokio::time::timeout(WAIT, events.next()).await.unwrap() {
+        Some(Event::Disconnected { reason }) => assert!(reason.contains("UTF-8"), "{reason}"),
+        other => panic!("expected a protocol error, got {other:?}"),
     }
 }
 

@@ -632,7 +632,19 @@ impl<S: Source> Connection<S> {
                     Ok(msg) => msg,
                     Err(e) => return self.protocol_error(e),
                 };
-                match Request::parse(msg) {
+                // A chat message to the destination of the one before it skips the name rules:
+                // that destination passed them (checking costs about a tenth of the server's
+                // time per message on a busy connection).
+                let request = if msg.kind == Kind::Chat
+                    && !msg.register
+                    && !msg.exit
+                    && routes.is_last_destination(msg.to)
+                {
+                    Ok(Request::Send { id: msg.id, to: msg.to, content: msg.content })
+                } else {
+                    Request::parse(msg)
+                };
+                match request {
                     Ok(Request::Send { id, to, content }) => {
                         trace!(from = %name, %to, id, len = content.len(), "message");
                         let routed =

@@ -309,6 +309,11 @@ pub(crate) struct PeerRoute {
 }
 
 impl RouteCache {
+    /// Whether `to` is the destination last resolved here: it passed the name rules then.
+    pub(crate) fn is_last_destination(&self, to: &str) -> bool {
+        !self.to.is_empty() && self.to == to
+    }
+
     /// The outbox for `to`: the remembered one if it is still open, otherwise whatever
     /// `lookup` finds (remembered for next time).
     fn resolve(

@@ -166,3 +166,32 @@ async fn a_huge_destination_gets_a_short_refusal_and_the_session_goes_on() {
     assert_eq!(peer.recv().await, Some(ServerEvent::Pong { id: 6 }));
     server.stop().await;
 }
+
+/// Messages to the destination of the one before skip the name rules (it passed them); any
+/// other destination is checked, however many good ones came before it.
+#[tokio::test]
+async fn a_bad_destination_after_good_ones_is_still_refused() {
+    let server = TestServer::start().await;
+    let mut peer = RawPeer::register(server.addr, "checker").await;
+    for id in 1..=3 {
+        peer.send(Message::send(id, "checker", "to myself")).await;
+        assert!(
+            matches!(peer.recv().await, Some(ServerEvent::Message { id: got, .. }) if got == id)
+        );
+    }
+    for (id, bad) in [(4, "bad name"), (5, ""), (6, "checker\u{202e}")] {
+        peer.send(Message::send(id, bad, "hi")).await;
+        match peer.recv().await {
+            Some(ServerEvent::Reply {
+                id: got,
+                status: Status::InvalidName,
+                closing: false,
+                ..
+            }) if got == id => {}
+            other => panic!("{bad:?}: {other:?}"),
+        }
+    }
+    peer.send(Message::send(7, "checker", "and again")).await;
+    assert!(matches!(peer.recv().await, Some(ServerEvent::Message { id: 7, .. })));
+    server.stop().await;
+}
