@@ -174,6 +174,24 @@ impl<S: Source> FrameReader<S> {
         Ok(self.buf.get(FRAME_HEADER_LEN..end))
     }
 
+    /// The body of the next complete frame already in the buffer, like
+    /// [`FrameReader::buffered_body`], but not taken: the next call to this reader returns it
+    /// again, unless [`FrameReader::take_peeked`] takes it first. `None` also for a frame over
+    /// the limit (the next call to [`FrameReader::buffered_body`] reports it). Never waits.
+    pub fn peek_body(&mut self) -> Option<&[u8]> {
+        self.settle();
+        let len = self.codec.complete_frame(&self.buf).ok()??;
+        self.buf.get(FRAME_HEADER_LEN..FRAME_HEADER_LEN + len)
+    }
+
+    /// Takes the frame [`FrameReader::peek_body`] returned: it is dropped from the buffer on
+    /// the next call, as a frame from [`FrameReader::buffered_body`] is.
+    pub fn take_peeked(&mut self) {
+        if let Ok(Some(len)) = self.codec.complete_frame(&self.buf) {
+            self.consumed = FRAME_HEADER_LEN + len;
+        }
+    }
+
     /// The body of the next complete frame already in the buffer, if any, split off (owned,
     /// for a caller that keeps part of it) and not yet decoded: decode it in place with
     /// [`decode_ref`](crate::decode_ref). Never waits.

@@ -309,6 +309,12 @@ pub(crate) struct PeerRoute {
 }
 
 impl RouteCache {
+    /// The outbox of the destination last resolved here, and that destination as written, if
+    /// it is still open: where the rest of a run of messages to it can go at once.
+    pub(crate) fn run_target(&self) -> Option<(&Outbox, &str)> {
+        self.outbox.as_ref().filter(|outbox| !outbox.is_closed()).map(|o| (o, self.to.as_str()))
+    }
+
     /// Whether `to` is the destination last resolved here: it passed the name rules then.
     pub(crate) fn is_last_destination(&self, to: &str) -> bool {
         !self.to.is_empty() && self.to == to

@@ -438,3 +438,62 @@ async fn nothing_overtakes_the_welcome() {
     server.stop().await;
     draining.abort();
 }
+
+/// Bursts from two senders to a receiver that keeps pausing: every message arrives once and in
+/// its sender's order, whether it went in with the run of messages after it in the sender's
+/// read (queued under one lock), or waited for room where a run stopped at a full outbox.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bursts_to_a_pausing_receiver_arrive_whole_and_in_order() {
+    const EACH: usize = 3000;
+    let server = TestServer::with_config(relay_server::Config {
+        outbox_bytes: 16 * 1024 + 4,
+        max_frame_len: 16 * 1024,
+        send_wait: std::time::Duration::from_secs(15),
+        kernel_unsent: 4096,
+        ..relay_server::Config::default()
+    })
+    .await;
+    // A small receive buffer: little beyond the outbox is in flight.
+    let mut slow = RawPeer::connect_small_buffer(server.addr).await.register_as("slow").await;
+    let mut senders = Vec::new();
+    for name in ["ann", "ben"] {
+        let (client, events) = server.connect(name).await;
+        senders.push(tokio::spawn(async move {
+            let mut batch = client.batch();
+            for i in 0..EACH {
+                batch.add("slow", format!("{name} {i} {}", "x".repeat(i % 300))).unwrap();
+                if batch.len() == 500 {
+                    batch.send().await.unwrap();
+                }
+            }
+            batch.send().await.unwrap();
+            (client, events)
+        }));
+    }
+    let mut next = std::collections::HashMap::new();
+    for got in 0..2 * EACH {
+        if got % 200 == 0 {
+            // Pauses, so the receiver's outbox fills and runs stop at it.
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
+        let (from, text) = match slow.recv().await {
+            Some(ServerEvent::Message { from, content, .. }) => {
+                (from, String::from_utf8(content.to_vec()).unwrap())
+            }
+            other => panic!("expected a message, got {other:?}"),
+        };
+        let mut parts = text.splitn(3, ' ');
+        assert_eq!(parts.next(), Some(from.as_str()));
+        let i: usize = parts.next().unwrap().parse().unwrap();
+        let expected = next.entry(from.clone()).or_insert(0usize);
+        assert_eq!(i, *expected, "from {from}");
+        *expected += 1;
+    }
+    assert_eq!(next.values().copied().collect::<Vec<_>>(), vec![EACH, EACH]);
+    for sender in senders {
+        let (_client, mut events) = within(sender).await.unwrap();
+        // Nothing was refused.
+        assert!(events.try_next().is_none());
+    }
+    server.stop().await;
+}
