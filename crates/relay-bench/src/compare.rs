@@ -117,7 +117,6 @@ pub async fn run(options: &CompareOptions) -> Result<Vec<Row>, String> {
     // relay's reports of the first three flows, and the minimal NATS client's of the first,
     // for the rows below that compare them with other runs.
     let mut relay_flows = Vec::new();
-    let mut nats_pairs = None;
     for (metric, workload, senders, receivers, messages, size) in flows {
         let flow =
             FlowOptions { senders, receivers, messages, size, stall: options.stall, keys: false };
@@ -150,8 +149,7 @@ pub async fn run(options: &CompareOptions) -> Result<Vec<Row>, String> {
         if relay_flows.len() < 3 {
             let mut reports = reports.into_iter();
             if let (Some(relay), Some(nats)) = (reports.next(), reports.next()) {
-                relay_flows.push((metric, workload, flow, relay));
-                nats_pairs.get_or_insert(nats);
+                relay_flows.push((metric, workload, flow, relay, nats));
             }
         }
     }
@@ -160,18 +158,16 @@ pub async fn run(options: &CompareOptions) -> Result<Vec<Row>, String> {
     // but a program using NATS runs a client library (a reader task, a hand-off per message
     // to the subscriber), as relay's runs use relay's. The same flows through async-nats.
     let library = options.nats.async_nats();
-    let mut library_pairs = None;
-    for (metric, workload, flow, relay) in &relay_flows {
+    let mut library_reports = Vec::new();
+    for (metric, workload, flow, relay, _) in &relay_flows {
         let report = workloads::flow(&library, &library, workload, flow).await?;
         eprintln!("{}", report.table().trim_end());
         rows.push(flow_row(&format!("async-nats: {metric}, msgs/s"), relay, &report));
-        library_pairs.get_or_insert(report);
+        library_reports.push(report);
     }
     // Receipts on: every relay client holds a key, so receivers acknowledge what they take and
     // senders get delivery receipts. NATS has nothing like it; its rows are the plain flows.
-    if let (Some((metric, workload, flow, _)), Some(nats), Some(library)) =
-        (relay_flows.first(), &nats_pairs, &library_pairs)
-    {
+    for ((metric, workload, flow, _, nats), library) in relay_flows.iter().zip(&library_reports) {
         let keyed = FlowOptions { keys: true, ..*flow };
         let relay = workloads::flow(&options.relay, &options.relay, workload, &keyed).await?;
         eprintln!("{}", relay.table().trim_end());
