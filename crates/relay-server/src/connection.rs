@@ -53,7 +53,9 @@ impl<S: Source> RunSource for Run<'_, S> {
         }
         let body = self.frames.peek_body()?;
         let chat = read_chat(body)?;
-        if chat.to != self.to.as_bytes() {
+        // The same destination (so it is valid text); a sender's field that is not text is
+        // left for routing, which refuses the frame as it refuses any malformed one.
+        if chat.to != self.to.as_bytes() || std::str::from_utf8(chat.from).is_err() {
             return None;
         }
         self.peeked = body.len();

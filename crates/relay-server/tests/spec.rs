@@ -195,3 +195,38 @@ async fn a_bad_destination_after_good_ones_is_still_refused() {
     assert!(matches!(peer.recv().await, Some(ServerEvent::Message { id: 7, .. })));
     server.stop().await;
 }
+
+/// A malformed frame in the middle of a run of messages to one destination is refused as
+/// any malformed frame is (the connection closes with `Malformed`), after the messages before
+/// it were delivered; nothing after it is.
+#[tokio::test]
+async fn a_malformed_frame_inside_a_run_closes_the_connection_after_the_ones_before() {
+    use bytes::BytesMut;
+    let server = TestServer::start().await;
+    let mut peer = RawPeer::register(server.addr, "runner").await;
+    let frame = |msg: &Message| {
+        let mut body = BytesMut::new();
+        relay_proto::encode_body(msg, &mut body).unwrap();
+        let mut out = (body.len() as u32).to_be_bytes().to_vec();
+        out.extend_from_slice(&body);
+        out
+    };
+    let mut burst = Vec::new();
+    for id in 1..=3 {
+        burst.extend(frame(&Message::send(id, "runner", "fine")));
+    }
+    // `from` is the sender's to leave empty; here it is three bytes that are not UTF-8.
+    let mut bad = frame(&Message { from: "abc".into(), ..Message::send(4, "runner", "bad") });
+    let at = bad.windows(3).position(|w| w == b"abc").unwrap();
+    bad[at..at + 3].copy_from_slice(&[0xff, 0xfe, 0xfd]);
+    burst.extend(bad);
+    burst.extend(frame(&Message::send(5, "runner", "after")));
+    peer.send_raw(&burst).await;
+    for id in 1..=3 {
+        assert!(
+            matches!(peer.recv().await, Some(ServerEvent::Message { id: got, .. }) if got == id)
+        );
+    }
+    assert_eq!(peer.closing_status().await, Some(Status::Malformed));
+    server.stop().await;
+}
