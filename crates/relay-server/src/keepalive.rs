@@ -83,8 +83,8 @@ impl Keepalive {
         }
     }
 
-    /// Ping `id` was queued, ending at `end` in the stream (`None`: no room for it; another
-    /// is tried later).
+    /// The ping [`Keepalive::tick`] asked for was queued, ending at `end` in the stream of
+    /// bytes written to the client (`None`: there was no room for it; another is tried later).
     pub(crate) fn pinged(&mut self, end: Option<u64>, now: Instant) {
         self.pinged_at = now;
         self.waiting_end = end.unwrap_or(0);
