@@ -116,8 +116,11 @@ async fn node_with(nats: &Nats, name: &str, config: Config) -> TestServer {
 
 /// A node reaching NATS at `url` (through a proxy, say).
 async fn node_via(url: String, name: &str, config: Config) -> TestServer {
-    let cluster =
-        within(Cluster::connect(ClusterConfig::new(url, name).lease(LEASE))).await.unwrap();
+    node_in(ClusterConfig::new(url, name).lease(LEASE), config).await
+}
+
+async fn node_in(cluster: ClusterConfig, config: Config) -> TestServer {
+    let cluster = within(Cluster::connect(cluster)).await.unwrap();
     let dir = tempfile::tempdir().unwrap();
     let config = Config { data_dir: dir.path().to_path_buf(), ..config };
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -727,6 +730,70 @@ async fn two_nodes_storing_for_one_recipient_at_once_keep_each_senders_order() {
     }
 }
 
+/// Waits for one answer per message sent: (stored, refused as `InboxFull`).
+async fn fates(events: &mut relay_client::Events, sent: usize) -> (usize, usize) {
+    let (mut stored, mut full) = (0, 0);
+    while stored + full < sent {
+        match next_event(events).await {
+            Event::Stored { .. } => stored += 1,
+            Event::Rejected { status: Status::InboxFull, .. } => full += 1,
+            other => panic!("expected Stored or InboxFull, got {other:?}"),
+        }
+    }
+    (stored, full)
+}
+
+#[tokio::test]
+async fn an_inbox_limit_holds_exactly_while_two_nodes_store_for_it_at_once() {
+    let nats = Nats::start().await;
+    let limited = || Config {
+        inbox: relay_server::InboxLimits { messages: 100, ..Default::default() },
+        ..Config::default()
+    };
+    let n1 = node_with(&nats, "n1", limited()).await;
+    let n2 = node_with(&nats, "n2", limited()).await;
+    let (carol, _events) =
+        within(Client::builder(n2.url(), "carol").identity(key(9)).connect()).await.unwrap();
+    within(carol.offline()).await.unwrap();
+    wait_until(|| !lists(&n1, "carol") && !lists(&n2, "carol")).await;
+
+    let (a, mut a_events) =
+        within(Client::builder(n1.url(), "a").identity(key(10)).connect()).await.unwrap();
+    let (b, mut b_events) =
+        within(Client::builder(n2.url(), "b").identity(key(11)).connect()).await.unwrap();
+    // 300 messages race for 100 places, each node counting the inbox as it goes.
+    let send = |client: Client| async move {
+        for i in 0..150 {
+            client.send("carol", format!("{i}")).await.unwrap();
+        }
+    };
+    tokio::join!(send(a.clone()), send(b.clone()));
+    let (a_stored, a_full) = fates(&mut a_events, 150).await;
+    let (b_stored, b_full) = fates(&mut b_events, 150).await;
+    assert_eq!(a_stored + b_stored, 100, "a {a_stored}/{a_full}, b {b_stored}/{b_full}");
+    let totals = within(n1.handle.inboxes()).await.unwrap();
+    assert_eq!(totals.messages, 100, "{totals:?}");
+
+    // Room made at one node is room at the other: once the operator empties the inbox, a
+    // node that counted it full stores again (its count is confirmed before it refuses).
+    assert_eq!(within(n2.handle.purge("carol")).await.unwrap(), 100);
+    a.send("carol", "after the purge").await.unwrap();
+    loop {
+        match fates(&mut a_events, 1).await {
+            (1, 0) => break,
+            // Counted full less than a quarter second before the purge: try again.
+            _ => a.send("carol", "after the purge").await.unwrap(),
+        };
+    }
+    let (_carol, mut carol_events) =
+        within(Client::builder(n1.url(), "carol").identity(key(9)).connect()).await.unwrap();
+    let (_, text, _) = next_chat(&mut carol_events).await;
+    assert_eq!(text, "after the purge");
+    for server in [n1, n2] {
+        server.stop().await;
+    }
+}
+
 #[tokio::test]
 async fn receipts_for_live_messages_travel_back_across_nodes() {
     let nats = Nats::start().await;
@@ -1056,10 +1123,12 @@ async fn alice_to_bob(n1: &TestServer, n2: &TestServer) -> (Client, Client, Fate
 }
 
 /// A TCP proxy to NATS that can silently drop what a node sends, as a connection that dies
-/// with bytes written into it does, and then reset the connection (the node reconnects).
+/// with bytes written into it does, and then reset the connection (the node reconnects); or
+/// hold what it sends and pass it on later, as a stalled connection does.
 struct Lossy {
     addr: std::net::SocketAddr,
     dropping: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    holding: std::sync::Arc<std::sync::atomic::AtomicBool>,
     reset: tokio::sync::watch::Sender<u64>,
 }
 
@@ -1070,11 +1139,13 @@ impl Lossy {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let dropping = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let holding = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
         let (reset, reset_rx) = tokio::sync::watch::channel(0u64);
-        let (port, drop_flag) = (nats.port, dropping.clone());
+        let (port, drop_flag, hold_flag) = (nats.port, dropping.clone(), holding.clone());
         tokio::spawn(async move {
             while let Ok((client, _)) = listener.accept().await {
                 let (mut reset_rx, dropping) = (reset_rx.clone(), drop_flag.clone());
+                let holding = hold_flag.clone();
                 reset_rx.mark_unchanged();
                 tokio::spawn(async move {
                     let Ok(server) = tokio::net::TcpStream::connect(("127.0.0.1", port)).await
@@ -1084,12 +1155,29 @@ impl Lossy {
                     let (mut client_r, mut client_w) = client.into_split();
                     let (mut server_r, mut server_w) = server.into_split();
                     let up = async {
-                        let mut buf = vec![0u8; 64 * 1024];
+                        let (mut buf, mut held) = (vec![0u8; 64 * 1024], Vec::new());
                         loop {
-                            let n = client_r.read(&mut buf).await.unwrap_or(0);
-                            if n == 0 {
+                            // Looks at the flags at least every 20 ms, so what is held goes
+                            // on when released even if the node sends nothing more.
+                            let read = tokio::time::timeout(
+                                Duration::from_millis(20),
+                                client_r.read(&mut buf),
+                            );
+                            let n = match read.await {
+                                Ok(read) => match read.unwrap_or(0) {
+                                    0 => return,
+                                    n => n,
+                                },
+                                Err(_) => 0,
+                            };
+                            if holding.load(Ordering::Relaxed) {
+                                held.extend_from_slice(&buf[..n]);
+                                continue;
+                            }
+                            if !held.is_empty() && server_w.write_all(&held).await.is_err() {
                                 return;
                             }
+                            held.clear();
                             if !dropping.load(Ordering::Relaxed)
                                 && server_w.write_all(&buf[..n]).await.is_err()
                             {
@@ -1105,7 +1193,7 @@ impl Lossy {
                 });
             }
         });
-        Lossy { addr, dropping, reset }
+        Lossy { addr, dropping, holding, reset }
     }
 
     fn url(&self) -> String {
@@ -1149,6 +1237,48 @@ async fn messages_lost_in_a_dying_nats_connection_are_reported_to_their_senders(
     assert!(outcome.refused > 0, "nothing was lost: the test did not drop anything");
     assert!(outcome.in_time, "not delivered and not refused: {:?}", outcome.silent);
     assert_eq!(outcome.both.len(), 0, "refused, yet delivered");
+    n1.stop().await;
+    n2.stop().await;
+}
+
+/// A node's connection to NATS stalls, holding what it sends, past the outage wait (3 s here),
+/// then goes on. The senders of the messages held were told they were not delivered while
+/// the stall lasted; when those messages reach the other node at last, it drops them (they
+/// carry a deadline) rather than deliver them too.
+#[tokio::test]
+async fn messages_held_in_a_stalled_link_past_the_outage_wait_are_refused_not_also_delivered() {
+    use std::sync::atomic::Ordering;
+    let nats = Nats::start().await;
+    let cluster = |url: String, name: &str| {
+        // A lease longer than the stall: the node is not taken for dead meanwhile.
+        ClusterConfig::new(url, name)
+            .lease(Duration::from_secs(20))
+            .outage_wait(Duration::from_secs(3))
+    };
+    let n2 = node_in(cluster(nats.url(), "n2"), Config::default()).await;
+    let lossy = Lossy::to(&nats).await;
+    let n1 = node_in(cluster(lossy.url(), "n1"), Config::default()).await;
+    let (alice, _bob, mut fates) = alice_to_bob(&n1, &n2).await;
+
+    let started = Instant::now();
+    let (mut held, mut released) = (false, false);
+    while started.elapsed() < Duration::from_millis(5500) {
+        fates.send_some(&alice, "bob").await;
+        if !held && started.elapsed() > Duration::from_millis(300) {
+            lossy.holding.store(true, Ordering::Relaxed);
+            held = true;
+        }
+        if !released && started.elapsed() > Duration::from_millis(4300) {
+            lossy.holding.store(false, Ordering::Relaxed);
+            released = true;
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let outcome = fates.settle(Duration::from_secs(20)).await;
+    assert!(outcome.refused > 0, "nothing was refused: the stall did not hold anything long");
+    assert!(outcome.in_time, "not delivered and not refused: {:?}", outcome.silent);
+    assert!(outcome.both.is_empty(), "refused, yet delivered: {:?}", outcome.both);
+    assert!(!outcome.duplicated, "a message was delivered twice");
     n1.stop().await;
     n2.stop().await;
 }

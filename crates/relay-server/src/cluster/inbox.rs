@@ -65,6 +65,8 @@ const LIVE: &str = "Relay-Live";
 /// A cached tail is trusted this long; then the inbox is counted again (another node's
 /// acknowledgements shrink it without this node knowing).
 const TAIL_TTL: Duration = Duration::from_secs(2);
+/// A refusal for a full inbox is judged on a count at most this old.
+const RECOUNT: Duration = Duration::from_millis(250);
 /// Lost compare-and-set races before an append gives up.
 const RACES: usize = 32;
 
@@ -408,7 +410,14 @@ impl Inner {
                 None => self.load_tail(&recipient).await,
             };
             let mut tail = match tail {
-                Ok(Some(tail)) => tail,
+                Ok(Some(tail)) => {
+                    // Kept even if nothing is stored (a full inbox refusing everything is not
+                    // read again for every batch).
+                    if let Some(appender) = self.appenders().get_mut(&recipient) {
+                        appender.tail = Some(tail);
+                    }
+                    tail
+                }
                 Ok(None) => {
                     for (_, done) in batch {
                         done(Ok(Appended::NotBound));
@@ -428,6 +437,13 @@ impl Inner {
             let (mut payload, mut taken, mut stored) = (Vec::new(), Vec::new(), Vec::new());
             let (mut count, mut bytes) = (tail.count, tail.bytes);
             let mut rest = Vec::new();
+            // A cached count can only be too high: every append is checked against the tail
+            // it was counted on (the expected last sequence), and only acknowledgements,
+            // purges and expiry, on any node, shrink an inbox without touching its tail. So a
+            // refusal is confirmed on a count read at most `RECOUNT` ago (not every time: a
+            // count reads the whole inbox, and a sender may keep trying a full one).
+            let fresh = tail.read_at.elapsed() <= RECOUNT;
+            let mut recount = false;
             for (envelope, done) in batch.drain(..) {
                 if !rest.is_empty()
                     || (!payload.is_empty()
@@ -437,6 +453,12 @@ impl Inner {
                     continue;
                 }
                 let size = envelope.body.len() as u64;
+                let full = count >= self.limits.messages || bytes + size > self.limits.bytes;
+                if full && !fresh {
+                    recount = true;
+                    rest.push((envelope, done));
+                    continue;
+                }
                 if count >= self.limits.messages {
                     done(Ok(Appended::Full(Full::Messages(self.limits.messages))));
                     continue;
@@ -451,6 +473,13 @@ impl Inner {
                 bytes += size;
                 stored.push(seq);
                 taken.push((envelope, done));
+            }
+            if recount {
+                // Count again and number everything anew, in the order it came.
+                self.forget_tail(&recipient);
+                taken.extend(rest);
+                self.requeue(&recipient, taken);
+                continue;
             }
             if taken.is_empty() {
                 self.requeue(&recipient, rest);

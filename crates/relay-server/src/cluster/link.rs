@@ -151,6 +151,7 @@ pub(crate) struct Parts {
     pub(crate) nodes: kv::Store,
     pub(crate) node: String,
     pub(crate) lease: Duration,
+    pub(crate) outage_wait: Duration,
     pub(crate) max_payload: usize,
     pub(crate) state: Arc<LinkState>,
 }
@@ -179,13 +180,6 @@ const WINDOW: usize = 8 << 20;
 /// How long a forwarded message may go unacknowledged, while this node is connected to NATS,
 /// before its sender is told it was not delivered (the other node died, or never got it).
 const ACK_TIMEOUT: Duration = Duration::from_secs(5);
-
-/// How long one may go unacknowledged in all, through an outage of this node's link. While
-/// the link is down its wait is not over: what sat in the NATS client's buffer when the link
-/// dropped is sent when it comes back, and may well be delivered (telling its sender
-/// otherwise first would be telling it wrong). After a reconnect it waits [`ACK_TIMEOUT`]
-/// again, and the nodes it waits on are asked (see [`Link::probe_after_reconnect`]).
-const OUTAGE_ACK_TIMEOUT: Duration = Duration::from_secs(60);
 
 /// One NATS message being filled for a node: its records, written in place by the senders
 /// (no copy or allocation per message), and the chat messages among them.
@@ -249,6 +243,35 @@ impl Received {
         *last = (*last).max(batch.number);
         *gaps
     }
+
+    /// Notes `batch` as received but dropped: it is reported as never received.
+    fn dropped(&mut self, batch: &Batch) -> Gaps {
+        self.saw(batch);
+        match self.nodes.get_mut(&batch.node) {
+            Some((_, _, gaps)) => {
+                gaps.push(batch.number, batch.number);
+                *gaps
+            }
+            None => Gaps::default(),
+        }
+    }
+}
+
+/// Whether `batch` arrived past its deadline, at `now` (ms since the Unix epoch).
+fn too_late(batch: &Batch, now: u64) -> bool {
+    batch.deliver_by != 0 && now > batch.deliver_by
+}
+
+/// The wall clock, in ms since the Unix epoch (0 if it is set before it).
+fn unix_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+}
+
+/// Where a batch head's deadline sits: right after its number.
+fn deliver_by_at(node: &str) -> usize {
+    number_at(node) + 8
 }
 
 /// Who to tell about a forwarded message: an owned [`Origin`].
@@ -328,6 +351,8 @@ pub(crate) struct Link {
     online: kv::Store,
     nodes: kv::Store,
     lease: Duration,
+    /// See [`ClusterConfig::outage_wait`](super::ClusterConfig::outage_wait).
+    outage_wait: Duration,
     state: Arc<LinkState>,
     view: RwLock<View>,
     /// Bumped whenever `view` changes and every sweep (see [`Peers::stamp`]).
@@ -407,6 +432,7 @@ impl Link {
             online: parts.online,
             nodes: parts.nodes,
             lease: parts.lease,
+            outage_wait: parts.outage_wait,
             state: parts.state,
             view: RwLock::default(),
             stamp: std::sync::atomic::AtomicU64::new(0),
@@ -782,8 +808,13 @@ impl Link {
             if malformed.is_some() {
                 tracing::warn!(node = %batch.node, "a malformed record from the cluster was dropped");
             }
+            // Held up past its deadline (in a NATS client's buffer through a long outage):
+            // its senders are told, or will be, that it was not delivered, so it is not.
+            let late = too_late(&batch, unix_ms());
+            let mut dropped = 0usize;
             for record in records {
                 match record {
+                    Record::Deliver { .. } if late => dropped += 1,
                     Record::Deliver { recipient, origin, body } => {
                         let sender = sender_of(&mut last_sender, &origin);
                         // Behind messages already parked for this receiver, in order.
@@ -824,7 +855,14 @@ impl Link {
             // answered). Numbers skipped since the last message from that node never arrived
             // (a NATS connection died with them; or they were never sent, when that node's
             // link was down): say so, or the cumulative acknowledgement would cover them.
-            let lost = received.saw(&batch);
+            let lost = match late {
+                true => {
+                    tracing::warn!(node = %batch.node, messages = dropped,
+                        "forwarded messages arrived after their deadline and were dropped; their senders are told they were not delivered");
+                    received.dropped(&batch)
+                }
+                false => received.saw(&batch),
+            };
             let ack = Record::Ack { incarnation: batch.incarnation, upto: batch.number, lost };
             self.send(&batch.node, &ack);
         }
@@ -942,15 +980,15 @@ impl Link {
     }
 
     /// Fails what has waited past [`ACK_TIMEOUT`] for its acknowledgement while the link was
-    /// up (counted from the last reconnect for what was sent before it), or past
-    /// [`OUTAGE_ACK_TIMEOUT`] in all.
+    /// up (counted from the last reconnect for what was sent before it), or past the outage
+    /// wait in all.
     fn expire_unacked(&self) {
         let (mut expired, mut freed) = (Vec::new(), 0);
         let up_since = *lock(&self.state.up_since);
         let up = self.state.up.load(Ordering::Acquire);
         let overdue = |u: &Unacked| {
             let waited = u.sent.elapsed();
-            if waited > OUTAGE_ACK_TIMEOUT {
+            if waited > self.outage_wait {
                 return true;
             }
             if !up {
@@ -1034,8 +1072,12 @@ impl Link {
         let fresh = queue.filling.is_none();
         let filling = queue.filling.get_or_insert_with(|| {
             let mut payload = BytesMut::with_capacity(self.batch_bytes.min(64 * 1024));
-            let head =
-                Batch { node: self.node.to_string(), incarnation: self.incarnation, number: 0 };
+            let head = Batch {
+                node: self.node.to_string(),
+                incarnation: self.incarnation,
+                number: 0,
+                deliver_by: 0,
+            };
             head.encode_into(&mut payload);
             Filling { payload, pending: Vec::new(), pending_bytes: 0 }
         });
@@ -1115,7 +1157,18 @@ impl Link {
 
     /// Publishes one NATS message; its chat messages wait for their acknowledgement.
     async fn publish(&self, node: &Arc<str>, number: u64, filling: Filling) {
-        let Filling { payload, pending, pending_bytes } = filling;
+        let Filling { mut payload, pending, pending_bytes } = filling;
+        if !pending.is_empty() {
+            // Its chat messages are failed here after `outage_wait` unacknowledged: the
+            // receiver takes them only well before that (a sixth of the wait to spare, for
+            // the clocks of the two machines).
+            let deadline = unix_ms().saturating_add(
+                u64::try_from((self.outage_wait - self.outage_wait / 6).as_millis())
+                    .unwrap_or(u64::MAX),
+            );
+            let at = deliver_by_at(&self.node);
+            payload[at..at + 8].copy_from_slice(&deadline.to_le_bytes());
+        }
         if !self.state.up.load(Ordering::Acquire) {
             self.free(pending_bytes);
             self.fail(pending, "the cluster link is down");
@@ -1453,7 +1506,7 @@ mod tests {
     use super::*;
 
     fn batch(node: &str, incarnation: u64, number: u64) -> Batch {
-        Batch { node: node.into(), incarnation, number }
+        Batch { node: node.into(), incarnation, number, deliver_by: 0 }
     }
 
     /// Numbers skipped are reported, per node and incarnation; the first message from a new
@@ -1472,5 +1525,23 @@ mod tests {
         assert!(other.contains(1) && other.contains(2) && !other.contains(3));
         // Node a restarted: numbering starts again, and so do its gaps.
         assert!(received.saw(&batch("a", 2, 1)).is_empty());
+        // Messages dropped on arrival (too late) are reported as never received, in one
+        // range however many follow each other, and the ones after them are not.
+        received.saw(&batch("a", 2, 2));
+        for n in 3..=12 {
+            received.dropped(&batch("a", 2, n));
+        }
+        let gaps = received.saw(&batch("a", 2, 13));
+        assert!((3..=12).all(|n| gaps.contains(n)) && !gaps.contains(2) && !gaps.contains(13));
+    }
+
+    /// A message's chat messages are dropped once its deadline has passed, on the receiver's
+    /// clock; a message without one is never too late.
+    #[test]
+    fn a_batch_past_its_deadline_is_too_late() {
+        let at = |deliver_by| Batch { deliver_by, ..batch("a", 1, 1) };
+        assert!(!too_late(&at(0), u64::MAX));
+        assert!(!too_late(&at(1_000), 1_000));
+        assert!(too_late(&at(1_000), 1_001));
     }
 }

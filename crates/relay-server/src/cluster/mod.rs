@@ -56,12 +56,31 @@ pub struct ClusterConfig {
     /// How long a node's claims outlive its last lease renewal: names held on a node that died
     /// (or lost NATS) become claimable elsewhere after at most this long.
     pub lease: Duration,
+    /// How long a message forwarded to another node may go unacknowledged in all, through an
+    /// outage of this node's NATS link, before its sender is told it was not delivered
+    /// (default 60 s). While the link is down the wait goes on: what sat in the NATS client's
+    /// buffer is sent when the link comes back. The receiving node delivers such a message
+    /// only within five sixths of this wait (on its own clock), so a message its sender was
+    /// told about is never delivered as well, if the nodes' clocks are that close.
+    pub outage_wait: Duration,
 }
 
 impl ClusterConfig {
     /// Joins the cluster at `url` as `node`, with the default lease (10 s).
     pub fn new(url: impl Into<String>, node: impl Into<String>) -> ClusterConfig {
-        ClusterConfig { url: url.into(), node: node.into(), lease: Duration::from_secs(10) }
+        ClusterConfig {
+            url: url.into(),
+            node: node.into(),
+            lease: Duration::from_secs(10),
+            outage_wait: Duration::from_secs(60),
+        }
+    }
+
+    /// Sets the outage wait (see [`ClusterConfig::outage_wait`]).
+    #[must_use]
+    pub fn outage_wait(mut self, wait: Duration) -> ClusterConfig {
+        self.outage_wait = wait;
+        self
     }
 
     /// Sets the lease.
@@ -99,6 +118,9 @@ impl ClusterConfig {
         }
         if self.lease < Duration::from_secs(1) {
             return Err(ClusterError::Config("the cluster lease must be at least 1s".into()));
+        }
+        if self.outage_wait < Duration::from_secs(1) {
+            return Err(ClusterError::Config("the outage wait must be at least 1s".into()));
         }
         Ok(())
     }
@@ -204,6 +226,7 @@ impl Cluster {
             nodes,
             node: config.node,
             lease: config.lease,
+            outage_wait: config.outage_wait,
             max_payload,
             state,
         })

@@ -14,10 +14,11 @@ use std::net::SocketAddr;
 use bytes::{BufMut, Bytes, BytesMut};
 
 /// The layout version of every record and value below.
-const LAYOUT: u8 = 1;
+const LAYOUT: u8 = 2;
 
-/// The head of every NATS message on a node's subject: who sent it, and its number among the
-/// messages that node sent this one (1, 2, ...), which the receiver acknowledges.
+/// The head of every NATS message on a node's subject: who sent it, its number among the
+/// messages that node sent this one (1, 2, ...), which the receiver acknowledges, and until
+/// when its chat messages may still be delivered.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub(crate) struct Batch {
     /// The sending node.
@@ -26,6 +27,11 @@ pub(crate) struct Batch {
     pub(crate) incarnation: u64,
     /// The message's number.
     pub(crate) number: u64,
+    /// Its chat messages are delivered only until then (ms since the Unix epoch, on the
+    /// sending node's clock; 0: no limit). Past it, the sender has told or will tell their
+    /// senders they were not delivered, so the receiver drops them and reports the number
+    /// as never received.
+    pub(crate) deliver_by: u64,
 }
 
 impl Batch {
@@ -35,6 +41,7 @@ impl Batch {
         put_str(out, &self.node);
         out.put_u64_le(self.incarnation);
         out.put_u64_le(self.number);
+        out.put_u64_le(self.deliver_by);
     }
 
     /// The head of a payload, and where its records start.
@@ -43,7 +50,12 @@ impl Batch {
         if r.u8()? != LAYOUT {
             return Err(Malformed);
         }
-        let batch = Batch { node: r.str()?.to_owned(), incarnation: r.u64()?, number: r.u64()? };
+        let batch = Batch {
+            node: r.str()?.to_owned(),
+            incarnation: r.u64()?,
+            number: r.u64()?,
+            deliver_by: r.u64()?,
+        };
         Ok((batch, payload.len() - r.0.len()))
     }
 }
@@ -112,9 +124,17 @@ impl Gaps {
     /// How many ranges an acknowledgement carries.
     pub(crate) const MAX: usize = 4;
 
-    /// Adds `from..=to`, forgetting the oldest range if there are [`Gaps::MAX`] already.
+    /// Adds `from..=to`, forgetting the oldest range if there are [`Gaps::MAX`] already. A
+    /// range that starts right after the latest one extends it (a run of dropped messages
+    /// takes one range).
     pub(crate) fn push(&mut self, from: u64, to: u64) {
         let len = usize::from(self.len);
+        if let Some(last) = len.checked_sub(1).and_then(|i| self.ranges.get_mut(i))
+            && last.1.checked_add(1) == Some(from)
+        {
+            last.1 = to;
+            return;
+        }
         if len == Gaps::MAX {
             self.ranges.rotate_left(1);
             self.ranges[Gaps::MAX - 1] = (from, to);
@@ -473,6 +493,9 @@ mod tests {
         assert!(!g.contains(1), "the oldest range is forgotten past the limit");
         assert!(g.contains(4) && g.contains(15) && !g.contains(5) && !g.contains(21));
         assert!(g.reaches(20) && !g.reaches(21) && !Gaps::default().reaches(0));
+        // A run of single numbers (messages dropped one after another) takes one range.
+        let run = gaps(&[(2, 2), (3, 3), (4, 6), (7, 7), (8, 8), (9, 9), (12, 12)]);
+        assert!((2..=9).all(|n| run.contains(n)) && run.contains(12) && !run.contains(10));
 
         let mut old = BytesMut::new();
         old.put_u8(LAYOUT);
@@ -501,7 +524,7 @@ mod tests {
             Record::Ack { incarnation: 5, upto: 9, lost: Gaps::default() },
             Record::Ack { incarnation: 5, upto: 12, lost: gaps(&[(3, 4), (10, 11)]) },
         ];
-        let head = Batch { node: "n1".into(), incarnation: 77, number: 3 };
+        let head = Batch { node: "n1".into(), incarnation: 77, number: 3, deliver_by: 1234 };
         let mut payload = BytesMut::new();
         head.encode_into(&mut payload);
         for r in &records {
