@@ -64,6 +64,6 @@ pub use message::{Kind, Message, MessageRef, Status};
 pub use name::{
     Destination, NameError, NameKey, canonical_name, name_key, parse_destination, validate_name,
 };
-pub use reader::{FrameReader, Source, Stream};
+pub use reader::{FrameReader, Source, Stream, frames_in, split_run};
 pub use request::{MAX_QUOTED, Rejection, Request};
 pub use text::{needs_escape, printable};

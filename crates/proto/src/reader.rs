@@ -108,6 +108,38 @@ impl<R: AsyncRead + Send + Sync + Unpin + 'static> Source for Stream<R> {
     }
 }
 
+/// The bodies of the whole frames at the front of `frames` (length headers and bodies back to
+/// back, as [`FrameReader::take_run`] returns them), each with its offset in `frames`. Stops
+/// at anything that is not a whole frame.
+pub fn frames_in(frames: &[u8]) -> impl Iterator<Item = (usize, &[u8])> + '_ {
+    let mut at = 0;
+    std::iter::from_fn(move || {
+        let header = frames.get(at..)?.first_chunk::<FRAME_HEADER_LEN>()?;
+        let len = usize::try_from(u32::from_be_bytes(*header)).ok()?;
+        let start = at + FRAME_HEADER_LEN;
+        let body = frames.get(start..start.checked_add(len)?)?;
+        at = start + len;
+        Some((start, body))
+    })
+}
+
+/// What [`FrameReader::take_run`] does, on any buffer of frames read (with `codec`'s limit).
+pub fn split_run(
+    codec: &MessageCodec,
+    buf: &mut BytesMut,
+    mut accept: impl FnMut(&[u8]) -> bool,
+) -> Option<BytesMut> {
+    let mut end = 0;
+    while let Some(rest) = buf.get(end..)
+        && let Ok(Some(len)) = codec.complete_frame(rest)
+        && let Some(body) = rest.get(FRAME_HEADER_LEN..FRAME_HEADER_LEN + len)
+        && accept(body)
+    {
+        end += FRAME_HEADER_LEN + len;
+    }
+    (end > 0).then(|| buf.split_to(end))
+}
+
 /// The read half of a connection and the frames buffered from it.
 #[derive(Debug)]
 pub struct FrameReader<S = OwnedReadHalf> {
@@ -203,6 +235,19 @@ impl<S: Source> FrameReader<S> {
         let Some(len) = self.codec.complete_frame(&self.buf)? else { return Ok(None) };
         self.buf.advance(FRAME_HEADER_LEN);
         Ok(Some(self.buf.split_to(len)))
+    }
+
+    /// Splits off the front of the buffer, as one buffer, the run of complete frames whose
+    /// bodies `accept` takes, in order, stopping at the first it does not (or at a frame not
+    /// yet complete, or over the limit: the next call to [`FrameReader::buffered_frame`] sees
+    /// that one). The frames keep their length headers: walk them with [`frames_in`]. `None`
+    /// if the first frame is not taken. Never waits.
+    ///
+    /// A client uses it to hand the program every chat message of a socket read with one
+    /// split and one reference count, rather than one per message.
+    pub fn take_run(&mut self, accept: impl FnMut(&[u8]) -> bool) -> Option<BytesMut> {
+        self.settle();
+        split_run(&self.codec, &mut self.buf, accept)
     }
 
     /// Whether part of a frame is buffered (after [`FrameReader::buffered_body`] said no whole
@@ -315,5 +360,39 @@ mod tests {
             Err(ProtoError::FrameTooLarge { len: 5000, max: 1024 }) => {}
             other => panic!("expected the header to be refused, got {other:?}"),
         }
+    }
+
+    /// A run takes whole frames, in order, up to the first its test refuses, and leaves that
+    /// one (and anything partial, or over the limit) for the next call; its frames walk back
+    /// out with their offsets.
+    #[tokio::test]
+    async fn a_run_takes_the_accepted_frames_in_one_piece_and_stops_at_the_first_refused() {
+        let (mut tx, rx) = tokio::io::duplex(64 * 1024);
+        let mut reader = FrameReader::new(Stream::new(rx), MessageCodec::new(1024));
+        let msgs: Vec<Message> =
+            (1..=5).map(|i| Message::send(i, "bob", "x".repeat(i as usize))).collect();
+        let mut bytes = wire(&msgs);
+        bytes.extend_from_slice(&wire(&[Message::send(6, "bob", "y")])[..7]);
+        tx.write_all(&bytes).await.unwrap();
+        assert!(reader.fill().await.unwrap());
+        assert!(reader.take_run(|_| false).is_none(), "nothing taken if the first is refused");
+        let run = reader.take_run(|body| decode_ref(body).unwrap().id != 4).unwrap();
+        let ids: Vec<u64> = frames_in(&run).map(|(_, body)| decode_ref(body).unwrap().id).collect();
+        assert_eq!(ids, [1, 2, 3]);
+        let (at, body) = frames_in(&run).nth(1).unwrap();
+        assert_eq!(&run[at..at + body.len()], body);
+        assert_eq!(decode_ref(reader.buffered_body().unwrap().unwrap()).unwrap().id, 4);
+        let run = reader.take_run(|_| true).unwrap();
+        assert_eq!(frames_in(&run).count(), 1, "the partial frame stays behind");
+        assert!(reader.take_run(|_| true).is_none() && reader.has_partial_frame());
+        // A header over the limit is never part of a run; the next read reports it.
+        let mut reader =
+            FrameReader::new(Stream::new(tokio::io::duplex(1).1), MessageCodec::new(1024));
+        reader.buf.extend_from_slice(&wire(&[Message::send(1, "bob", "a")]));
+        reader.buf.extend_from_slice(&5000u32.to_be_bytes());
+        assert_eq!(reader.take_run(|_| true).map(|run| frames_in(&run).count()), Some(1));
+        assert!(matches!(reader.buffered_body(), Err(ProtoError::FrameTooLarge { .. })));
+        // A cut-short run ends the walk: nothing is read past the bytes there are.
+        assert_eq!(frames_in(&bytes[..bytes.len() - 3]).count(), 5);
     }
 }

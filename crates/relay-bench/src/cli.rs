@@ -176,6 +176,10 @@ pub struct FlowArgs {
     /// take and senders get delivery receipts.
     #[arg(long)]
     pub keys: bool,
+    /// Relay only: receivers take each message as an event (`Events::next`) rather than in
+    /// place (`Events::drain`, the default).
+    #[arg(long)]
+    pub one_at_a_time: bool,
 }
 
 /// Runs the workload the arguments name and prints its report.
@@ -194,6 +198,7 @@ pub async fn run(cli: Cli) -> Result<String, String> {
                 size: flow.size,
                 stall: cli.stall,
                 keys: flow.keys,
+                one_at_a_time: flow.one_at_a_time,
             };
             let report = workloads::flow(target, senders_at, "pairs", &options).await?;
             (report.table(), serde_json::to_string(&report))
@@ -206,6 +211,7 @@ pub async fn run(cli: Cli) -> Result<String, String> {
                 size: flow.size,
                 stall: cli.stall,
                 keys: flow.keys,
+                one_at_a_time: flow.one_at_a_time,
             };
             let report = workloads::flow(target, senders_at, "fan-in", &options).await?;
             (report.table(), serde_json::to_string(&report))

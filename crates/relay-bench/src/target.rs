@@ -7,7 +7,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use bytes::Bytes;
-use relay_client::{Batch, Client, ClientConfig, Event, Events, Identity};
+use relay_client::{Batch, Client, ClientConfig, Event, Events, Identity, Received};
 
 use crate::nats;
 
@@ -247,6 +247,61 @@ impl Receiver {
                 }
             }
         }
+    }
+
+    /// Waits up to `stall` for payloads, then hands `f` every one that has arrived (relay:
+    /// in place, through [`Events::drain`](relay_client::Events::drain), unless
+    /// `one_at_a_time`; NATS: one at a time, as its clients hand them). `Ok(0)` if none came
+    /// within `stall`.
+    pub async fn drain_within(
+        &mut self,
+        stall: Duration,
+        one_at_a_time: bool,
+        mut f: impl FnMut(&[u8]),
+    ) -> Result<usize, String> {
+        if let Receiver::Relay { events, .. } = self
+            && !one_at_a_time
+        {
+            let (mut handed, mut ended) = (0, None);
+            let mut take = |events: &mut Events, handed: &mut usize, ended: &mut Option<String>| {
+                events.drain(|received| match received {
+                    Received::Message(msg) => {
+                        f(msg.content);
+                        *handed += 1;
+                    }
+                    Received::Event(event) => {
+                        if let Err(e) = relay_payload(event) {
+                            ended.get_or_insert(e);
+                        }
+                    }
+                    _ => {}
+                });
+            };
+            take(events, &mut handed, &mut ended);
+            if handed == 0 && ended.is_none() {
+                match tokio::time::timeout(stall, events.ready()).await {
+                    Ok(true) => take(events, &mut handed, &mut ended),
+                    Ok(false) => return Err("connection ended".into()),
+                    Err(_) => return Ok(0),
+                }
+            }
+            return match ended {
+                Some(e) if handed == 0 => Err(e),
+                _ => Ok(handed),
+            };
+        }
+        let mut handed = 0;
+        while let Some(payload) = self.try_next()? {
+            f(&payload);
+            handed += 1;
+        }
+        if handed == 0
+            && let Some(payload) = self.next_within(stall).await?
+        {
+            f(&payload);
+            handed += 1;
+        }
+        Ok(handed)
     }
 
     /// The next payload, giving up after `stall` without one (`Ok(None)`).

@@ -105,6 +105,9 @@ pub struct FlowOptions {
     /// Relay only: every client registers with a new key, so receivers acknowledge what they
     /// take and senders get delivery receipts.
     pub keys: bool,
+    /// Relay only: receivers take messages one event at a time (`Events::next`), not in place
+    /// (`Events::drain`).
+    pub one_at_a_time: bool,
 }
 
 /// What a flow run measured.
@@ -152,7 +155,15 @@ pub async fn flow(
     workload: &str,
     options: &FlowOptions,
 ) -> Result<FlowReport, String> {
-    let FlowOptions { senders, receivers: receiver_count, messages, size, stall, keys } = *options;
+    let FlowOptions {
+        senders,
+        receivers: receiver_count,
+        messages,
+        size,
+        stall,
+        keys,
+        one_at_a_time,
+    } = *options;
     if senders == 0 || receiver_count == 0 {
         return Err("need at least one sender and one receiver".into());
     }
@@ -183,28 +194,33 @@ pub async fn flow(
             let mut got = Received { count: 0, out_of_order: 0, last: Instant::now() };
             let mut unreported = 0;
             while got.count < expected {
-                let payload = match receiver.next_within(stall).await {
-                    Ok(Some(payload)) => payload,
-                    Ok(None) => {
+                // Everything that has arrived, checked one message at a time.
+                let (count, out_of_order) = (&mut got.count, &mut got.out_of_order);
+                let handed = receiver.drain_within(stall, one_at_a_time, |payload| {
+                    *count += 1;
+                    if let Some(h) = Header::read(payload)
+                        && let Some(next) = next_seq.get_mut(h.sender as usize)
+                    {
+                        if h.seq < *next {
+                            *out_of_order += 1;
+                        }
+                        *next = (*next).max(h.seq + 1);
+                    }
+                });
+                match handed.await {
+                    Ok(0) => {
                         // Stalled: the rest is lost, and the run ended when the last one came.
                         got.last = Instant::now() - stall;
                         return (got, receiver);
                     }
-                    Err(_) => break,
-                };
-                got.count += 1;
-                if let Some(h) = Header::read(&payload)
-                    && let Some(next) = next_seq.get_mut(h.sender as usize)
-                {
-                    if h.seq < *next {
-                        got.out_of_order += 1;
+                    Ok(handed) => {
+                        unreported += handed as u64;
+                        if unreported >= 1024 {
+                            progress.add(unreported);
+                            unreported = 0;
+                        }
                     }
-                    *next = (*next).max(h.seq + 1);
-                }
-                unreported += 1;
-                if unreported == 1024 {
-                    progress.add(unreported);
-                    unreported = 0;
+                    Err(_) => break,
                 }
             }
             got.last = Instant::now();

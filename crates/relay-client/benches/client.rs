@@ -11,6 +11,7 @@ use std::time::{Duration, Instant};
 
 use bytes::BytesMut;
 use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
+use relay_client::Received;
 use relay_client::bench::FrameDecoder;
 use relay_client::{Client, Event};
 use relay_proto::{DEFAULT_MAX_FRAME_LEN, Message, MessageCodec};
@@ -80,9 +81,25 @@ fn decode(c: &mut Criterion) {
             b.iter(|| {
                 // The socket read's copy into the read buffer is part of the cost.
                 let mut buf = BytesMut::from(&read[..]);
-                let events = decoder.decode(&mut buf);
-                assert!(matches!(events.back(), Some(Event::Message { .. })));
-                events.clear();
+                let mut messages = 0;
+                decoder.decode(&mut buf, |event| {
+                    messages += usize::from(matches!(event, Event::Message { .. }));
+                });
+                assert_eq!(messages, FRAMES_PER_READ);
+            })
+        });
+        // The same read, its messages handed over in place (`Events::drain`).
+        let mut decoder = FrameDecoder::new();
+        group.bench_with_input(BenchmarkId::new("decode_in_place", size), &read, |b, read| {
+            b.iter(|| {
+                let mut buf = BytesMut::from(&read[..]);
+                let mut bytes = 0;
+                decoder.decode_in_place(&mut buf, |received| {
+                    if let Received::Message(msg) = received {
+                        bytes += msg.content.len();
+                    }
+                });
+                assert_eq!(bytes, FRAMES_PER_READ * size);
             })
         });
     }

@@ -2,7 +2,6 @@
 //! writes it; the program holds a cloneable [`Client`] to send and an [`Events`] stream to
 //! receive.
 
-use std::collections::VecDeque;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -21,7 +20,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::error::{ConnectError, SendError};
 use crate::event::Event;
-use crate::incoming::{Events, Incoming};
+use crate::incoming::{Events, Incoming, Item, Pending, Run};
 use crate::outgoing::{NowError, Outgoing};
 use crate::tls::Tls;
 
@@ -365,8 +364,9 @@ impl Client {
         tokio::spawn(
             Reader {
                 events: incoming.clone(),
-                batch: VecDeque::new(),
+                batch: Pending::default(),
                 last_from: None,
+                last_from_checked: Vec::new(),
                 last_to: Vec::new(),
                 // Not a `Client`: when the program drops every `Client`, the connection ends
                 // (see `Drop for Inner`), even though the reader still runs.
@@ -700,9 +700,11 @@ fn first_id() -> u64 {
 struct Reader {
     events: Arc<Incoming>,
     /// Events from the current read, handed to the program together before the next read.
-    batch: VecDeque<Event>,
+    batch: Pending,
     /// The sender of the last message: consecutive messages from one sender share the name.
     last_from: Option<Arc<str>>,
+    /// The last sender's name checked as text for a run (see [`Reader::take_run`]).
+    last_from_checked: Vec<u8>,
     /// The destination of the last message (this client's name as its sender wrote it),
     /// known to be valid text.
     last_to: Vec<u8>,
@@ -731,6 +733,10 @@ impl Reader {
         loop {
             // Every complete frame already read is handled before going back to the select, so
             // a busy connection pays for the select and the clock once per read, not per frame.
+            // Chat messages first, as many as follow each other, in one piece.
+            if self.take_run(&mut frames) {
+                continue;
+            }
             let frame = match frames.buffered_frame() {
                 Ok(Some(frame)) => Ok(frame),
                 Err(e) => Err(e.to_string()),
@@ -841,6 +847,47 @@ impl Reader {
             return Ok(None);
         }
         Ok(Some(ServerEvent::parse(msg.to_message())))
+    }
+
+    /// Takes the chat messages at the front of what was read, as many as follow each other,
+    /// into one [`Run`] for the program: each is checked here as [`Reader::read_frame`]
+    /// checks one (well formed, names valid text, not a duplicate), and the program reads
+    /// them in place. `false` if the next frame is not such a message (or there is none).
+    fn take_run<S: Source>(&mut self, frames: &mut FrameReader<S>) -> bool {
+        let (mut count, mut last_seq) = (0, 0);
+        let run = frames.take_run(|body| self.accept_chat(body, &mut count, &mut last_seq));
+        let Some(run) = run else { return false };
+        self.batch.push(Item::Run(Run::new(run.freeze(), count, last_seq)));
+        true
+    }
+
+    /// Whether `body` is a chat message that can go into a run; if so, counts it.
+    fn accept_chat(&mut self, body: &[u8], count: &mut usize, last_seq: &mut u64) -> bool {
+        let Some(chat) = read_chat(body) else { return false };
+        // A duplicate ends the run: `read_frame` acknowledges and drops it.
+        let fresh = chat.seq == 0 || chat.seq > self.last_seq;
+        if !fresh || !self.known_destination(chat.to) || !self.checked_sender(chat.from) {
+            return false;
+        }
+        if chat.seq != 0 {
+            (self.last_seq, *last_seq) = (chat.seq, chat.seq);
+        }
+        *count += 1;
+        true
+    }
+
+    /// Whether `from`, a chat message's sender, is valid text: the same bytes as the last one
+    /// checked, or checked now.
+    fn checked_sender(&mut self, from: &[u8]) -> bool {
+        if *self.last_from_checked == *from {
+            return true;
+        }
+        if std::str::from_utf8(from).is_err() {
+            return false;
+        }
+        self.last_from_checked.clear();
+        self.last_from_checked.extend_from_slice(from);
+        true
     }
 
     /// Whether `to`, a chat message's destination (this client's name, as its sender wrote
@@ -955,7 +1002,7 @@ impl Reader {
 
     /// Queues an event for the program; it is handed over by the next [`Reader::flush`].
     fn emit(&mut self, event: Event) {
-        self.batch.push_back(event);
+        self.batch.push(Item::Event(event));
     }
 
     /// Hands the queued events to the program, waiting for it to make room if it is behind.
@@ -978,12 +1025,13 @@ impl FrameDecoder {
         let codec = MessageCodec::new(relay_proto::DEFAULT_MAX_FRAME_LEN);
         let reader = Reader {
             events: Incoming::new(usize::MAX),
-            batch: VecDeque::new(),
+            batch: Pending::default(),
             last_from: None,
+            last_from_checked: Vec::new(),
             last_to: Vec::new(),
             outgoing: Arc::new(Outgoing::new(
                 MessageCodec::new(relay_proto::DEFAULT_MAX_FRAME_LEN),
-                usize::MAX,
+                1 << 20,
             )),
             going_offline: Arc::new(AtomicBool::new(false)),
             pending_users: Vec::new(),
@@ -996,9 +1044,19 @@ impl FrameDecoder {
     }
 
     /// Takes every complete frame off the front of `read` (what one socket read brought) as
-    /// the connection's reader does, each becoming its event; returns the events, in order.
-    pub(crate) fn decode(&mut self, read: &mut BytesMut) -> &mut VecDeque<Event> {
-        while let Ok(Some(len)) = self.codec.complete_frame(read) {
+    /// the connection's reader does; returns what it queued for the program.
+    pub(crate) fn decode(&mut self, read: &mut BytesMut) -> &mut Pending {
+        loop {
+            let (mut count, mut last_seq) = (0, 0);
+            let reader = &mut self.reader;
+            let run = relay_proto::split_run(&self.codec, read, |body| {
+                reader.accept_chat(body, &mut count, &mut last_seq)
+            });
+            if let Some(run) = run {
+                self.reader.batch.push(Item::Run(Run::new(run.freeze(), count, last_seq)));
+                continue;
+            }
+            let Ok(Some(len)) = self.codec.complete_frame(read) else { break };
             read.advance(relay_proto::FRAME_HEADER_LEN);
             let frame = read.split_to(len);
             if let Ok(Some(Ok(event))) = self.reader.read_frame(frame) {

@@ -39,7 +39,7 @@ mod tls;
 pub use client::{Batch, Client, ClientBuilder, ClientConfig};
 pub use error::{ConnectError, SendError};
 pub use event::Event;
-pub use incoming::Events;
+pub use incoming::{Events, MessageRef, Received};
 pub use keys::{KeyError, create_key, default_key_path, load_key, load_or_create_key};
 pub use relay_proto::{Identity, NameError, PublicKey, Status, User, name_key};
 pub use tls::{Tls, TlsError};
@@ -48,13 +48,12 @@ pub use tls::{Tls, TlsError};
 /// bench -p relay-client`). Not part of the API: it may change or go at any time.
 #[doc(hidden)]
 pub mod bench {
-    use std::collections::VecDeque;
-
     use bytes::BytesMut;
 
-    use crate::Event;
+    use crate::{Event, Received};
 
-    /// Turns received frames into events exactly as a connection's reader does.
+    /// Turns received frames into what the program gets, exactly as a connection's reader
+    /// and [`Events`](crate::Events) do.
     pub struct FrameDecoder(crate::client::FrameDecoder);
 
     impl FrameDecoder {
@@ -64,10 +63,16 @@ pub mod bench {
             FrameDecoder(crate::client::FrameDecoder::new())
         }
 
-        /// Takes every complete frame off the front of `read` (one socket read's bytes);
-        /// returns the events they became, to be taken (or cleared) by the caller.
-        pub fn decode(&mut self, read: &mut BytesMut) -> &mut VecDeque<Event> {
-            self.0.decode(read)
+        /// Takes every complete frame off the front of `read` (one socket read's bytes) and
+        /// hands each event to `f`, as [`Events::next`](crate::Events::next) would.
+        pub fn decode(&mut self, read: &mut BytesMut, f: impl FnMut(Event)) {
+            self.0.decode(read).drain_events(f);
+        }
+
+        /// The same, handing messages in place, as [`Events::drain`](crate::Events::drain)
+        /// would.
+        pub fn decode_in_place(&mut self, read: &mut BytesMut, f: impl FnMut(Received<'_>)) {
+            self.0.decode(read).drain_in_place(f);
         }
     }
 }

@@ -87,7 +87,7 @@ impl Outgoing {
         if state.closed {
             return Err(NowError::Closed);
         }
-        if state.queued >= 2 * self.max_queued {
+        if state.queued >= self.max_queued.saturating_mul(2) {
             return Err(NowError::Full);
         }
         // Control messages always fit the frame limit.

@@ -97,6 +97,59 @@ async fn messages(events: &mut Events, n: usize) -> Vec<(String, String, u64, u6
     got
 }
 
+/// A receiver that takes its messages in place (`Events::drain`) gets every one, stored and
+/// live, once and in order, and acknowledges them as it goes: its sender gets a receipt for
+/// each, and nothing is delivered again when it logs in later.
+#[tokio::test]
+async fn messages_taken_in_place_are_all_delivered_in_order_and_receipted() {
+    use relay_client::Received;
+    let server = TestServer::start().await;
+    bind(&server, "bob", 2).await;
+    let (alice, mut alice_events) = keyed(&server, "alice", 1).await;
+    for i in 0..300 {
+        alice.send("bob", format!("{i}")).await.unwrap();
+    }
+    stored(&mut alice_events, 300).await;
+    let (bob, mut bob_events) = keyed(&server, "bob", 2).await;
+    // Live ones behind the stored ones, sent in batches so that many arrive in one read.
+    for first in (300..3000).step_by(100) {
+        let mut batch = alice.batch();
+        for i in first..first + 100 {
+            batch.add("bob", format!("{i}")).unwrap();
+        }
+        batch.send().await.unwrap();
+    }
+    let (mut next, mut last_seq) = (0, 0);
+    while next < 3000 {
+        assert!(within(bob_events.ready()).await, "bob's connection ended");
+        bob_events.drain(|received| match received {
+            Received::Message(msg) => {
+                assert_eq!((msg.from, msg.content), ("alice", format!("{next}").as_bytes()));
+                assert!(msg.seq > last_seq, "numbers only grow");
+                (next, last_seq) = (next + 1, msg.seq);
+            }
+            Received::Event(Event::Delivered { .. } | Event::Stored { .. }) => {}
+            other => panic!("unexpected {other:?}"),
+        });
+    }
+    // Every message got its receipt (bob's acknowledgements covered them all).
+    let mut receipted = 0;
+    while receipted < 3000 {
+        match next_event(&mut alice_events).await {
+            Event::Delivered { ids, .. } => receipted += ids.len(),
+            other => panic!("expected a receipt, got {other:?}"),
+        }
+    }
+    assert_eq!(receipted, 3000);
+    // Nothing is delivered again at his next login.
+    within(bob.offline()).await.unwrap();
+    server.wait_until_gone("bob").await;
+    let (_bob, mut bob_events) = keyed(&server, "bob", 2).await;
+    alice.send("bob", "after").await.unwrap();
+    let got = messages(&mut bob_events, 1).await;
+    assert_eq!(got[0].1, "after");
+}
+
 #[tokio::test]
 async fn a_message_for_an_offline_key_holder_is_stored_delivered_at_login_and_receipted() {
     let server = TestServer::start().await;
