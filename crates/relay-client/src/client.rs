@@ -529,7 +529,8 @@ impl Batch {
             self.checked_to.clear();
             self.checked_to.push_str(to);
         }
-        let msg = self.client.sized(to, content.as_ref())?;
+        // The encoder checks the frame limit (with the same limit): no separate size check.
+        let msg = MessageRef::send(self.client.next_id(), to, content.as_ref());
         self.client.inner.outgoing.encode(&msg, &mut self.frames).map_err(|_| {
             SendError::TooLarge { len: encoded_len_ref(&msg), max: self.client.inner.max_frame_len }
         })?;

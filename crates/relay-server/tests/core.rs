@@ -21,6 +21,29 @@ async fn register_is_acknowledged_and_listed() {
     server.stop().await;
 }
 
+/// A batch refuses a message over the frame limit, or to a destination that is no name, at
+/// `add` (keeping what it holds), and sends the rest in order.
+#[tokio::test]
+async fn a_batch_refuses_what_cannot_be_sent_and_keeps_the_rest() {
+    let server = TestServer::start().await;
+    let (alice, _alice_events) = server.connect("alice").await;
+    let (_bob, mut bob_events) = server.connect("bob").await;
+    let mut batch = alice.batch();
+    batch.add("bob", "one").unwrap();
+    let huge = vec![b'x'; relay_proto::DEFAULT_MAX_FRAME_LEN + 1];
+    match batch.add("bob", &huge) {
+        Err(SendError::TooLarge { len, max }) => assert!(len > max, "{len} > {max}"),
+        other => panic!("expected TooLarge, got {other:?}"),
+    }
+    assert!(matches!(batch.add("no such name!", "x"), Err(SendError::InvalidDestination { .. })));
+    assert_eq!(batch.len(), 1, "refused messages are not in the batch");
+    batch.add("bob", "two").unwrap();
+    batch.send().await.unwrap();
+    assert_eq!(next_message(&mut bob_events).await.1, "one");
+    assert_eq!(next_message(&mut bob_events).await.1, "two");
+    server.stop().await;
+}
+
 #[tokio::test]
 async fn a_taken_name_is_refused_and_the_owner_keeps_it() {
     let server = TestServer::start().await;
