@@ -65,7 +65,13 @@ impl Run {
     /// sender's name with the previous message's (`last_from`) when it is the same.
     pub(crate) fn next_event(&mut self, last_from: &mut Option<Arc<str>>) -> Option<Event> {
         while self.left > 0 {
-            let (start, body) = frames_in(self.frames.get(self.at..)?).next()?;
+            let Some((start, body)) =
+                self.frames.get(self.at..).and_then(|rest| frames_in(rest).next())
+            else {
+                // Not what the reader counted (never expected): nothing more in it.
+                self.left = 0;
+                return None;
+            };
             let start = self.at + start;
             self.at = start + body.len();
             self.left -= 1;
@@ -477,7 +483,7 @@ impl Events {
                     let before = run.bytes_left();
                     let event = run.next_event(&mut self.last_from);
                     let bytes = before - run.bytes_left();
-                    if run.left == 0 {
+                    if run.left == 0 || event.is_none() {
                         self.taken.pop_front();
                     }
                     match event {
@@ -674,6 +680,39 @@ mod tests {
         assert_eq!(ids, [2, 3, 4, 5, 100]);
         shared.end();
         assert!(!events.ready().await, "ended, and everything was taken");
+    }
+
+    /// A run that holds fewer frames than it says (never made so by the reader) ends where its
+    /// frames do: no event is made up, and nothing loops.
+    #[tokio::test]
+    async fn a_run_shorter_than_its_count_ends_where_its_frames_do() {
+        let mut decoder = crate::client::FrameDecoder::new();
+        let frames: Vec<_> = (1..=2).map(|seq| Some(("alice", seq))).collect();
+        let mut pending = read(&frames, &mut decoder);
+        let Some(Item::Run(run)) = pending.items.pop_front() else { panic!("expected a run") };
+        for in_place in [false, true] {
+            let shared = Incoming::new(100);
+            let mut events = Events::new(shared.clone(), None);
+            let mut short = Pending::default();
+            short.push(Item::Run(Run::new(run.frames.clone(), 5, 2)));
+            short.push(Item::Event(message(9)));
+            shared.deliver(&mut short, true).await;
+            let mut ids = Vec::new();
+            if in_place {
+                events.drain(|received| match received {
+                    Received::Message(msg) => ids.push(msg.id),
+                    other => panic!("unexpected {other:?}"),
+                });
+            } else {
+                while let Some(event) = events.try_next() {
+                    match event {
+                        Event::Message { id, .. } => ids.push(id),
+                        other => panic!("unexpected {other:?}"),
+                    }
+                }
+            }
+            assert_eq!(ids, [0, 1, 9], "in place: {in_place}");
+        }
     }
 
     /// A keyed session acknowledges what it handed over in place, once it has taken
