@@ -3,7 +3,7 @@
 //! The design is in `docs/CLUSTER.md`. In short:
 //!
 //! - **Names and keys** live in the JetStream key-value bucket `relay_names`
-//!   ([`names::NatsNames`], the second implementation of the [`NameStore`] seam).
+//!   (`names::NatsNames`, the second implementation of the [`NameStore`] seam).
 //! - **Who is online where** lives in the bucket `relay_online`, one key per name's look-alike
 //!   skeleton, claimed with a compare-and-set create. Each node holds a **lease** in the bucket
 //!   `relay_nodes` (refreshed every quarter of the lease; the bucket's `max_age` is the lease),
