@@ -75,10 +75,14 @@ impl Run {
             let start = self.at + start;
             self.at = start + body.len();
             self.left -= 1;
-            let Some((chat, from)) = chat_in(body) else { continue };
+            let Some(chat) = read_chat(body) else { continue };
+            // The name is read as text only when it is not the last one again.
             let from = match last_from {
-                Some(last) if **last == *from => last.clone(),
-                _ => last_from.insert(Arc::from(from)).clone(),
+                Some(last) if last.as_bytes() == chat.from => last.clone(),
+                _ => match std::str::from_utf8(chat.from) {
+                    Ok(from) => last_from.insert(Arc::from(from)).clone(),
+                    Err(_) => continue,
+                },
             };
             let offset = start + (chat.content.as_ptr() as usize - body.as_ptr() as usize);
             let content = self.frames.slice(offset..offset + chat.content.len());
