@@ -278,8 +278,11 @@ impl Receiver {
                 });
             };
             take(events, &mut handed, &mut ended);
-            if handed == 0 && ended.is_none() {
-                match tokio::time::timeout(stall, events.ready()).await {
+            // Events a receiver ignores do not count as progress: wait on until a message
+            // comes, or `stall` has passed without one.
+            let deadline = tokio::time::Instant::now() + stall;
+            while handed == 0 && ended.is_none() {
+                match tokio::time::timeout_at(deadline, events.ready()).await {
                     Ok(true) => take(events, &mut handed, &mut ended),
                     Ok(false) => return Err("connection ended".into()),
                     Err(_) => return Ok(0),
