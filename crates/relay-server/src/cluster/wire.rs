@@ -13,8 +13,13 @@ use std::net::SocketAddr;
 
 use bytes::{BufMut, Bytes, BytesMut};
 
-/// The layout version of every record and value below.
-const LAYOUT: u8 = 2;
+/// The layout version of every record and value below, but for a [`Batch`] head.
+const LAYOUT: u8 = 1;
+
+/// The layout version of a [`Batch`] head: 2 since it carries a deadline. Nodes exchanging
+/// messages must agree on it; the values in the buckets keep [`LAYOUT`], so nodes of this
+/// version read what nodes of the version before wrote there.
+const HEAD_LAYOUT: u8 = 2;
 
 /// The head of every NATS message on a node's subject: who sent it, its number among the
 /// messages that node sent this one (1, 2, ...), which the receiver acknowledges, and until
@@ -37,7 +42,7 @@ pub(crate) struct Batch {
 impl Batch {
     /// Starts a NATS message's payload with this head.
     pub(crate) fn encode_into(&self, out: &mut BytesMut) {
-        out.put_u8(LAYOUT);
+        out.put_u8(HEAD_LAYOUT);
         put_str(out, &self.node);
         out.put_u64_le(self.incarnation);
         out.put_u64_le(self.number);
@@ -47,7 +52,7 @@ impl Batch {
     /// The head of a payload, and where its records start.
     pub(crate) fn decode(payload: &[u8]) -> Result<(Batch, usize), Malformed> {
         let mut r = Reader(payload);
-        if r.u8()? != LAYOUT {
+        if r.u8()? != HEAD_LAYOUT {
             return Err(Malformed);
         }
         let batch = Batch {
@@ -536,6 +541,11 @@ mod tests {
         let (decoded, error) = Record::decode_all(&payload, start);
         assert_eq!(error, None);
         assert_eq!(decoded, records);
+        // A head in the layout before the deadline (a node of the previous version) is not
+        // misread: it is refused whole.
+        let mut old = payload.to_vec();
+        old[0] = 1;
+        assert_eq!(Batch::decode(&old), Err(Malformed));
     }
 
     #[test]
