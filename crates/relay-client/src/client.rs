@@ -185,6 +185,8 @@ struct Inner {
     close_timeout: Duration,
     /// Set by `offline`: from then on the reader drops events the program does not take.
     going_offline: Arc<AtomicBool>,
+    /// The events' queue, so that `offline` can release a reader waiting on it.
+    incoming: Arc<Incoming>,
     /// Cancelled when the reader task ends (the server closed the connection).
     reader_done: CancellationToken,
     /// Cancelled when the writer task ends (everything handed to it was written).
@@ -352,6 +354,7 @@ impl Client {
             max_frame_len,
             close_timeout: config.close_timeout,
             going_offline: Arc::new(AtomicBool::new(false)),
+            incoming: incoming.clone(),
             reader_done: CancellationToken::new(),
             writer_done: CancellationToken::new(),
         });
@@ -489,6 +492,9 @@ impl Client {
     /// [`SendError::Closed`] only if the server did not close the session in time.
     pub async fn offline(&self) -> Result<(), SendError> {
         self.inner.going_offline.store(true, Ordering::Relaxed);
+        // A reader already waiting for the program to take events (one that reads none)
+        // must not hold the close: it stops waiting, and drops what does not fit.
+        self.inner.incoming.leave();
         self.inner.outgoing.close(Some(&Message::offline(self.next_id()).as_ref()));
         let both = async {
             self.inner.writer_done.cancelled().await;

@@ -242,6 +242,9 @@ pub(crate) struct Incoming {
     max_queued: usize,
     /// Set when the program dropped its [`Events`]: nobody will take events any more.
     abandoned: AtomicBool,
+    /// Set when the program is going offline: the reader no longer waits for it to take
+    /// events (see [`Incoming::leave`]).
+    leaving: AtomicBool,
 }
 
 #[derive(Debug, Default)]
@@ -259,6 +262,7 @@ impl Incoming {
             handoff: Handoff::new(State::default()),
             max_queued: max_queued.max(1),
             abandoned: AtomicBool::new(false),
+            leaving: AtomicBool::new(false),
         })
     }
 
@@ -290,6 +294,8 @@ impl Incoming {
                     return Some(false);
                 }
                 let waiting = state.queued;
+                // Looked at on every attempt: `leave` may come while the reader waits.
+                let wait = wait && !self.leaving.load(Ordering::Relaxed);
                 if !wait {
                     let mut room = self.max_queued.saturating_sub(waiting);
                     let keep = batch
@@ -322,6 +328,14 @@ impl Incoming {
         if was_empty {
             self.handoff.wake_consumer();
         }
+    }
+
+    /// The program is going offline: a reader waiting for it to take events stops waiting,
+    /// and from then on what does not fit is dropped, so the close is never held by a
+    /// program that reads no events.
+    pub(crate) fn leave(&self) {
+        self.leaving.store(true, Ordering::Relaxed);
+        self.handoff.wake_producers();
     }
 
     /// The reader has ended: once the program has taken what is queued, it gets `None`.
@@ -771,6 +785,25 @@ mod tests {
         assert_eq!(events.try_next(), Some(message(1)));
         tokio::time::timeout(Duration::from_secs(20), third).await.unwrap().unwrap();
         assert_eq!(ids(&mut events), vec![2, 3]);
+    }
+
+    /// A reader waiting for a program that takes no events is released when the program goes
+    /// offline: what does not fit is dropped, and later batches do not wait either.
+    #[tokio::test]
+    async fn going_offline_releases_a_reader_waiting_on_a_full_queue() {
+        let shared = Incoming::new(2);
+        let mut events = Events::new(shared.clone(), None);
+        shared.deliver(&mut Pending::of([message(1), message(2)]), true).await;
+        let reader = shared.clone();
+        let blocked = tokio::spawn(async move {
+            reader.deliver(&mut Pending::of([message(3)]), true).await;
+            reader.deliver(&mut Pending::of([message(4)]), true).await;
+        });
+        tokio::task::yield_now().await;
+        assert!(!blocked.is_finished(), "the reader must wait for room until then");
+        shared.leave();
+        tokio::time::timeout(Duration::from_secs(20), blocked).await.unwrap().unwrap();
+        assert_eq!(ids(&mut events), vec![1, 2]);
     }
 
     #[tokio::test]
