@@ -7,7 +7,6 @@
 #![allow(unsafe_code)]
 
 use std::alloc::{GlobalAlloc, Layout, System};
-use std::sync::atomic::{AtomicUsize, Ordering};
 
 use bytes::{Bytes, BytesMut};
 use proptest::prelude::*;
@@ -17,23 +16,28 @@ use tokio_util::codec::{Decoder, Encoder};
 /// Records the largest single allocation made while `TRACKING` is set on this thread.
 struct CountingAlloc;
 
-static LARGEST: AtomicUsize = AtomicUsize::new(0);
-
 thread_local! {
     static TRACKING: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+    // Per thread, like `TRACKING`: tests run in parallel, and one test's allocations must
+    // not count as another's (a shared maximum made `a_length_bomb_allocates_nothing_large`
+    // fail now and then, seeing a property test's allocation on another thread).
+    static LARGEST: std::cell::Cell<usize> = const { std::cell::Cell::new(0) };
+}
+
+/// Notes an allocation of `size` bytes if this thread is tracking.
+fn note(size: usize) {
+    if TRACKING.with(|t| t.get()) {
+        LARGEST.with(|l| l.set(l.get().max(size)));
+    }
 }
 
 unsafe impl GlobalAlloc for CountingAlloc {
     unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
-        if TRACKING.with(|t| t.get()) {
-            LARGEST.fetch_max(layout.size(), Ordering::Relaxed);
-        }
+        note(layout.size());
         unsafe { System.alloc(layout) }
     }
     unsafe fn alloc_zeroed(&self, layout: Layout) -> *mut u8 {
-        if TRACKING.with(|t| t.get()) {
-            LARGEST.fetch_max(layout.size(), Ordering::Relaxed);
-        }
+        note(layout.size());
         unsafe { System.alloc_zeroed(layout) }
     }
     unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
@@ -46,11 +50,11 @@ static GLOBAL: CountingAlloc = CountingAlloc;
 
 /// Runs `f` and returns the largest single allocation it made on this thread.
 fn largest_allocation(f: impl FnOnce()) -> usize {
-    LARGEST.store(0, Ordering::Relaxed);
+    LARGEST.with(|l| l.set(0));
     TRACKING.with(|t| t.set(true));
     f();
     TRACKING.with(|t| t.set(false));
-    LARGEST.load(Ordering::Relaxed)
+    LARGEST.with(|l| l.get())
 }
 
 /// The most a decode of `len` bytes may allocate at once: the decode limit (the length rounded
