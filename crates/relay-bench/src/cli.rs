@@ -192,26 +192,18 @@ pub async fn run(cli: Cli) -> Result<String, String> {
     let (table, json) = match cli.workload {
         Workload::Pairs { pairs, flow } => {
             let options = FlowOptions {
-                senders: pairs,
-                receivers: pairs,
-                messages: flow.messages,
-                size: flow.size,
-                stall: cli.stall,
                 keys: flow.keys,
                 one_at_a_time: flow.one_at_a_time,
+                ..FlowOptions::new(pairs, pairs, flow.messages, flow.size, cli.stall)
             };
             let report = workloads::flow(target, senders_at, "pairs", &options).await?;
             (report.table(), serde_json::to_string(&report))
         }
         Workload::FanIn { senders, flow } => {
             let options = FlowOptions {
-                senders,
-                receivers: 1,
-                messages: flow.messages,
-                size: flow.size,
-                stall: cli.stall,
                 keys: flow.keys,
                 one_at_a_time: flow.one_at_a_time,
+                ..FlowOptions::new(senders, 1, flow.messages, flow.size, cli.stall)
             };
             let report = workloads::flow(target, senders_at, "fan-in", &options).await?;
             (report.table(), serde_json::to_string(&report))

@@ -118,15 +118,7 @@ pub async fn run(options: &CompareOptions) -> Result<Vec<Row>, String> {
     // for the rows below that compare them with other runs.
     let mut relay_flows = Vec::new();
     for (metric, workload, senders, receivers, messages, size) in flows {
-        let flow = FlowOptions {
-            senders,
-            receivers,
-            messages,
-            size,
-            stall: options.stall,
-            keys: false,
-            one_at_a_time: false,
-        };
+        let flow = FlowOptions::new(senders, receivers, messages, size, options.stall);
         let mut reports = Vec::new();
         // The server's own CPU time per message: on a machine the load generator shares, the
         // throughput of either server is bounded by both, and this separates them.

@@ -110,6 +110,20 @@ pub struct FlowOptions {
     pub one_at_a_time: bool,
 }
 
+impl FlowOptions {
+    /// A flow of `messages` of `size` bytes from `senders` to `receivers`, guests taking
+    /// messages in place (set `keys` or `one_at_a_time` on the result for the other kinds).
+    pub fn new(
+        senders: usize,
+        receivers: usize,
+        messages: u64,
+        size: usize,
+        stall: Duration,
+    ) -> FlowOptions {
+        FlowOptions { senders, receivers, messages, size, stall, keys: false, one_at_a_time: false }
+    }
+}
+
 /// What a flow run measured.
 #[derive(Clone, Debug, Serialize)]
 pub struct FlowReport {

@@ -67,15 +67,7 @@ async fn both_nats_clients_deliver_every_message_in_order() {
     let stall = Duration::from_secs(20);
     // Few enough that async-nats's subscription queue (65,536 messages) never overflows on
     // a loaded machine: it drops what does not fit, as NATS does for slow consumers.
-    let pairs = FlowOptions {
-        senders: 4,
-        receivers: 4,
-        messages: 4_001,
-        size: 64,
-        stall,
-        keys: false,
-        one_at_a_time: false,
-    };
+    let pairs = FlowOptions::new(4, 4, 4_001, 64, stall);
     for target in [Target::Nats(addr.clone()), Target::AsyncNats(addr.clone())] {
         let report = workloads::flow(&target, &target, "pairs", &pairs).await.unwrap();
         assert_eq!(

@@ -28,30 +28,14 @@ async fn server_with(config: Config) -> (Target, CancellationToken) {
 async fn flows_deliver_everything_in_order() {
     let (target, shutdown) = server().await;
     let stall = Duration::from_secs(20);
-    let pairs = FlowOptions {
-        senders: 4,
-        receivers: 4,
-        messages: 4_001,
-        size: 64,
-        stall,
-        keys: false,
-        one_at_a_time: false,
-    };
+    let pairs = FlowOptions::new(4, 4, 4_001, 64, stall);
     let report = workloads::flow(&target, &target, "pairs", &pairs).await.unwrap();
     assert_eq!((report.delivered, report.lost, report.out_of_order), (4_001, 0, 0));
     // Receivers taking each message as an event count the same.
     let one_at_a_time = FlowOptions { one_at_a_time: true, ..pairs };
     let report = workloads::flow(&target, &target, "pairs", &one_at_a_time).await.unwrap();
     assert_eq!((report.delivered, report.lost, report.out_of_order), (4_001, 0, 0));
-    let fan_in = FlowOptions {
-        senders: 8,
-        receivers: 1,
-        messages: 4_000,
-        size: 1024,
-        stall,
-        keys: false,
-        one_at_a_time: false,
-    };
+    let fan_in = FlowOptions::new(8, 1, 4_000, 1024, stall);
     let report = workloads::flow(&target, &target, "fan-in", &fan_in).await.unwrap();
     assert_eq!((report.delivered, report.lost, report.out_of_order), (4_000, 0, 0));
     shutdown.cancel();
@@ -104,15 +88,7 @@ async fn keyed_flows_with_receipts_and_the_store_workload_count_everything() {
     };
     let (target, shutdown) = server_with(config).await;
     let stall = Duration::from_secs(20);
-    let pairs = FlowOptions {
-        senders: 4,
-        receivers: 4,
-        messages: 4_000,
-        size: 64,
-        stall,
-        keys: true,
-        one_at_a_time: false,
-    };
+    let pairs = FlowOptions { keys: true, ..FlowOptions::new(4, 4, 4_000, 64, stall) };
     let report = workloads::flow(&target, &target, "pairs", &pairs).await.unwrap();
     assert_eq!((report.delivered, report.lost, report.out_of_order), (4_000, 0, 0));
     let options = relay_bench::store::StoreOptions {

@@ -883,32 +883,15 @@ impl Reader {
         true
     }
 
-    /// Whether `from`, a chat message's sender, is valid text: the same bytes as the last one
-    /// checked, or checked now.
+    /// Whether `from`, a chat message's sender, is valid text.
     fn checked_sender(&mut self, from: &[u8]) -> bool {
-        if *self.last_from_checked == *from {
-            return true;
-        }
-        if std::str::from_utf8(from).is_err() {
-            return false;
-        }
-        self.last_from_checked.clear();
-        self.last_from_checked.extend_from_slice(from);
-        true
+        text_as_before(&mut self.last_from_checked, from)
     }
 
     /// Whether `to`, a chat message's destination (this client's name, as its sender wrote
-    /// it), is valid text: the same bytes as the last one checked, or checked now.
+    /// it), is valid text.
     fn known_destination(&mut self, to: &[u8]) -> bool {
-        if *self.last_to == *to {
-            return true;
-        }
-        if std::str::from_utf8(to).is_err() {
-            return false;
-        }
-        self.last_to.clear();
-        self.last_to.extend_from_slice(to);
-        true
+        text_as_before(&mut self.last_to, to)
     }
 
     /// The sender's name: shared with the previous message's when it is the same, otherwise
@@ -1018,6 +1001,20 @@ impl Reader {
         let wait = !self.going_offline.load(Ordering::Relaxed);
         self.events.deliver(&mut self.batch, wait).await;
     }
+}
+
+/// Whether `bytes` are valid text: the same bytes as `last`, the last ones checked, or checked
+/// now and kept in `last` (a client sees the same names over and over).
+fn text_as_before(last: &mut Vec<u8>, bytes: &[u8]) -> bool {
+    if **last == *bytes {
+        return true;
+    }
+    if std::str::from_utf8(bytes).is_err() {
+        return false;
+    }
+    last.clear();
+    last.extend_from_slice(bytes);
+    true
 }
 
 /// The receiving side's per-frame work, without a connection, for the criterion benches
