@@ -280,8 +280,13 @@ impl Receiver {
             take(events, &mut handed, &mut ended);
             // Events a receiver ignores do not count as progress: wait on until a message
             // comes, or `stall` has passed without one.
-            let deadline = tokio::time::Instant::now() + stall;
-            while handed == 0 && ended.is_none() {
+            // The clock is read only when nothing was there: not once per busy read.
+            let deadline =
+                (handed == 0 && ended.is_none()).then(|| tokio::time::Instant::now() + stall);
+            while let Some(deadline) = deadline
+                && handed == 0
+                && ended.is_none()
+            {
                 match tokio::time::timeout_at(deadline, events.ready()).await {
                     Ok(true) => take(events, &mut handed, &mut ended),
                     Ok(false) => return Err("connection ended".into()),
